@@ -1,0 +1,338 @@
+"""Annotate a captured graph: what each node computes, owns and keeps for backward.
+
+Per node: op, output shape and dtype, FLOPs, bytes moved, owning module path (from
+``nn_module_stack``), parameters used, which decoder block it belongs to, and whether
+it lies in the tensor-parallel *sharded region* of its block (between a column-parallel
+linear and the row-parallel linear that closes it, where activations split by tp).
+
+Decoder blocks are detected as the children of the module list that repeats (e.g.
+``model.layers.<i>``); their op sequences are compared so later stages may plan one
+block and reuse it. Saved-for-backward bytes are measured exactly by interpreting the
+graph under FakeTensorMode with saved-tensor hooks, each saved storage attributed to
+the node that produced it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import ExportedProgram
+
+aten = torch.ops.aten
+
+# Ops that only reinterpret memory (no FLOPs, no traffic worth counting).
+_VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
+    aten.permute.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.slice.Tensor, aten.select.int, aten.t.default, aten.split.Tensor,
+    aten.alias.default, aten.detach.default, aten.unflatten.int, aten.flatten.using_ints,
+    aten.sym_size.int, aten._assert_tensor_metadata.default, aten.lift_fresh_copy.default,
+}
+_LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+_ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+_ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclass
+class NodeInfo:
+    """One graph node. Shapes are symbolic (sympy) in the batch and sequence symbols."""
+
+    name: str
+    op: str
+    module: str
+    block: int | None
+    params: list[str]
+    shape: tuple | None
+    dtype: torch.dtype | None
+    kind: str  # "linear", "attention", "view", "other"
+    sharded: bool = False
+    flops: object = 0  # sympy expression in (batch, seq)
+    bytes: object = 0
+
+
+@dataclass
+class AnnotatedGraph:
+    """The captured program with per-node annotations and its repeated blocks."""
+
+    program: ExportedProgram
+    gm: fx.GraphModule
+    nodes: dict[str, NodeInfo]
+    block_prefix: str  # e.g. "model.layers."
+    num_blocks: int
+    blocks_identical: bool
+    batch_sym: sympy.Symbol
+    seq_sym: sympy.Symbol
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def subs(self, expr: object, batch: int, seq: int) -> int:
+        if isinstance(expr, (int, float)):
+            return int(expr)
+        return int(sympy.sympify(expr).subs({self.batch_sym: batch, self.seq_sym: seq}))
+
+    def block_nodes(self, i: int) -> list[NodeInfo]:
+        return [n for n in self.nodes.values() if n.block == i]
+
+    def flops(self, batch: int, seq: int, block: int | None | str = "all") -> int:
+        """Forward FLOPs of one block, of the non-block part (``None``) or of everything."""
+        return sum(self.subs(n.flops, batch, seq) for n in self.nodes.values()
+                   if block == "all" or n.block == block)
+
+    def bytes_moved(self, batch: int, seq: int, block: int | None | str = "all") -> int:
+        return sum(self.subs(n.bytes, batch, seq) for n in self.nodes.values()
+                   if block == "all" or n.block == block)
+
+    def summary(self, batch: int, seq: int) -> list[dict]:
+        """Plain rows (name, op, module, block, shape, FLOPs, bytes, params) for display."""
+        rows = []
+        for n in self.nodes.values():
+            shape = None if n.shape is None else [self.subs(d, batch, seq) for d in n.shape]
+            rows.append(dict(name=n.name, op=n.op, module=n.module, block=n.block,
+                             shape=shape, dtype=str(n.dtype).replace("torch.", ""),
+                             flops=self.subs(n.flops, batch, seq),
+                             bytes=self.subs(n.bytes, batch, seq), params=n.params,
+                             sharded=n.sharded))
+        return rows
+
+
+def _expr(d: object) -> object:
+    return d.node.expr if isinstance(d, torch.SymInt) else int(d)
+
+
+def _val_shape(node: fx.Node) -> tuple | None:
+    v = node.meta.get("val")
+    return tuple(_expr(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _numel(shape: tuple | None) -> object:
+    out = 1
+    for d in shape or ():
+        out = out * d
+    return out if shape is not None else 0
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values() if not p.startswith("_empty")]
+    return paths[-1] if paths else ""
+
+
+def _block_of(path: str, prefix: str) -> int | None:
+    if not prefix or not path.startswith(prefix):
+        return None
+    head = path[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _find_block_prefix(model: torch.nn.Module) -> str:
+    """The longest module list of identical-type children: the decoder blocks."""
+    best, best_len = "", 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            if len({type(c) for c in mod}) == 1 and len(mod) >= best_len:
+                best, best_len = name + ".", len(mod)
+    return best
+
+
+def _tensor_bytes(node: fx.Node) -> object:
+    v = node.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return _numel(_val_shape(node)) * v.element_size()
+    return 0
+
+
+def _node_cost(node: fx.Node, kind: str, shape: tuple | None) -> tuple[object, object]:
+    """(FLOPs, bytes) of one forward node, symbolic in batch and sequence."""
+    if kind == "view" or shape is None:
+        return 0, 0
+    ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    traffic = sum((_tensor_bytes(a) for a in ins), _tensor_bytes(node))
+    out = _numel(shape)
+    if kind == "linear":
+        a_shape = _val_shape(ins[1] if node.target == aten.addmm.default else ins[0])
+        k = a_shape[-1]
+        return 2 * out * k, traffic
+    if kind == "attention":
+        q, k = _val_shape(ins[0]), _val_shape(ins[1])
+        # Dense (non-causal) count, as MFU conventions do: QK^T and AV.
+        return 4 * _numel(q[:-1]) * k[-2] * q[-1], traffic
+    if node.target == aten.embedding.default:
+        return 0, 2 * _tensor_bytes(node)
+    return out, traffic
+
+
+def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
+    """Annotate ``ep`` (captured from ``model`` by :func:`collie_compile.capture.capture`)."""
+    gm = ep.module()
+    prefix = _find_block_prefix(model)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    nodes: dict[str, NodeInfo] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ids_shape = _val_shape(placeholders[0])
+    batch_sym, seq_sym = ids_shape[0], ids_shape[1]
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        used = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
+        if node.target in _VIEW_OPS or node.target is operator.getitem:
+            kind = "view"
+        elif node.target in _LINEAR_OPS and any(len(params[p].shape) == 2 for p in used):
+            kind = "linear"
+        elif node.target in _ATTENTION_OPS:
+            kind = "attention"
+        else:
+            kind = "other"
+        module = _module_path(node)
+        shape = _val_shape(node)
+        v = node.meta.get("val")
+        info = NodeInfo(node.name, str(node.target), module, _block_of(module, prefix), used,
+                        shape, v.dtype if isinstance(v, torch.Tensor) else None, kind)
+        info.flops, info.bytes = _node_cost(node, kind, shape)
+        nodes[node.name] = info
+
+    num_blocks = 1 + max((n.block for n in nodes.values() if n.block is not None), default=-1)
+    _mark_sharded_regions(gm, nodes, prefix)
+    sigs = [tuple((n.op, n.kind, n.sharded, str(n.shape)) for n in nodes.values() if n.block == i)
+            for i in range(num_blocks)]
+    return AnnotatedGraph(ep, gm, nodes, prefix, num_blocks, len(set(sigs)) <= 1,
+                          batch_sym, seq_sym, {k: tuple(p.shape) for k, p in params.items()})
+
+
+def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix: str) -> None:
+    """Mark the nodes between column-parallel and row-parallel linears of each block.
+
+    A linear is *row-parallel* when its output reaches one of its block's residual adds
+    (an add owned by the block module itself) through view-like ops only; every other
+    linear in a block is *column-parallel*. The sharded region is everything reachable
+    from a column linear's output without passing a row linear or a residual add.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+
+    def is_residual_add(n: fx.Node) -> bool:
+        info = nodes.get(n.name)
+        return (info is not None and n.target in _ADD_OPS and info.block is not None
+                and info.module == f"{prefix}{info.block}")
+
+    def is_row(n: fx.Node) -> bool:
+        frontier = list(n.users)
+        for _ in range(6):
+            nxt = []
+            for u in frontier:
+                if is_residual_add(u):
+                    return True
+                if nodes.get(u.name) and (nodes[u.name].kind == "view"
+                                          or u.target == aten.dropout.default):
+                    nxt.extend(u.users)
+            frontier = nxt
+        return False
+
+    linears = [by_name[i.name] for i in nodes.values()
+               if i.kind == "linear" and i.block is not None]
+    row = {n.name for n in linears if is_row(n)}
+    for lin in linears:
+        if lin.name in row:
+            continue
+        stack = [lin]
+        while stack:
+            n = stack.pop()
+            info = nodes.get(n.name)
+            if info is None or info.sharded or n.name in row or is_residual_add(n):
+                continue
+            info.sharded = True
+            stack.extend(n.users)
+
+
+@dataclass
+class SavedBytes:
+    """Bytes kept for backward, split by where they live and how they shard under TP."""
+
+    block_replicated: int = 0  # per block (block 0 of the probe), replicated over tp
+    block_sharded: int = 0  # per block, divided by tp
+    rest: int = 0  # outside the blocks: embeddings, final norm, LM head, loss
+    by_node: dict[str, int] = field(default_factory=dict)
+
+
+def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0) -> SavedBytes:
+    """Run the graph on fake CPU tensors and sum the storages autograd saves for backward.
+
+    Each saved storage counts once (views share it) and is attributed to the node that
+    produced it; parameters and buffers are excluded (they are model states).
+    """
+    gm = ag.gm
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_attrs = {}
+        fakes: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+        for name, p in gm.named_parameters(remove_duplicate=False):
+            if id(p) not in fakes:
+                fakes[id(p)] = torch.empty(p.shape, dtype=p.dtype, device="cpu").requires_grad_()
+            fake_attrs[name] = fakes[id(p)]
+        for name, b in gm.named_buffers(remove_duplicate=False):
+            fake_attrs[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+        state_keys = {_storage_key(t) for t in fake_attrs.values()}
+        producer: dict[int, str] = {}
+        keep: list[torch.Tensor] = []  # keep storages alive so keys stay unique
+        saved: dict[int, int] = {}
+
+        class _Run(fx.Interpreter):
+            def fetch_attr(self, target: str) -> object:
+                return fake_attrs[target] if target in fake_attrs else super().fetch_attr(target)
+
+            def call_function(self, target: object, args: tuple, kwargs: dict) -> object:
+                # The graph was captured on meta; run it as CPU so SDPA picks a fused kernel.
+                if target == aten._assert_tensor_metadata.default:
+                    return None
+                if isinstance(kwargs.get("device"), torch.device):
+                    kwargs = {**kwargs, "device": torch.device("cpu")}
+                args = tuple(torch.device("cpu") if isinstance(a, torch.device) else a
+                             for a in args)
+                return super().call_function(target, args, kwargs)
+
+            def run_node(self, n: fx.Node) -> object:
+                out = super().run_node(n)
+                for t in _tensors(out):
+                    producer.setdefault(_storage_key(t), n.name)
+                    keep.append(t)
+                return out
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key not in state_keys and key not in saved:
+                saved[key] = t.untyped_storage().nbytes()
+                keep.append(t)
+            return t
+
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="cpu")
+        labels = torch.zeros(batch, seq, dtype=torch.long, device="cpu")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _Run(gm, garbage_collect_values=False).run(ids, labels)
+        del mode
+    out = SavedBytes()
+    for key, nbytes in saved.items():
+        name = producer.get(key, "")
+        out.by_node[name] = out.by_node.get(name, 0) + nbytes
+        info = ag.nodes.get(name)
+        if info is not None and info.block == block:
+            if info.sharded:
+                out.block_sharded += nbytes
+            else:
+                out.block_replicated += nbytes
+        elif info is None or info.block is None:
+            out.rest += nbytes
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensors(x: object) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for y in x for t in _tensors(y)]
+    return []

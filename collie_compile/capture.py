@@ -1,0 +1,71 @@
+"""Capture a causal LM into a torch.fx graph with torch.export.
+
+Non-strict export with dynamic batch and sequence dims, so one graph serves every
+micro-batch size and sequence length the planner tries. On the meta device the capture
+needs no memory; for planning we capture a probe of the model with a few decoder blocks
+(all blocks are identical, see :mod:`collie_compile.annotate`), which keeps capture time
+independent of depth.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from .errors import CaptureError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+# Example sizes for tracing: above 1 so export does not specialise the dims to 0/1.
+EXAMPLE_BATCH = 2
+EXAMPLE_SEQ = 16
+
+
+def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
+            seq: int = EXAMPLE_SEQ, max_seq: int | None = None) -> ExportedProgram:
+    """Export ``model(input_ids=..., labels=...)`` (its training forward, returning the loss).
+
+    Raises :class:`CaptureError` naming the module and source line where export failed.
+    """
+    device = next(iter(model.parameters())).device
+    # Distinct tensors: export would treat one tensor passed twice as an alias.
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    labels = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    max_seq = max_seq or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    b = Dim("batch", min=1, max=1 << 20)
+    s = Dim("seq", min=2, max=max(int(max_seq or 1 << 20), seq))
+    dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
+    try:
+        return torch.export.export(model, (), {"input_ids": ids, "labels": labels},
+                                   dynamic_shapes=dims, strict=False)
+    except Exception as e:  # export raises many types; all mean "cannot capture"
+        raise CaptureError(_explain(model, e)) from e
+
+
+def _explain(model: torch.nn.Module, err: BaseException) -> str:
+    """Name the innermost module (path and class) and source line where export failed."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    where = ""
+    chain, e = [], err
+    while e is not None and e not in chain:  # export often re-raises: look at every cause
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    frames = [f for e in reversed(chain) for f in traceback.walk_tb(e.__traceback__)]
+    for frame, lineno in frames:
+        code = frame.f_code
+        module = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        if (isinstance(module, torch.nn.Module) and id(module) in names
+                and not code.co_filename.startswith(_TORCH_DIR)):
+            line = linecache.getline(code.co_filename, lineno).strip()
+            where = (f"in module {names[id(module)]!r} ({type(module).__name__}) at "
+                     f"{code.co_filename}:{lineno} `{line}`")
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    what = f"{type(err).__name__}: {first}"
+    model_name = type(model).__name__
+    return (f"torch.export cannot capture {model_name} {where or '(outside any module)'}: "
+            f"{what}. Rewrite that code without data-dependent control flow or unsupported "
+            "ops, or register a fake/meta kernel for the op")

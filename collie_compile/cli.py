@@ -1,0 +1,146 @@
+"""The ``collie-compile`` command line: models, gpus, estimate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from .errors import CollieError
+from .estimate import estimate
+from .hardware import CATALOG, GiB
+from .memory import RECOMPUTE, SCHEDULES, estimate_json
+from .modelprofile import DTYPES
+from .models import PRESETS, build_model, count_params, load_config
+from .optimizers import OPTIMIZERS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"collie-compile: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = []
+    for name, preset in PRESETS.items():
+        cfg = load_config(name)
+        rows.append(dict(name=name, family=preset.model_type, params=count_params(
+            build_model(cfg)), layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+            heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            vocab=cfg.vocab_size, source=preset.source))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':16} {'family':8} {'params':>15} {'layers':>6} {'hidden':>6} "
+          f"{'heads':>5} {'kv':>3} {'vocab':>7}  config from")
+    for r in rows:
+        print(f"{r['name']:16} {r['family']:8} {r['params']:>15,} {r['layers']:>6} "
+              f"{r['hidden']:>6} {r['heads']:>5} {r['kv_heads']:>3} {r['vocab']:>7}  "
+              f"{r['source']}")
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([asdict(g) for g in CATALOG.values()], indent=2))
+        return 0
+    print(f"{'gpu':10} {'memory':>10} {'bf16 TF':>8} {'fp32 TF':>8} {'HBM GB/s':>9} "
+          f"{'intra GB/s':>10} {'inter GB/s':>10}")
+    for g in CATALOG.values():
+        print(f"{g.name:10} {g.memory_bytes / GiB:7.1f} GiB {g.bf16_flops / 1e12:8.1f} "
+              f"{g.fp32_flops / 1e12:8.1f} {g.hbm_bandwidth / 1e9:9.0f} "
+              f"{g.intra_node_bandwidth / 1e9:10.0f} {g.inter_node_bandwidth / 1e9:10.0f}")
+    print("\nAny other GPU: pass a JSON file with the same fields (`collie-compile gpus --json`).")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    est = estimate(args.model, gpus=args.gpus, gpu=args.gpu, dp=args.dp, tp=args.tp,
+                   pp=args.pp, zero=args.zero, micro_batch_size=args.micro_batch,
+                   num_microbatches=args.num_microbatches, seq_len=args.seq_len,
+                   recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype)
+    mem, lay = est.memory, est.layout
+    if args.json:
+        print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
+                            est.gpu.memory_bytes, lay, est.optimizer, est.dtype, mem))
+        return 0
+    cap = est.gpu.memory_bytes
+    print(f"{est.model}: {_count(est.num_params)} parameters, "
+          f"{_count(est.trainable_params)} trainable")
+    print(f"{lay.gpus} x {est.gpu.name} ({cap / GiB:.1f} GiB each), {est.optimizer}, "
+          f"{est.dtype}")
+    print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "
+          f"micro-batch={lay.micro_batch_size} x {lay.num_microbatches} seq={lay.seq_len} "
+          f"recompute={lay.recompute}")
+    where = f"pipeline stage {mem.stage}, " if lay.pp > 1 else ""
+    moment = "start of backward" if mem.moment == "backward" else "optimizer step"
+    print(f"\nper GPU at its peak ({where}{moment}):")
+    for label, value in [("params", mem.params_bytes), ("grads", mem.grads_bytes),
+                         ("optimizer states", mem.optimizer_bytes),
+                         ("activations", mem.activations_bytes), ("other", mem.other_bytes)]:
+        print(f"  {label:18}{_gib(value)}")
+    verdict = "fits" if mem.total_bytes <= cap else "DOES NOT FIT"
+    print(f"  {'total':18}{_gib(mem.total_bytes)}   {verdict} "
+          f"({100 * mem.total_bytes / cap:.0f}% of {cap / GiB:.1f} GiB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="collie-compile", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("models", help="list the built-in model presets")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    g = sub.add_parser("gpus", help="list the GPU catalog")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gpus)
+
+    e = sub.add_parser("estimate", help="per-GPU memory of one training layout (no GPU needed)")
+    e.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
+    e.add_argument("--gpus", type=int, help="total GPUs (default dp*tp*pp)")
+    e.add_argument("--gpu", default="a100-80gb", help="catalog name or JSON spec file")
+    e.add_argument("--dp", type=int, help="data-parallel size (default gpus/(tp*pp))")
+    e.add_argument("--tp", type=int, default=1)
+    e.add_argument("--pp", type=int, default=1)
+    e.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    e.add_argument("--micro-batch", type=int, default=1)
+    e.add_argument("--num-microbatches", type=int, default=None,
+                   help="micro-batches per step (default: pp, so the pipeline fills)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--recompute", default="none", choices=RECOMPUTE)
+    e.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    e.add_argument("--optimizer", default="adamw", type=str.lower,
+                   help=f"one of {', '.join(OPTIMIZERS)}")
+    e.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=cmd_estimate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CollieError as e:
+        print(f"collie-compile: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

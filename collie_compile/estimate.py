@@ -1,0 +1,75 @@
+"""``collie_compile.estimate()``: the memory of one fixed layout, with its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CollieError
+from .hardware import GPUSpec, get_gpu
+from .memory import Layout, MemoryBreakdown, MemoryModel
+from .modelprofile import ModelProfile, profile_model
+from .optimizers import get_optimizer
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    num_params: int
+    trainable_params: int
+    gpu: GPUSpec
+    layout: Layout
+    optimizer: str
+    dtype: str
+    memory: MemoryBreakdown
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total_bytes <= self.gpu.memory_bytes
+
+
+def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) from what the user gave; raises if they do not multiply to ``gpus``."""
+    for name, v in (("gpus", gpus), ("dp", dp), ("tp", tp), ("pp", pp)):
+        if v is not None and v < 1:
+            raise CollieError(f"{name} must be a positive integer, got {v}")
+    if dp is None:
+        gpus = gpus or tp * pp
+        if gpus % (tp * pp):
+            raise CollieError(f"gpus={gpus} is not divisible by tp*pp={tp * pp}; choose tp and "
+                              f"pp whose product divides {gpus}")
+        dp = gpus // (tp * pp)
+    elif gpus is not None and dp * tp * pp != gpus:
+        raise CollieError(f"dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} but gpus={gpus}; "
+                          "make the product equal the GPU count")
+    return dp, tp, pp
+
+
+def check_tp(profile: ModelProfile, tp: int) -> None:
+    """Heads must split evenly; KV heads split or are replicated (GQA)."""
+    h, kv = profile.num_heads, profile.num_kv_heads
+    if h % tp:
+        raise CollieError(f"tp={tp} does not divide {profile.name}'s {h} attention heads; "
+                          f"use a tp that divides {h}")
+    if kv % tp and tp % kv:
+        raise CollieError(f"tp={tp} neither divides nor is a multiple of {profile.name}'s {kv} "
+                          "key/value heads")
+
+
+def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80gb",
+             dp: int | None = None, tp: int = 1, pp: int = 1, zero: int = 0,
+             micro_batch_size: int = 1, num_microbatches: int | None = None,
+             seq_len: int = 2048, recompute: str = "none", optimizer: str = "adamw",
+             dtype: str = "bf16", schedule: str = "1f1b") -> Estimate:
+    """Per-GPU memory of training ``model`` under one layout (no GPU needed)."""
+    spec = get_gpu(gpu)
+    opt = get_optimizer(optimizer)
+    dp, tp, pp = resolve_sizes(gpus, dp, tp, pp)
+    layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
+                    seq_len=seq_len, recompute=recompute, schedule=schedule,
+                    num_microbatches=num_microbatches or pp)
+    layout.validate()
+    prof = profile_model(model, seq_len=seq_len, dtype=dtype)
+    check_tp(prof, tp)
+    mem = MemoryModel(prof, opt).estimate(layout)
+    return Estimate(prof.name, prof.num_params, prof.num_params, spec, layout, opt.name, dtype,
+                    mem)

@@ -1,0 +1,105 @@
+"""Hardware specs: a catalog of GPUs and user-defined specs from JSON.
+
+A :class:`GPUSpec` is plain data. Peak numbers are the vendors' dense (non-sparse)
+figures; the efficiency factors turn them into what training kernels reach and are what
+``collie-compile calibrate`` measures on a real device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import CollieError
+
+GiB = 1 << 30
+GB = 10**9
+TFLOPS = 10**12
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One accelerator and the links between them. Bandwidths are bytes/s one way."""
+
+    name: str
+    memory_bytes: int
+    bf16_flops: float
+    fp16_flops: float
+    fp32_flops: float
+    hbm_bandwidth: float
+    intra_node_bandwidth: float  # per GPU, e.g. NVLink
+    intra_node_latency: float  # seconds per collective step
+    inter_node_bandwidth: float  # per GPU, e.g. InfiniBand NIC
+    inter_node_latency: float
+    matmul_efficiency: float = 0.65  # fraction of peak FLOPs large GEMMs reach
+    memory_efficiency: float = 0.8  # fraction of peak bandwidth streaming kernels reach
+    link_efficiency: float = 0.8  # fraction of link bandwidth NCCL rings reach
+
+    def peak_flops(self, dtype: str) -> float:
+        return {"bf16": self.bf16_flops, "fp16": self.fp16_flops, "fp32": self.fp32_flops}[dtype]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "spec") -> GPUSpec:
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if not isinstance(data, dict):
+            raise CollieError(f"{source}: a GPU spec must be a JSON object with keys "
+                              f"{', '.join(sorted(required))}")
+        unknown = set(data) - known
+        missing = required - set(data)
+        if unknown or missing:
+            what = "; ".join(filter(None, [
+                f"unknown keys {sorted(unknown)}" if unknown else "",
+                f"missing keys {sorted(missing)}" if missing else ""]))
+            raise CollieError(f"{source}: bad GPU spec ({what}); see `collie-compile gpus "
+                              "--json` for the format")
+        for k, v in data.items():
+            if k != "name" and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+                raise CollieError(f"{source}: GPU spec field {k!r} must be a positive number, "
+                                  f"got {v!r}")
+        return cls(**data)
+
+
+def _nv(name: str, mem: int, bf16: float, fp16: float, fp32: float, hbm: float, intra: float,
+        inter: float, intra_lat: float = 5e-6, inter_lat: float = 10e-6) -> GPUSpec:
+    return GPUSpec(name, mem, bf16 * TFLOPS, fp16 * TFLOPS, fp32 * TFLOPS, hbm * GB, intra * GB,
+                   intra_lat, inter * GB, inter_lat)
+
+
+# Dense tensor-core peaks (fp32 = plain FP32, not TF32). Links: NVLink one-way per GPU for
+# SXM parts, PCIe 4.0 x16 for consumer/PCIe cards; inter-node one NIC per GPU.
+CATALOG: dict[str, GPUSpec] = {g.name: g for g in [
+    _nv("a100-40gb", 40 * GiB, 312, 312, 19.5, 1555, 300, 25),
+    _nv("a100-80gb", 80 * GiB, 312, 312, 19.5, 2039, 300, 25),
+    _nv("h100-80gb", 80 * GiB, 989, 989, 67, 3350, 450, 50),
+    _nv("h200", 141 * GB, 989, 989, 67, 4800, 450, 50),
+    _nv("rtx3090", 24 * GiB, 71, 71, 35.6, 936, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
+    _nv("rtx4090", 24 * GiB, 165, 165, 82.6, 1008, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
+    # V100 has no bf16 tensor cores: bf16 runs at the fp32 rate.
+    _nv("v100-32gb", 32 * GiB, 15.7, 125, 15.7, 900, 150, 12.5),
+    _nv("l40s", 48 * GiB, 362, 362, 91.6, 864, 25, 25, intra_lat=10e-6),
+]}
+
+
+def get_gpu(name_or_path: str | GPUSpec) -> GPUSpec:
+    """A catalog name (``collie-compile gpus``) or the path of a JSON spec file."""
+    if isinstance(name_or_path, GPUSpec):
+        return name_or_path
+    key = name_or_path.lower()
+    if key in CATALOG:
+        return CATALOG[key]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            raise CollieError(f"cannot read GPU spec {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise CollieError(f"GPU spec {path} is not valid JSON ({e})") from None
+        return GPUSpec.from_dict(data, source=str(path))
+    raise CollieError(f"unknown GPU {name_or_path!r}; use one of {', '.join(CATALOG)} "
+                      "(see `collie-compile gpus`) or a JSON spec file")

@@ -1,0 +1,258 @@
+"""Summarise a model into the plain numbers the cost model needs.
+
+A :class:`ModelProfile` is built from a *probe*: the model with two decoder blocks,
+captured and annotated (:mod:`collie_compile.annotate`). Blocks are identical, so one
+block's parameters, FLOPs and saved-for-backward bytes stand for all of them, and the
+probe costs the same to capture for a 7B and a 405B model. Everything per sample is
+exactly linear in the micro-batch size (measured at two sizes to separate the part that
+does not grow with batch, such as the causal mask and rotary tables).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from .annotate import AnnotatedGraph, annotate, measure_saved
+from .capture import capture
+from .errors import CollieError
+from .models import build_model, count_params, load_config, model_name, with_layers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Bytes saved for backward per sample (one sequence) of one decoder block."""
+
+    replicated: int  # identical on every tensor-parallel rank
+    sharded: int  # split over tensor-parallel ranks
+
+    def per_rank(self, tp: int, sequence_parallel: bool = False) -> float:
+        rep = self.replicated / tp if sequence_parallel else self.replicated
+        return rep + self.sharded / tp
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the cost model knows about a model at one sequence length and dtype."""
+
+    name: str
+    model_type: str
+    seq_len: int
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_params: int
+    block_params: int  # one decoder block
+    block_params_sharded: int  # of which split by tensor parallelism (linear weights)
+    embed_params: int  # before the first block (token + position embeddings)
+    head_params: int  # after the last block (final norm, LM head unless tied)
+    tied_params: int  # LM head weight shared with the input embedding (0 if untied)
+    largest_param: int  # numel of the largest single parameter tensor
+    factored_state_elems: int  # AdaLomo's rows+cols per matrix (numel per vector), all params
+    block_flops: int  # forward FLOPs of one block, per sample
+    block_matmul_flops: int  # of which in linears and attention (compute-bound)
+    block_bytes: int  # forward memory traffic of one block, per sample
+    block_other_bytes: int  # of which outside linears and attention (memory-bound)
+    embed_flops: int
+    head_flops: int  # final norm + LM head + loss, per sample
+    act_none: ActivationBytes  # saved per block without recomputation
+    act_selective: ActivationBytes  # recompute all but matmul/attention outputs
+    act_full: ActivationBytes  # recompute the whole block: keep its input only
+    act_embed: int  # saved per sample outside the blocks, before them
+    act_head: int  # saved per sample by final norm, LM head and loss
+    act_fixed: int  # saved once, independent of batch (masks, rotary tables)
+    logits_bytes: int  # one sample's logits [seq, vocab] in fp32
+    row_linears_per_block: int  # all-reduces per block forward under tensor parallelism
+
+    @property
+    def itemsize(self) -> int:
+        return torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+
+    def activations(self, recompute: str) -> ActivationBytes:
+        try:
+            return {"none": self.act_none, "selective": self.act_selective,
+                    "full": self.act_full}[recompute]
+        except KeyError:
+            raise CollieError(f"unknown recompute {recompute!r}; use none, selective or "
+                              "full") from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
+                  dtype: str = "bf16") -> ModelProfile:
+    """Capture a two-block probe of ``model`` and summarise it (cached per arguments)."""
+    cfg = load_config(model)
+    if dtype not in DTYPES:
+        raise CollieError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if max_pos and seq_len > max_pos:
+        raise CollieError(f"seq_len {seq_len} exceeds {model_name(cfg)}'s maximum of {max_pos} "
+                          "positions; use --seq-len <= that")
+    if seq_len < 2:
+        raise CollieError(f"seq_len must be at least 2, got {seq_len}")
+    return _profile(cfg.to_json_string(), model_name(cfg), seq_len, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
+    cfg = load_config_from_json(cfg_json, name)
+    full = build_model(cfg, dtype=DTYPES[dtype])
+    layers = int(cfg.num_hidden_layers)
+    probe_layers = min(layers, PROBE_BLOCKS)
+    probe = build_model(with_layers(cfg, probe_layers), dtype=DTYPES[dtype])
+    ag = annotate(capture(probe), probe)
+    if not ag.blocks_identical:
+        raise CollieError(f"{name}: decoder blocks differ; per-layer planning of "
+                          "heterogeneous stacks is not supported yet")
+    s = seq_len
+    one, two = measure_saved(ag, 1, s), measure_saved(ag, 2, s)
+
+    act_none = ActivationBytes(two.block_replicated - one.block_replicated,
+                               two.block_sharded - one.block_sharded)
+    block_in = _block_input_bytes(ag, s)
+    sel_rep, sel_shard = _matmul_output_bytes(ag, s)
+    rest_slope = two.rest - one.rest
+    embed_saved, head_saved = _split_rest(ag, two.by_node, one.by_node)
+    params = _param_groups(full, ag)
+    head_dim_heads = int(getattr(cfg, "num_attention_heads", 0) or cfg.n_head)
+    return ModelProfile(
+        name=name, model_type=cfg.model_type, seq_len=s, dtype=dtype, num_layers=layers,
+        hidden_size=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
+        num_heads=head_dim_heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or head_dim_heads),
+        num_params=count_params(full), **params,
+        block_flops=ag.flops(1, s, 0), block_bytes=ag.bytes_moved(1, s, 0),
+        block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(0)
+                               if n.kind in ("linear", "attention")),
+        block_other_bytes=sum(ag.subs(n.bytes, 1, s) for n in ag.block_nodes(0)
+                              if n.kind not in ("linear", "attention")),
+        embed_flops=_rest_sum(ag, s, embed=True, what="flops"),
+        head_flops=_rest_sum(ag, s, embed=False, what="flops"),
+        act_none=act_none,
+        act_selective=ActivationBytes(block_in + sel_rep, sel_shard),
+        act_full=ActivationBytes(block_in, 0),
+        act_embed=embed_saved, act_head=head_saved,
+        act_fixed=max(0, one.rest - rest_slope),
+        logits_bytes=s * int(cfg.vocab_size) * 4,
+        row_linears_per_block=sum(1 for n in ag.block_nodes(0)
+                                  if n.kind == "linear" and not n.sharded),
+    )
+
+
+def load_config_from_json(cfg_json: str, name: str) -> PretrainedConfig:
+    data = json.loads(cfg_json)
+    cfg = load_config_dict(data)
+    cfg.name_or_path = name
+    return cfg
+
+
+def load_config_dict(data: dict) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    data = dict(data)
+    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+    cfg.use_cache = False
+    return cfg
+
+
+def _block_input_bytes(ag: AnnotatedGraph, seq: int) -> int:
+    """Bytes of one sample's hidden state entering a block (what full recompute keeps)."""
+    last = [n for n in ag.block_nodes(0) if n.shape is not None][-1]
+    itemsize = torch.tensor([], dtype=last.dtype).element_size()
+    return ag.subs(_prod(last.shape), 1, seq) * itemsize
+
+
+def _matmul_output_bytes(ag: AnnotatedGraph, seq: int) -> tuple[int, int]:
+    """Per-sample bytes of matmul and attention outputs in block 0: what selective keeps."""
+    rep = shard = 0
+    for n in ag.block_nodes(0):
+        if n.kind in ("linear", "attention") and n.shape is not None:
+            b = ag.subs(_prod(n.shape), 1, seq) * torch.tensor([], dtype=n.dtype).element_size()
+            if n.sharded:
+                shard += b
+            else:
+                rep += b
+    return rep, shard
+
+
+def _prod(shape: tuple) -> object:
+    out = 1
+    for d in shape:
+        out = out * d
+    return out
+
+
+def _first_block_index(ag: AnnotatedGraph) -> int:
+    names = list(ag.nodes)
+    return next(i for i, n in enumerate(names) if ag.nodes[n].block is not None)
+
+
+def _split_rest(ag: AnnotatedGraph, two: dict[str, int], one: dict[str, int]) -> tuple[int, int]:
+    """Per-sample saved bytes outside the blocks, split into before and after them."""
+    names = list(ag.nodes)
+    first = _first_block_index(ag)
+    embed = head = 0
+    for name in set(two) | set(one):
+        info = ag.nodes.get(name)
+        if info is not None and info.block is not None:
+            continue
+        per_sample = two.get(name, 0) - one.get(name, 0)
+        if name in ag.nodes and names.index(name) < first:
+            embed += per_sample
+        else:
+            head += per_sample
+    return embed, head
+
+
+def _rest_sum(ag: AnnotatedGraph, seq: int, embed: bool, what: str) -> int:
+    names = list(ag.nodes)
+    first = _first_block_index(ag)
+    total = 0
+    for i, name in enumerate(names):
+        info = ag.nodes[name]
+        if info.block is None and (i < first) == embed:
+            total += ag.subs(getattr(info, what), 1, seq)
+    return total
+
+
+def _param_groups(full: torch.nn.Module, ag: AnnotatedGraph) -> dict[str, int]:
+    """Parameter counts per part of the model, from which nodes use which parameters."""
+    names = list(ag.nodes)
+    first = _first_block_index(ag)
+    numel = {k: _prod(v) for k, v in ag.param_shapes.items()}
+    block = {p for n in ag.block_nodes(0) for p in n.params}
+    sharded = {p for n in ag.block_nodes(0) if n.kind == "linear" for p in n.params
+               if len(ag.param_shapes[p]) == 2}
+    embed, head = set(), set()
+    for i, name in enumerate(names):
+        info = ag.nodes[name]
+        if info.block is None:
+            (embed if i < first else head).update(info.params)
+    # Tied LM head: the same tensor under two names; count it once, with the embedding.
+    probe_ids = {}
+    for k, p in ag.gm.named_parameters(remove_duplicate=False):
+        probe_ids.setdefault(id(p), []).append(k)
+    tied = 0
+    for aliases in probe_ids.values():
+        if len(aliases) > 1 and any(a in head for a in aliases):
+            tied = numel[aliases[0]]
+            head -= set(aliases)
+    largest = max(p.numel() for p in full.parameters())
+    factored = sum(sum(p.shape) if p.dim() == 2 else p.numel() for p in full.parameters())
+    return dict(block_params=sum(numel[p] for p in block),
+                block_params_sharded=sum(numel[p] for p in sharded),
+                embed_params=sum(numel[p] for p in embed),
+                head_params=sum(numel[p] for p in head),
+                tied_params=tied, largest_param=largest, factored_state_elems=factored)

@@ -1,0 +1,1 @@
+"""Fused optimizer-update kernels (Triton) with plain-torch references beside them."""

@@ -1,0 +1,1 @@
+"""Graph rewrite passes: each a function GraphModule -> GraphModule."""
