@@ -71,7 +71,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     est = estimate(args.model, gpus=args.gpus, gpu=args.gpu, dp=args.dp, tp=args.tp,
                    pp=args.pp, zero=args.zero, micro_batch_size=args.micro_batch,
                    num_microbatches=args.num_microbatches, seq_len=args.seq_len,
-                   recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype)
+                   recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
+                   schedule=args.schedule)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--micro-batch", type=int, default=1)
     e.add_argument("--num-microbatches", type=int, default=None,
                    help="micro-batches per step (default: pp, so the pipeline fills)")
-    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default 2048, or the model's context if shorter)")
     e.add_argument("--recompute", default="none", choices=RECOMPUTE)
     e.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     e.add_argument("--optimizer", default="adamw", type=str.lower,

@@ -8,6 +8,7 @@ from .errors import CollieError
 from .hardware import GPUSpec, get_gpu
 from .memory import Layout, MemoryBreakdown, MemoryModel
 from .modelprofile import ModelProfile, profile_model
+from .models import load_config
 from .optimizers import get_optimizer
 
 
@@ -44,6 +45,13 @@ def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[i
     return dp, tp, pp
 
 
+def default_seq_len(model: str) -> int:
+    """2048, or the model's context length if shorter."""
+    cfg = load_config(model)
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(2048, int(max_pos or 2048))
+
+
 def check_tp(profile: ModelProfile, tp: int) -> None:
     """Heads must split evenly; KV heads split or are replicated (GQA)."""
     h, kv = profile.num_heads, profile.num_kv_heads
@@ -58,11 +66,12 @@ def check_tp(profile: ModelProfile, tp: int) -> None:
 def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80gb",
              dp: int | None = None, tp: int = 1, pp: int = 1, zero: int = 0,
              micro_batch_size: int = 1, num_microbatches: int | None = None,
-             seq_len: int = 2048, recompute: str = "none", optimizer: str = "adamw",
+             seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
              dtype: str = "bf16", schedule: str = "1f1b") -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed)."""
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
+    seq_len = seq_len or default_seq_len(model)
     dp, tp, pp = resolve_sizes(gpus, dp, tp, pp)
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, recompute=recompute, schedule=schedule,

@@ -74,7 +74,8 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2": Preset("qwen2", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256),
                          "collie-compile test model"),
     "tiny-gpt2": Preset("gpt2", dict(vocab_size=256, n_positions=256, n_embd=64, n_layer=2,
-                                     n_head=4, bos_token_id=0, eos_token_id=0),
+                                     n_head=4, bos_token_id=0, eos_token_id=0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
                       "collie-compile test model"),
     # ~20M parameters: big enough that model states dominate memory, small enough for CPU.
     "small-llama": Preset("llama", _llama(384, 1024, 6, 6, kv=2, vocab=8192, max_pos=1024),

@@ -1,0 +1,14 @@
+"""``python -m benchmarks SUITE``."""
+
+import argparse
+import warnings
+
+from . import estimate
+
+SUITES = {"estimate": estimate.main}
+
+parser = argparse.ArgumentParser(prog="python -m benchmarks")
+parser.add_argument("suite", choices=sorted(SUITES))
+args = parser.parse_args()
+warnings.filterwarnings("ignore")
+SUITES[args.suite]()

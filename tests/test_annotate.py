@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from collie_compile.annotate import annotate, measure_saved
+from collie_compile.capture import capture
+from collie_compile.modelprofile import profile_model
+from collie_compile.models import build_model, load_config
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = build_model(load_config("tiny-llama"))
+    return model, annotate(capture(model), model)
+
+
+def test_linear_and_attention_flops(llama):
+    model, ag = llama
+    b, s = 3, 10
+    block = model.model.layers[0]
+    linear_params = sum(m.weight.numel() for m in block.modules()
+                        if isinstance(m, torch.nn.Linear))
+    lin = sum(ag.subs(n.flops, b, s) for n in ag.block_nodes(0) if n.kind == "linear")
+    assert lin == 2 * b * s * linear_params
+    cfg = model.config
+    att = sum(ag.subs(n.flops, b, s) for n in ag.block_nodes(0) if n.kind == "attention")
+    assert att == 4 * b * cfg.num_attention_heads * s * s * (cfg.hidden_size //
+                                                             cfg.num_attention_heads)
+
+
+def test_nodes_know_module_and_params(llama):
+    _, ag = llama
+    q = [n for n in ag.block_nodes(1) if n.module == "model.layers.1.self_attn.q_proj"]
+    assert len(q) == 1 and q[0].kind == "linear"
+    assert q[0].params == ["model.layers.1.self_attn.q_proj.weight"]
+    assert ag.nodes[q[0].name].shape[-1] == 64
+
+
+def test_sharded_region_between_column_and_row_linears(llama):
+    _, ag = llama
+    by_module = {}
+    for n in ag.block_nodes(0):
+        by_module.setdefault(n.module.rsplit(".", 1)[-1], []).append(n)
+    for col in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert all(n.sharded for n in by_module[col]), col
+    for row in ("o_proj", "down_proj", "input_layernorm", "post_attention_layernorm"):
+        assert not any(n.sharded for n in by_module[row]), row
+    sdpa = [n for n in ag.block_nodes(0) if n.kind == "attention"]
+    assert sdpa and all(n.sharded for n in sdpa)
+
+
+def test_saved_bytes_linear_in_batch(llama):
+    _, ag = llama
+    one, two, four = (measure_saved(ag, b, 32) for b in (1, 2, 4))
+    per = two.block_sharded - one.block_sharded
+    assert per > 0 and four.block_sharded - two.block_sharded == 2 * per
+    assert four.block_replicated - two.block_replicated == 2 * (
+        two.block_replicated - one.block_replicated)
+
+
+def test_recompute_modes_keep_less():
+    p = profile_model("tiny-llama", seq_len=32, dtype="fp32")
+    none, sel, full = (p.activations(m) for m in ("none", "selective", "full"))
+    assert full.replicated == 32 * p.hidden_size * 4 and full.sharded == 0
+    total = [a.replicated + a.sharded for a in (none, sel, full)]
+    assert total[0] > total[1] > total[2]
+    # tensor parallelism divides the sharded part only
+    assert none.per_rank(2) == none.replicated + none.sharded / 2

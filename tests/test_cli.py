@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+
+from collie_compile.cli import main
+from collie_compile.hardware import CATALOG
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_estimate_json_keys_exact(capsys):
+    rc, out, _ = run(capsys, "estimate", "tiny-llama", "--gpus", "4", "--tp", "2",
+                     "--seq-len", "64", "--optimizer", "lion", "--dtype", "fp32", "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert set(doc) == {"model", "num_params", "trainable_params", "gpu", "gpu_memory_bytes",
+                        "layout", "optimizer", "dtype", "per_gpu", "fits"}
+    assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
+                             "seq_len": 64, "recompute": "none"}
+    assert set(doc["per_gpu"]) == {"params_bytes", "grads_bytes", "optimizer_bytes",
+                                   "activations_bytes", "other_bytes", "total_bytes"}
+    assert doc["per_gpu"]["total_bytes"] == sum(
+        v for k, v in doc["per_gpu"].items() if k != "total_bytes")
+    assert doc["num_params"] == 123712 and doc["fits"] is True
+
+
+def test_estimate_table(capsys):
+    rc, out, _ = run(capsys, "estimate", "tiny-gpt2", "--seq-len", "32", "--gpu", "rtx4090")
+    assert rc == 0
+    assert "optimizer states" in out and "fits" in out and "rtx4090" in out
+
+
+def test_models_and_gpus_lists(capsys):
+    rc, out, _ = run(capsys, "models")
+    assert rc == 0 and "llama-2-70b" in out and "68,976,648,192" in out
+    rc, out, _ = run(capsys, "gpus", "--json")
+    assert rc == 0 and {g["name"] for g in json.loads(out)} == set(CATALOG)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["estimate", "llama-9000"], "unknown model 'llama-9000'"),
+    (["estimate", "tiny-llama", "--gpu", "b300"], "unknown GPU 'b300'"),
+    (["estimate", "tiny-llama", "--optimizer", "adafactorx"], "unknown optimizer"),
+    (["estimate", "tiny-llama", "--gpus", "6", "--tp", "4"], "not divisible by tp*pp=4"),
+    (["estimate", "tiny-llama", "--gpus", "8", "--dp", "2", "--tp", "2"], "= 4 but gpus=8"),
+    (["estimate", "tiny-llama", "--tp", "3"], "does not divide tiny-llama's 4 attention"),
+    (["estimate", "tiny-llama", "--pp", "3"], "pp=3 exceeds the model's 2 layers"),
+    (["estimate", "tiny-llama", "--seq-len", "100000"], "exceeds tiny-llama's maximum"),
+    (["estimate", "tiny-llama", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["estimate", "tiny-llama", "--zero", "5"], "invalid choice"),
+])
+def test_bad_input_one_line_exit_2(capsys, argv, match):
+    with pytest.raises(SystemExit) if "--zero" in argv else _nullcontext():
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2
+        assert match in err and err.count("\n") == 1 and "Traceback" not in err
+        return
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_bad_gpu_spec_file(capsys, tmp_path):
+    spec = tmp_path / "gpu.json"
+    spec.write_text(json.dumps({**asdict(CATALOG["l40s"]), "memory_bytes": "lots"}))
+    rc, _, err = run(capsys, "estimate", "tiny-llama", "--gpu", str(spec))
+    assert rc == 2 and "memory_bytes" in err and err.count("\n") == 1
+
+
+def test_console_script_exit_code_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "collie_compile", "estimate", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()] and "Traceback" not in proc.stderr
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

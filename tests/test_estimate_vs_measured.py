@@ -1,0 +1,30 @@
+"""The cost model's peak against torch's MemTracker on real CPU training steps."""
+
+import pytest
+
+from collie_compile.measure import measure_peak
+from collie_compile.memory import Layout, MemoryModel
+from collie_compile.modelprofile import profile_model
+from collie_compile.optimizers import get_optimizer
+
+MODEL = "small-llama"  # ~16M parameters: model states and activations both matter
+CASES = [  # optimizer, recompute, dtype, micro-batch, seq
+    ("adamw", "none", "fp32", 2, 256),
+    ("adamw", "full", "fp32", 2, 256),
+    ("sgd", "selective", "fp32", 4, 256),
+    ("lion", "none", "fp32", 2, 256),
+    ("lomo", "full", "fp32", 2, 256),
+    ("lomo", "none", "fp32", 8, 256),
+    ("lomo", "none", "bf16", 2, 128),
+    ("lion", "selective", "bf16", 2, 128),
+]
+
+
+@pytest.mark.parametrize("opt,recompute,dtype,batch,seq", CASES)
+def test_estimate_within_10_percent_of_measured(opt, recompute, dtype, batch, seq):
+    measured = measure_peak(MODEL, opt, recompute, dtype, batch, seq)
+    prof = profile_model(MODEL, seq_len=seq, dtype=dtype)
+    est = MemoryModel(prof, get_optimizer(opt)).estimate(
+        Layout(micro_batch_size=batch, seq_len=seq, recompute=recompute))
+    assert est.total_bytes == pytest.approx(measured.total_bytes, rel=0.10), (
+        est.to_dict(), measured.by_category)

@@ -1,0 +1,80 @@
+import pytest
+
+from collie_compile.estimate import estimate
+from collie_compile.hardware import GiB
+from collie_compile.memory import Layout, MemoryModel, even_split
+from collie_compile.modelprofile import profile_model
+from collie_compile.optimizers import get_optimizer
+
+
+def _states(mem):
+    return mem.params_bytes + mem.grads_bytes + mem.optimizer_bytes
+
+
+@pytest.mark.parametrize("zero,per_param", [
+    (0, lambda d: 16), (1, lambda d: 4 + 12 / d), (2, lambda d: 2 + 14 / d),
+    (3, lambda d: 16 / d)])
+def test_zero_model_states_match_paper(zero, per_param):
+    """Mixed-precision AdamW model states per GPU: the ZeRO paper's formulas."""
+    prof = profile_model("llama-2-7b", seq_len=16, dtype="bf16")
+    d = 8
+    mem = MemoryModel(prof, get_optimizer("adamw")).estimate(
+        Layout(dp=d, zero=zero, seq_len=16))
+    assert mem.moment == "step"  # all gradients present at the optimizer step
+    psi = prof.num_params
+    assert _states(mem) == pytest.approx(per_param(d) * psi, rel=1e-6, abs=16)
+
+
+@pytest.mark.parametrize("opt,per_param", [
+    ("adamw", 16), ("sgd", 8), ("lion", 12), ("adan", 24), ("sophia", 16)])
+def test_optimizer_bytes_per_param(opt, per_param):
+    prof = profile_model("llama-2-7b", seq_len=16, dtype="bf16")
+    mem = MemoryModel(prof, get_optimizer(opt)).estimate(Layout(seq_len=16))
+    assert _states(mem) == pytest.approx(per_param * prof.num_params, rel=1e-6)
+
+
+def test_lomo_keeps_no_gradients_or_states():
+    prof = profile_model("llama-2-7b", seq_len=16, dtype="bf16")
+    mem = MemoryModel(prof, get_optimizer("lomo")).estimate(Layout(seq_len=16))
+    assert mem.optimizer_bytes == 0 and mem.grads_bytes == 0
+    assert mem.params_bytes == 2 * prof.num_params
+    # AdaLomo: O(rows + cols) per matrix, a sliver of the weights
+    ada = MemoryModel(prof, get_optimizer("adalomo")).estimate(Layout(seq_len=16))
+    assert 0 < ada.optimizer_bytes < 0.01 * mem.params_bytes
+
+
+def test_lomo_paper_anchors():
+    """LLaMA-7B on one GPU: AdamW needs ~102 GB of model states, LOMO ~14.6 GB in all
+    (LOMO paper, fp16, micro-batch 1, seq 512, recomputation on)."""
+    adamw = estimate("llama-7b", gpu="a100-80gb", optimizer="adamw", dtype="fp16",
+                     seq_len=512, recompute="full")
+    lomo = estimate("llama-7b", gpu="a100-80gb", optimizer="lomo", dtype="fp16",
+                    seq_len=512, recompute="full")
+    assert _states(adamw.memory) / GiB == pytest.approx(102.2, rel=0.05)
+    assert lomo.memory.total_bytes / GiB == pytest.approx(14.6, rel=0.15)
+
+
+def test_65b_on_8_rtx3090_lomo_fits_adamw_does_not():
+    kw = dict(gpus=8, gpu="rtx3090", zero=3, seq_len=512, micro_batch_size=1,
+              recompute="full", dtype="bf16")
+    adamw = estimate("llama-65b", optimizer="adamw", **kw)
+    lomo = estimate("llama-65b", optimizer="lomo", **kw)
+    assert not adamw.fits and lomo.fits
+    assert adamw.memory.total_bytes > 4 * adamw.gpu.memory_bytes
+
+
+def test_pipeline_first_stage_holds_most_activations():
+    prof = profile_model("llama-2-7b", seq_len=1024, dtype="bf16")
+    mm = MemoryModel(prof, get_optimizer("adamw"))
+    lay = Layout(pp=4, num_microbatches=8, seq_len=1024)
+    acts = [mm.estimate_stage(lay, k) for k in range(4)]
+    blocks = even_split(prof.num_layers, 4)
+    per_block = prof.act_none.per_rank(1)
+    assert acts[0].activations_bytes == pytest.approx(
+        4 * (blocks[0] * per_block + prof.act_embed) + prof.act_fixed, rel=1e-9)
+    assert acts[1].activations_bytes == pytest.approx(
+        3 * blocks[1] * per_block + prof.act_fixed, rel=1e-9)
+    # tp shards weights and the sharded part of the activations
+    tp2 = mm.estimate(Layout(tp=2, seq_len=1024))
+    tp1 = mm.estimate(Layout(tp=1, seq_len=1024))
+    assert tp2.params_bytes < 0.51 * tp1.params_bytes
