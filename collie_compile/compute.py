@@ -1,0 +1,84 @@
+"""Time model: roofline compute per node and alpha-beta collectives.
+
+A node takes max(FLOPs / (peak x matmul efficiency), bytes / (HBM bandwidth x memory
+efficiency)). Linears and attention are compute-bound at training sizes, the rest
+memory-bound, so a block's time is priced as its matmul FLOPs plus its other bytes.
+Backward costs twice the forward (gradients for inputs and weights); recomputation adds
+the forward again (full) or its memory-bound part (selective). Collectives use ring
+algorithms: all-reduce moves 2(n-1)/n of the bytes per GPU in 2(n-1) latency steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .annotate import AnnotatedGraph, NodeInfo
+from .hardware import GPUSpec
+from .modelprofile import ModelProfile
+
+
+def roofline(flops: float, nbytes: float, gpu: GPUSpec, dtype: str) -> float:
+    """Seconds for one kernel doing ``flops`` and moving ``nbytes``."""
+    return max(flops / (gpu.peak_flops(dtype) * gpu.matmul_efficiency),
+               nbytes / (gpu.hbm_bandwidth * gpu.memory_efficiency))
+
+
+def node_time(ag: AnnotatedGraph, node: NodeInfo, batch: int, seq: int, gpu: GPUSpec,
+              dtype: str) -> float:
+    """Forward seconds of one annotated node at a concrete batch and sequence length."""
+    return roofline(ag.subs(node.flops, batch, seq), ag.subs(node.bytes, batch, seq), gpu, dtype)
+
+
+@dataclass(frozen=True)
+class BlockTime:
+    forward: float
+    backward: float  # including recomputation
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
+               recompute: str = "none") -> BlockTime:
+    """Seconds of one decoder block for one micro-batch on one tensor-parallel rank."""
+    mm = p.block_matmul_flops * micro_batch / tp / (gpu.peak_flops(p.dtype)
+                                                    * gpu.matmul_efficiency)
+    mem = p.block_other_bytes * micro_batch / tp / (gpu.hbm_bandwidth * gpu.memory_efficiency)
+    fwd = mm + mem
+    redo = {"none": 0.0, "selective": mem, "full": fwd}[recompute]
+    return BlockTime(fwd, 2 * fwd + redo)
+
+
+def head_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1) -> float:
+    """Forward + backward seconds of the LM head and loss for one micro-batch."""
+    fwd = p.head_flops * micro_batch / tp / (gpu.peak_flops(p.dtype) * gpu.matmul_efficiency)
+    return 3 * fwd
+
+
+def _link(gpu: GPUSpec, intra_node: bool) -> tuple[float, float]:
+    if intra_node:
+        return gpu.intra_node_bandwidth * gpu.link_efficiency, gpu.intra_node_latency
+    return gpu.inter_node_bandwidth * gpu.link_efficiency, gpu.inter_node_latency
+
+
+def allreduce_time(nbytes: float, n: int, gpu: GPUSpec, intra_node: bool = True) -> float:
+    """Ring all-reduce of ``nbytes`` over ``n`` GPUs."""
+    if n <= 1:
+        return 0.0
+    bw, lat = _link(gpu, intra_node)
+    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * lat
+
+
+def allgather_time(nbytes: float, n: int, gpu: GPUSpec, intra_node: bool = True) -> float:
+    """Ring all-gather (or reduce-scatter) producing ``nbytes`` in all on each GPU."""
+    if n <= 1:
+        return 0.0
+    bw, lat = _link(gpu, intra_node)
+    return (n - 1) / n * nbytes / bw + (n - 1) * lat
+
+
+def p2p_time(nbytes: float, gpu: GPUSpec, intra_node: bool = True) -> float:
+    """One point-to-point send between pipeline stages."""
+    bw, lat = _link(gpu, intra_node)
+    return nbytes / bw + lat

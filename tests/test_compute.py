@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from collie_compile.annotate import annotate
+from collie_compile.capture import capture
+from collie_compile.compute import allgather_time, allreduce_time, block_time, node_time, roofline
+from collie_compile.hardware import get_gpu
+from collie_compile.modelprofile import profile_model
+from collie_compile.models import build_model, load_config, with_layers
+
+H100 = get_gpu("h100-80gb")
+
+
+def test_roofline_picks_the_binding_limit():
+    eff_flops = H100.bf16_flops * H100.matmul_efficiency
+    eff_bw = H100.hbm_bandwidth * H100.memory_efficiency
+    assert roofline(1e12, 1e6, H100, "bf16") == pytest.approx(1e12 / eff_flops)
+    assert roofline(1e6, 1e9, H100, "bf16") == pytest.approx(1e9 / eff_bw)
+
+
+def test_matmuls_compute_bound_elementwise_memory_bound():
+    model = build_model(with_layers(load_config("llama-2-7b"), 2), dtype=torch.bfloat16)
+    ag = annotate(capture(model), model)
+    b, s = 4, 2048
+    for n in ag.block_nodes(0):
+        if n.kind == "linear":
+            flops, nbytes = ag.subs(n.flops, b, s), ag.subs(n.bytes, b, s)
+            t = node_time(ag, n, b, s, H100, "bf16")
+            assert t == pytest.approx(flops / (H100.bf16_flops * H100.matmul_efficiency))
+            assert t > nbytes / (H100.hbm_bandwidth * H100.memory_efficiency)
+        elif n.op == "aten.silu.default":
+            assert node_time(ag, n, b, s, H100, "bf16") == pytest.approx(
+                ag.subs(n.bytes, b, s) / (H100.hbm_bandwidth * H100.memory_efficiency))
+
+
+def test_block_time_scales_and_recompute_costs():
+    p = profile_model("llama-2-7b", seq_len=2048, dtype="bf16")
+    one, two = block_time(p, H100, 1), block_time(p, H100, 2)
+    assert two.total == pytest.approx(2 * one.total)
+    assert block_time(p, H100, 1, tp=2).total == pytest.approx(one.total / 2)
+    full = block_time(p, H100, 1, recompute="full")
+    sel = block_time(p, H100, 1, recompute="selective")
+    assert one.backward < sel.backward < full.backward == pytest.approx(3 * one.forward)
+    # a Llama-2-7B block at seq 2048: ~6 * 202M params * 2048 tokens of matmul FLOPs
+    assert p.block_matmul_flops == pytest.approx(2 * 202_375_168 * 2048 + 4 * 2048**2 * 4096,
+                                                 rel=1e-3)
+
+
+def test_ring_collectives():
+    n, nbytes = 8, 1e9
+    bw = H100.intra_node_bandwidth * H100.link_efficiency
+    assert allreduce_time(nbytes, n, H100) == pytest.approx(
+        2 * 7 / 8 * nbytes / bw + 14 * H100.intra_node_latency)
+    assert allgather_time(nbytes, n, H100) == pytest.approx(allreduce_time(nbytes, n, H100) / 2)
+    assert allreduce_time(nbytes, 1, H100) == 0
+    assert allreduce_time(nbytes, n, H100, intra_node=False) > allreduce_time(nbytes, n, H100)
