@@ -20,7 +20,14 @@ from transformers import PretrainedConfig
 from .annotate import AnnotatedGraph, annotate, measure_saved
 from .capture import capture
 from .errors import CollieError
-from .models import build_model, count_params, load_config, model_name, with_layers
+from .models import (
+    build_model,
+    config_from_dict,
+    count_params,
+    load_config,
+    model_name,
+    with_layers,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
@@ -107,7 +114,7 @@ def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
 
 @functools.lru_cache(maxsize=32)
 def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
-    cfg = load_config_from_json(cfg_json, name)
+    cfg = config_from_dict(json.loads(cfg_json), name)
     full = build_model(cfg, dtype=DTYPES[dtype])
     layers = int(cfg.num_hidden_layers)
     probe_layers = min(layers, PROBE_BLOCKS)
@@ -149,22 +156,6 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         row_linears_per_block=sum(1 for n in ag.block_nodes(0)
                                   if n.kind == "linear" and not n.sharded),
     )
-
-
-def load_config_from_json(cfg_json: str, name: str) -> PretrainedConfig:
-    data = json.loads(cfg_json)
-    cfg = load_config_dict(data)
-    cfg.name_or_path = name
-    return cfg
-
-
-def load_config_dict(data: dict) -> PretrainedConfig:
-    from transformers import AutoConfig
-
-    data = dict(data)
-    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
-    cfg.use_cache = False
-    return cfg
 
 
 def _block_input_bytes(ag: AnnotatedGraph, seq: int) -> int:

@@ -109,16 +109,24 @@ def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise CollieError(f"cannot read model config {path}: {e}; "
                               "give a valid Hugging Face config.json") from None
-        model_type = data.pop("model_type", None) if isinstance(data, dict) else None
-        if not model_type:
+        if not isinstance(data, dict) or not data.get("model_type"):
             raise CollieError(f"{path} has no 'model_type'; is it a Hugging Face config.json?")
-        try:
-            cfg = AutoConfig.for_model(model_type, **data)
-        except ValueError as e:
-            raise CollieError(f"{path}: transformers does not know model_type "
-                              f"{model_type!r} ({e})") from None
-        cfg.name_or_path = str(path.parent)
+        cfg = config_from_dict(data, str(path.parent))
     cfg.use_cache = False  # training: no KV cache in the captured graph
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], name: str) -> PretrainedConfig:
+    """A transformers config from its JSON fields (``model_type`` among them)."""
+    data = dict(data)
+    model_type = data.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **data)
+    except ValueError as e:
+        raise CollieError(f"{name}: transformers does not know model_type {model_type!r} "
+                          f"({str(e).splitlines()[0]})") from None
+    cfg.name_or_path = name
+    cfg.use_cache = False
     return cfg
 
 
