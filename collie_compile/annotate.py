@@ -86,18 +86,6 @@ class AnnotatedGraph:
         return sum(self.subs(n.bytes, batch, seq) for n in self.nodes.values()
                    if block == "all" or n.block == block)
 
-    def summary(self, batch: int, seq: int) -> list[dict]:
-        """Plain rows (name, op, module, block, shape, FLOPs, bytes, params) for display."""
-        rows = []
-        for n in self.nodes.values():
-            shape = None if n.shape is None else [self.subs(d, batch, seq) for d in n.shape]
-            rows.append(dict(name=n.name, op=n.op, module=n.module, block=n.block,
-                             shape=shape, dtype=str(n.dtype).replace("torch.", ""),
-                             flops=self.subs(n.flops, batch, seq),
-                             bytes=self.subs(n.bytes, batch, seq), params=n.params,
-                             sharded=n.sharded))
-        return rows
-
 
 def _expr(d: object) -> object:
     return d.node.expr if isinstance(d, torch.SymInt) else int(d)

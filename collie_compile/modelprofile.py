@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
@@ -92,9 +92,6 @@ class ModelProfile:
         except KeyError:
             raise CollieError(f"unknown recompute {recompute!r}; use none, selective or "
                               "full") from None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
