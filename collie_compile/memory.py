@@ -42,6 +42,7 @@ class Layout:
     recompute: str = "none"
     num_microbatches: int = 1
     schedule: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per GPU (interleaved 1F1B)
 
     @property
     def gpus(self) -> int:
@@ -93,6 +94,56 @@ class StageShape:
     has_head: bool
 
 
+@dataclass(frozen=True)
+class StageTerms:
+    """One pipeline stage's memory as linear functions of its blocks per recompute mode.
+
+    Moment F (start of backward): ``fixed_f + sum_c n_c * per_block_f[c]`` plus one
+    transient: the loss's (``head_tmp``), a recomputed block (``recompute_tmp[c]`` if any
+    block uses mode c), or a fused update (``fused_tmp``); plus ``gather_tmp`` (ZeRO-3).
+    Moment B (optimizer step, absent for fused optimizers without accumulation):
+    ``fixed_b + n * per_block_b + step_tmp``. The planner's ILP uses these same numbers.
+    """
+
+    fixed_f: float
+    per_block_f: dict[str, float]
+    fixed_b: float
+    per_block_b: float
+    head_tmp: float
+    recompute_tmp: dict[str, float]
+    fused_tmp: float
+    gather_tmp: float
+    step_tmp: float
+    has_step_moment: bool
+    # parts of the above, for reporting a breakdown
+    weights: tuple[float, float]  # (fixed, per block)
+    states: tuple[float, float]
+    grads_f: tuple[float, float]
+    grads_b: tuple[float, float]
+    acts: tuple[float, dict[str, float]]
+    act_step: float  # activations alive at the optimizer step (masks, rotary tables)
+
+    def breakdown(self, counts: dict[str, int], stage: int = 0) -> MemoryBreakdown:
+        """The peak of this stage holding ``counts[c]`` blocks recomputed with mode c."""
+        n = sum(counts.values())
+
+        def lin(part: tuple[float, float]) -> float:
+            return part[0] + n * part[1]
+
+        acts = self.acts[0] + sum(counts.get(c, 0) * v for c, v in self.acts[1].items())
+        transient = max([self.head_tmp, self.fused_tmp]
+                        + [self.recompute_tmp[c] for c, k in counts.items() if k > 0])
+        at_f = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_f)),
+                               int(lin(self.states)), int(acts),
+                               int(transient + self.gather_tmp), "backward", stage)
+        if not self.has_step_moment:
+            return at_f
+        at_b = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_b)),
+                               int(lin(self.states)), int(self.act_step), int(self.step_tmp),
+                               "step", stage)
+        return max(at_f, at_b, key=lambda m: m.total_bytes)
+
+
 @dataclass
 class MemoryModel:
     """Evaluates a layout for one model profile, optimizer and dtype."""
@@ -106,15 +157,18 @@ class MemoryModel:
         counts = self.stage_layers or even_split(self.profile.num_layers, layout.pp)
         return [StageShape(n, i == 0, i == len(counts) - 1) for i, n in enumerate(counts)]
 
-    def params_per_rank(self, stage: StageShape, tp: int) -> float:
+    def block_params_per_rank(self, tp: int) -> float:
         p = self.profile
-        block = p.block_params_sharded / tp + (p.block_params - p.block_params_sharded)
-        n = stage.blocks * block
-        if stage.has_embed:
+        return p.block_params_sharded / tp + (p.block_params - p.block_params_sharded)
+
+    def end_params_per_rank(self, tp: int, has_embed: bool, has_head: bool) -> float:
+        p = self.profile
+        n = 0.0
+        if has_embed:
             n += p.embed_params / tp
-        if stage.has_head:
+        if has_head:
             n += p.head_params / tp
-            if not stage.has_embed:  # tied LM head needs its own copy on the last stage
+            if not has_embed:  # tied LM head needs its own copy on the last stage
                 n += p.tied_params / tp
         return n
 
@@ -125,64 +179,65 @@ class MemoryModel:
                    key=lambda m: m.total_bytes)
 
     def estimate_stage(self, layout: Layout, k: int) -> MemoryBreakdown:
-        p, opt = self.profile, self.optimizer
         stage = self.stages(layout)[k]
+        terms = self.stage_terms(layout, k, stage.has_embed, stage.has_head)
+        return terms.breakdown({layout.recompute: stage.blocks}, k)
+
+    def stage_terms(self, layout: Layout, k: int, has_embed: bool, has_head: bool
+                    ) -> StageTerms:
+        """Linear memory terms of pipeline stage ``k`` under ``layout`` (any recompute)."""
+        p, opt = self.profile, self.optimizer
         tp, d, b = layout.tp, layout.dp, layout.micro_batch_size
         w = p.itemsize
         # fp32 master copies for 16-bit weights; fused optimizers update 16-bit weights directly.
         master = 0 if p.dtype == "fp32" or opt.fused_backward else 4
-        psi = self.params_per_rank(stage, tp)
-        trainable = psi * self.trainable_fraction
+        psi = (self.end_params_per_rank(tp, has_embed, has_head), self.block_params_per_rank(tp))
+        trainable = tuple(x * self.trainable_fraction for x in psi)
         largest = p.largest_param / tp
 
-        weights = psi * w / (d if layout.zero == 3 else 1)
+        weights = tuple(x * w / (d if layout.zero == 3 else 1) for x in psi)
         state_per_elem = opt.state_bytes + master
-        states = trainable * state_per_elem
         if opt.factored:
-            states += p.factored_state_elems / p.num_params * trainable * 4
-        states /= d if layout.zero >= 1 else 1
+            state_per_elem += p.factored_state_elems / p.num_params * 4
+        states = tuple(x * state_per_elem / (d if layout.zero >= 1 else 1) for x in trainable)
         accumulate = layout.num_microbatches > 1
-        all_grads = trainable * w / (d if layout.zero >= 2 else 1)
-        in_flight_grad = min(largest, trainable) * w
+        grads_b = tuple(x * w / (d if layout.zero >= 2 else 1) for x in trainable)
+        fused = opt.fused_backward and not accumulate
+        grads_f = grads_b if accumulate else (0.0, 0.0)
 
         # Activations of the micro-batches in flight on this stage.
         if layout.schedule == "gpipe":
             in_flight = layout.num_microbatches
         else:
             in_flight = min(layout.pp - k, layout.num_microbatches)
-        act = p.activations(layout.recompute).per_rank(tp)
-        per_sample = stage.blocks * act
-        if stage.has_embed:
-            per_sample += p.act_embed
-        if stage.has_head:
-            per_sample += p.act_head / tp
-        activations = in_flight * b * per_sample + p.act_fixed
+            if layout.schedule == "interleaved" and layout.pp > 1:
+                in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+        act_fixed = p.act_fixed + in_flight * b * (
+            (p.act_embed if has_embed else 0) + (p.act_head / tp if has_head else 0))
+        act_block = {c: in_flight * b * p.activations(c).per_rank(tp) for c in RECOMPUTE}
 
         # Transients at the start of backward: gradients of the logits (two [b, s, V] fp32
         # buffers in cross-entropy's backward), or one block recomputed in full.
-        head_tmp = 2 * b * p.logits_bytes / tp if stage.has_head else 0
-        recompute_tmp = 0.0
-        if layout.recompute != "none" and stage.blocks:
-            recompute_tmp = b * (p.act_none.per_rank(tp) - act)
+        head_tmp = 2 * b * p.logits_bytes / tp if has_head else 0.0
+        none = p.act_none.per_rank(tp)
+        recompute_tmp = {c: b * (none - p.activations(c).per_rank(tp)) for c in RECOMPUTE}
         gather_tmp = 0.0
         if layout.zero == 3 and d > 1:  # one block gathered, the next prefetched
             gather_tmp = 2 * (p.block_params_sharded / tp) * w
-        step_tmp = opt.step_temporaries * min(largest, trainable) * 4
+        step_tmp = opt.step_temporaries * largest * 4
+        # The one gradient in flight and its update come after the loss's transients.
+        fused_tmp = largest * w + step_tmp if fused else 0.0
 
-        if opt.fused_backward and not accumulate:
-            # The one gradient in flight and its update come after the loss's transients.
-            grads_f = 0
-            other_f = max(head_tmp, recompute_tmp, in_flight_grad + step_tmp) + gather_tmp
-        else:
-            grads_f = all_grads if accumulate else 0
-            other_f = max(head_tmp, recompute_tmp) + gather_tmp
-        at_backward = MemoryBreakdown(int(weights), int(grads_f), int(states),
-                                      int(activations), int(other_f), "backward", k)
-        if opt.fused_backward and not accumulate:
-            return at_backward
-        at_step = MemoryBreakdown(int(weights), int(all_grads), int(states), p.act_fixed,
-                                  int(step_tmp), "step", k)
-        return max(at_backward, at_step, key=lambda m: m.total_bytes)
+        fixed = weights[0] + states[0]
+        per_block = weights[1] + states[1]
+        return StageTerms(
+            fixed_f=fixed + grads_f[0] + act_fixed,
+            per_block_f={c: per_block + grads_f[1] + act_block[c] for c in RECOMPUTE},
+            fixed_b=fixed + grads_b[0] + p.act_fixed, per_block_b=per_block + grads_b[1],
+            head_tmp=head_tmp, recompute_tmp=recompute_tmp, fused_tmp=fused_tmp,
+            gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused,
+            weights=weights, states=states, grads_f=grads_f, grads_b=grads_b,
+            acts=(act_fixed, act_block), act_step=p.act_fixed)
 
 
 def even_split(layers: int, parts: int) -> list[int]:
