@@ -1,4 +1,4 @@
-"""The ``collie-compile`` command line: models, gpus, estimate."""
+"""The ``collie-compile`` command line: models, gpus, estimate, plan."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .memory import RECOMPUTE, SCHEDULES, estimate_json
 from .modelprofile import DTYPES
 from .models import PRESETS, build_model, count_params, load_config
 from .optimizers import OPTIMIZERS
+from .planner import plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +100,57 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    result = plan(args.model, gpus=args.gpus, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
+                  seq_len=args.seq_len, global_batch_size=args.global_batch,
+                  optimizer=args.optimizer, dtype=args.dtype, lora_rank=args.lora_rank,
+                  dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero,
+                  micro_batch_size=args.micro_batch, schedule=args.schedule,
+                  recompute=args.recompute, memory_reserve=args.memory_reserve,
+                  top_k=args.top)
+    if args.out:
+        result.save(args.out)
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+        return 0 if result.feasible else 3
+    c = result.chosen
+    print(f"{result.model} on {result.gpus} x {result.gpu} ({result.gpus_per_node} per node), "
+          f"{result.optimizer}, {result.dtype}, seq {result.seq_len}, global batch "
+          f"{result.global_batch_size}")
+    head = "plan" if result.feasible else "NO PLAN FITS; the closest"
+    print(f"{head} (solved in {result.solve_time_s:.2f} s by {result.solver}):")
+    print(f"  {c.layout_str()}")
+    print("  stages (layers): " + " ".join(f"{a}-{b}" for a, b in c.stages))
+    print(f"  step time {c.step_time_s:.3f} s, {c.tokens_per_gpu_per_s:,.0f} tokens/s/GPU, "
+          f"MFU {100 * c.mfu:.1f}%")
+    fullest = max(range(len(c.memory)), key=lambda k: c.memory[k]["total_bytes"])
+    m = c.memory[fullest]
+    where = f"stage {fullest}, " if c.pp > 1 else ""
+    moment = "start of backward" if m["moment"] == "backward" else "optimizer step"
+    print(f"memory per GPU ({where}{moment}):")
+    for label, key in [("params", "params_bytes"), ("grads", "grads_bytes"),
+                       ("optimizer states", "optimizer_bytes"),
+                       ("activations", "activations_bytes"), ("other", "other_bytes"),
+                       ("total", "total_bytes")]:
+        print(f"  {label:18}{_gib(m[key])}")
+    if not result.feasible:
+        print(f"\ndoes not fit: the closest plan needs {c.memory_per_gpu_bytes / GiB:.2f} GiB "
+              f"per GPU, {result.shortfall_bytes / GiB:.2f} GiB more than the "
+              f"{result.usable_memory_bytes / GiB:.2f} GiB usable. What would fit:")
+        for s in result.suggestions:
+            print(f"  - {s}")
+        return 3
+    if result.alternatives:
+        print("runners-up:")
+        for i, a in enumerate(result.alternatives, 1):
+            print(f"  {i}. {a.layout_str()}\n     {a.why_not}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.out:
+        print(f"plan written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collie-compile", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -131,6 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
+
+    q = sub.add_parser("plan", help="find the fastest layout that fits (no GPU needed)")
+    q.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
+    q.add_argument("--gpus", type=int, required=True)
+    q.add_argument("--gpu", default="a100-80gb", help="catalog name or JSON spec file")
+    q.add_argument("--gpus-per-node", type=int, default=8)
+    q.add_argument("--seq-len", type=int, default=None)
+    q.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step (default: ~2M tokens, at least one per GPU)")
+    q.add_argument("--optimizer", default="adamw", type=str.lower)
+    q.add_argument("--dtype", default="bf16")
+    q.add_argument("--lora-rank", type=int, default=None)
+    q.add_argument("--top", type=int, default=3, help="runners-up to show")
+    q.add_argument("--memory-reserve", type=float, default=0.05,
+                   help="fraction of GPU memory kept free (default 0.05)")
+    for name in ("dp", "tp", "pp", "zero", "micro-batch"):
+        q.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
+    q.add_argument("--schedule", choices=SCHEDULES, default=None, help="pin the schedule")
+    q.add_argument("--recompute", choices=RECOMPUTE, default=None,
+                   help="pin recomputation for every layer")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--out", help="write the plan (JSON) here")
+    q.set_defaults(func=cmd_plan)
     return p
 
 

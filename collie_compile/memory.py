@@ -123,6 +123,19 @@ class StageTerms:
     acts: tuple[float, dict[str, float]]
     act_step: float  # activations alive at the optimizer step (masks, rotary tables)
 
+    def transient(self, counts: dict[str, int]) -> float:
+        return max([self.head_tmp, self.fused_tmp]
+                   + [self.recompute_tmp[c] for c, k in counts.items() if k > 0])
+
+    def peak(self, counts: dict[str, int]) -> float:
+        """Peak bytes (the larger moment) holding ``counts[c]`` blocks of mode c."""
+        n = sum(counts.values())
+        at_f = (self.fixed_f + self.gather_tmp + self.transient(counts)
+                + sum(k * self.per_block_f[c] for c, k in counts.items()))
+        if not self.has_step_moment:
+            return at_f
+        return max(at_f, self.fixed_b + n * self.per_block_b + self.step_tmp)
+
     def breakdown(self, counts: dict[str, int], stage: int = 0) -> MemoryBreakdown:
         """The peak of this stage holding ``counts[c]`` blocks recomputed with mode c."""
         n = sum(counts.values())
@@ -131,8 +144,7 @@ class StageTerms:
             return part[0] + n * part[1]
 
         acts = self.acts[0] + sum(counts.get(c, 0) * v for c, v in self.acts[1].items())
-        transient = max([self.head_tmp, self.fused_tmp]
-                        + [self.recompute_tmp[c] for c, k in counts.items() if k > 0])
+        transient = self.transient(counts)
         at_f = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_f)),
                                int(lin(self.states)), int(acts),
                                int(transient + self.gather_tmp), "backward", stage)

@@ -1,0 +1,141 @@
+"""A training plan: plain data that round-trips to JSON and rebuilds the same program.
+
+``Plan`` holds the request (model, GPUs, batch, optimizer, dtype), the chosen layout
+(:class:`Candidate`) with its modeled memory and time, and the runners-up with why each
+lost. ``Plan.to_json`` / ``Plan.from_json`` are exact inverses; ``Plan.summary`` is the
+``collie-compile plan --json`` document, whose keys other tools read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import CollieError
+
+SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
+                "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
+                "tokens_per_gpu_per_s", "mfu")
+
+
+@dataclass
+class Candidate:
+    """One fully specified layout and what the cost model says of it."""
+
+    dp: int
+    tp: int
+    pp: int
+    zero: int
+    micro_batch_size: int
+    num_microbatches: int
+    schedule: str
+    virtual_stages: int
+    recompute: list[str]  # one entry per decoder layer
+    stages: list[list[int]]  # [first_layer, last_layer] per pipeline stage
+    memory_per_gpu_bytes: int  # the fullest GPU at its peak
+    step_time_s: float
+    tokens_per_gpu_per_s: float
+    mfu: float
+    memory: list[dict] = field(default_factory=list)  # per-stage breakdown
+    fits: bool = True
+    why_not: str = ""
+
+    def summary(self, with_why: bool = False) -> dict:
+        d = {k: getattr(self, k) for k in SUMMARY_KEYS}
+        if with_why:
+            d["why_not"] = self.why_not
+        return d
+
+    def layout_str(self) -> str:
+        sched = self.schedule + (f"(v={self.virtual_stages})" if self.virtual_stages > 1
+                                 else "")
+        counts = {m: self.recompute.count(m) for m in ("none", "selective", "full")}
+        rc = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
+        return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
+                f"micro-batch={self.micro_batch_size}x{self.num_microbatches} {sched} "
+                f"recompute: {rc}")
+
+
+@dataclass
+class Plan:
+    model: str
+    gpus: int
+    gpu: str
+    gpus_per_node: int
+    seq_len: int
+    global_batch_size: int
+    optimizer: str
+    dtype: str
+    lora_rank: int | None
+    feasible: bool
+    solver: str
+    solve_time_s: float
+    chosen: Candidate | None
+    alternatives: list[Candidate] = field(default_factory=list)
+    usable_memory_bytes: int = 0  # per GPU: capacity less the reserve
+    shortfall_bytes: int = 0  # when infeasible: how far the closest plan is over memory
+    suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The ``plan --json`` document."""
+        return {
+            "feasible": self.feasible, "solve_time_s": self.solve_time_s, "model": self.model,
+            "gpus": self.gpus, "gpu": self.gpu,
+            "plan": self.chosen.summary() if self.chosen else None,
+            "alternatives": [a.summary(with_why=True) for a in self.alternatives],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"collie_compile_plan": 1, **asdict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CollieError(f"{source} is not valid JSON ({e}); re-create it with "
+                              "`collie-compile plan ... --out`") from None
+        if not isinstance(data, dict) or data.pop("collie_compile_plan", None) != 1:
+            raise CollieError(f"{source} is not a collie-compile plan file")
+        try:
+            if data.get("chosen") is not None:
+                data["chosen"] = _candidate(data["chosen"])
+            data["alternatives"] = [_candidate(a) for a in data.get("alternatives", [])]
+            _check_keys(cls, data)
+            return cls(**data)
+        except (TypeError, KeyError, ValueError) as e:
+            raise CollieError(f"{source} is corrupted ({e}); re-create it with "
+                              "`collie-compile plan ... --out`") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash never leaves half a plan file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise CollieError(f"cannot read plan {path}: {e.strerror}") from None
+        return cls.from_json(text, source=str(path))
+
+
+def _check_keys(cls: type, data: dict) -> None:
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}")
+
+
+def _candidate(d: dict) -> Candidate:
+    if not isinstance(d, dict):
+        raise ValueError("a candidate must be an object")
+    _check_keys(Candidate, d)
+    c = Candidate(**d)
+    if len(c.stages) != c.pp or c.dp * c.tp * c.pp < 1:
+        raise ValueError("stages do not match pp")
+    return c

@@ -1,0 +1,483 @@
+"""Choose the fastest plan that fits: enumerate the outer space, solve an ILP inside.
+
+Outer space (enumerated, pruned by a lower bound on step time): tp (within a node,
+dividing the attention heads, compatible with the KV heads), pp <= layers, dp = the
+rest; ZeRO stage; micro-batch size b (m = global_batch / (dp * b) micro-batches);
+pipeline schedule. Inside each outer point, an integer program places decoder blocks on
+stages and picks their recomputation. Blocks are identical, so the variables count
+blocks per (stage, mode) rather than name them: the ILP has O(pp) variables for any depth.
+
+Inside an outer point the work splits in two, exactly:
+
+1. Per stage k and block count n, the best configuration: the recompute mix (blocks per
+   mode) with the least compute time whose peak memory fits. Time and memory are linear in
+   the mix, so this is a table over all mixes, computed with numpy (``stage_options``).
+2. An assignment ILP picks one block count per stage:
+
+  variables   x[k,n] in {0,1}    stage k holds n blocks (its best mix for n)
+              T, D, U >= 0       slowest stage per micro-batch, exposed DP sync, update
+  objective   minimise  B * T + D + U             B = m + pp - 1 (interleaved: m + (pp-1)/v)
+  s.t.        sum_n x[k,n] = 1                    one count per stage
+              sum_{k,n} n x[k,n] = L              every block placed
+              T >= sum_n x[k,n] t[k,n]            compute + TP all-reduces + sends (or
+                                                  ZeRO traffic, which overlaps compute)
+              D >= sum_n x[k,n] d[k,n]            gradient sync left after the last backward
+              U >= sum_n x[k,n] u[k,n]            optimizer step
+  (memory is in the tables: x[k,n] exists only where some mix of n blocks fits on stage k)
+
+All coefficients come from :mod:`collie_compile.memory` and
+:mod:`collie_compile.steptime`, which also evaluate a concrete split, so the ILP's optimum
+is checked against brute force over the same model in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from .errors import CollieError
+from .estimate import check_tp, default_seq_len
+from .hardware import GPUSpec, get_gpu
+from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms
+from .modelprofile import ModelProfile, profile_model
+from .optimizers import OptimizerSpec, get_optimizer
+from .plan import Candidate, Plan
+from .steptime import StageTime, bubble_factor, model_flops_per_step, stage_time, step_time
+
+MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+INTERLEAVED_CHUNKS = 2
+ILP_TIME_LIMIT_S = 20  # per inner ILP, a safety net: these solve in milliseconds
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A point of the enumerated space; the ILP fills in blocks and recomputation."""
+
+    layout: Layout
+
+    def key(self) -> tuple:
+        lay = self.layout
+        return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch_size,
+                SCHEDULES.index(lay.schedule))
+
+
+@dataclass
+class Problem:
+    """Everything the ILP and brute force need for one outer point."""
+
+    layout: Layout
+    layers: int
+    modes: tuple[str, ...]
+    memory: list[StageTerms]
+    time: list[StageTime]
+    capacity: float
+
+    @property
+    def stages(self) -> int:
+        return self.layout.pp
+
+    def objective(self, counts: list[dict[str, int]]) -> float:
+        return step_time(self.layout, self.time, counts)
+
+    def fits(self, counts: list[dict[str, int]]) -> bool:
+        return self.peak(counts) <= self.capacity
+
+    def peak(self, counts: list[dict[str, int]]) -> float:
+        return max(t.peak(n) for t, n in zip(self.memory, counts))
+
+    def lower_bound(self) -> float:
+        """Step time if blocks split perfectly and nothing were recomputed."""
+        none = min(self.time[0].per_block[c] for c in self.modes)
+        total = sum(t.fixed for t in self.time) + self.layers * none
+        slowest = max(total / self.stages, max(t.fixed for t in self.time))
+        per_stage = self.layers / self.stages
+        update = max(t.update_fixed + per_stage * t.update_per_block for t in self.time)
+        return bubble_factor(self.layout) * slowest + update
+
+    def min_peak(self) -> float:
+        """The lowest peak any split reaches: most memory-frugal mode, balanced split."""
+        frugal = min(self.modes, key=lambda c: self.memory[0].per_block_f[c])
+        split = _balanced(self.layers, self.stages)
+        return self.peak([{frugal: n} for n in split])
+
+
+def _balanced(layers: int, parts: int) -> list[int]:
+    base, extra = divmod(layers, parts)
+    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+@dataclass
+class StageOptions:
+    """For one stage: per block count n, the fastest mix that fits and its costs (s)."""
+
+    time: dict[int, float]  # per micro-batch, compute or ZeRO traffic, whichever is slower
+    sync: dict[int, float]
+    update: dict[int, float]
+    mix: dict[int, dict[str, int]]
+
+
+@functools.lru_cache(maxsize=64)
+def _mixes(top: int, modes: tuple[str, ...], block_times: tuple[float, ...]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every mix of 1..top blocks over ``modes``, sorted by block count then time."""
+    grid = np.stack(np.meshgrid(*[np.arange(top + 1)] * len(modes), indexing="ij"), -1)
+    mixes = grid.reshape(-1, len(modes))
+    n = mixes.sum(1)
+    keep = (n >= 1) & (n <= top)
+    mixes, n = mixes[keep], n[keep]
+    compute = mixes @ np.array(block_times)
+    order = np.lexsort((compute, n))
+    return mixes[order], n[order], compute[order]
+
+
+def stage_options(prob: Problem, k: int) -> StageOptions:
+    """The fastest fitting mix for every block count on stage ``k``, from all mixes."""
+    mem, tim, modes = prob.memory[k], prob.time[k], prob.modes
+    top = prob.layers - prob.stages + 1
+    mixes, n, compute = _mixes(top, modes, tuple(tim.per_block[c] for c in modes))
+    transient = np.full(len(n), max(mem.head_tmp, mem.fused_tmp))
+    for i, c in enumerate(modes):
+        transient = np.where(mixes[:, i] > 0, np.maximum(transient, mem.recompute_tmp[c]),
+                             transient)
+    peak = mem.fixed_f + mem.gather_tmp + transient + mixes @ np.array(
+        [mem.per_block_f[c] for c in modes])
+    if mem.has_step_moment:
+        peak = np.maximum(peak, mem.fixed_b + n * mem.per_block_b + mem.step_tmp)
+    feasible = np.flatnonzero(peak <= prob.capacity)
+    counts, first = np.unique(n[feasible], return_index=True)
+    out = StageOptions({}, {}, {}, {})
+    for cnt, i in zip(counts.tolist(), feasible[first].tolist()):
+        mix = {c: int(v) for c, v in zip(modes, mixes[i])}
+        out.mix[cnt] = mix
+        out.time[cnt] = max(tim.fixed + float(compute[i]), tim.zero3(mix))
+        out.sync[cnt] = tim.exposed_sync(mix)
+        out.update[cnt] = tim.update(mix)
+    return out
+
+
+def solve_ilp(prob: Problem, solver: pulp.LpSolver, cutoff: float | None = None
+              ) -> list[dict[str, int]] | None:
+    """Optimal blocks per (stage, mode) for ``prob``, or None if nothing fits (or nothing
+    beats ``cutoff`` seconds, which lets CBC prune at once)."""
+    with warnings.catch_warnings():  # PuLP 3 announces its 4.0 API on every variable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _solve_assignment(prob, solver, cutoff)
+
+
+def _solve_assignment(prob: Problem, solver: pulp.LpSolver, cutoff: float | None
+                      ) -> list[dict[str, int]] | None:
+    L, P = prob.layers, prob.stages
+    opts = [stage_options(prob, k) for k in range(P)]
+    if any(not o.time for o in opts):
+        return None
+    ms = 1e3  # milliseconds: coefficients near 1 suit CBC
+    lp = pulp.LpProblem("plan", pulp.LpMinimize)
+    x = {(k, n): pulp.LpVariable(f"x_{k}_{n}", cat="Binary")
+         for k in range(P) for n in opts[k].time}
+    T = pulp.LpVariable("T", 0)
+    D = pulp.LpVariable("D", 0)
+    U = pulp.LpVariable("U", 0)
+    objective = bubble_factor(prob.layout) * T + D + U
+    lp += objective
+    lp += pulp.lpSum(n * v for (_, n), v in x.items()) == L
+    for k, o in enumerate(opts):
+        xs = {n: x[k, n] for n in o.time}
+        lp += pulp.lpSum(xs.values()) == 1
+        lp += T >= pulp.lpSum(ms * o.time[n] * v for n, v in xs.items())
+        lp += D >= pulp.lpSum(ms * o.sync[n] * v for n, v in xs.items())
+        lp += U >= pulp.lpSum(ms * o.update[n] * v for n, v in xs.items())
+    if cutoff is not None:
+        lp += objective <= cutoff * ms
+    status = lp.solve(solver)
+    if pulp.LpStatus[status] != "Optimal":
+        return None
+    chosen = [next(n for n in opts[k].time if (x[k, n].value() or 0) > 0.5) for k in range(P)]
+    return [opts[k].mix[n] for k, n in enumerate(chosen)]
+
+
+def solve_brute(prob: Problem) -> list[dict[str, int]] | None:
+    """Exhaustive search over the same space (small cases: tests, and CBC's fallback)."""
+    best, best_t = None, math.inf
+    for split in _compositions(prob.layers, prob.stages):
+        per_stage = [list(_mode_counts(n, prob.modes)) for n in split]
+        for counts in itertools.product(*per_stage):
+            counts = list(counts)
+            if not prob.fits(counts):
+                continue
+            t = prob.objective(counts)
+            if t < best_t - 1e-12:
+                best, best_t = counts, t
+    return best
+
+
+def _compositions(total: int, parts: int):
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def _mode_counts(n: int, modes: tuple[str, ...]):
+    for split in itertools.product(range(n + 1), repeat=len(modes) - 1):
+        if sum(split) <= n:
+            yield dict(zip(modes, (*split, n - sum(split))))
+
+
+def _solver() -> tuple[pulp.LpSolver | None, str]:
+    # Optimal to 1e-7: proving the last digits of a float objective is where CBC stalls.
+    cbc = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=1e-7, timeLimit=ILP_TIME_LIMIT_S)
+    if cbc.available():
+        return cbc, "cbc"
+    for name in pulp.listSolvers(onlyAvailable=True):
+        return pulp.getSolver(name, msg=False), name.lower()
+    return None, "enumeration"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node: int = 8,
+         seq_len: int | None = None, global_batch_size: int | None = None,
+         optimizer: str = "adamw", dtype: str = "bf16", lora_rank: int | None = None,
+         dp: int | None = None, tp: int | None = None, pp: int | None = None,
+         zero: int | None = None, micro_batch_size: int | None = None,
+         schedule: str | None = None, recompute: str | None = None,
+         memory_reserve: float = 0.05, top_k: int = 3) -> Plan:
+    """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
+
+    Any of dp, tp, pp, zero, micro_batch_size, schedule and recompute may be pinned;
+    the planner solves the rest. ``memory_reserve`` is the fraction of each GPU's memory
+    kept free (CUDA context, allocator fragmentation).
+    """
+    start = time.perf_counter()
+    if lora_rank is not None:
+        raise CollieError("lora_rank is not supported by the planner yet (LoRA issue); "
+                          "plan full fine-tuning or use --optimizer lomo")
+    if gpus < 1:
+        raise CollieError(f"gpus must be a positive integer, got {gpus}")
+    if not 0 <= memory_reserve < 1:
+        raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
+    spec, opt = get_gpu(gpu), get_optimizer(optimizer)
+    seq_len = seq_len or default_seq_len(model)
+    prof = profile_model(model, seq_len=seq_len, dtype=dtype)
+    if global_batch_size is None:  # ~2M tokens, at least one sequence per GPU
+        global_batch_size = max(gpus, (1 << 21) // seq_len)
+    if global_batch_size < 1:
+        raise CollieError(f"global_batch_size must be positive, got {global_batch_size}")
+    if recompute is not None and recompute not in RECOMPUTE:
+        raise CollieError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise CollieError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    pins = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
+                schedule=schedule)
+    outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
+    modes = (recompute,) if recompute else RECOMPUTE
+    capacity = spec.memory_bytes * (1 - memory_reserve)
+    solver, solver_name = _solver()
+    mm = MemoryModel(prof, opt)
+
+    problems = [_problem(o.layout, prof, spec, opt, mm, modes, capacity, gpus_per_node)
+                for o in outers]
+    order = sorted(range(len(problems)), key=lambda i: (problems[i].lower_bound(),
+                                                        outers[i].key()))
+    solved: list[tuple[float, Candidate]] = []
+    closest: tuple[int, Problem] | None = None
+    for i in order:
+        prob = problems[i]
+        if len(solved) > top_k and prob.lower_bound() >= solved[top_k][0]:
+            break  # nothing left can enter the top k+1
+        short = prob.min_peak() - capacity
+        if short > 0:
+            if closest is None or short < closest[0]:
+                closest = (short, prob)
+            continue
+        cutoff = solved[top_k][0] if len(solved) > top_k else None
+        counts = solve_ilp(prob, solver, cutoff) if solver else solve_brute(prob)
+        if counts is None:
+            continue
+        t = prob.objective(counts)
+        solved.append((t, _candidate(prob, counts, prof, spec, global_batch_size, gpus)))
+        solved.sort(key=lambda x: x[0])
+    elapsed = time.perf_counter() - start
+
+    base = dict(model=prof.name, gpus=gpus, gpu=spec.name, gpus_per_node=gpus_per_node,
+                seq_len=seq_len, global_batch_size=global_batch_size, optimizer=opt.name,
+                dtype=dtype, lora_rank=lora_rank, solver=solver_name,
+                usable_memory_bytes=int(capacity))
+    notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]
+    if not solved:
+        if closest is None:
+            raise CollieError("no layout to try: every (dp, tp, pp) split was ruled out "
+                              "by the pins or the model's head count")
+        short, prob = closest
+        frugal = min(prob.modes, key=lambda c: prob.memory[0].per_block_f[c])
+        counts = [{frugal: n} for n in _balanced(prob.layers, prob.stages)]
+        near = _candidate(prob, counts, prof, spec, global_batch_size, gpus, fits=False)
+        return Plan(**base, feasible=False, solve_time_s=round(elapsed, 3), chosen=near,
+                    shortfall_bytes=int(short),
+                    suggestions=_suggestions(model, gpus, spec, opt, dtype, seq_len,
+                                             global_batch_size, recompute, gpus_per_node,
+                                             memory_reserve),
+                    notes=notes)
+    best = solved[0][1]
+    alternatives = []
+    for _, cand in solved[1:top_k + 1]:
+        cand.why_not = _why_not(cand, best)
+        alternatives.append(cand)
+    return Plan(**base, feasible=True, solve_time_s=round(elapsed, 3), chosen=best,
+                alternatives=alternatives, notes=notes)
+
+
+def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch: int,
+                 pins: dict) -> list[Outer]:
+    out = []
+    reasons = []
+    for tp in divisors(gpus):
+        if tp > gpus_per_node:
+            reasons.append(f"tp={tp} spans nodes of {gpus_per_node} GPUs")
+            continue
+        try:
+            check_tp(prof, tp)
+        except CollieError as e:
+            reasons.append(str(e))
+            continue
+        for pp in divisors(gpus // tp):
+            if pp > prof.num_layers:
+                continue
+            dp = gpus // (tp * pp)
+            for zero in _zero_stages(dp, pins.get("zero")):
+                for b in MICRO_BATCH_SIZES:
+                    if global_batch % (dp * b):
+                        continue
+                    m = global_batch // (dp * b)
+                    for sched in _schedules(pp, pins.get("schedule")):
+                        v = INTERLEAVED_CHUNKS if sched == "interleaved" else 1
+                        if sched == "interleaved" and (m % pp or prof.num_layers < pp * v):
+                            continue
+                        lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=b,
+                                     seq_len=prof.seq_len, num_microbatches=m, schedule=sched,
+                                     virtual_stages=v)
+                        if all(val is None or getattr(lay, k) == val
+                               for k, val in pins.items()):
+                            out.append(Outer(lay))
+    if not out:
+        pinned = ", ".join(f"{k}={v}" for k, v in pins.items() if v is not None)
+        why = f" ({reasons[-1]})" if reasons and pins.get("tp") else ""
+        raise CollieError(
+            f"no layout of {gpus} GPUs with global batch {global_batch} satisfies "
+            f"{pinned or 'the model'}{why}; check that dp*tp*pp = {gpus}, that tp divides "
+            f"the heads and fits a node, and that dp*micro_batch divides the global batch")
+    return out
+
+
+def _zero_stages(dp: int, pinned: int | None) -> tuple[int, ...]:
+    """ZeRO-1 moves the same bytes as plain DP and keeps less: ZeRO-0 only if pinned."""
+    if dp == 1:
+        return (0,)
+    return (pinned,) if pinned is not None else (1, 2, 3)
+
+
+def _schedules(pp: int, pinned: str | None) -> tuple[str, ...]:
+    """GPipe takes the time of 1F1B and more memory in this model: tried only if pinned."""
+    if pp == 1:
+        return ("1f1b",)
+    return (pinned,) if pinned else ("1f1b", "interleaved")
+
+
+def _problem(lay: Layout, prof: ModelProfile, spec: GPUSpec, opt: OptimizerSpec,
+             mm: MemoryModel, modes: tuple[str, ...], capacity: float,
+             gpus_per_node: int) -> Problem:
+    memory, times = [], []
+    for k in range(lay.pp):
+        emb, head = k == 0, k == lay.pp - 1
+        memory.append(mm.stage_terms(lay, k, emb, head))
+        params = (mm.end_params_per_rank(lay.tp, emb, head), mm.block_params_per_rank(lay.tp))
+        times.append(stage_time(prof, spec, opt, lay, emb, head, gpus_per_node, params,
+                                mm.trainable_fraction))
+    return Problem(lay, prof.num_layers, modes, memory, times, capacity)
+
+
+def _candidate(prob: Problem, counts: list[dict[str, int]], prof: ModelProfile,
+               spec: GPUSpec, global_batch: int, gpus: int, fits: bool = True) -> Candidate:
+    lay = prob.layout
+    t = prob.objective(counts)
+    recompute, stages, first = [], [], 0
+    for n in counts:
+        size = sum(n.values())
+        stages.append([first, first + size - 1])
+        first += size
+        for c in RECOMPUTE:  # within a stage the order does not change memory or time
+            recompute += [c] * n.get(c, 0)
+    mems = [m.breakdown(n, k) for k, (m, n) in enumerate(zip(prob.memory, counts))]
+    tokens = global_batch * prof.seq_len
+    mfu = model_flops_per_step(prof, global_batch) / (t * gpus * spec.peak_flops(prof.dtype))
+    return Candidate(dp=lay.dp, tp=lay.tp, pp=lay.pp, zero=lay.zero,
+                     micro_batch_size=lay.micro_batch_size,
+                     num_microbatches=lay.num_microbatches, schedule=lay.schedule,
+                     virtual_stages=lay.virtual_stages, recompute=recompute, stages=stages,
+                     memory_per_gpu_bytes=max(m.total_bytes for m in mems),
+                     step_time_s=round(t, 6), tokens_per_gpu_per_s=round(tokens / t / gpus, 2),
+                     mfu=round(mfu, 4), memory=[{**m.to_dict(), "moment": m.moment}
+                                                for m in mems], fits=fits)
+
+
+def _why_not(cand: Candidate, best: Candidate) -> str:
+    ratio = cand.step_time_s / best.step_time_s
+    reasons = []
+    if cand.pp > 1 and cand.num_microbatches < 4 * cand.pp:
+        bubble = (cand.pp - 1) / (cand.num_microbatches + cand.pp - 1)
+        reasons.append(f"pipeline bubble {100 * bubble:.0f}%")
+    recomputed = sum(r != "none" for r in cand.recompute)
+    if recomputed > sum(r != "none" for r in best.recompute):
+        reasons.append(f"recomputes {recomputed} layers")
+    if cand.tp > best.tp:
+        reasons.append(f"more tensor-parallel traffic (tp={cand.tp})")
+    if cand.zero == 3 and best.zero != 3:
+        reasons.append("ZeRO-3 gathers weights every micro-batch")
+    if cand.dp > best.dp and cand.zero < 3:
+        reasons.append(f"larger gradient all-reduce exposure (dp={cand.dp})")
+    why = "; ".join(reasons) or "higher modeled step time"
+    return f"{ratio:.3f}x slower: {why}"
+
+
+def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype: str,
+                 seq_len: int, global_batch: int, recompute: str | None, gpus_per_node: int,
+                 memory_reserve: float) -> list[str]:
+    """What would make an infeasible request fit, each checked with the cost model."""
+    out = []
+
+    def fits(**kw: object) -> bool:
+        args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
+                    seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
+                    dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0)
+        args.update(kw)
+        try:
+            return plan(**args).feasible
+        except CollieError:
+            return False
+
+    for factor in (2, 4, 8, 16):
+        if fits(gpus=gpus * factor, global_batch_size=max(global_batch, gpus * factor)):
+            out.append(f"use {gpus * factor} GPUs")
+            break
+    for name in ("lomo", "adalomo"):
+        if opt.name != name and fits(optimizer=name):
+            out.append(f"use --optimizer {name} (no gradients or states kept)")
+            break
+    if recompute not in (None, "full") and fits(recompute="full"):
+        out.append("allow recomputation (--recompute full)")
+    if seq_len > 512 and fits(seq_len=seq_len // 2):
+        out.append(f"shorter sequences (--seq-len {seq_len // 2})")
+    out.append("LoRA (frozen base weights keep no gradients or states) once the LoRA pass "
+               "lands")
+    return out

@@ -1,0 +1,126 @@
+"""Modeled time of one training step, as linear terms per pipeline stage.
+
+Per micro-batch a stage spends ``fixed + sum_c n_c * per_block[c]`` seconds (compute of
+its blocks under recompute mode c, tensor-parallel all-reduces, embeddings or LM head,
+pipeline sends). A step of m micro-batches over p stages takes
+
+    step = (m + p - 1) * T  +  D  +  O          (1F1B and GPipe; interleaved: (p-1)/v)
+
+with T the slowest stage (or its ZeRO-3 parameter traffic, if that is slower: it
+overlaps compute), D the data-parallel gradient sync left exposed after the last
+micro-batch's backward, and O the optimizer step. The planner's ILP minimises exactly
+this; :func:`step_time` evaluates it for a concrete split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .compute import allgather_time, allreduce_time, block_time, head_time, p2p_time
+from .hardware import GPUSpec
+from .memory import RECOMPUTE, Layout
+from .modelprofile import ModelProfile
+from .optimizers import OptimizerSpec
+
+# Bytes an update reads and writes per trainable element (memory-bound step).
+_UPDATE_BYTES = {"adamw": 28, "adam": 28, "sgd": 12, "lion": 20, "adan": 44, "sophia": 28,
+                 "lomo": 6, "adalomo": 10}
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """Seconds for one stage, linear in its blocks per recompute mode."""
+
+    fixed: float  # per micro-batch: embeddings / LM head, pipeline sends
+    per_block: dict[str, float]  # per micro-batch, per block
+    backward_per_block: float  # backward without recomputation: hides the gradient sync
+    zero3_fixed: float  # per micro-batch ZeRO traffic (ZeRO-3 gathers, ZeRO-2 reduce-scatters)
+    zero3_per_block: float
+    sync_fixed: float  # data-parallel gradient sync after the last backward
+    sync_per_block: float
+    update_fixed: float  # optimizer step
+    update_per_block: float
+
+    def compute(self, counts: dict[str, int]) -> float:
+        return self.fixed + sum(n * self.per_block[c] for c, n in counts.items())
+
+    def zero3(self, counts: dict[str, int]) -> float:
+        return self.zero3_fixed + sum(counts.values()) * self.zero3_per_block
+
+    def exposed_sync(self, counts: dict[str, int]) -> float:
+        """Sync time not hidden behind the last micro-batch's backward (counted without
+        recomputation: a conservative overlap that depends on the block count only)."""
+        n = sum(counts.values())
+        return max(0.0, self.sync_fixed + n * (self.sync_per_block - self.backward_per_block))
+
+    def update(self, counts: dict[str, int]) -> float:
+        return self.update_fixed + sum(counts.values()) * self.update_per_block
+
+
+def bubble_factor(layout: Layout) -> float:
+    """Multiplier of the slowest stage's per-micro-batch time in a step."""
+    p, m = layout.pp, layout.num_microbatches
+    if layout.schedule == "interleaved":
+        return m + (p - 1) / layout.virtual_stages
+    return m + p - 1
+
+
+def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: Layout,
+               has_embed: bool, has_head: bool, gpus_per_node: int,
+               params_per_rank: tuple[float, float], trainable_fraction: float = 1.0
+               ) -> StageTime:
+    """Linear time terms of one stage; ``params_per_rank`` = (fixed, per block)."""
+    p, b, tp, d = profile, layout.micro_batch_size, layout.tp, layout.dp
+    w = p.itemsize
+    tp_intra = tp <= gpus_per_node
+    dp_intra = tp * d <= gpus_per_node
+    pp_intra = tp * d * layout.pp <= gpus_per_node
+
+    # Each row-parallel linear all-reduces its output forward, the column one its input
+    # gradient backward: 2 * row_linears all-reduces of [b, s, h] per block per micro-batch.
+    act_bytes = b * p.seq_len * p.hidden_size * w
+    tp_comm = 2 * p.row_linears_per_block * allreduce_time(act_bytes, tp, gpu, tp_intra)
+    per_block = {c: block_time(p, gpu, b, tp, c).total + tp_comm for c in RECOMPUTE}
+    backward = block_time(p, gpu, b, tp, "none").backward
+    fixed = 0.0  # the embedding lookup is negligible beside a block
+    if has_head:
+        fixed += head_time(p, gpu, b, tp)
+    if layout.pp > 1:  # activations forward, their gradients backward
+        chunks = layout.virtual_stages if layout.schedule == "interleaved" else 1
+        fixed += 2 * chunks * p2p_time(act_bytes / tp, gpu, pp_intra)
+
+    grad_fixed, grad_block = (x * w for x in params_per_rank)
+    zero3_fixed = zero3_block = sync_fixed = sync_block = 0.0
+    if d > 1 and layout.zero == 3:
+        # gather weights forward and backward, reduce-scatter gradients: per micro-batch
+        zero3_fixed = 3 * allgather_time(grad_fixed, d, gpu, dp_intra)
+        zero3_block = 3 * allgather_time(grad_block, d, gpu, dp_intra)
+    elif d > 1 and layout.zero == 2 and layout.num_microbatches > 1:
+        # sharded gradients cannot accumulate locally: reduce-scatter every micro-batch,
+        # then all-gather the updated weights once
+        zero3_fixed = allgather_time(grad_fixed, d, gpu, dp_intra)
+        zero3_block = allgather_time(grad_block, d, gpu, dp_intra)
+        sync_fixed = allgather_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
+        sync_block = allgather_time(grad_block * trainable_fraction, d, gpu, dp_intra)
+    elif d > 1:  # all-reduce (ZeRO 0) or reduce-scatter + all-gather (ZeRO 1/2): same volume
+        sync_fixed = allreduce_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
+        sync_block = allreduce_time(grad_block * trainable_fraction, d, gpu, dp_intra)
+    shard = d if layout.zero >= 1 else 1
+    per_elem = _UPDATE_BYTES[opt.name] / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
+    return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,
+                     sync_block, params_per_rank[0] * trainable_fraction * per_elem,
+                     params_per_rank[1] * trainable_fraction * per_elem)
+
+
+def step_time(layout: Layout, stages: list[StageTime], counts: list[dict[str, int]]) -> float:
+    """Seconds per step for ``counts[k][c]`` blocks of mode c on stage k."""
+    slowest = max(max(s.compute(n), s.zero3(n)) for s, n in zip(stages, counts))
+    exposed = max(s.exposed_sync(n) for s, n in zip(stages, counts))
+    update = max(s.update(n) for s, n in zip(stages, counts))
+    return bubble_factor(layout) * slowest + exposed + update
+
+
+def model_flops_per_step(profile: ModelProfile, global_batch: int) -> float:
+    """Training FLOPs (forward + backward, no recomputation) of one step: for MFU."""
+    p = profile
+    return 3 * global_batch * (p.num_layers * p.block_flops + p.embed_flops + p.head_flops)

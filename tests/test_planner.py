@@ -1,0 +1,125 @@
+import json
+import random
+
+import pulp
+import pytest
+
+from collie_compile.cli import main
+from collie_compile.errors import CollieError
+from collie_compile.hardware import get_gpu
+from collie_compile.memory import RECOMPUTE, Layout, MemoryModel
+from collie_compile.modelprofile import profile_model
+from collie_compile.models import load_config, with_layers
+from collie_compile.optimizers import get_optimizer
+from collie_compile.plan import Plan
+from collie_compile.planner import _problem, plan, solve_brute, solve_ilp
+
+EXACT = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=0)
+
+
+def _random_problem(rng):
+    layers = rng.randint(2, 6)
+    cfg = with_layers(load_config("tiny-llama"), layers)
+    prof = profile_model(cfg, seq_len=rng.choice([32, 64]), dtype="fp32")
+    pp = rng.choice([p for p in (1, 2, 3) if p <= layers])
+    dp, tp = rng.choice([1, 2]), rng.choice([1, 2])
+    m = rng.choice([1, 2, 4])
+    lay = Layout(dp=dp, tp=tp, pp=pp, zero=rng.choice([0, 1, 2, 3]) if dp > 1 else 0,
+                 micro_batch_size=rng.choice([1, 2, 4]), seq_len=prof.seq_len,
+                 num_microbatches=m, schedule=rng.choice(["1f1b", "gpipe"]))
+    opt = get_optimizer(rng.choice(["adamw", "lion", "lomo", "sgd"]))
+    gpu = get_gpu(rng.choice(["a100-80gb", "rtx3090"]))
+    mm = MemoryModel(prof, opt)
+    probe = _problem(lay, prof, gpu, opt, mm, RECOMPUTE, 1e30, 8)
+    # a capacity between the leanest and the fattest split, so memory binds
+    lo = probe.min_peak()
+    hi = probe.peak([{"none": n} for n in [layers - pp + 1] + [1] * (pp - 1)])
+    probe.capacity = lo + rng.random() * (hi - lo) * 1.1
+    return probe
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ilp_matches_brute_force(seed):
+    prob = _random_problem(random.Random(seed))
+    brute = solve_brute(prob)
+    ilp = solve_ilp(prob, EXACT)
+    assert (brute is None) == (ilp is None)
+    if brute is not None:
+        assert prob.fits(ilp)
+        assert sum(sum(s.values()) for s in ilp) == prob.layers
+        assert prob.objective(ilp) == pytest.approx(prob.objective(brute), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return plan("llama-2-70b", gpus=64, gpu="h100-80gb", seq_len=4096)
+
+
+def test_plan_beats_hand_tuned_layout(llama70b):
+    """Megatron-style tp=8 pp=4 ZeRO-1 for Llama-2-70B on 64 GPUs, priced by the same model."""
+    hand = plan("llama-2-70b", gpus=64, gpu="h100-80gb", seq_len=4096, tp=8, pp=4, zero=1,
+                schedule="1f1b", micro_batch_size=1)
+    assert hand.feasible and llama70b.feasible
+    assert (hand.chosen.tp, hand.chosen.pp, hand.chosen.zero) == (8, 4, 1)
+    assert llama70b.chosen.step_time_s <= hand.chosen.step_time_s
+    assert llama70b.chosen.tokens_per_gpu_per_s >= hand.chosen.tokens_per_gpu_per_s
+    c = llama70b.chosen
+    assert c.dp * c.tp * c.pp == 64 and c.tp <= 8
+    assert len(c.recompute) == 80 and c.stages[0][0] == 0 and c.stages[-1][1] == 79
+    assert c.memory_per_gpu_bytes <= llama70b.usable_memory_bytes
+    assert 0.2 < c.mfu < 0.7
+    for alt in llama70b.alternatives:
+        assert alt.step_time_s >= c.step_time_s and alt.why_not
+
+
+def test_plan_round_trips_and_is_deterministic(llama70b, tmp_path):
+    path = tmp_path / "plan.json"
+    llama70b.save(path)
+    assert Plan.load(path) == llama70b
+    again = plan("llama-2-70b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    assert again.summary()["plan"] == llama70b.summary()["plan"]
+
+
+def test_corrupted_plan_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text('{"collie_compile_plan": 1, "model": "x"')
+    with pytest.raises(CollieError, match="not valid JSON"):
+        Plan.load(path)
+    path.write_text(json.dumps({"collie_compile_plan": 1, "model": "x", "bogus": 1}))
+    with pytest.raises(CollieError, match="corrupted"):
+        Plan.load(path)
+
+
+def test_lomo_anchor_through_plan():
+    kw = dict(gpus=8, gpu="rtx3090", seq_len=512, global_batch_size=8)
+    adamw = plan("llama-65b", optimizer="adamw", **kw)
+    lomo = plan("llama-65b", optimizer="lomo", **kw)
+    assert not adamw.feasible and lomo.feasible
+    assert adamw.shortfall_bytes > 0
+    assert any("lomo" in s for s in adamw.suggestions)
+
+
+def test_pins_are_respected_and_bad_pins_explained():
+    p = plan("tiny-llama", gpus=4, gpu="rtx3090", seq_len=64, tp=2, recompute="full")
+    assert p.chosen.tp == 2 and set(p.chosen.recompute) == {"full"}
+    with pytest.raises(CollieError, match="tp=3"):
+        plan("tiny-llama", gpus=6, seq_len=64, tp=3)
+    with pytest.raises(CollieError, match="no layout of 4 GPUs"):
+        plan("tiny-llama", gpus=4, seq_len=64, dp=3)
+
+
+def test_plan_cli_json_keys_and_exit_codes(capsys):
+    rc = main(["plan", "tiny-llama", "--gpus", "4", "--seq-len", "64", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert set(doc) == {"feasible", "solve_time_s", "model", "gpus", "gpu", "plan",
+                        "alternatives"}
+    keys = {"dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
+            "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
+            "tokens_per_gpu_per_s", "mfu"}
+    assert set(doc["plan"]) == keys
+    assert all(set(a) == keys | {"why_not"} for a in doc["alternatives"])
+    rc = main(["plan", "llama-65b", "--gpus", "8", "--gpu", "rtx3090", "--seq-len", "512",
+               "--global-batch", "8", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 3 and doc["feasible"] is False and doc["plan"] is not None
