@@ -234,7 +234,10 @@ def _mode_counts(n: int, modes: tuple[str, ...]):
 
 def _solver() -> tuple[pulp.LpSolver | None, str]:
     # Optimal to 1e-7: proving the last digits of a float objective is where CBC stalls.
-    cbc = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=1e-7, timeLimit=ILP_TIME_LIMIT_S)
+    with warnings.catch_warnings():  # PuLP 3 announces its 4.0 API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cbc = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=1e-7,
+                                timeLimit=ILP_TIME_LIMIT_S)
     if cbc.available():
         return cbc, "cbc"
     for name in pulp.listSolvers(onlyAvailable=True):
