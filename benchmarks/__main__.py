@@ -3,9 +3,9 @@
 import argparse
 import warnings
 
-from . import estimate
+from . import estimate, plan
 
-SUITES = {"estimate": estimate.main}
+SUITES = {"estimate": estimate.main, "plan": plan.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))

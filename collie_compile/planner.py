@@ -93,13 +93,20 @@ class Problem:
         return max(t.peak(n) for t, n in zip(self.memory, counts))
 
     def lower_bound(self) -> float:
-        """Step time if blocks split perfectly and nothing were recomputed."""
-        none = min(self.time[0].per_block[c] for c in self.modes)
-        total = sum(t.fixed for t in self.time) + self.layers * none
-        slowest = max(total / self.stages, max(t.fixed for t in self.time))
-        per_stage = self.layers / self.stages
-        update = max(t.update_fixed + per_stage * t.update_per_block for t in self.time)
-        return bubble_factor(self.layout) * slowest + update
+        """A bound no split beats: blocks spread perfectly, none recomputed; the stage with
+        the most blocks (at least ceil(L / pp)) pays at least the cheapest stage's sync and
+        update for that many."""
+        fastest = min(self.time[0].per_block[c] for c in self.modes)
+        total = sum(t.fixed for t in self.time) + self.layers * fastest
+        most = -(-self.layers // self.stages)
+        one = {"none": most}
+        slowest = max(total / self.stages, max(t.fixed for t in self.time),
+                      min(t.zero3(one) for t in self.time))
+        sync = min(min(t.exposed_sync(one),
+                       t.exposed_sync({"none": self.layers - self.stages + 1}))
+                   for t in self.time)
+        update = min(t.update(one) for t in self.time)
+        return bubble_factor(self.layout) * slowest + sync + update
 
     def min_peak(self) -> float:
         """The lowest peak any split reaches: most memory-frugal mode, balanced split."""
@@ -255,12 +262,13 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          dp: int | None = None, tp: int | None = None, pp: int | None = None,
          zero: int | None = None, micro_batch_size: int | None = None,
          schedule: str | None = None, recompute: str | None = None,
-         memory_reserve: float = 0.05, top_k: int = 3) -> Plan:
+         memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule and recompute may be pinned;
     the planner solves the rest. ``memory_reserve`` is the fraction of each GPU's memory
-    kept free (CUDA context, allocator fragmentation).
+    kept free (CUDA context, allocator fragmentation). ``quick`` stops at the first plan
+    that fits and skips suggestions: a feasibility check.
     """
     start = time.perf_counter()
     if lora_rank is not None:
@@ -311,6 +319,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         t = prob.objective(counts)
         solved.append((t, _candidate(prob, counts, prof, spec, global_batch_size, gpus)))
         solved.sort(key=lambda x: x[0])
+        if quick:
+            break
     elapsed = time.perf_counter() - start
 
     base = dict(model=prof.name, gpus=gpus, gpu=spec.name, gpus_per_node=gpus_per_node,
@@ -328,9 +338,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         near = _candidate(prob, counts, prof, spec, global_batch_size, gpus, fits=False)
         return Plan(**base, feasible=False, solve_time_s=round(elapsed, 3), chosen=near,
                     shortfall_bytes=int(short),
-                    suggestions=_suggestions(model, gpus, spec, opt, dtype, seq_len,
-                                             global_batch_size, recompute, gpus_per_node,
-                                             memory_reserve),
+                    suggestions=[] if quick else _suggestions(
+                        model, gpus, spec, opt, dtype, seq_len, global_batch_size, recompute,
+                        gpus_per_node, memory_reserve),
                     notes=notes)
     best = solved[0][1]
     alternatives = []
@@ -462,7 +472,8 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
     def fits(**kw: object) -> bool:
         args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
                     seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
-                    dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0)
+                    dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0,
+                    quick=True)
         args.update(kw)
         try:
             return plan(**args).feasible
