@@ -1,9 +1,10 @@
-"""The ``collie-compile`` command line: models, gpus, estimate, plan."""
+"""The ``collie-compile`` command line: models, gpus, estimate, plan, calibrate."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -151,6 +152,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate  # spawns processes: import only when asked
+
+    spec = calibrate(name=args.name, quick=args.quick)
+    text = spec.to_json()
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}: use it as --gpu {args.out}")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collie-compile", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -206,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--out", help="write the plan (JSON) here")
     q.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("calibrate", help="measure this machine into a hardware spec (JSON)")
+    c.add_argument("--out", help="write the spec here")
+    c.add_argument("--name", help="name for the spec (default: device name)")
+    c.add_argument("--quick", action="store_true", help="small sizes: seconds, rougher")
+    c.set_defaults(func=cmd_calibrate)
     return p
 
 

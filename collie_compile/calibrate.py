@@ -1,0 +1,107 @@
+"""Measure the local device and write a hardware spec the planner accepts.
+
+Matmul throughput per dtype, memory bandwidth (a large copy), and collective
+bandwidth/latency over a real process group (gloo on CPU, NCCL on CUDA) of two local
+processes. On a CPU-only machine it measures the CPU, so plans can be checked against
+real runs here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .hardware import GPUSpec
+
+
+def _best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_flops(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 3) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats, sync)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> float:
+    """Bytes moved per second by a device-to-device copy (read + write)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * nbytes / _best_time(lambda: dst.copy_(src), repeats, sync)
+
+
+def _collective_worker(rank: int, world: int, init_file: str, sizes: list[int],
+                       repeats: int, out: dict) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+    times = []
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4), device=device)
+        times.append(_best_time(lambda x=x: dist.all_reduce(x), repeats, sync))
+    if rank == 0:
+        out["times"] = times
+    dist.destroy_process_group()
+
+
+def collective_alpha_beta(sizes: list[int], repeats: int = 3) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) of a 2-rank ring all-reduce, fitted to time = a + b*bytes.
+
+    With n = 2 a ring all-reduce sends 2(n-1)/n = 1x the bytes in 2(n-1) = 2 steps."""
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_collective_worker, args=(2, os.path.join(tmp, "init"), sizes, repeats, out),
+                 nprocs=2, join=True)
+        times = list(out["times"])
+    # least squares on (bytes, seconds)
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(times) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, times)) / max(
+        sum((x - mx) ** 2 for x in sizes), 1e-30)
+    slope = max(slope, 1e-15)
+    intercept = max(my - slope * mx, 1e-7)
+    return intercept / 2, 1 / slope
+
+
+def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
+    """Measure this machine's first accelerator (or its CPU) into a :class:`GPUSpec`."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    n = 512 if quick else (8192 if cuda else 2048)
+    flops = {dt: matmul_flops(getattr(torch, full), device, n)
+             for dt, full in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))}
+    bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
+    sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
+    latency, link_bw = collective_alpha_beta(sizes)
+    if cuda:
+        memory = torch.cuda.get_device_properties(0).total_memory
+        label = torch.cuda.get_device_name(0).lower().replace(" ", "-")
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        label = f"cpu-{socket.gethostname()}"
+    # Measured rates are achieved rates: efficiency factors of 1.
+    return GPUSpec(name=name or label, memory_bytes=int(memory), bf16_flops=flops["bf16"],
+                   fp16_flops=flops["fp16"], fp32_flops=flops["fp32"], hbm_bandwidth=bw,
+                   intra_node_bandwidth=link_bw, intra_node_latency=latency,
+                   inter_node_bandwidth=link_bw, inter_node_latency=latency,
+                   matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0)

@@ -1,0 +1,14 @@
+from collie_compile.cli import main
+from collie_compile.hardware import get_gpu
+from collie_compile.planner import plan
+
+
+def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["calibrate", "--quick", "--name", "this-cpu", "--out", str(out)]) == 0
+    spec = get_gpu(str(out))
+    assert spec.name == "this-cpu" and spec.memory_bytes > 1 << 30
+    assert spec.fp32_flops > 1e8 and spec.hbm_bandwidth > 1e8
+    assert spec.intra_node_bandwidth > 1e6 and 0 < spec.intra_node_latency < 0.1
+    p = plan("tiny-llama", gpus=2, gpu=str(out), seq_len=64, global_batch_size=4)
+    assert p.feasible and p.gpu == "this-cpu" and p.chosen.step_time_s > 0
