@@ -239,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CollieError as e:
         print(f"collie-compile: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ does not grow with batch, such as the causal mask and rotary tables).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
@@ -106,10 +109,44 @@ def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
                           "positions; use --seq-len <= that")
     if seq_len < 2:
         raise CollieError(f"seq_len must be at least 2, got {seq_len}")
-    return _profile(cfg.to_json_string(), model_name(cfg), seq_len, dtype)
+    return _cached_profile(cfg.to_json_string(), model_name(cfg), seq_len, dtype)
+
+
+def cache_dir() -> Path:
+    """Where profiles are kept between runs ($COLLIE_COMPILE_CACHE, or ~/.cache)."""
+    root = os.environ.get("COLLIE_COMPILE_CACHE") or Path.home() / ".cache" / "collie-compile"
+    return Path(root) / "profiles"
 
 
 @functools.lru_cache(maxsize=32)
+def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
+    """A profile depends only on the config, sequence length, dtype and the versions of
+    torch, transformers and this package: keep it on disk (JSON) keyed by all of them."""
+    import transformers
+
+    from . import __version__
+
+    key = hashlib.sha256("\0".join([cfg_json, name, str(seq_len), dtype, torch.__version__,
+                                     transformers.__version__, __version__]).encode())
+    path = cache_dir() / f"{key.hexdigest()[:32]}.json"
+    try:
+        data = json.loads(path.read_text())
+        for k in ("act_none", "act_selective", "act_full"):
+            data[k] = ActivationBytes(**data[k])
+        return ModelProfile(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # absent or unreadable: measure again
+    prof = _profile(cfg_json, name, seq_len, dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(prof)))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    except OSError:
+        pass  # a read-only home is no reason to fail planning
+    return prof
+
+
 def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
     cfg = config_from_dict(json.loads(cfg_json), name)
     full = build_model(cfg, dtype=DTYPES[dtype])

@@ -1,6 +1,11 @@
+import os
+import tempfile
 import warnings
 
 import pytest
+
+# Profiles measured by the tests go to a throwaway cache, not the user's home.
+os.environ["COLLIE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="collie-compile-test-")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -65,3 +65,18 @@ def test_recompute_modes_keep_less():
     assert total[0] > total[1] > total[2]
     # tensor parallelism divides the sharded part only
     assert none.per_rank(2) == none.replicated + none.sharded / 2
+
+
+def test_profile_cached_on_disk_and_corruption_ignored(tmp_path, monkeypatch):
+    from collie_compile import modelprofile
+
+    monkeypatch.setenv("COLLIE_COMPILE_CACHE", str(tmp_path))
+    modelprofile._cached_profile.cache_clear()
+    first = profile_model("tiny-gpt2", seq_len=48, dtype="fp32")
+    files = list((tmp_path / "profiles").glob("*.json"))
+    assert len(files) == 1
+    modelprofile._cached_profile.cache_clear()
+    assert profile_model("tiny-gpt2", seq_len=48, dtype="fp32") == first  # from disk
+    files[0].write_text("{garbage")
+    modelprofile._cached_profile.cache_clear()
+    assert profile_model("tiny-gpt2", seq_len=48, dtype="fp32") == first  # measured again
