@@ -324,3 +324,53 @@ def _tensors(x: object) -> list[torch.Tensor]:
     if isinstance(x, (tuple, list)):
         return [t for y in x for t in _tensors(y)]
     return []
+
+
+# Ops that reduce over the feature (last) dim: their input must be whole on every rank.
+_FEATURE_REDUCTIONS = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.layer_norm.default, aten._softmax.default,
+    aten.softmax.int, aten.amax.default, aten.var_mean.correction, aten.native_layer_norm.default,
+}
+
+
+def block_graph(ag: AnnotatedGraph, seq: int, block: int = 0) -> list[dict]:
+    """Block ``block`` as plain data for the sharding ILP: its non-view nodes with their
+    per-sample FLOPs, traffic and output bytes, and which of them feed which (through views).
+    ``reads_input`` marks nodes fed the block's incoming hidden state (replicated, needing
+    a gradient); other inputs from outside (masks, rotary tables) are constants."""
+    gm_nodes = {n.name: n for n in ag.gm.graph.nodes}
+    block_nodes = [i for i in ag.block_nodes(block) if i.shape is not None]
+    hidden = str(block_nodes[-1].shape)  # the block's output: same shape as its input
+
+    def producers(node: fx.Node) -> tuple[set[str], bool]:
+        found, from_input = set(), False
+        for a in node.all_input_nodes:
+            info = ag.nodes.get(a.name)
+            if info is None or info.block != block:
+                from_input |= info is not None and str(info.shape) == hidden
+                continue
+            if info.kind == "view":
+                sub, flag = producers(a)
+                found |= sub
+                from_input |= flag
+            else:
+                found.add(a.name)
+        return found, from_input
+
+    rows = []
+    for info in block_nodes:
+        if info.kind == "view":
+            continue
+        node = gm_nodes[info.name]
+        itemsize = torch.tensor([], dtype=info.dtype).element_size()
+        inputs, reads_input = producers(node)
+        rows.append(dict(
+            name=info.name, kind=info.kind, module=info.module,
+            flops=ag.subs(info.flops, 1, seq), bytes=ag.subs(info.bytes, 1, seq),
+            out_bytes=ag.subs(_numel(info.shape), 1, seq) * itemsize,
+            inputs=sorted(inputs), reads_input=reads_input,
+            residual=node.target in _ADD_OPS and info.module == f"{ag.block_prefix}{block}",
+            whole_features=(node.target in _FEATURE_REDUCTIONS
+                            or ag.subs(info.shape[-1], 1, seq) == 1),
+            sharded=info.sharded))
+    return rows

@@ -122,6 +122,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{head} (solved in {result.solve_time_s:.2f} s by {result.solver}):")
     print(f"  {c.layout_str()}")
     print("  stages (layers): " + " ".join(f"{a}-{b}" for a, b in c.stages))
+    if c.sharding:
+        print("  sharding: " + ", ".join(f"{m.rsplit('.', 1)[-1]}={s}"
+                                         for m, s in c.sharding.items()))
     print(f"  step time {c.step_time_s:.3f} s, {c.tokens_per_gpu_per_s:,.0f} tokens/s/GPU, "
           f"MFU {100 * c.mfu:.1f}%")
     fullest = max(range(len(c.memory)), key=lambda k: c.memory[k]["total_bytes"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .annotate import AnnotatedGraph, annotate, measure_saved
+from .annotate import AnnotatedGraph, annotate, block_graph, measure_saved
 from .capture import capture
 from .errors import CollieError
 from .models import (
@@ -32,6 +32,8 @@ from .models import (
     with_layers,
 )
 
+# Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
+PROFILE_SCHEMA = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
 
@@ -83,6 +85,7 @@ class ModelProfile:
     act_fixed: int  # saved once, independent of batch (masks, rotary tables)
     logits_bytes: int  # one sample's logits [seq, vocab] in fp32
     row_linears_per_block: int  # all-reduces per block forward under tensor parallelism
+    block_graph: list[dict]  # one block's nodes, per sample (see annotate.block_graph)
 
     @property
     def itemsize(self) -> int:
@@ -127,7 +130,8 @@ def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> Model
     from . import __version__
 
     key = hashlib.sha256("\0".join([cfg_json, name, str(seq_len), dtype, torch.__version__,
-                                     transformers.__version__, __version__]).encode())
+                                     transformers.__version__, __version__,
+                                     str(PROFILE_SCHEMA)]).encode())
     path = cache_dir() / f"{key.hexdigest()[:32]}.json"
     try:
         data = json.loads(path.read_text())
@@ -189,6 +193,7 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         logits_bytes=s * int(cfg.vocab_size) * 4,
         row_linears_per_block=sum(1 for n in ag.block_nodes(0)
                                   if n.kind == "linear" and not n.sharded),
+        block_graph=block_graph(ag, s),
     )
 
 

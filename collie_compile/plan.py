@@ -38,6 +38,7 @@ class Candidate:
     tokens_per_gpu_per_s: float
     mfu: float
     memory: list[dict] = field(default_factory=list)  # per-stage breakdown
+    sharding: dict[str, str] = field(default_factory=dict)  # linear module -> strategy
     fits: bool = True
     why_not: str = ""
 

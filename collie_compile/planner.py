@@ -49,6 +49,7 @@ from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms
 from .modelprofile import ModelProfile, profile_model
 from .optimizers import OptimizerSpec, get_optimizer
 from .plan import Candidate, Plan
+from .sharding import linear_layout, solve_block_sharding
 from .steptime import StageTime, bubble_factor, model_flops_per_step, stage_time, step_time
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -343,6 +344,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                         gpus_per_node, memory_reserve),
                     notes=notes)
     best = solved[0][1]
+    if best.tp > 1:
+        notes += _shard(best, prof, spec)
     alternatives = []
     for _, cand in solved[1:top_k + 1]:
         cand.why_not = _why_not(cand, best)
@@ -442,6 +445,20 @@ def _candidate(prob: Problem, counts: list[dict[str, int]], prof: ModelProfile,
                      step_time_s=round(t, 6), tokens_per_gpu_per_s=round(tokens / t / gpus, 2),
                      mfu=round(mfu, 4), memory=[{**m.to_dict(), "moment": m.moment}
                                                 for m in mems], fits=fits)
+
+
+def _shard(cand: Candidate, prof: ModelProfile, spec: GPUSpec) -> list[str]:
+    """Solve the block's per-op sharding for the chosen tp; say if it departs from the
+    column/row layout the block costs above assume."""
+    layout = linear_layout(prof, solve_block_sharding(prof, cand.tp, spec,
+                                                      cand.micro_batch_size))
+    cand.sharding = layout
+    megatron = {n["module"]: "column" if n["sharded"] else "row"
+                for n in prof.block_graph if n["kind"] == "linear"}
+    if layout == megatron:
+        return []
+    return ["the per-op sharding ILP prefers a layout other than column/row for some "
+            "linears (see sharding); step time and memory are priced for column/row"]
 
 
 def _why_not(cand: Candidate, best: Candidate) -> str:

@@ -1,0 +1,30 @@
+import pytest
+
+from collie_compile.hardware import get_gpu
+from collie_compile.modelprofile import profile_model
+from collie_compile.planner import plan
+from collie_compile.sharding import linear_layout, solve_block_sharding
+
+H100 = get_gpu("h100-80gb")
+MEGATRON = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row",
+            "gate_proj": "column", "up_proj": "column", "down_proj": "row"}
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_sharding_ilp_finds_megatron_layout_for_llama(tp):
+    prof = profile_model("llama-2-7b", seq_len=2048, dtype="bf16")
+    layout = linear_layout(prof, solve_block_sharding(prof, tp, H100))
+    assert {m.rsplit(".", 1)[-1]: s for m, s in layout.items()} == MEGATRON
+
+
+def test_sharding_ilp_replicates_when_communication_dominates():
+    """A 64-wide block: every collective costs more than the compute it would split."""
+    prof = profile_model("tiny-llama", seq_len=64, dtype="bf16")
+    layout = linear_layout(prof, solve_block_sharding(prof, 2, H100))
+    assert set(layout.values()) == {"replicate"}
+
+
+def test_plan_records_sharding():
+    p = plan("llama-2-7b", gpus=8, gpu="h100-80gb", seq_len=2048, tp=2)
+    assert {m.rsplit(".", 1)[-1]: s for m, s in p.chosen.sharding.items()} == MEGATRON
+    assert not any("sharding" in n for n in p.notes)
