@@ -4,11 +4,11 @@ Per micro-batch a stage spends ``fixed + sum_c n_c * per_block[c]`` seconds (com
 its blocks under recompute mode c, tensor-parallel all-reduces, embeddings or LM head,
 pipeline sends). A step of m micro-batches over p stages takes
 
-    step = (m + p - 1) * T  +  D  +  O          (1F1B and GPipe; interleaved: (p-1)/v)
+    step = (m + p - 1) * T  +  D  +  U          (1F1B and GPipe; interleaved: (p-1)/v)
 
 with T the slowest stage (or its ZeRO-3 parameter traffic, if that is slower: it
 overlaps compute), D the data-parallel gradient sync left exposed after the last
-micro-batch's backward, and O the optimizer step. The planner's ILP minimises exactly
+micro-batch's backward, and U the optimizer step. The planner's ILP minimises exactly
 this; :func:`step_time` evaluates it for a concrete split.
 """
 
