@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CollieError
-from .kernels.lion import lion_update_reference
-from .kernels.lomo import lomo_update_reference
+from .kernels.lion import lion_update
+from .kernels.lomo import lomo_update
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class Lion(torch.optim.Optimizer):
                     if p.dtype != torch.float32:
                         state["master"] = p.detach().float()
                 target = state.get("master", p)
-                lion_update_reference(target, p.grad, state["exp_avg"], group["lr"], b1, b2,
-                                      group["weight_decay"])
+                lion_update(target, p.grad, state["exp_avg"], group["lr"], b1, b2,
+                            group["weight_decay"])
                 if target is not p:
                     p.copy_(target)
                 p.grad = None  # free it now: the next tensor's update needs the room
@@ -97,7 +97,7 @@ class LOMO(torch.optim.Optimizer):
     @staticmethod
     @torch.no_grad()
     def _update(p: torch.Tensor, group: dict) -> None:
-        lomo_update_reference(p, p.grad, group["lr"], group["weight_decay"])
+        lomo_update(p, p.grad, group["lr"], group["weight_decay"])
         p.grad = None
 
     def step(self, closure: None = None) -> None:

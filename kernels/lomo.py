@@ -1,14 +1,50 @@
 """LOMO update (Lv et al. 2023): plain SGD applied inside the backward pass.
 
-    p ← p·(1 - lr·wd) - lr·ĝ    (ĝ: gradient after loss-scale removal and clipping)
+    p ← p·(1 - lr·wd) - lr·ĝ,   ĝ = g / grad_scale   (loss scale and clipping folded in)
 
-``lomo_update_reference`` is the plain-torch rule (math in fp32, in place); the Triton
-kernel lands beside it.
+One pass: read p, g; write p (6 bytes per bf16 parameter). Math in fp32; in place.
+``lomo_update`` runs the kernel on CUDA and the reference elsewhere; tests run the kernel
+through Triton's interpreter.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
+
+from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+
+
+@triton.jit
+def _lomo_kernel(p_ptr, g_ptr, n, lr, wd, inv_scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    p = p * (1 - lr * wd) - lr * (g * inv_scale)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _autotuned() -> triton.runtime.Autotuner:
+    # restore_value: autotuning must not apply the update once per config tried.
+    return triton.autotune([triton.Config({"BLOCK": b}) for b in AUTOTUNE_BLOCKS], key=["n"],
+                           restore_value=["p_ptr"])(_lomo_kernel)
+
+
+def lomo_update_triton(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
+                       grad_scale: float = 1.0) -> None:
+    assert p.is_contiguous() and g.is_contiguous() and p.shape == g.shape
+    n = p.numel()
+    if interpreting():
+        grid = (triton.cdiv(n, INTERPRET_BLOCK),)
+        _lomo_kernel[grid](p, g, n, lr, wd, 1.0 / grad_scale, BLOCK=INTERPRET_BLOCK)
+    else:
+        _autotuned()[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+            p, g, n, lr, wd, 1.0 / grad_scale)
 
 
 @torch.no_grad()
@@ -19,3 +55,12 @@ def lomo_update_reference(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float
         p.mul_(1 - lr * wd).add_(g, alpha=-lr / grad_scale)
     else:  # 16-bit weights: do the math in fp32, one tensor at a time
         p.copy_(p.float().mul_(1 - lr * wd).add_(g.float(), alpha=-lr / grad_scale))
+
+
+def lomo_update(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
+                grad_scale: float = 1.0) -> None:
+    """The kernel where it runs, the reference elsewhere."""
+    if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
+        lomo_update_triton(p, g, lr, wd, grad_scale)
+    else:
+        lomo_update_reference(p, g, lr, wd, grad_scale)
