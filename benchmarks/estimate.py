@@ -25,6 +25,8 @@ CASES = [  # model, optimizer, recompute, dtype, micro-batch, seq
     ("small-llama", "lomo", "none", "fp32", 8, 256),
     ("small-llama", "lomo", "none", "bf16", 2, 128),
     ("small-llama", "lion", "selective", "bf16", 2, 128),
+    ("small-llama", "adalomo", "full", "fp32", 2, 256),
+    ("small-llama", "adalomo", "none", "fp32", 2, 256),
     ("tiny-gpt2", "adamw", "none", "fp32", 8, 128),
     ("tiny-qwen2", "lion", "full", "fp32", 8, 128),
 ]

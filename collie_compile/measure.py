@@ -16,7 +16,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from .errors import CollieError
 from .modelprofile import DTYPES
 from .models import build_model, load_config
-from .optimizers import LOMO, Lion, get_optimizer
+from .optimizers import LOMO, AdaLomo, Lion, get_optimizer
 from .recompute import enable_on_hf_model
 
 
@@ -40,6 +40,8 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
         return Lion(params, lr=lr)
     if name == "lomo":
         return LOMO(params, lr=lr)
+    if name == "adalomo":
+        return AdaLomo(params, lr=lr)
     raise CollieError(f"optimizer {name!r} cannot be measured on the CPU yet")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CollieError
+from .kernels.adalomo import adalomo_state, adalomo_update_reference
 from .kernels.lion import lion_update
 from .kernels.lomo import lomo_update
 
@@ -92,11 +93,10 @@ class LOMO(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
-                    functools.partial(self._update, group=group)))
+                    functools.partial(self._update_param, group=group)))
 
-    @staticmethod
     @torch.no_grad()
-    def _update(p: torch.Tensor, group: dict) -> None:
+    def _update_param(self, p: torch.Tensor, group: dict) -> None:
         lomo_update(p, p.grad, group["lr"], group["weight_decay"])
         p.grad = None
 
@@ -107,3 +107,18 @@ class LOMO(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+class AdaLomo(LOMO):
+    """AdaLomo: LOMO's fused-in-backward update with a factored second moment."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def _update_param(self, p: torch.Tensor, group: dict) -> None:
+        if p not in self.state or not self.state[p]:
+            self.state[p] = adalomo_state(p)
+        adalomo_update_reference(p, p.grad, self.state[p], group["lr"], group["weight_decay"])
+        p.grad = None

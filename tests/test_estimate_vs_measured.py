@@ -17,6 +17,8 @@ CASES = [  # optimizer, recompute, dtype, micro-batch, seq
     ("lomo", "none", "fp32", 8, 256),
     ("lomo", "none", "bf16", 2, 128),
     ("lion", "selective", "bf16", 2, 128),
+    ("adalomo", "full", "fp32", 2, 256),
+    ("adalomo", "none", "fp32", 2, 256),
 ]
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from collie_compile.kernels.lion import lion_update, lion_update_reference
 from collie_compile.kernels.lomo import lomo_update
 
