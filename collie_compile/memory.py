@@ -19,7 +19,7 @@ the two ends bound every point in the backward pass.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .errors import CollieError
 from .modelprofile import ModelProfile
@@ -163,10 +163,10 @@ class MemoryModel:
     profile: ModelProfile
     optimizer: OptimizerSpec
     trainable_fraction: float = 1.0  # < 1 with LoRA: frozen weights keep no grads or states
-    stage_layers: list[int] | None = field(default=None)
 
     def stages(self, layout: Layout) -> list[StageShape]:
-        counts = self.stage_layers or even_split(self.profile.num_layers, layout.pp)
+        """An even split of the blocks (the planner chooses uneven ones itself)."""
+        counts = even_split(self.profile.num_layers, layout.pp)
         return [StageShape(n, i == 0, i == len(counts) - 1) for i, n in enumerate(counts)]
 
     def block_params_per_rank(self, tp: int) -> float:
