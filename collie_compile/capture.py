@@ -46,6 +46,15 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
         raise CaptureError(_explain(model, e)) from e
 
 
+def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedProgram:
+    """Export ``model(input_ids=...)`` -> logits at this one shape (the runtime's graph:
+    pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted)."""
+    try:
+        return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
+    except Exception as e:  # export raises many types; all mean "cannot capture"
+        raise CaptureError(_explain(model, e)) from e
+
+
 def _explain(model: torch.nn.Module, err: BaseException) -> str:
     """Name the innermost module (path and class) and source line where export failed."""
     names = {id(m): n or "<root>" for n, m in model.named_modules()}

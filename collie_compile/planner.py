@@ -376,6 +376,8 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                     if global_batch % (dp * b):
                         continue
                     m = global_batch // (dp * b)
+                    if 1 < pp > m:  # torch's pipeline schedules need m >= pp
+                        continue
                     for sched in _schedules(pp, pins.get("schedule")):
                         v = INTERLEAVED_CHUNKS if sched == "interleaved" else 1
                         if sched == "interleaved" and (m % pp or prof.num_layers < pp * v):

@@ -1,0 +1,100 @@
+"""Process groups for a plan: the (pp, dp, tp) DeviceMesh and agreement across ranks.
+
+Ranks are laid out with tp innermost (tp peers share a node), then dp, then pp.
+Errors found on one rank are shared with all before anyone enters a collective that
+the others would skip, so bad input fails on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .errors import CollieError
+
+T = TypeVar("T")
+
+
+def ensure_initialized() -> None:
+    """Join the job torchrun started (NCCL on CUDA, gloo on CPU); a lone process without
+    torchrun's variables becomes a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend, rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_mesh(pp: int, dp: int, tp: int) -> DeviceMesh:
+    """The (pp, dp, tp) mesh over the whole world."""
+    world = dist.get_world_size()
+    if pp * dp * tp != world:
+        raise CollieError(f"the plan needs pp*dp*tp = {pp}*{dp}*{tp} = {pp * dp * tp} "
+                          f"processes but {world} were launched")
+    return init_device_mesh(device().type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def subgroups(mesh: DeviceMesh, tp_sets: list[list[int]]) -> dict[tuple[int, ...], object]:
+    """Groups of tp-local ranks (e.g. ranks sharing a GQA KV head), one per (pp, dp)
+    coordinate; every rank creates every group, in the same order, as torch requires.
+    Returns this rank's group for each set it belongs to."""
+    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+    me = dist.get_rank()
+    out = {}
+    for tp_ranks in ranks:
+        for s in tp_sets:
+            group = dist.new_group([tp_ranks[i] for i in s])
+            if me in [tp_ranks[i] for i in s]:
+                out[tuple(s)] = group
+    return out
+
+
+def agree(fn: Callable[[], T], src: int = 0) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, raise the first rank's error
+    everywhere (as a :class:`CollieError`)."""
+    err, result = "", None
+    try:
+        result = fn()
+    except CollieError as e:
+        err = str(e)
+    messages = all_strings(err)
+    bad = next((m for m in messages if m), "")
+    if bad:
+        raise CollieError(bad)
+    return result
+
+
+def all_strings(text: str) -> list[str]:
+    """Every rank's ``text`` (UTF-8 over an all-gather of byte tensors)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    n = torch.tensor([data.numel()], dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes)) or 1
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return [bytes(o[:int(s.item())].tolist()).decode() for o, s in zip(out, sizes, strict=True)]
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank (plain bytes: no pickles over the wire)."""
+    return all_strings(text if dist.get_rank() == src else "")[src]

@@ -1,0 +1,305 @@
+"""Tensor parallelism as a graph rewrite (Megatron's column/row layout).
+
+Every linear of a decoder block is column-parallel (output features split over the tp
+ranks) or row-parallel (input features split, partial outputs summed), as the layout
+says; the layout is what the cost model priced (:mod:`collie_compile.annotate` marks the
+region between a column linear and the row linear that closes it). The pass
+
+- replaces each sharded weight (and bias) by this rank's slice, in whole attention heads
+  for q/k/v; with fewer KV heads than tp ranks (GQA) each rank keeps the one KV head its
+  query heads use, and ranks sharing a KV head sum its gradient (``partial_grads``);
+- puts an identity-forward/all-reduce-backward op in front of column linears and an
+  all-reduce-forward/identity-backward op after row linears (bias added once, after it);
+- rewrites shape constants of views, reshapes and expands whose input is now sharded
+  (head counts, GQA repeat factors), found by running the graph on fake tensors.
+
+Embedding and LM head stay replicated. Linears outside decoder blocks are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from collie_compile.errors import CollieError
+
+aten = torch.ops.aten
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice of a global parameter one tp rank holds: ``[start, stop)`` along ``dim``
+    of a tensor whose full size along it is ``size``."""
+
+    dim: int
+    start: int
+    stop: int
+    size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple:
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple:
+        return g, None
+
+
+class CopyToTP(torch.nn.Module):
+    """Identity forward, all-reduce of the input gradient over the tp group backward."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CopyToTP.apply(x, self.group)
+
+
+class ReduceFromTP(torch.nn.Module):
+    """All-reduce (sum) of partial outputs over the tp group forward, identity backward."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReduceFromTP.apply(x, self.group)
+
+
+def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int
+               ) -> tuple[int, int]:
+    """(units, unit size) a projection of ``features`` outputs is split in: whole heads
+    for attention projections, single features otherwise."""
+    if features in (num_heads * head_dim, num_kv_heads * head_dim):
+        return features // head_dim, head_dim
+    return features, 1
+
+
+def shard_of(size: int, units: int, tp: int, rank: int, what: str) -> tuple[Shard, list[int]]:
+    """This rank's slice of ``size`` features split in ``units`` equal units, and the tp
+    ranks holding the same slice (more than one only when units < tp: GQA KV heads)."""
+    unit = size // units
+    if units % tp == 0:
+        per = units // tp
+        return Shard(0, rank * per * unit, (rank + 1) * per * unit, size), [rank]
+    if tp % units == 0:
+        share = tp // units
+        u = rank // share
+        return Shard(0, u * unit, (u + 1) * unit, size), list(range(u * share, (u + 1) * share))
+    raise CollieError(f"tp={tp} does not divide the {units} heads/features of {what} "
+                      "(nor the other way round); pick a tp that divides them")
+
+
+def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.ProcessGroup,
+                    rank: int, tp: int, num_heads: int, num_kv_heads: int, head_dim: int
+                    ) -> fx.GraphModule:
+    """Shard ``gm`` (a captured, static-shape training graph) for tp rank ``rank``.
+
+    ``layout`` maps linear node names to ``"column"`` or ``"row"``; other nodes run
+    replicated. Records ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard`, as a
+    dict) and ``gm.meta["partial_grads"]`` (parameter name -> tp ranks that must sum its
+    gradient). Assumes the linears are ``aten.linear`` on 2-D weights read by ``get_attr``.
+    """
+    if tp == 1:
+        gm.meta.setdefault("tp_shards", {})
+        gm.meta.setdefault("partial_grads", {})
+        return gm
+    shards: dict[str, Shard] = {}
+    partial: dict[str, list[int]] = {}
+    copies: dict[fx.Node, fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, how in layout.items():
+        lin = by_name[name]
+        if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
+            raise CollieError(f"tensor_parallel: {name} ({lin.target}) is not an aten.linear on "
+                              "a weight; fused projections are not supported, use tp=1")
+        w_name = lin.args[1].target
+        b_node = lin.args[2] if len(lin.args) > 2 else None
+        weight = gm.get_parameter(w_name)
+        out_f, in_f = weight.shape
+        if how == "column":
+            units, _ = head_units(out_f, num_heads, num_kv_heads, head_dim)
+            s, sharers = shard_of(out_f, units, tp, rank, w_name)
+            _set_param(gm, w_name, weight[s.start:s.stop])
+            shards[w_name] = s
+            if b_node is not None:
+                _set_param(gm, b_node.target, gm.get_parameter(b_node.target)[s.start:s.stop])
+                shards[b_node.target] = s
+            if len(sharers) > 1:
+                partial[w_name] = sharers
+                if b_node is not None:
+                    partial[b_node.target] = sharers
+            x = lin.args[0]
+            if x not in copies:
+                with gm.graph.inserting_after(x):
+                    copies[x] = _module_node(gm, CopyToTP(group), "tp_copy", x, lin)
+            lin.replace_input_with(x, copies[x])
+        elif how == "row":
+            units, _ = head_units(in_f, num_heads, num_kv_heads, head_dim)
+            s, sharers = shard_of(in_f, units, tp, rank, w_name)
+            if len(sharers) > 1:
+                raise CollieError(f"tensor_parallel: row-parallel {w_name} cannot be split "
+                                  f"{tp} ways")
+            _set_param(gm, w_name, weight[:, s.start:s.stop])
+            shards[w_name] = Shard(1, s.start, s.stop, in_f)
+            with gm.graph.inserting_after(lin):
+                red = _module_node(gm, ReduceFromTP(group), "tp_reduce", lin, lin)
+            lin.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
+            if b_node is not None:  # add the bias once, after the sum
+                lin.args = lin.args[:2]
+                with gm.graph.inserting_after(red):
+                    add = gm.graph.call_function(aten.add.Tensor, (red, b_node))
+                    add.meta = dict(lin.meta)
+                red.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        else:
+            raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
+    _fix_shapes(gm, tp)
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta["tp_shards"] = {k: v.to_dict() for k, v in shards.items()}
+    gm.meta["partial_grads"] = partial
+    return gm
+
+
+def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    setattr(mod, leaf, torch.nn.Parameter(value.detach().clone(),
+                                          requires_grad=getattr(mod, leaf).requires_grad))
+
+
+def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, arg: fx.Node,
+                 like: fx.Node) -> fx.Node:
+    """Call ``mod`` on ``arg``, registered beside the weight of linear ``like`` (so it
+    belongs to the same block)."""
+    path = f"{like.args[1].target.rpartition('.')[0]}.{stem}"
+    gm.add_submodule(path, mod)
+    node = gm.graph.call_module(path, (arg,))
+    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "val")}
+    if stem == "tp_copy":
+        node.meta["val"] = arg.meta.get("val")
+    return node
+
+
+def _fix_shapes(gm: fx.GraphModule, tp: int) -> None:
+    """Run the sharded graph on fake tensors, rewriting the shape arguments of reshapes
+    and expands whose input lost a factor to sharding."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict[fx.Node, object] = {}
+
+    def val(a: object) -> object:
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    with mode:
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                v = n.meta["val"]
+                env[n] = torch.empty(v.shape, dtype=v.dtype)
+            elif n.op == "get_attr":
+                env[n] = mode.from_tensor(_attr(gm, n.target))
+            elif n.op == "call_module":
+                sub = gm.get_submodule(n.target)
+                env[n] = (env[n.args[0]] if isinstance(sub, (CopyToTP, ReduceFromTP))
+                          else None)
+            elif n.op == "call_function":
+                inp = n.args[0] if n.args else None
+                old = inp.meta.get("val") if isinstance(inp, fx.Node) else None
+                new = env.get(inp) if isinstance(inp, fx.Node) else None
+                if (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)
+                        and tuple(old.shape) != tuple(new.shape)):
+                    if n.target in _RESHAPES:
+                        n.args = (inp, _reshaped(tuple(old.shape), tuple(new.shape),
+                                                 tuple(n.meta["val"].shape), list(n.args[1])),
+                                  *n.args[2:])
+                    elif n.target == aten.expand.default:
+                        n.args = (inp, _expanded(tuple(old.shape), tuple(new.shape),
+                                                 list(n.args[1]), tp), *n.args[2:])
+                try:
+                    env[n] = n.target(*val(n.args), **val(n.kwargs))
+                except Exception as e:
+                    mod = _module_path(n)
+                    raise CollieError(
+                        f"tensor_parallel: after sharding, {n.name} ({n.target}) in module "
+                        f"{mod!r} fails on the local shapes: {str(e).splitlines()[0]}; this "
+                        "model's layout is not supported with tp>1") from e
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _module_path(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _reshaped(old_in: tuple, new_in: tuple, old_out: tuple, arg: list) -> list:
+    """Shape argument of a reshape whose input shrank from ``old_in`` to ``new_in``: each
+    output dim takes the factor its input dims lost (the outermost one of a split dim,
+    which is the head count since shards are whole heads)."""
+    groups, i, j = [], 0, 0
+    while i < len(old_in) and j < len(old_out):
+        gi, go, pi, po = [i], [j], old_in[i], old_out[j]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po:
+                pi, i = pi * old_in[i], i + 1
+                gi.append(i - 1)
+            else:
+                po, j = po * old_out[j], j + 1
+                go.append(j - 1)
+        groups.append((gi, go))
+    out = list(old_out)
+    for gi, go in groups:
+        lost = math.prod(old_in[k] for k in gi) // math.prod(new_in[k] for k in gi)
+        if lost == 1:
+            continue
+        d = next(k for k in go if out[k] % lost == 0 and out[k] > 1)
+        out[d] //= lost
+    return [-1 if a == -1 else o for a, o in zip(arg, out, strict=True)]
+
+
+def _expanded(old_in: tuple, new_in: tuple, arg: list, tp: int) -> list:
+    """Size argument of an expand whose input shrank: kept dims follow the input; a
+    broadcast dim (GQA's repeat factor) shrinks so the result has the local head count."""
+    lost = math.prod(old_in) // math.prod(new_in)
+    off = len(arg) - len(old_in)
+    out = list(arg)
+    for k, a in enumerate(arg):
+        if a == -1 or k < off:
+            continue
+        if old_in[k - off] == a:
+            out[k] = new_in[k - off]
+        elif old_in[k - off] == 1 and lost != tp:
+            out[k] = a * lost // tp
+    return out
