@@ -173,9 +173,10 @@ class ParallelModel:
             gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp, heads, kv, head_dim))
         self.tp_shards = dict(gm.meta["tp_shards"])
         partial = dict(gm.meta["partial_grads"])
-        sets = sorted({tuple(v) for v in partial.values()})
+        sets = sorted({tuple(s) for v in partial.values() for s in v})
         groups = cdist.subgroups(self.mesh, [list(s) for s in sets]) if sets else {}
-        self.partial_grads = {k: groups[tuple(v)] for k, v in partial.items()}
+        self.partial_grads = {k: next(groups[tuple(s)] for s in v if tuple(s) in groups)
+                              for k, v in partial.items()}
         gm = outline_blocks(gm, ag.block_prefix)
         chunks = chunk_layers(c)
         parts = pipeline_split(gm, ag.block_prefix, chunks)

@@ -110,10 +110,13 @@ def data_parallel(gm: fx.GraphModule, mesh: DeviceMesh | None, zero: int, prefix
 
     reshard = zero == 3
     blocks = gm.get_submodule(prefix.rstrip(".")) if _has(gm, prefix.rstrip(".")) else None
-    for block in (blocks.children() if blocks is not None else []):
+    units = list(blocks.children()) if blocks is not None else []
+    for block in units:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(gm, mesh=mesh, reshard_after_forward=reshard)
-    gm.set_gradient_divide_factor(1.0)
+    for unit in [*units, gm]:  # sum, with plain SUM collectives (gloo has no PREMUL_SUM)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
     return gm
 
 

@@ -102,17 +102,21 @@ def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int
     return features, 1
 
 
-def shard_of(size: int, units: int, tp: int, rank: int, what: str) -> tuple[Shard, list[int]]:
-    """This rank's slice of ``size`` features split in ``units`` equal units, and the tp
-    ranks holding the same slice (more than one only when units < tp: GQA KV heads)."""
+def shard_of(size: int, units: int, tp: int, rank: int, what: str
+             ) -> tuple[Shard, list[list[int]]]:
+    """This rank's slice of ``size`` features split in ``units`` equal units, and the sets
+    of tp ranks holding the same slice (the same on every rank; sets of more than one
+    only when units < tp: GQA KV heads)."""
     unit = size // units
     if units % tp == 0:
         per = units // tp
-        return Shard(0, rank * per * unit, (rank + 1) * per * unit, size), [rank]
+        return (Shard(0, rank * per * unit, (rank + 1) * per * unit, size),
+                [[r] for r in range(tp)])
     if tp % units == 0:
         share = tp // units
         u = rank // share
-        return Shard(0, u * unit, (u + 1) * unit, size), list(range(u * share, (u + 1) * share))
+        return (Shard(0, u * unit, (u + 1) * unit, size),
+                [list(range(v * share, (v + 1) * share)) for v in range(units)])
     raise CollieError(f"tp={tp} does not divide the {units} heads/features of {what} "
                       "(nor the other way round); pick a tp that divides them")
 
@@ -152,7 +156,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             if b_node is not None:
                 _set_param(gm, b_node.target, gm.get_parameter(b_node.target)[s.start:s.stop])
                 shards[b_node.target] = s
-            if len(sharers) > 1:
+            if len(sharers[0]) > 1:
                 partial[w_name] = sharers
                 if b_node is not None:
                     partial[b_node.target] = sharers
@@ -164,7 +168,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         elif how == "row":
             units, _ = head_units(in_f, num_heads, num_kv_heads, head_dim)
             s, sharers = shard_of(in_f, units, tp, rank, w_name)
-            if len(sharers) > 1:
+            if len(sharers[0]) > 1:
                 raise CollieError(f"tensor_parallel: row-parallel {w_name} cannot be split "
                                   f"{tp} ways")
             _set_param(gm, w_name, weight[:, s.start:s.stop])
