@@ -15,17 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+import shutil
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx
 
+from . import checkpoint as ckpt
 from . import distributed as cdist
 from .annotate import annotate
 from .capture import capture_static
 from .errors import CollieError
 from .models import model_name
 from .passes.data_parallel import data_parallel
+from .passes.move_to_device import move_to_device
 from .passes.outline_blocks import outline_blocks
 from .passes.pipeline_split import pipeline_split
 from .passes.recompute import recompute as recompute_pass
@@ -53,12 +58,15 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 gpu: str = "a100-80gb", dtype: str = "fp32", dp: int | None = None,
                 tp: int | None = None, pp: int | None = None, zero: int | None = None,
                 micro_batch_size: int | None = None, schedule: str | None = None,
-                recompute: str | None = None) -> ParallelModel:
+                recompute: str | None = None, weights: str | Path | None = None
+                ) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
     with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute), a
-    :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``.
+    :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``. A model too
+    big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
+    safetensors checkpoint): each rank reads only the slices it holds.
     """
     cdist.ensure_initialized()
     world = dist.get_world_size()
@@ -79,7 +87,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     # Rank 0's plan for everyone: the solver is deterministic, but one answer is safer.
     solved = cdist.agree(resolve)
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
-    return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {})
+    return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights)
 
 
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
@@ -137,7 +145,8 @@ class ParallelModel:
     and checkpointing (see :mod:`collie_compile.checkpoint`)."""
 
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
-                 lr: float | None, optimizer_kwargs: dict) -> None:
+                 lr: float | None, optimizer_kwargs: dict,
+                 weights: str | Path | None = None) -> None:
         self.plan, self.config = plan, model.config
         c = self.chosen = plan.chosen
         self.mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
@@ -146,17 +155,25 @@ class ParallelModel:
         self.num_microbatches = c.num_microbatches
         self.global_batch = plan.global_batch_size
         self.device = cdist.device()
-        self.stages, self.stage_ids, self.prefix = self._build(model)
+        self.stages, self.stage_ids, self.prefix = self._build(model, weights)
         self.optimizer = self._make_optimizer(optimizer, lr, optimizer_kwargs)
         self.schedule = self._make_schedule() if c.pp > 1 else None
         self.step_count = 0
 
     # -- building -------------------------------------------------------------------
 
-    def _build(self, model: torch.nn.Module) -> tuple[list[fx.GraphModule], list[int], str]:
+    def _build(self, model: torch.nn.Module, weights: str | Path | None
+               ) -> tuple[list[fx.GraphModule], list[int], str]:
         c = self.chosen
         model.train()
-        ids = torch.zeros(self.micro_batch, self.seq, dtype=torch.long)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and weights is None:
+            raise CollieError("the model is on the meta device; pass weights=DIR (a Hugging "
+                              "Face safetensors checkpoint) to load its weights")
+        if on_meta:
+            cdist.agree(lambda: _materialize_buffers(model))
+        ids = torch.zeros(self.micro_batch, self.seq, dtype=torch.long,
+                          device="meta" if on_meta else "cpu")
         ep = cdist.agree(lambda: capture_static(model, ids))
         ag = annotate(ep, model)
         gm = ag.gm
@@ -181,13 +198,34 @@ class ParallelModel:
         chunks = chunk_layers(c)
         parts = pipeline_split(gm, ag.block_prefix, chunks)
         mine = [k for k in range(len(parts)) if k % c.pp == self.coords.pp]
+        # Every rank knows every parameter's full shape and owning pp rank (for gathers).
+        self.param_shapes = {n: tuple(s) for n, s in ag.param_shapes.items()}
+        self.param_dtypes = {n: p.dtype for n, p in ag.gm.named_parameters()}
+        self.owner = {n: k % c.pp for k, part in enumerate(parts)
+                      for n, _ in part.named_parameters()}
         stages = []
         dp_mesh = self.mesh["dp"] if c.dp > 1 else None
+        pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
         for k in mine:
-            st = recompute_pass(parts[k], ag.block_prefix, c.recompute)
-            st = data_parallel(st.to(self.device), dp_mesh, c.zero, ag.block_prefix)
+            st = move_to_device(parts[k], self.device)
+            if pieces is not None:  # read just this rank's slices
+                cdist.agree(lambda st=st: self._load_weights(st, pieces, weights))
+            st = recompute_pass(st.to(self.device), ag.block_prefix, c.recompute)
+            st = data_parallel(st, dp_mesh, c.zero, ag.block_prefix)
             stages.append(st)
         return stages, mine, ag.block_prefix
+
+    def _load_weights(self, stage: fx.GraphModule, pieces: dict, source: object) -> None:
+        for name, p in list(stage.named_parameters()):
+            key = name if name in pieces else _tied_source(name, self.config, pieces)
+            if key is None:
+                raise CollieError(f"{source} has no weight {name!r}; is it a checkpoint of "
+                                  f"{self.plan.model}?")
+            box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
+            owner, _, leaf = name.rpartition(".")
+            value = ckpt.read_box(pieces[key], box, key).to(p.dtype)
+            setattr(stage.get_submodule(owner), leaf,
+                    torch.nn.Parameter(value, requires_grad=p.requires_grad))
 
     def _make_optimizer(self, name: str, lr: float | None, kwargs: dict
                         ) -> torch.optim.Optimizer:
@@ -258,6 +296,8 @@ class ParallelModel:
         """Forward, backward and one optimizer step over the global batch; returns its mean
         token loss (the same on every rank)."""
         ids, targets, tokens = self._local_batch(batch)
+        # Gradients of the previous step stay readable until here (full_state_dict).
+        self.optimizer.zero_grad(set_to_none=True)
         scale = 1.0 / max(tokens, 1)
         for st in self.stages:
             if "grad_reducer" in st.meta:
@@ -283,7 +323,6 @@ class ParallelModel:
             total += sum((x.detach().float().cpu() for x in losses), torch.zeros(()))
         self._finish_grads()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return self._global_loss(total)
 
@@ -336,13 +375,204 @@ class ParallelModel:
         dist.all_reduce(full)
         return full.cpu()
 
-    def named_stage_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """(HF name, local tensor) of every parameter this rank holds."""
-        out = []
-        for st in self.stages:
-            for name, p in st.named_parameters():
-                out.append((name, p))
+    def local_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """HF name -> this rank's parameter (a tp slice; a DTensor under ZeRO 2/3)."""
+        return {n: p for st in self.stages for n, p in st.named_parameters()}
+
+    def full_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter (or its gradient) whole, on every rank, under its HF name:
+        gathered over dp (ZeRO 2/3), tp (slices) and pp (stages). A collective."""
+        local = self.local_parameters()
+        whole: dict[str, torch.Tensor] = {}
+        for name in sorted(local):  # same order on all ranks of this pp stage
+            p = local[name]
+            t = p.grad if grads else p.detach()
+            if t is None:
+                t = torch.zeros_like(p.detach())
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            whole[name] = self._gather_tp(name, t)
+        out = {}
+        for name in sorted(self.owner):
+            src = int(self.mesh.mesh[self.owner[name], 0, 0])
+            buf = (whole[name].contiguous() if name in whole
+                   else torch.empty(self.param_shapes[name], dtype=self.param_dtypes[name],
+                                 device=self.device))
+            dist.broadcast(buf, src=src)
+            out[name] = buf.cpu()
         return out
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a plain Hugging Face checkpoint (config.json + model.safetensors) that
+        ``AutoModelForCausalLM.from_pretrained`` loads. A collective; rank 0 writes."""
+        from safetensors.torch import save_file
+
+        weights = self.full_state_dict()
+        final = Path(directory)
+        if dist.get_rank() == 0:
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if getattr(self.config, "tie_word_embeddings", False):
+                weights.pop("lm_head.weight", None)  # HF re-ties it on load
+            save_file({k: v.contiguous() for k, v in weights.items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            self.config.save_pretrained(tmp)
+            ckpt.replace_dir(tmp, final)
+        dist.barrier()
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Write the training state (weights, optimizer states, step) sharded: each rank
+        saves the boxes it alone holds. Resumable under another plan or GPU count."""
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        tensors, scalars = {}, {}
+        states = self._optimizer_states()
+        for name, p in self.local_parameters().items():
+            if not self._writes(name, p):
+                continue
+            box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
+            tensors[name] = (p.detach(), box)
+            for key, v in states.get(name, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    tensors[f"{name}/{key}"] = (v, box)
+                else:
+                    scalars[key] = float(v)
+        if not self._writes_states():  # ZeRO-1: states live on their owner only
+            tensors = {k: v for k, v in tensors.items() if "/" not in k}
+            tensors.update({f"{n}/{k}": (v, ckpt.local_box(p, self.tp_shards.get(n),
+                                                            self.param_shapes[n]))
+                            for n, p in self.local_parameters().items() if self._tp_first(n)
+                            for k, v in states.get(n, {}).items()
+                            if torch.is_tensor(v) and v.shape == p.shape})
+        entries = ckpt.write_rank_file(tmp / f"rank{dist.get_rank():05d}.safetensors", tensors)
+        every = cdist.all_strings(json.dumps({"tensors": entries, "scalars": scalars}))
+        if dist.get_rank() == 0:
+            index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
+                           "model": self.plan.model, "step": self.step_count,
+                           "optimizer": type(self._inner_optimizer()).__name__,
+                           "scalars": {}, "tensors": {}}
+            for text in every:
+                part = json.loads(text)
+                index["scalars"].update(part["scalars"])
+                for k, e in part["tensors"].items():
+                    index["tensors"].setdefault(k, []).append(e)
+            (tmp / "index.json").write_text(json.dumps(index, indent=1))
+            ckpt.replace_dir(tmp, final)
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore weights, optimizer states and step from :meth:`save_checkpoint`'s
+        directory, whatever plan wrote it; each rank reads only what it holds."""
+        def read() -> tuple[dict, dict]:
+            meta, pieces = ckpt.read_index(Path(directory))
+            if meta.get("model") != self.plan.model:
+                raise CollieError(f"{directory} holds model {meta.get('model')!r}, not "
+                                  f"{self.plan.model!r}")
+            return meta, pieces
+
+        meta, pieces = cdist.agree(read)
+        inner = self._inner_optimizer()
+        owned = {id(p) for g in inner.param_groups for p in g["params"]}
+
+        def load() -> None:
+            for name, p in self.local_parameters().items():
+                box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
+                if name not in pieces:
+                    raise CollieError(f"{directory} has no tensor {name!r}")
+                with torch.no_grad():
+                    ckpt.local_tensor(p).copy_(ckpt.read_box(pieces[name], box, name))
+                if id(p) not in owned:
+                    continue
+                state = {}
+                for key in sorted(k.split("/", 1)[1] for k in pieces
+                                  if k.startswith(name + "/")):
+                    t = torch.zeros_like(p.detach())
+                    ckpt.local_tensor(t).copy_(ckpt.read_box(pieces[f"{name}/{key}"], box,
+                                                             f"{name}/{key}"))
+                    state[key] = t
+                for key, v in meta["scalars"].items():
+                    state[key] = torch.tensor(v, dtype=torch.float32)
+                if state:
+                    inner.state[p] = state
+
+        cdist.agree(load)
+        self.step_count = int(meta["step"])
+        dist.barrier()
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer
+
+    def _optimizer_states(self) -> dict[str, dict]:
+        by_id = {id(p): n for n, p in self.local_parameters().items()}
+        return {by_id[id(p)]: st for p, st in self._inner_optimizer().state.items()}
+
+    def _writes_states(self) -> bool:
+        return not (self.chosen.zero == 1 and self.chosen.dp > 1)
+
+    def _tp_first(self, name: str) -> bool:
+        """False on a tp rank that holds the same slice as a lower one (GQA KV heads)."""
+        shard = self.tp_shards.get(name)
+        r = self.coords.tp
+        return (shard is None and r == 0) or (shard is not None and (
+            r == 0 or _slice_start(shard, r, self.chosen.tp)
+            != _slice_start(shard, r - 1, self.chosen.tp)))
+
+    def _writes(self, name: str, p: torch.Tensor) -> bool:
+        """Whether this rank saves ``name``: one copy of every box."""
+        return self._tp_first(name) and (hasattr(p, "to_local") or self.coords.dp == 0)
+
+    def _gather_tp(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shard = self.tp_shards.get(name)
+        if shard is None:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.chosen.tp)]
+        dist.all_gather(parts, t.contiguous(), group=self.mesh.get_group("tp"))
+        starts, pieces = set(), []
+        for k, piece in enumerate(parts):  # ranks sharing a slice (GQA) count once
+            start = _slice_start(shard, k, self.chosen.tp)
+            if start not in starts:
+                starts.add(start)
+                pieces.append((start, piece))
+        return torch.cat([x for _, x in sorted(pieces, key=lambda kv: kv[0])],
+                         dim=shard["dim"])
+
+
+def _tied_source(name: str, config: object, pieces: dict) -> str | None:
+    """Checkpoints of tied-embedding models store the embedding only."""
+    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        return next((k for k in pieces if k.endswith("embed_tokens.weight")
+                     or k.endswith("wte.weight")), None)
+    return None
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """Give a meta-device model real buffers (rotary tables): checkpoints do not hold
+    them, so rebuild each owning module from the config on the CPU."""
+    for path, mod in model.named_modules():
+        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(mod)(config=model.config)
+        except Exception as e:  # any constructor failure means we cannot rebuild it
+            raise CollieError(f"cannot rebuild the buffers of {path} ({type(mod).__name__}) "
+                              f"off the meta device: {e}; load the model on the CPU") from None
+        for name, buf in fresh.named_buffers(recurse=False):
+            mod.register_buffer(name, buf, persistent=name in mod.state_dict())
+
+
+def _slice_start(shard: dict, rank: int, tp: int) -> int:
+    """Where tp rank ``rank``'s slice starts, from this rank's slice of the same split."""
+    width = shard["stop"] - shard["start"]
+    units = shard["size"] // width
+    return (rank * units // tp) * width
 
 
 def _first(out: object) -> torch.Tensor:

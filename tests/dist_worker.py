@@ -1,0 +1,200 @@
+"""Runs under torchrun: trains each requested configuration with ``parallelize`` and
+compares with one process training the same model on the same data (rank 0 writes the
+comparison as JSON). Used by test_runtime.py: one launch covers many configurations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from collie_compile.errors import CollieError
+from collie_compile.models import build_model, load_config, with_layers
+from collie_compile.runtime import parallelize
+
+import os
+
+STEPS, SEQ, BATCH, VOCAB = int(os.environ.get("STEPS", 3)), 16, 8, 256
+
+
+def make_model(name: str, layers: int, heads: int | None = None) -> torch.nn.Module:
+    cfg = with_layers(load_config(name), layers)
+    if heads:  # a variant whose head count tp may not divide
+        cfg.num_attention_heads = cfg.num_key_value_heads = heads
+    torch.manual_seed(0)
+    return build_model(cfg, device="cpu")
+
+
+def batches(n: int = STEPS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(max(n, 4))][:n]
+
+
+# AdamW's defaults except eps: with eps=1e-8 an element whose gradient is ~0 moves by up
+# to ±lr on rounding noise alone (1e-12 differences in a sum flip g/(|g|+eps)), so any
+# reordering of a sum shows up as 1e-5..1e-4 weight differences after one step.
+# eps=1e-6 keeps the update a smooth function of the gradient; gradients are compared
+# directly as well.
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+
+
+def reference(name: str, layers: int) -> tuple[list[float], dict, dict]:
+    """Losses, final weights and last-step gradients of plain single-process training."""
+    m = make_model(name, layers)
+    opt = torch.optim.AdamW(m.parameters(), **ADAMW)
+    losses = []
+    for b in batches():
+        opt.zero_grad(set_to_none=True)
+        out = m(input_ids=b, labels=b)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    weights = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    return losses, weights, grads
+
+
+def rel_err(a: dict, b: dict) -> float:
+    """Largest over tensors of ||a-b|| / ||b|| (2-norms). A tensor 1e4 times smaller than
+    the largest is measured against that floor instead: k_proj biases have an analytically
+    zero gradient (softmax ignores a shift of the keys), so theirs is pure rounding."""
+    floor = 1e-4 * max(float(t.norm()) for t in b.values())
+    errs = {k: float((a[k] - b[k]).norm()) / max(float(b[k].norm()), floor) for k in b}
+    if os.environ.get("DEBUG_ERR"):
+        print(sorted(errs.items(), key=lambda kv: -kv[1])[:4])
+    return max(errs.values())
+
+
+def run_config(cfg: dict) -> dict:
+    name, layers = cfg["model"], cfg.get("layers", 2)
+    pins = {k: v for k, v in cfg.items() if k not in ("model", "layers", "id")}
+    pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
+                     lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]}, **pins)
+    losses = [pm.train_step({"input_ids": b}) for b in batches()]
+    grads = pm.full_state_dict(grads=True)
+    weights = pm.full_state_dict()
+    same = [float(t) for t in _all_ranks(torch.tensor(losses))]
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same}
+    if dist.get_rank() == 0:
+        ref_losses, ref_w, ref_g = reference(name, layers)
+        # Weights: relative error of all of them together. Per tensor, a zero-initialised
+        # bias is nothing but three AdamW updates, which amplify rounding in small
+        # gradients; its error is reported (weight_err_per_tensor) but not the criterion.
+        diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
+        norm = sum(float(v.norm()) ** 2 for v in ref_w.values()) ** 0.5
+        out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g),
+                   weight_err=diff / norm, weight_err_per_tensor=rel_err(weights, ref_w),
+                   names_match=sorted(weights) == sorted(ref_w))
+    return out
+
+
+def _all_ranks(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.stack(parts).max(0).values - torch.stack(parts).min(0).values
+
+
+PLAN_KEYS = ("dp", "tp", "pp", "zero", "schedule", "recompute", "micro_batch_size")
+
+
+def run_save(cfg: dict) -> dict:
+    """Train 2 steps, save a training checkpoint and an HF checkpoint, compare this
+    model's logits with the HF checkpoint's in plain transformers, train 2 more."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = cfg["dir"]
+    pm = parallelize(make_model(cfg["model"], cfg.get("layers", 2)), seq_len=SEQ,
+                     global_batch_size=BATCH, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    data = batches(4)
+    first = [pm.train_step({"input_ids": b}) for b in data[:2]]
+    pm.save_checkpoint(f"{out_dir}/ckpt")
+    pm.save_pretrained(f"{out_dir}/hf")
+    logits = pm.forward(data[0])
+    rest = [pm.train_step({"input_ids": b}) for b in data[2:]]
+    out = {"layout": pm.chosen.layout_str(), "first": first, "continued": rest}
+    if dist.get_rank() == 0:
+        hf = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf")
+        with torch.no_grad():
+            ref = hf(input_ids=data[0]).logits
+        out["logits_err"] = float((logits - ref).abs().max() / ref.abs().max())
+    return out
+
+
+def run_resume(cfg: dict) -> dict:
+    """A differently initialised model under another plan, resumed from the checkpoint,
+    trains the last 2 steps."""
+    torch.manual_seed(123)
+    m = make_model(cfg["model"], cfg.get("layers", 2))
+    for p in m.parameters():  # make sure nothing of the original init survives
+        torch.nn.init.normal_(p.data, std=0.5)
+    pm = parallelize(m, seq_len=SEQ, global_batch_size=BATCH,
+                     **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    pm.load_checkpoint(f"{cfg['dir']}/ckpt")
+    losses = [pm.train_step({"input_ids": b}) for b in batches(4)[2:]]
+    return {"layout": pm.chosen.layout_str(), "losses": losses, "step": pm.step_count}
+
+
+def run_weights(cfg: dict) -> dict:
+    """A meta-device model loaded from the saved HF checkpoint with ``weights=DIR``
+    gives the logits plain transformers gives for that checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    cfg_m = with_layers(load_config(cfg["model"]), cfg.get("layers", 2))
+    model = build_model(cfg_m, device="meta")
+    pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH,
+                     weights=f"{cfg['dir']}/hf", **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    data = batches(1)[0]
+    logits = pm.forward(data)
+    held = sum(p.numel() for p in pm.local_parameters().values())
+    out = {"layout": pm.chosen.layout_str(), "held": held}
+    if dist.get_rank() == 0:
+        hf = AutoModelForCausalLM.from_pretrained(f"{cfg['dir']}/hf")
+        with torch.no_grad():
+            ref = hf(input_ids=data).logits
+        out["logits_err"] = float((logits - ref).abs().max() / ref.abs().max())
+        out["total"] = sum(p.numel() for p in hf.parameters())
+    return out
+
+
+def run_error(cfg: dict) -> dict:
+    """A bad request must raise a CollieError on every rank (not hang)."""
+    try:
+        kwargs = {k: v for k, v in cfg.items()
+                  if k not in ("model", "layers", "id", "error", "heads")}
+        parallelize(make_model(cfg["model"], cfg.get("layers", 2), cfg.get("heads")),
+                    seq_len=SEQ,
+                    global_batch_size=BATCH, **kwargs)
+        msg = ""
+    except CollieError as e:
+        msg = str(e)
+    flags = [torch.tensor([int(bool(msg))]) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, torch.tensor([int(bool(msg))]))
+    return {"error": msg, "all_ranks_raised": all(int(f) for f in flags)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", required=True, help="JSON list of configurations")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    results = {}
+    for cfg in json.loads(open(args.configs).read()):
+        try:
+            kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
+            run = {"train": run_config, "error": run_error, "save": run_save,
+                   "resume": run_resume, "weights": run_weights}[kind]
+            results[cfg["id"]] = run(cfg)
+        except Exception:  # record and go on: one broken layout must not hide the others
+            results[cfg["id"]] = {"crash": traceback.format_exc()}
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""parallelize() on real gloo process groups equals one process training the same model.
+
+Two torchrun launches (4 and 8 processes) each run many layouts back to back, so the
+import and start-up cost is paid twice; tests/dist_worker.py does the work and rank 0
+writes one JSON record per layout, which the tests below check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+
+L4 = {"model": "tiny-llama", "layers": 4}  # 4 blocks so pp can be 4
+CONFIGS_4 = [
+    # every (dp, tp, pp) factorization of 4, ZeRO 0 and 3, recompute on and off
+    {"id": "llama-dp4-z0", **L4, "dp": 4, "tp": 1, "pp": 1, "zero": 0},
+    {"id": "llama-dp4-z3-full", **L4, "dp": 4, "tp": 1, "pp": 1, "zero": 3, "recompute": "full"},
+    {"id": "llama-tp4-selective", **L4, "dp": 1, "tp": 4, "pp": 1, "recompute": "selective"},
+    {"id": "llama-pp4", **L4, "dp": 1, "tp": 1, "pp": 4},
+    {"id": "llama-dp2tp2-z3", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3},
+    {"id": "llama-dp2tp2-z0-full", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 0,
+     "recompute": "full"},
+    {"id": "llama-dp2pp2-z3-selective", **L4, "dp": 2, "tp": 1, "pp": 2, "zero": 3,
+     "recompute": "selective"},
+    {"id": "llama-dp2pp2-z1-gpipe", **L4, "dp": 2, "tp": 1, "pp": 2, "zero": 1,
+     "schedule": "gpipe"},
+    {"id": "llama-tp2pp2-interleaved-full", **L4, "dp": 1, "tp": 2, "pp": 2,
+     "schedule": "interleaved", "recompute": "full"},
+    # a second family: Qwen2 (q/k/v biases), 2 blocks
+    {"id": "qwen2-dp2tp2-z3", "model": "tiny-qwen2", "dp": 2, "tp": 2, "pp": 1, "zero": 3},
+    {"id": "qwen2-tp2pp2-full", "model": "tiny-qwen2", "dp": 1, "tp": 2, "pp": 2,
+     "recompute": "full"},
+    {"id": "qwen2-tp4", "model": "tiny-qwen2", "dp": 1, "tp": 4, "pp": 1},
+    {"id": "qwen2-dp4-z0-selective", "model": "tiny-qwen2", "dp": 4, "tp": 1, "pp": 1,
+     "zero": 0, "recompute": "selective"},
+    {"id": "mistral-dp2pp2-z2", "model": "tiny-mistral", "dp": 2, "tp": 1, "pp": 2, "zero": 2},
+]
+ERRORS_4 = [
+    {"id": "err-gpus", "model": "tiny-llama", "gpus": 8, "error": "gpus=8 but this job has 4"},
+    {"id": "err-heads", "model": "tiny-llama", "heads": 2, "tp": 4,
+     "error": "does not divide"},
+    {"id": "err-plan-model", "model": "tiny-llama", "plan": "{qwen_plan}",
+     "error": "the plan is for model 'tiny-qwen2'"},
+]
+# A checkpoint written under one plan, resumed under another (same launch) and under
+# another GPU count (the 8-process launch).
+SAVE = {"id": "ckpt-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2}
+RESUME_4 = {"id": "ckpt-resume-4", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3}
+RESUME_8 = {"id": "ckpt-resume-8", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 1}
+WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
+CONFIGS_8 = [
+    {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
+     "recompute": "full"},
+    {"id": "llama-dp4tp2-z0", **L4, "dp": 4, "tp": 2, "pp": 1, "zero": 0},
+    {"id": "qwen2-dp2tp4-z3", "model": "tiny-qwen2", "dp": 2, "tp": 4, "pp": 1, "zero": 3},
+]
+
+
+def launch(nproc: int, configs: list[dict], tmp: Path) -> dict:
+    cfg_file, out = tmp / f"configs{nproc}.json", tmp / f"results{nproc}.json"
+    cfg_file.write_text(json.dumps(configs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(ROOT / "tests" / "dist_worker.py"),
+           "--configs", str(cfg_file), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
+    from collie_compile.planner import plan
+
+    tmp = tmp_path_factory.mktemp("run4")
+    qwen_plan = tmp / "qwen.json"
+    plan("tiny-qwen2", gpus=4, seq_len=16, global_batch_size=8, dtype="fp32").save(qwen_plan)
+    errors = [{**e, "plan": str(qwen_plan)} if "plan" in e else e for e in ERRORS_4]
+    ckpts = [{**c, "dir": str(ckpt_dir)} for c in (SAVE, RESUME_4, WEIGHTS_4)]
+    return launch(4, CONFIGS_4 + errors + ckpts, tmp)
+
+
+@pytest.fixture(scope="module")
+def results8(tmp_path_factory: pytest.TempPathFactory, results4: dict, ckpt_dir: Path) -> dict:
+    return launch(8, CONFIGS_8 + [{**RESUME_8, "dir": str(ckpt_dir)}],
+                  tmp_path_factory.mktemp("run8"))
+
+
+def check(r: dict, cfg: dict) -> None:
+    assert "crash" not in r, r.get("crash")
+    for k in ("dp", "tp", "pp", "zero"):
+        if k in cfg:
+            assert f"{k}={cfg[k]}" in r["layout"]
+    for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+        assert abs(ours - ref) <= TOL * abs(ref)
+    assert max(r["losses_all_ranks"]) == 0.0  # every rank returns the same loss
+    assert r["names_match"]
+    assert r["grad_err"] <= TOL, r["grad_err"]
+    assert r["weight_err"] <= TOL, r["weight_err"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS_4, ids=[c["id"] for c in CONFIGS_4])
+def test_matches_single_process_4(results4: dict, cfg: dict) -> None:
+    check(results4[cfg["id"]], cfg)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS_8, ids=[c["id"] for c in CONFIGS_8])
+def test_matches_single_process_8(results8: dict, cfg: dict) -> None:
+    check(results8[cfg["id"]], cfg)
+
+
+@pytest.mark.parametrize("cfg", ERRORS_4, ids=[c["id"] for c in ERRORS_4])
+def test_bad_input_fails_on_every_rank(results4: dict, cfg: dict) -> None:
+    r = results4[cfg["id"]]
+    assert "crash" not in r, r.get("crash")
+    assert cfg["error"] in r["error"]
+    assert r["all_ranks_raised"]
+
+
+def test_save_pretrained_loads_in_transformers(results4: dict, ckpt_dir: Path) -> None:
+    r = results4[SAVE["id"]]
+    assert "crash" not in r, r.get("crash")
+    assert r["logits_err"] <= TOL
+    assert sorted(p.name for p in (ckpt_dir / "hf").iterdir()) == ["config.json",
+                                                                   "model.safetensors"]
+    assert not list(ckpt_dir.glob("*.tmp"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("which", ["4", "8"])
+def test_resume_under_another_plan(results4: dict, results8: dict, which: str) -> None:
+    saved = results4[SAVE["id"]]
+    r = (results4[RESUME_4["id"]] if which == "4" else results8[RESUME_8["id"]])
+    assert "crash" not in r, r.get("crash")
+    assert r["layout"] != saved["layout"]
+    assert r["step"] == 4
+    for ours, ref in zip(r["losses"], saved["continued"], strict=True):
+        assert abs(ours - ref) <= TOL * abs(ref)
+
+
+def test_meta_model_loads_only_its_slices(results4: dict) -> None:
+    r = results4[WEIGHTS_4["id"]]
+    assert "crash" not in r, r.get("crash")
+    assert r["logits_err"] <= TOL
+    assert r["held"] < r["total"] / 2  # tp=2 x pp=2: no rank holds the model
