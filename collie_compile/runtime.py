@@ -12,11 +12,10 @@ loss and gradients equal those of one process on the whole batch with HF's mean 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import json
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -201,6 +200,9 @@ class ParallelModel:
         # Every rank knows every parameter's full shape and owning pp rank (for gathers).
         self.param_shapes = {n: tuple(s) for n, s in ag.param_shapes.items()}
         self.param_dtypes = {n: p.dtype for n, p in ag.gm.named_parameters()}
+        self.stage_inputs = [[(tuple(n.meta["val"].shape), n.meta["val"].dtype)
+                              for n in part.graph.nodes if n.op == "placeholder"]
+                             for part in parts]
         self.owner = {n: k % c.pp for k, part in enumerate(parts)
                       for n, _ in part.named_parameters()}
         stages = []
@@ -249,8 +251,12 @@ class ParallelModel:
         return classes[name](params, **opts)
 
     def _make_schedule(self) -> object:
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
         c = self.chosen
         n = c.pp * c.virtual_stages
@@ -361,19 +367,37 @@ class ParallelModel:
         mine = ids[self.coords.dp * share:(self.coords.dp + 1) * share].to(self.device)
         vocab = int(self.config.vocab_size)
         local = torch.zeros(share, self.seq, vocab, device=self.device)
-        if self.schedule is None:
-            for i, x in enumerate(mine.split(self.micro_batch)):
-                local[i * self.micro_batch:(i + 1) * self.micro_batch] = _first(self.stages[0](x))
-        else:
-            out = self.schedule.eval(mine) if 0 in self.stage_ids else self.schedule.eval()
-            if self._is_last():
-                local.copy_(_first(out))
-            if self.coords.tp != 0 or not self._is_last():
-                local.zero_()
+        for i, x in enumerate(mine.split(self.micro_batch)):
+            out = self._forward_micro_batch(x)
+            if out is not None and self.coords.tp == 0:
+                local[i * self.micro_batch:(i + 1) * self.micro_batch] = out
         full = torch.zeros(self.global_batch, self.seq, vocab, device=self.device)
         full[self.coords.dp * share:(self.coords.dp + 1) * share] = local
         dist.all_reduce(full)
         return full.cpu()
+
+    def _forward_micro_batch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Run one micro-batch through the stages in order, passing boundary tensors
+        point to point along the pp group; the logits on the last stage's ranks."""
+        n = self.chosen.pp * self.chosen.virtual_stages
+        dp, tp = self.coords.dp, self.coords.tp
+        peer = [int(self.mesh.mesh[j, dp, tp]) for j in range(self.chosen.pp)]
+        acts: tuple = (x,)
+        for k in range(n):
+            here, prev = k % self.chosen.pp, (k - 1) % self.chosen.pp
+            if here != self.coords.pp:
+                if prev == self.coords.pp and k > 0:
+                    for t in acts:
+                        dist.send(t.contiguous(), dst=peer[here])
+                continue
+            if k > 0 and prev != here:
+                acts = tuple(torch.empty(shape, dtype=dtype, device=self.device)
+                             for shape, dtype in self.stage_inputs[k])
+                for t in acts:
+                    dist.recv(t, src=peer[prev])
+            out = self.stages[self.stage_ids.index(k)](*acts)
+            acts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return acts[0] if self._is_last() else None
 
     def local_parameters(self) -> dict[str, torch.nn.Parameter]:
         """HF name -> this rank's parameter (a tp slice; a DTensor under ZeRO 2/3)."""

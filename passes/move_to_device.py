@@ -13,7 +13,8 @@ from torch import fx
 
 
 def move_to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """Replace each ``torch.device`` in node arguments by ``device``."""
+    """Replace each ``torch.device`` in node arguments by ``device``, in ``gm`` and in the
+    graph modules nested in it (outlined blocks)."""
     def swap(a: object) -> object:
         if isinstance(a, torch.device):
             return device
@@ -23,8 +24,10 @@ def move_to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
             return {k: swap(v) for k, v in a.items()}
         return a
 
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            n.args, n.kwargs = swap(n.args), swap(n.kwargs)
-    gm.recompile()
+    for mod in gm.modules():
+        if isinstance(mod, fx.GraphModule):
+            for n in mod.graph.nodes:
+                if n.op == "call_function":
+                    n.args, n.kwargs = swap(n.args), swap(n.kwargs)
+            mod.recompile()
     return gm

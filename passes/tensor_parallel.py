@@ -175,13 +175,13 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             shards[w_name] = Shard(1, s.start, s.stop, in_f)
             with gm.graph.inserting_after(lin):
                 red = _module_node(gm, ReduceFromTP(group), "tp_reduce", lin, lin)
-            lin.replace_all_uses_with(red, delete_user_cb=lambda u: u is not red)
+            lin.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
             if b_node is not None:  # add the bias once, after the sum
                 lin.args = lin.args[:2]
                 with gm.graph.inserting_after(red):
                     add = gm.graph.call_function(aten.add.Tensor, (red, b_node))
                     add.meta = dict(lin.meta)
-                red.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+                red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
             raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
     _fix_shapes(gm, tp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import traceback
 
 import torch
@@ -14,8 +15,6 @@ import torch.distributed as dist
 from collie_compile.errors import CollieError
 from collie_compile.models import build_model, load_config, with_layers
 from collie_compile.runtime import parallelize
-
-import os
 
 STEPS, SEQ, BATCH, VOCAB = int(os.environ.get("STEPS", 3)), 16, 8, 256
 
