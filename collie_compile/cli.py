@@ -1,4 +1,4 @@
-"""The ``collie-compile`` command line: models, gpus, estimate, plan, calibrate."""
+"""The ``collie-compile`` command line: models, gpus, estimate, plan, calibrate, train."""
 
 from __future__ import annotations
 
@@ -170,6 +170,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .train import TrainConfig, train
+
+    pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "micro_batch_size",
+                                          "schedule", "recompute")
+            if getattr(args, k) is not None}
+    cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, seq_len=args.seq_len,
+                      global_batch_size=args.global_batch, optimizer=args.optimizer,
+                      lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
+                      weights=args.weights, save=args.save, seed=args.seed, pins=pins)
+    losses = train(cfg)
+    if dist.get_rank() == 0:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collie-compile", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -231,6 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="name for the spec (default: device name)")
     c.add_argument("--quick", action="store_true", help="small sizes: seconds, rougher")
     c.set_defaults(func=cmd_calibrate)
+
+    t = sub.add_parser("train", help="train on a text file (run under torchrun, one process "
+                                     "per GPU; CPU processes use gloo)")
+    t.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
+    t.add_argument("--data", required=True, help="a UTF-8 text file")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--seq-len", type=int, default=64)
+    t.add_argument("--global-batch", type=int, default=8, help="sequences per step")
+    t.add_argument("--optimizer", default="adamw", type=str.lower)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--plan", default="auto", help="'auto' or a plan JSON file")
+    t.add_argument("--gpu", default="a100-80gb", help="hardware the auto plan assumes")
+    t.add_argument("--tokenizer", help="local HF tokenizer directory (default: UTF-8 bytes)")
+    t.add_argument("--weights", help="HF safetensors checkpoint to start from")
+    t.add_argument("--save", help="write a HF checkpoint here at the end")
+    t.add_argument("--seed", type=int, default=0)
+    for name in ("dp", "tp", "pp", "zero"):
+        t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
+    t.add_argument("--micro-batch-size", type=int, default=None, help="pin the micro-batch")
+    t.add_argument("--schedule", choices=SCHEDULES, default=None)
+    t.add_argument("--recompute", choices=RECOMPUTE, default=None)
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -1,0 +1,102 @@
+"""``collie-compile train``: train a model on a text file under torchrun.
+
+Text becomes tokens with a local Hugging Face tokenizer (``--tokenizer DIR``) or, with
+none, as UTF-8 bytes (ids 0-255: every preset's vocabulary covers them, and nothing is
+downloaded). Each step draws the same random windows on every rank (a seeded generator),
+so every rank passes the same global batch, as ``train_step`` expects.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import CollieError
+from .models import build_model, load_config
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    steps: int = 20
+    seq_len: int = 64
+    global_batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float | None = None
+    plan: str = "auto"
+    gpu: str = "a100-80gb"
+    tokenizer: str | None = None
+    weights: str | None = None
+    save: str | None = None
+    seed: int = 0
+    pins: dict | None = None
+
+
+def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
+    """The file's tokens as one long tensor."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CollieError(f"cannot read training data {path}: {e.strerror}") from None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    else:
+        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise CollieError(f"token id {int(ids.max())} is outside the model's vocabulary of "
+                          f"{vocab_size}; use a tokenizer that matches the model")
+    return ids
+
+
+def windows(tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random windows of ``seq`` tokens."""
+    if tokens.numel() < seq + 1:
+        raise CollieError(f"the training data has {tokens.numel()} tokens, fewer than one "
+                          f"sequence of {seq}; use a longer file or a smaller --seq-len")
+    starts = torch.randint(0, tokens.numel() - seq, (batch,), generator=gen)
+    return torch.stack([tokens[s:s + seq] for s in starts.tolist()])
+
+
+def train(cfg: TrainConfig) -> list[float]:
+    """Train and return the loss of every step (on every rank)."""
+    from tqdm import tqdm
+
+    from .runtime import parallelize
+
+    model_cfg = load_config(cfg.model)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(model_cfg, device="meta" if cfg.weights else "cpu")
+    pm = parallelize(model, plan=cfg.plan, optimizer=cfg.optimizer, lr=cfg.lr,
+                     seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
+                     gpu=cfg.gpu, weights=cfg.weights, **(cfg.pins or {}))
+    tokens = tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"plan: {pm.chosen.layout_str()}", flush=True)
+    losses = []
+    bar = tqdm(range(cfg.steps), disable=not rank0, unit="step")
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    for _ in bar:
+        start = time.perf_counter()
+        loss = pm.train_step({"input_ids": windows(tokens, cfg.global_batch_size,
+                                                   cfg.seq_len, gen)})
+        if not math.isfinite(loss):
+            raise CollieError(f"the loss became {loss} at step {len(losses) + 1}; lower --lr")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}",
+                        tok_s=f"{tokens_per_step / (time.perf_counter() - start):.0f}")
+    if cfg.save:
+        pm.save_pretrained(cfg.save)
+        if rank0:
+            print(f"saved a Hugging Face checkpoint to {cfg.save}", flush=True)
+    return losses
