@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/collie-compile estimate llama-65b --gpus 8 --gpu rtx3090 --optimizer adamw \
-		--zero 3 --seq-len 512 --recompute full
+	$(BIN)/collie-compile plan llama-2-7b --gpus 8 --gpu a100-80gb --seq-len 4096
 	@echo
 	$(BIN)/collie-compile estimate llama-65b --gpus 8 --gpu rtx3090 --optimizer lomo \
 		--zero 3 --seq-len 512 --recompute full
+	@echo
+	# train the tiny preset on 4 CPU processes (gloo) with the auto plan
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 -m collie_compile \
+		train tiny-llama --data README.md --steps 30 --seq-len 64 --global-batch 16 \
+		--lr 3e-3 2>&1 | grep -v "^W\|warn"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ so every rank passes the same global batch, as ``train_step`` expects.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,17 +85,22 @@ def train(cfg: TrainConfig) -> list[float]:
     if rank0:
         print(f"plan: {pm.chosen.layout_str()}", flush=True)
     losses = []
-    bar = tqdm(range(cfg.steps), disable=not rank0, unit="step")
+    tty = sys.stderr.isatty()  # a log file gets one line per tenth of the run instead
+    bar = tqdm(range(cfg.steps), disable=not (rank0 and tty), unit="step")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    for _ in bar:
+    every = max(1, cfg.steps // 10)
+    for step in bar:
         start = time.perf_counter()
         loss = pm.train_step({"input_ids": windows(tokens, cfg.global_batch_size,
                                                    cfg.seq_len, gen)})
         if not math.isfinite(loss):
             raise CollieError(f"the loss became {loss} at step {len(losses) + 1}; lower --lr")
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}",
-                        tok_s=f"{tokens_per_step / (time.perf_counter() - start):.0f}")
+        tok_s = tokens_per_step / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+        if rank0 and not tty and (step % every == 0 or step == cfg.steps - 1):
+            print(f"step {step + 1:5d}/{cfg.steps}  loss {loss:.4f}  {tok_s:,.0f} tokens/s",
+                  flush=True)
     if cfg.save:
         pm.save_pretrained(cfg.save)
         if rank0:
