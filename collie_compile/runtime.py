@@ -33,7 +33,7 @@ from .passes.move_to_device import move_to_device
 from .passes.outline_blocks import outline_blocks
 from .passes.pipeline_split import pipeline_split
 from .passes.recompute import recompute as recompute_pass
-from .passes.tensor_parallel import tensor_parallel
+from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
 from .plan import Candidate, Plan
 
 IGNORE_INDEX = -100
@@ -182,12 +182,20 @@ class ParallelModel:
         layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
                   if i.kind == "linear" and i.block is not None}
         cfg = self.config
+        vocab = int(cfg.vocab_size)
+        if c.tp > 1 and vocab % c.tp == 0 and not getattr(cfg, "tie_word_embeddings", False):
+            # Vocabulary-parallel embedding and head: the logits stay split over tp.
+            for i in ag.nodes.values():
+                if i.block is None and (i.kind == "linear" or i.op == "aten.embedding.default") \
+                        and any(ag.param_shapes[p][0] == vocab for p in i.params):
+                    layout[i.name] = "vocab"
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         gm = cdist.agree(lambda: tensor_parallel(
             gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp, heads, kv, head_dim))
         self.tp_shards = dict(gm.meta["tp_shards"])
+        self.vocab_slice = gm.meta.get("vocab_slice")
         partial = dict(gm.meta["partial_grads"])
         sets = sorted({tuple(s) for v in partial.values() for s in v})
         groups = cdist.subgroups(self.mesh, [list(s) for s in sets]) if sets else {}
@@ -274,7 +282,13 @@ class ParallelModel:
     # -- training ---------------------------------------------------------------------
 
     def _pipeline_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
-        return token_loss(out, target) * self._loss_scale
+        return self._token_loss(out, target) * self._loss_scale
+
+    def _token_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
+        if self.vocab_slice is None:
+            return token_loss(out, target)
+        return vocab_parallel_cross_entropy(_first(out), target, self.vocab_slice[0],
+                                            self.mesh.get_group("tp"), IGNORE_INDEX)
 
     def _local_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         ids = torch.as_tensor(batch["input_ids"])
@@ -316,7 +330,7 @@ class ParallelModel:
                                            targets.chunk(self.num_microbatches), strict=True)):
                 if fsdp:
                     st.set_requires_gradient_sync(i == self.num_microbatches - 1)
-                loss = token_loss(st(x), y) * scale
+                loss = self._token_loss(st(x), y) * scale
                 loss.backward()
                 total += loss.detach().float().cpu()
         else:
@@ -369,8 +383,11 @@ class ParallelModel:
         local = torch.zeros(share, self.seq, vocab, device=self.device)
         for i, x in enumerate(mine.split(self.micro_batch)):
             out = self._forward_micro_batch(x)
-            if out is not None and self.coords.tp == 0:
-                local[i * self.micro_batch:(i + 1) * self.micro_batch] = out
+            rows = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            if out is not None and self.vocab_slice is not None:  # each tp rank its slice
+                local[rows, :, self.vocab_slice[0]:self.vocab_slice[1]] = out
+            elif out is not None and self.coords.tp == 0:
+                local[rows] = out
         full = torch.zeros(self.global_batch, self.seq, vocab, device=self.device)
         full[self.coords.dp * share:(self.coords.dp + 1) * share] = local
         dist.all_reduce(full)

@@ -13,7 +13,10 @@ region between a column linear and the row linear that closes it). The pass
 - rewrites shape constants of views, reshapes and expands whose input is now sharded
   (head counts, GQA repeat factors), found by running the graph on fake tensors.
 
-Embedding and LM head stay replicated. Linears outside decoder blocks are untouched.
+With ``"vocab"`` for the embedding and the LM head (vocabulary divisible by tp), each rank
+holds a slice of the vocabulary: the embedding looks up the ids in its slice and sums
+over tp, and the head produces this rank's slice of the logits, which
+:func:`vocab_parallel_cross_entropy` turns into the loss without ever gathering them.
 """
 
 from __future__ import annotations
@@ -93,6 +96,59 @@ class ReduceFromTP(torch.nn.Module):
         return _ReduceFromTP.apply(x, self.group)
 
 
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding of the ids in ``[start, stop)`` from this rank's rows (others give 0),
+    summed over the tp group."""
+
+    def __init__(self, group: dist.ProcessGroup, start: int, stop: int) -> None:
+        super().__init__()
+        self.group, self.start, self.stop = group, start, stop
+
+    def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = torch.where(outside, 0, ids - self.start)
+        out = torch.nn.functional.embedding(local, weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return _ReduceFromTP.apply(out, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, logits: torch.Tensor, target: torch.Tensor, start: int,
+                group: dist.ProcessGroup, ignore_index: int) -> torch.Tensor:
+        width = logits.shape[-1]
+        top = logits.max(-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        z = logits - top.unsqueeze(-1)
+        e = z.exp()
+        total = e.sum(-1)
+        dist.all_reduce(total, group=group)
+        valid = target != ignore_index
+        mine = valid & (target >= start) & (target < start + width)
+        idx = (target - start).clamp(0, width - 1)
+        picked = z.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(picked, group=group)
+        ctx.save_for_backward(e / total.unsqueeze(-1), idx, mine, valid)
+        return ((total.log() - picked) * valid).sum()
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple:
+        softmax, idx, mine, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        return grad * valid.unsqueeze(-1) * g, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int,
+                                 group: dist.ProcessGroup, ignore_index: int = -100
+                                 ) -> torch.Tensor:
+    """Sum over positions of cross-entropy, from each tp rank's logits for vocabulary ids
+    ``[start, start + logits.shape[-1])`` (max, sum of exponentials and the target's
+    logit reduced over ``group``): the same as on gathered logits, which never exist."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return _VocabParallelCE.apply(flat, target.reshape(-1), start, group, ignore_index)
+
+
 def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int
                ) -> tuple[int, int]:
     """(units, unit size) a projection of ``features`` outputs is split in: whole heads
@@ -126,10 +182,13 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                     ) -> fx.GraphModule:
     """Shard ``gm`` (a captured, static-shape training graph) for tp rank ``rank``.
 
-    ``layout`` maps linear node names to ``"column"`` or ``"row"``; other nodes run
-    replicated. Records ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard`, as a
-    dict) and ``gm.meta["partial_grads"]`` (parameter name -> tp ranks that must sum its
-    gradient). Assumes the linears are ``aten.linear`` on 2-D weights read by ``get_attr``.
+    ``layout`` maps linear node names to ``"column"`` or ``"row"``, and the embedding
+    and LM head nodes optionally to ``"vocab"``; other nodes run replicated. Records
+    ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard` as a dict),
+    ``gm.meta["partial_grads"]`` (parameter name -> the sets of tp ranks that must sum its
+    gradient, a partition of the tp group, the same on every rank) and, with a vocabulary-
+    parallel head, ``gm.meta["vocab_slice"]``. Assumes the linears are ``aten.linear`` on
+    2-D weights read by ``get_attr``.
     """
     if tp == 1:
         gm.meta.setdefault("tp_shards", {})
@@ -141,6 +200,18 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
     by_name = {n.name: n for n in gm.graph.nodes}
     for name, how in layout.items():
         lin = by_name[name]
+        if how == "vocab" and lin.target == aten.embedding.default:
+            w_name = lin.args[0].target
+            weight = gm.get_parameter(w_name)
+            s, _ = shard_of(weight.shape[0], weight.shape[0], tp, rank, w_name)
+            _set_param(gm, w_name, weight[s.start:s.stop])
+            shards[w_name] = s
+            with gm.graph.inserting_after(lin):
+                emb = _module_node(gm, VocabParallelEmbedding(group, s.start, s.stop),
+                                   "tp_embedding", lin.args[0], lin, args=lin.args[:2])
+            lin.replace_all_uses_with(emb)
+            gm.graph.erase_node(lin)
+            continue
         if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
             raise CollieError(f"tensor_parallel: {name} ({lin.target}) is not an aten.linear on "
                               "a weight; fused projections are not supported, use tp=1")
@@ -148,14 +219,17 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         b_node = lin.args[2] if len(lin.args) > 2 else None
         weight = gm.get_parameter(w_name)
         out_f, in_f = weight.shape
-        if how == "column":
-            units, _ = head_units(out_f, num_heads, num_kv_heads, head_dim)
+        if how in ("column", "vocab"):
+            units = (out_f if how == "vocab"
+                     else head_units(out_f, num_heads, num_kv_heads, head_dim)[0])
             s, sharers = shard_of(out_f, units, tp, rank, w_name)
             _set_param(gm, w_name, weight[s.start:s.stop])
             shards[w_name] = s
             if b_node is not None:
                 _set_param(gm, b_node.target, gm.get_parameter(b_node.target)[s.start:s.stop])
                 shards[b_node.target] = s
+            if how == "vocab":
+                gm.meta["vocab_slice"] = (s.start, s.stop)
             if len(sharers[0]) > 1:
                 partial[w_name] = sharers
                 if b_node is not None:
@@ -200,12 +274,13 @@ def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
 
 
 def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, arg: fx.Node,
-                 like: fx.Node) -> fx.Node:
-    """Call ``mod`` on ``arg``, registered beside the weight of linear ``like`` (so it
-    belongs to the same block)."""
-    path = f"{like.args[1].target.rpartition('.')[0]}.{stem}"
+                 like: fx.Node, args: tuple | None = None) -> fx.Node:
+    """Call ``mod`` on ``arg`` (or ``args``), registered beside the weight ``like`` reads
+    (so it belongs to the same block)."""
+    weight = next(a for a in like.args if isinstance(a, fx.Node) and a.op == "get_attr")
+    path = f"{weight.target.rpartition('.')[0]}.{stem}"
     gm.add_submodule(path, mod)
-    node = gm.graph.call_module(path, (arg,))
+    node = gm.graph.call_module(path, args if args is not None else (arg,))
     node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "val")}
     if stem == "tp_copy":
         node.meta["val"] = arg.meta.get("val")
@@ -225,13 +300,18 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> None:
         for n in gm.graph.nodes:
             if n.op == "placeholder":
                 v = n.meta["val"]
-                env[n] = torch.empty(v.shape, dtype=v.dtype)
+                env[n] = torch.empty(v.shape, dtype=v.dtype, device=v.device)
             elif n.op == "get_attr":
                 env[n] = mode.from_tensor(_attr(gm, n.target))
             elif n.op == "call_module":
                 sub = gm.get_submodule(n.target)
-                env[n] = (env[n.args[0]] if isinstance(sub, (CopyToTP, ReduceFromTP))
-                          else None)
+                if isinstance(sub, (CopyToTP, ReduceFromTP)):
+                    env[n] = env[n.args[0]]
+                elif isinstance(n.meta.get("val"), torch.Tensor):  # shape unchanged
+                    v = n.meta["val"]
+                    env[n] = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+                else:
+                    env[n] = None
             elif n.op == "call_function":
                 inp = n.args[0] if n.args else None
                 old = inp.meta.get("val") if isinstance(inp, fx.Node) else None

@@ -76,7 +76,8 @@ def run_config(cfg: dict) -> dict:
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
-    out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same}
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
+           "vocab_slice": pm.vocab_slice}
     if dist.get_rank() == 0:
         ref_losses, ref_w, ref_g = reference(name, layers)
         # Weights: relative error of all of them together. Per tensor, a zero-initialised

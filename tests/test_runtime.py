@@ -110,6 +110,11 @@ def check(r: dict, cfg: dict) -> None:
     assert r["names_match"]
     assert r["grad_err"] <= TOL, r["grad_err"]
     assert r["weight_err"] <= TOL, r["weight_err"]
+    if cfg.get("tp", 1) > 1:  # logits split over the vocabulary, never gathered
+        start, stop = r["vocab_slice"]
+        assert stop - start == 256 // cfg["tp"]
+    else:
+        assert r["vocab_slice"] is None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS_4, ids=[c["id"] for c in CONFIGS_4])
