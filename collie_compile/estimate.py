@@ -54,12 +54,15 @@ def default_seq_len(model: str) -> int:
 
 def check_tp(profile: ModelProfile, tp: int) -> None:
     """Heads must split evenly; KV heads split or are replicated (GQA)."""
-    h, kv = profile.num_heads, profile.num_kv_heads
-    if h % tp:
-        raise CollieError(f"tp={tp} does not divide {profile.name}'s {h} attention heads; "
-                          f"use a tp that divides {h}")
+    check_heads(profile.name, profile.num_heads, profile.num_kv_heads, tp)
+
+
+def check_heads(name: str, heads: int, kv: int, tp: int) -> None:
+    if heads % tp:
+        raise CollieError(f"tp={tp} does not divide {name}'s {heads} attention heads; "
+                          f"use a tp that divides {heads}")
     if kv % tp and tp % kv:
-        raise CollieError(f"tp={tp} neither divides nor is a multiple of {profile.name}'s {kv} "
+        raise CollieError(f"tp={tp} neither divides nor is a multiple of {name}'s {kv} "
                           "key/value heads")
 
 

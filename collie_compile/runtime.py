@@ -27,6 +27,7 @@ from . import distributed as cdist
 from .annotate import annotate
 from .capture import capture_static
 from .errors import CollieError
+from .estimate import check_heads
 from .models import model_name
 from .passes.data_parallel import data_parallel
 from .passes.move_to_device import move_to_device
@@ -117,10 +118,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
         raise CollieError(f"the plan is for {c.dp * c.tp * c.pp} GPUs (dp={c.dp} tp={c.tp} "
                           f"pp={c.pp}) but this job has {world} processes")
     heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    if heads % c.tp or (kv % c.tp and c.tp % kv):
-        raise CollieError(f"tp={c.tp} does not divide {name}'s {heads} attention heads / "
-                          f"{kv} KV heads; use a tp that divides them")
+    check_heads(name, heads, int(getattr(cfg, "num_key_value_heads", None) or heads), c.tp)
     return p
 
 
