@@ -29,6 +29,7 @@ from .capture import capture_static
 from .errors import CollieError
 from .estimate import check_heads
 from .models import model_name
+from .optimizers import Lion
 from .passes.data_parallel import data_parallel
 from .passes.move_to_device import move_to_device
 from .passes.outline_blocks import outline_blocks
@@ -74,6 +75,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     name = model_name(cfg)
 
     def resolve() -> Plan:
+        optimizer_class(optimizer)
         if gpus is not None and gpus != world:
             raise CollieError(f"gpus={gpus} but this job has {world} processes; launch "
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
@@ -88,6 +90,17 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     solved = cdist.agree(resolve)
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer ``parallelize`` runs for ``name`` (fused LOMO/AdaLomo: issue 6)."""
+    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+               "lion": Lion}
+    try:
+        return classes[name.lower()]
+    except KeyError:
+        raise CollieError(f"optimizer {name!r} is not supported by parallelize yet; use one "
+                          f"of {', '.join(classes)}") from None
 
 
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
@@ -239,22 +252,15 @@ class ParallelModel:
                         ) -> torch.optim.Optimizer:
         params = [p for st in self.stages for p in st.parameters() if p.requires_grad]
         name = name.lower()
-        classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
-                   "sgd": torch.optim.SGD}
-        if name == "lion":
-            from .optimizers import Lion
-            classes["lion"] = Lion
-        if name not in classes:
-            raise CollieError(f"optimizer {name!r} is not supported by parallelize yet; use "
-                              f"one of {', '.join(sorted(classes))} or lion")
+        cls = optimizer_class(name)
         opts = dict(ADAMW_DEFAULTS) if name == "adamw" else {}
         opts.update(kwargs)
         opts["lr"] = lr if lr is not None else DEFAULT_LR[name]
         if self.chosen.zero == 1 and self.chosen.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            return ZeroRedundancyOptimizer(params, optimizer_class=classes[name],
+            return ZeroRedundancyOptimizer(params, optimizer_class=cls,
                                            process_group=self.mesh.get_group("dp"), **opts)
-        return classes[name](params, **opts)
+        return cls(params, **opts)
 
     def _make_schedule(self) -> object:
         from torch.distributed.pipelining import (

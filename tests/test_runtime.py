@@ -180,3 +180,11 @@ def test_train_cli_under_torchrun(tmp_path: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
+
+
+def test_unsupported_optimizer_is_named() -> None:
+    from collie_compile.errors import CollieError
+    from collie_compile.runtime import optimizer_class
+
+    with pytest.raises(CollieError, match="'lomo' is not supported by parallelize yet"):
+        optimizer_class("lomo")
