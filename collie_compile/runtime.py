@@ -31,6 +31,7 @@ from .estimate import check_heads
 from .models import model_name
 from .optimizers import Lion
 from .passes.data_parallel import data_parallel
+from .passes.lora import lora as lora_pass
 from .passes.move_to_device import move_to_device
 from .passes.outline_blocks import outline_blocks
 from .passes.pipeline_split import pipeline_split
@@ -59,7 +60,10 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 gpu: str = "a100-80gb", dtype: str = "fp32", dp: int | None = None,
                 tp: int | None = None, pp: int | None = None, zero: int | None = None,
                 micro_batch_size: int | None = None, schedule: str | None = None,
-                recompute: str | None = None, weights: str | Path | None = None
+                recompute: str | None = None, weights: str | Path | None = None,
+                lora: object | None = None, lora_rank: int | None = None,
+                lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                lora_dropout: float = 0.0, lora_adapter: str | Path | None = None
                 ) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
@@ -68,6 +72,10 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``. A model too
     big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
     safetensors checkpoint): each rank reads only the slices it holds.
+
+    LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
+    (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
+    adapter. Only the adapters train; ``save_pretrained`` then writes a PEFT adapter.
     """
     cdist.ensure_initialized()
     world = dist.get_world_size()
@@ -89,7 +97,41 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     # Rank 0's plan for everyone: the solver is deterministic, but one answer is safer.
     solved = cdist.agree(resolve)
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
-    return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights)
+    lora_cfg = lora_config(lora, lora_rank, lora_alpha, lora_targets, lora_dropout)
+    adapter = cdist.agree(lambda: read_adapter(lora_adapter)) if lora_adapter else None
+    if adapter is not None and lora_cfg is None:
+        lora_cfg = adapter[0]
+    return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
+                         lora_cfg, adapter[1] if adapter else None)
+
+
+def lora_config(config: object | None, rank: int | None, alpha: float | None,
+                targets: list[str] | None, dropout: float) -> object | None:
+    """A ``peft.LoraConfig`` from ``parallelize``'s LoRA arguments (None: no LoRA)."""
+    if config is not None or rank is None:
+        return config
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                      target_modules=targets or ["q_proj", "v_proj"], lora_dropout=dropout)
+
+
+ADAPTER_PREFIX = "base_model.model."
+
+
+def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """(LoraConfig, adapter tensors by our names) of a saved PEFT adapter."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    try:
+        config = LoraConfig.from_pretrained(str(d))
+        tensors = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as e:  # peft and safetensors raise many types for bad files
+        raise CollieError(f"cannot read a PEFT LoRA adapter from {d}: {e}; give the directory "
+                          "PeftModel.save_pretrained wrote") from None
+    return config, {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -156,8 +198,10 @@ class ParallelModel:
 
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
                  lr: float | None, optimizer_kwargs: dict,
-                 weights: str | Path | None = None) -> None:
+                 weights: str | Path | None = None, lora: object | None = None,
+                 lora_init: dict | None = None) -> None:
         self.plan, self.config = plan, model.config
+        self.lora, self.lora_init = lora, lora_init
         c = self.chosen = plan.chosen
         self.mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
         self.coords = Coordinates(*(self.mesh.get_local_rank(d) for d in ("pp", "dp", "tp")))
@@ -205,6 +249,9 @@ class ParallelModel:
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         gm = cdist.agree(lambda: tensor_parallel(
             gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp, heads, kv, head_dim))
+        if self.lora is not None:
+            adapter = self.lora_init
+            gm = cdist.agree(lambda: lora_pass(gm, self.lora, c.tp, adapter))
         self.tp_shards = dict(gm.meta["tp_shards"])
         self.vocab_slice = gm.meta.get("vocab_slice")
         partial = dict(gm.meta["partial_grads"])
@@ -217,8 +264,9 @@ class ParallelModel:
         parts = pipeline_split(gm, ag.block_prefix, chunks)
         mine = [k for k in range(len(parts)) if k % c.pp == self.coords.pp]
         # Every rank knows every parameter's full shape and owning pp rank (for gathers).
-        self.param_shapes = {n: tuple(s) for n, s in ag.param_shapes.items()}
         self.param_dtypes = {n: p.dtype for n, p in ag.gm.named_parameters()}
+        self.param_shapes = {n: self._full_shape(n, p.shape)
+                             for n, p in ag.gm.named_parameters()}
         self.stage_inputs = [[(tuple(n.meta["val"].shape), n.meta["val"].dtype)
                               for n in part.graph.nodes if n.op == "placeholder"]
                              for part in parts]
@@ -235,6 +283,12 @@ class ParallelModel:
             st = data_parallel(st, dp_mesh, c.zero, ag.block_prefix)
             stages.append(st)
         return stages, mine, ag.block_prefix
+
+    def _full_shape(self, name: str, local: torch.Size) -> tuple[int, ...]:
+        shape, shard = list(local), self.tp_shards.get(name)
+        if shard is not None:
+            shape[shard["dim"]] = shard["size"]
+        return tuple(shape)
 
     def _load_weights(self, stage: fx.GraphModule, pieces: dict, source: object) -> None:
         for name, p in list(stage.named_parameters()):
@@ -449,9 +503,11 @@ class ParallelModel:
 
     # -- checkpoints --------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, merge: bool = False) -> None:
         """Write a plain Hugging Face checkpoint (config.json + model.safetensors) that
-        ``AutoModelForCausalLM.from_pretrained`` loads. A collective; rank 0 writes."""
+        ``AutoModelForCausalLM.from_pretrained`` loads; with LoRA, a PEFT adapter
+        (adapter_config.json + adapter_model.safetensors) for ``PeftModel.from_pretrained``
+        unless ``merge`` folds the adapters into the weights. A collective; rank 0 writes."""
         from safetensors.torch import save_file
 
         weights = self.full_state_dict()
@@ -460,11 +516,18 @@ class ParallelModel:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if getattr(self.config, "tie_word_embeddings", False):
-                weights.pop("lm_head.weight", None)  # HF re-ties it on load
-            save_file({k: v.contiguous() for k, v in weights.items()},
-                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            self.config.save_pretrained(tmp)
+            adapters = {k: v for k, v in weights.items() if ".lora_" in k}
+            if adapters and not merge:
+                save_file({ADAPTER_PREFIX + k: v.contiguous() for k, v in adapters.items()},
+                          str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+                self.lora.save_pretrained(str(tmp))
+            else:
+                weights = _merged(weights, self.lora)
+                if getattr(self.config, "tie_word_embeddings", False):
+                    weights.pop("lm_head.weight", None)  # HF re-ties it on load
+                save_file({k: v.contiguous() for k, v in weights.items()},
+                          str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                self.config.save_pretrained(tmp)
             ckpt.replace_dir(tmp, final)
         dist.barrier()
 
@@ -587,6 +650,19 @@ class ParallelModel:
                 pieces.append((start, piece))
         return torch.cat([x for _, x in sorted(pieces, key=lambda kv: kv[0])],
                          dim=shard["dim"])
+
+
+def _merged(weights: dict[str, torch.Tensor], config: object | None
+            ) -> dict[str, torch.Tensor]:
+    """Base weights with each adapter folded in (W + scaling·B·A), adapters dropped."""
+    out = {k: v for k, v in weights.items() if ".lora_" not in k}
+    for a_name in [k for k in weights if k.endswith(".lora_A.weight")]:
+        module = a_name.removesuffix(".lora_A.weight")
+        r = weights[a_name].shape[0]
+        scaling = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+        b = weights[f"{module}.lora_B.weight"]
+        out[f"{module}.weight"] = out[f"{module}.weight"] + scaling * (b @ weights[a_name])
+    return out
 
 
 def _tied_source(name: str, config: object, pieces: dict) -> str | None:

@@ -12,6 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from collie_compile.distributed import ensure_initialized
 from collie_compile.errors import CollieError
 from collie_compile.models import build_model, load_config, with_layers
 from collie_compile.runtime import parallelize
@@ -159,6 +160,62 @@ def run_weights(cfg: dict) -> dict:
     return out
 
 
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # column- and row-parallel bases
+
+
+def run_lora(cfg: dict) -> dict:
+    """LoRA through our pass (parallel) against peft's own model in one process: same base
+    weights, adapter init (a saved PEFT adapter with random A and B) and data."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name, layers, d = cfg["model"], cfg.get("layers", 2), cfg["dir"]
+    if dist.get_rank() == 0:
+        peft_model = get_peft_model(make_model(name, layers), LoraConfig(
+            r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+        gen = torch.Generator().manual_seed(7)
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.data = torch.randn(p.shape, generator=gen) * 0.05
+        peft_model.save_pretrained(f"{d}/init")
+    dist.barrier()
+    pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
+                     lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
+                     lora_adapter=f"{d}/init", **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    data = batches()
+    losses = [pm.train_step({"input_ids": b}) for b in data]
+    ours = {k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
+    pm.save_pretrained(f"{d}/trained")
+    pm.save_pretrained(f"{d}/merged", merge=True)
+    logits = pm.forward(data[0])
+    trainable = sum(p.numel() for p in pm.local_parameters().values() if p.requires_grad)
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "trainable": trainable}
+    if dist.get_rank() == 0:
+        ref = PeftModel.from_pretrained(make_model(name, layers), f"{d}/init", is_trainable=True)
+        opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], **ADAMW)
+        ref_losses = []
+        for b in data:
+            opt.zero_grad(set_to_none=True)
+            loss = ref(input_ids=b, labels=b).loss
+            loss.backward()
+            opt.step()
+            ref_losses.append(loss.item())
+        ref_w = {k.removeprefix("base_model.model.").replace(".default", ""): v.detach()
+                 for k, v in ref.named_parameters() if "lora_" in k}
+        loaded = PeftModel.from_pretrained(make_model(name, layers), f"{d}/trained")
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(f"{d}/merged")
+        with torch.no_grad():
+            ref_logits = loaded(input_ids=data[0]).logits
+            merged_logits = merged(input_ids=data[0]).logits
+        out["merged_err"] = float((merged_logits - ref_logits).abs().max()
+                                  / ref_logits.abs().max())
+        out.update(ref_losses=ref_losses, adapter_err=rel_err(ours, ref_w),
+                   names_match=sorted(ours) == sorted(ref_w),
+                   logits_err=float((logits - ref_logits).abs().max() / ref_logits.abs().max()))
+    return out
+
+
 def run_error(cfg: dict) -> dict:
     """A bad request must raise a CollieError on every rank (not hang)."""
     try:
@@ -180,12 +237,13 @@ def main() -> None:
     ap.add_argument("--configs", required=True, help="JSON list of configurations")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    ensure_initialized()
     results = {}
     for cfg in json.loads(open(args.configs).read()):
         try:
             kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
             run = {"train": run_config, "error": run_error, "save": run_save,
-                   "resume": run_resume, "weights": run_weights}[kind]
+                   "resume": run_resume, "weights": run_weights, "lora": run_lora}[kind]
             results[cfg["id"]] = run(cfg)
         except Exception:  # record and go on: one broken layout must not hide the others
             results[cfg["id"]] = {"crash": traceback.format_exc()}

@@ -55,6 +55,11 @@ ERRORS_4 = [
 SAVE = {"id": "ckpt-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2}
 RESUME_4 = {"id": "ckpt-resume-4", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3}
 RESUME_8 = {"id": "ckpt-resume-8", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 1}
+# LoRA (adapters on q/v: column-parallel bases, o/down: row-parallel) against peft.
+LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2},
+          {"id": "lora-dp2tp2-z3", "kind": "lora", "model": "tiny-llama", "dp": 2, "tp": 2,
+           "pp": 1, "zero": 3}]
+LORA_1 = {"id": "lora-single", "kind": "lora", "model": "tiny-llama", "dp": 1, "tp": 1, "pp": 1}
 WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
 CONFIGS_8 = [
     {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
@@ -90,6 +95,7 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     plan("tiny-qwen2", gpus=4, seq_len=16, global_batch_size=8, dtype="fp32").save(qwen_plan)
     errors = [{**e, "plan": str(qwen_plan)} if "plan" in e else e for e in ERRORS_4]
     ckpts = [{**c, "dir": str(ckpt_dir)} for c in (SAVE, RESUME_4, WEIGHTS_4)]
+    ckpts += [{**c, "dir": str(tmp_path_factory.mktemp(c["id"]))} for c in LORA_4]
     return launch(4, CONFIGS_4 + errors + ckpts, tmp)
 
 
@@ -188,3 +194,24 @@ def test_unsupported_optimizer_is_named() -> None:
 
     with pytest.raises(CollieError, match="'lomo' is not supported by parallelize yet"):
         optimizer_class("lomo")
+
+
+def check_lora(r: dict) -> None:
+    assert "crash" not in r, r.get("crash")
+    for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+        assert abs(ours - ref) <= TOL * abs(ref)
+    assert r["names_match"]
+    assert r["adapter_err"] <= TOL
+    assert r["logits_err"] <= TOL  # our saved adapter, loaded by peft
+    assert r["merged_err"] <= TOL  # merge=True: plain HF weights with the adapters folded in
+
+
+def test_lora_single_process_matches_peft(tmp_path: Path) -> None:
+    check_lora(launch(1, [{**LORA_1, "dir": str(tmp_path)}], tmp_path)[LORA_1["id"]])
+
+
+@pytest.mark.parametrize("cfg", LORA_4, ids=[c["id"] for c in LORA_4])
+def test_lora_parallel_matches_peft(results4: dict, cfg: dict) -> None:
+    r = results4[cfg["id"]]
+    check_lora(r)
+    assert f"tp={cfg['tp']}" in r["layout"]

@@ -1,0 +1,122 @@
+"""LoRA as a graph rewrite, composable with tensor parallelism.
+
+Beside every linear whose module matches a ``peft.LoraConfig``'s ``target_modules``
+(peft's own matcher decides), the pass adds ``scaling * B(A(dropout(x)))`` with
+``A: [r, in]`` and ``B: [out, r]`` registered at ``<module>.lora_A.weight`` /
+``<module>.lora_B.weight`` (peft's names less the adapter name). Base weights are
+frozen. Run after :mod:`.tensor_parallel`; the adapters follow their base weight:
+
+- column-parallel base: B takes the same output rows, A is whole on every rank; the
+  branch reads the base's tp-copied input, so no new collective in forward. A's
+  gradient is a partial sum over the tp ranks' output slices (``partial_grads``).
+- row-parallel base: A takes the same input columns, B is whole; the branch's partial
+  output joins the base's before its all-reduce, so one all-reduce sums both. B's
+  gradient is a partial sum over tp (``partial_grads``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from collie_compile.errors import CollieError
+
+aten = torch.ops.aten
+
+
+def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's default init: A Kaiming-uniform (a = sqrt 5, as nn.Linear), B zeros."""
+    bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+    a = torch.empty(rank, in_features).uniform_(-bound, bound, generator=gen)
+    return a, torch.zeros(out_features, rank)
+
+
+def lora(gm: fx.GraphModule, config: object, tp: int = 1,
+         init: dict[str, torch.Tensor] | None = None, seed: int = 0) -> fx.GraphModule:
+    """Insert LoRA branches for ``config`` (a ``peft.LoraConfig``). ``init`` maps adapter
+    names (``<module>.lora_A.weight``) to full tensors, e.g. from a saved PEFT adapter;
+    missing ones get peft's default init. Records ``gm.meta["lora"]`` (adapter name ->
+    base weight name) and extends ``gm.meta["tp_shards"]`` / ``["partial_grads"]``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
+        raise CollieError("DoRA and LoRA biases are not supported; use plain LoRA")
+    shards: dict = gm.meta.setdefault("tp_shards", {})
+    partial: dict = gm.meta.setdefault("partial_grads", {})
+    adapters: dict[str, str] = {}
+    gen = torch.Generator().manual_seed(seed)
+    r = int(config.r)
+    scaling = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+    for lin in list(gm.graph.nodes):
+        if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
+            continue
+        w_name = lin.args[1].target
+        module = w_name.rpartition(".")[0]
+        if not check_target_module_exists(config, module):
+            continue
+        weight = gm.get_parameter(w_name)
+        shard = shards.get(w_name)
+        full_out, full_in = weight.shape
+        if shard is not None:
+            full_out, full_in = ((shard["size"], full_in) if shard["dim"] == 0
+                                 else (full_out, shard["size"]))
+        a_full, b_full = init_adapter(full_in, full_out, r, gen)
+        a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        a_full = (init or {}).get(a_name, a_full)
+        b_full = (init or {}).get(b_name, b_full)
+        if tuple(a_full.shape) != (r, full_in) or tuple(b_full.shape) != (full_out, r):
+            raise CollieError(f"adapter for {module} has shapes {list(a_full.shape)} / "
+                              f"{list(b_full.shape)}, expected [{r}, {full_in}] / "
+                              f"[{full_out}, {r}]: is it for this model and rank?")
+        a, b = a_full, b_full
+        everyone = [list(range(tp))]
+        if shard is not None and shard["dim"] == 0:  # column-parallel base
+            b = b_full[shard["start"]:shard["stop"]]
+            shards[b_name] = dict(shard)
+            partial[a_name] = everyone
+        elif shard is not None:  # row-parallel base
+            a = a_full[:, shard["start"]:shard["stop"]]
+            shards[a_name] = dict(shard, dim=1)
+            partial[b_name] = everyone
+        mod = gm.get_submodule(module)
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            holder = torch.nn.Module()
+            holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(weight.device).clone())
+            mod.add_module(name, holder)
+        weight.requires_grad_(False)
+        _insert_branch(gm, lin, a_name, b_name, scaling, float(config.lora_dropout))
+        adapters[a_name] = adapters[b_name] = w_name
+    if not adapters:
+        raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
+                          "name modules as they appear in the model (e.g. q_proj, v_proj)")
+    for name, p in gm.named_parameters():
+        p.requires_grad_(name in adapters)
+    gm.meta["lora"] = adapters
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _insert_branch(gm: fx.GraphModule, lin: fx.Node, a_name: str, b_name: str,
+                   scaling: float, dropout: float) -> None:
+    """``lin + scaling * B(A(dropout(x)))``; every user of ``lin`` (a tp all-reduce
+    included) reads the sum instead."""
+    g = gm.graph
+    with g.inserting_before(lin.next):
+        x = lin.args[0]
+        if dropout:
+            x = g.call_function(aten.dropout.default, (x, dropout, True))
+        a = g.get_attr(a_name)
+        b = g.get_attr(b_name)
+        h = g.call_function(aten.linear.default, (x, a))
+        low = g.call_function(aten.linear.default, (h, b))
+        y = g.call_function(aten.mul.Tensor, (low, scaling))
+        out = g.call_function(aten.add.Tensor, (lin, y))
+    for n in (x, h, low, y, out):
+        if isinstance(n, fx.Node) and n is not lin.args[0]:
+            n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+    out.meta["val"] = lin.meta.get("val")
+    lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
