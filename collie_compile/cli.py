@@ -74,7 +74,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    pp=args.pp, zero=args.zero, micro_batch_size=args.micro_batch,
                    num_microbatches=args.num_microbatches, seq_len=args.seq_len,
                    recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
-                   schedule=args.schedule)
+                   schedule=args.schedule, lora_rank=args.lora_rank,
+                   lora_targets=args.lora_targets)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
@@ -219,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--optimizer", default="adamw", type=str.lower,
                    help=f"one of {', '.join(OPTIMIZERS)}")
     e.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}")
+    e.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank only (base weights frozen)")
+    e.add_argument("--lora-targets", nargs="+", default=None,
+                   help="modules that get adapters, as peft's target_modules "
+                        "(default q_proj v_proj)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
 

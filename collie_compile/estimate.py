@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import CollieError
 from .hardware import GPUSpec, get_gpu
-from .memory import Layout, MemoryBreakdown, MemoryModel
+from .memory import DEFAULT_LORA_TARGETS, Layout, MemoryBreakdown, MemoryModel, lora_params
 from .modelprofile import ModelProfile, profile_model
 from .models import load_config
 from .optimizers import get_optimizer
@@ -70,8 +70,10 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              dp: int | None = None, tp: int = 1, pp: int = 1, zero: int = 0,
              micro_batch_size: int = 1, num_microbatches: int | None = None,
              seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
-             dtype: str = "bf16", schedule: str = "1f1b") -> Estimate:
-    """Per-GPU memory of training ``model`` under one layout (no GPU needed)."""
+             dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
+             lora_targets: list[str] | None = None) -> Estimate:
+    """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
+    ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train."""
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
     seq_len = seq_len or default_seq_len(model)
@@ -82,6 +84,7 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     layout.validate()
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     check_tp(prof, tp)
-    mem = MemoryModel(prof, opt).estimate(layout)
-    return Estimate(prof.name, prof.num_params, prof.num_params, spec, layout, opt.name, dtype,
-                    mem)
+    trainable = (prof.num_params if lora_rank is None
+                 else lora_params(prof, lora_rank, lora_targets or DEFAULT_LORA_TARGETS))
+    mem = MemoryModel(prof, opt, trainable / prof.num_params).estimate(layout)
+    return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem)

@@ -156,6 +156,31 @@ class StageTerms:
         return max(at_f, at_b, key=lambda m: m.total_bytes)
 
 
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
+
+
+def lora_params(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, ...]
+                = DEFAULT_LORA_TARGETS) -> int:
+    """Adapter parameters of the whole model: r·(in + out) per targeted linear of every
+    block (targets matched as peft matches ``target_modules``)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if rank < 1:
+        raise CollieError(f"lora_rank must be a positive integer, got {rank}")
+    config = LoraConfig(r=rank, target_modules=list(targets))
+    seq = profile.seq_len
+    per_block = 0
+    for n in profile.block_graph:
+        if n["kind"] == "linear" and check_target_module_exists(config, n["module"]):
+            out = n["out_bytes"] // (seq * profile.itemsize)  # per sample: [seq, out]
+            inp = n["flops"] // (2 * seq * out)
+            per_block += rank * (inp + out)
+    if not per_block:
+        raise CollieError(f"no linear of {profile.name} matches LoRA targets {list(targets)}")
+    return per_block * profile.num_layers
+
+
 @dataclass
 class MemoryModel:
     """Evaluates a layout for one model profile, optimizer and dtype."""

@@ -45,7 +45,7 @@ import pulp
 from .errors import CollieError
 from .estimate import check_tp, default_seq_len
 from .hardware import GPUSpec, get_gpu
-from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms
+from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms, lora_params
 from .modelprofile import ModelProfile, profile_model
 from .optimizers import OptimizerSpec, get_optimizer
 from .plan import Candidate, Plan
@@ -272,9 +272,6 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     that fits and skips suggestions: a feasibility check.
     """
     start = time.perf_counter()
-    if lora_rank is not None:
-        raise CollieError("lora_rank is not supported by the planner yet (LoRA issue); "
-                          "plan full fine-tuning or use --optimizer lomo")
     if gpus < 1:
         raise CollieError(f"gpus must be a positive integer, got {gpus}")
     if not 0 <= memory_reserve < 1:
@@ -296,7 +293,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
-    mm = MemoryModel(prof, opt)
+    trainable = prof.num_params if lora_rank is None else lora_params(prof, lora_rank)
+    mm = MemoryModel(prof, opt, trainable / prof.num_params)
 
     problems = [_problem(o.layout, prof, spec, opt, mm, modes, capacity, gpus_per_node)
                 for o in outers]

@@ -30,3 +30,26 @@ def test_estimate_within_10_percent_of_measured(opt, recompute, dtype, batch, se
         Layout(micro_batch_size=batch, seq_len=seq, recompute=recompute))
     assert est.total_bytes == pytest.approx(measured.total_bytes, rel=0.10), (
         est.to_dict(), measured.by_category)
+
+
+
+def test_lora_estimate_counts_peft_adapters_and_drops_states():
+    """LoRA (r=8 on q/v, AdamW): the adapter count equals peft's own, and frozen base
+    weights keep no grads or optimizer states. (MemTracker cannot measure a model with
+    frozen weights: it hooks every parameter's gradient.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from collie_compile.estimate import estimate
+    from collie_compile.models import build_model, load_config
+
+    seq, batch = 256, 2
+    lora = estimate(MODEL, gpus=1, micro_batch_size=batch, seq_len=seq, dtype="fp32",
+                    lora_rank=8)
+    full = estimate(MODEL, gpus=1, micro_batch_size=batch, seq_len=seq, dtype="fp32")
+    peft_model = get_peft_model(build_model(load_config(MODEL)),
+                                LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert lora.trainable_params == sum(p.numel() for p in peft_model.parameters()
+                                        if p.requires_grad)
+    m, f = lora.memory, full.memory
+    assert m.params_bytes == f.params_bytes
+    assert m.grads_bytes + m.optimizer_bytes < 0.01 * (f.grads_bytes + f.optimizer_bytes)

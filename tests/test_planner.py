@@ -123,3 +123,12 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
                "--global-batch", "8", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 3 and doc["feasible"] is False and doc["plan"] is not None
+
+
+def test_lora_plan_needs_less_memory_than_full_fine_tuning():
+    full = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=2048, global_batch_size=64,
+                zero=1, micro_batch_size=1, recompute="full")
+    lora = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=2048, global_batch_size=64,
+                zero=1, micro_batch_size=1, recompute="full", lora_rank=16)
+    assert lora.lora_rank == 16 and lora.feasible
+    assert lora.chosen.memory_per_gpu_bytes < 0.8 * full.chosen.memory_per_gpu_bytes
