@@ -245,19 +245,25 @@ class SavedBytes:
     by_node: dict[str, int] = field(default_factory=dict)
 
 
-def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0) -> SavedBytes:
+def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
+                  frozen: bool = False) -> SavedBytes:
     """Run the graph on fake CPU tensors and sum the storages autograd saves for backward.
 
     Each saved storage counts once (views share it) and is attributed to the node that
-    produced it; parameters and buffers are excluded (they are model states).
+    produced it; parameters and buffers are excluded (they are model states). With
+    ``frozen`` only the token embedding requires grad, as the residual stream of a LoRA
+    model does: blocks then save just what their input gradients need.
     """
     gm = ag.gm
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_attrs = {}
         fakes: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+        embeddings = {p for i in ag.nodes.values() if i.op == str(aten.embedding.default)
+                      for p in i.params}
         for name, p in gm.named_parameters(remove_duplicate=False):
             if id(p) not in fakes:
-                fakes[id(p)] = torch.empty(p.shape, dtype=p.dtype, device="cpu").requires_grad_()
+                fakes[id(p)] = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                fakes[id(p)].requires_grad_(not frozen or name in embeddings)
             fake_attrs[name] = fakes[id(p)]
         for name, b in gm.named_buffers(remove_duplicate=False):
             fake_attrs[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import CollieError
 from .hardware import GPUSpec, get_gpu
-from .memory import DEFAULT_LORA_TARGETS, Layout, MemoryBreakdown, MemoryModel, lora_params
+from .memory import DEFAULT_LORA_TARGETS, Layout, MemoryBreakdown, MemoryModel, lora_cost
 from .modelprofile import ModelProfile, profile_model
 from .models import load_config
 from .optimizers import get_optimizer
@@ -84,7 +84,8 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     layout.validate()
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     check_tp(prof, tp)
-    trainable = (prof.num_params if lora_rank is None
-                 else lora_params(prof, lora_rank, lora_targets or DEFAULT_LORA_TARGETS))
-    mem = MemoryModel(prof, opt, trainable / prof.num_params).estimate(layout)
+    lora = (None if lora_rank is None
+            else lora_cost(prof, lora_rank, lora_targets or DEFAULT_LORA_TARGETS))
+    trainable = prof.num_params if lora is None else lora.params
+    mem = MemoryModel(prof, opt, trainable / prof.num_params, lora).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem)

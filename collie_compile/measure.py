@@ -45,16 +45,33 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
     raise CollieError(f"optimizer {name!r} cannot be measured on the CPU yet")
 
 
+def _frozen_as_buffers(net: torch.nn.Module) -> None:
+    """Re-register frozen parameters as buffers: the same tensors, read the same way in
+    forward, still counted by MemTracker, which cannot track a frozen parameter (it hooks
+    every parameter's gradient)."""
+    for mod in net.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if not p.requires_grad:
+                delattr(mod, name)
+                mod.register_buffer(name, p.detach())
+
+
 def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
                  dtype: str = "fp32", batch: int = 2, seq_len: int = 128, steps: int = 2,
-                 seed: int = 0) -> MeasuredPeak:
-    """Peak bytes of ``steps`` training steps (states exist from the first step on)."""
+                 seed: int = 0, lora_rank: int | None = None) -> MeasuredPeak:
+    """Peak bytes of ``steps`` training steps (states exist from the first step on). With
+    ``lora_rank``, peft's LoRA on q_proj/v_proj trains and the base is frozen."""
     torch.manual_seed(seed)
     cfg = load_config(model)
     net = build_model(cfg, device="cpu", dtype=DTYPES[dtype])
     net.train()
     enable_on_hf_model(net, recompute)
-    opt = make_optimizer(optimizer, list(net.parameters()))
+    if lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(r=lora_rank, target_modules=["q_proj", "v_proj"]))
+        _frozen_as_buffers(net)
+    opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
     ids = torch.randint(0, int(cfg.vocab_size), (batch, seq_len))
     tracker = MemTracker()
     tracker.track_external(net, opt)

@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from .errors import CollieError
-from .modelprofile import ModelProfile
+from .modelprofile import ActivationBytes, ModelProfile
 from .optimizers import OptimizerSpec
 
 RECOMPUTE = ("none", "selective", "full")
@@ -159,26 +159,39 @@ class StageTerms:
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
 
 
-def lora_params(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, ...]
-                = DEFAULT_LORA_TARGETS) -> int:
-    """Adapter parameters of the whole model: r·(in + out) per targeted linear of every
-    block (targets matched as peft matches ``target_modules``)."""
+@dataclass(frozen=True)
+class LoraCost:
+    """What LoRA adapters add: their parameters (whole model) and, per block and sample,
+    the activations they save (each distinct adapter input x, and A·x)."""
+
+    params: int
+    saved: ActivationBytes
+
+
+def lora_cost(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, ...]
+              = DEFAULT_LORA_TARGETS) -> LoraCost:
+    """Adapters of rank ``rank`` on every linear matching ``targets`` (matched as peft
+    matches ``target_modules``): r·(in + out) parameters each."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if rank < 1:
         raise CollieError(f"lora_rank must be a positive integer, got {rank}")
     config = LoraConfig(r=rank, target_modules=list(targets))
-    seq = profile.seq_len
-    per_block = 0
+    seq, item = profile.seq_len, profile.itemsize
+    per_block, inputs, low_rank = 0, {}, 0
     for n in profile.block_graph:
         if n["kind"] == "linear" and check_target_module_exists(config, n["module"]):
-            out = n["out_bytes"] // (seq * profile.itemsize)  # per sample: [seq, out]
+            out = n["out_bytes"] // (seq * item)  # per sample: [seq, out]
             inp = n["flops"] // (2 * seq * out)
             per_block += rank * (inp + out)
+            inputs[tuple(n["inputs"])] = seq * inp * item  # q and v share theirs
+            low_rank += seq * rank * item
     if not per_block:
         raise CollieError(f"no linear of {profile.name} matches LoRA targets {list(targets)}")
-    return per_block * profile.num_layers
+    return LoraCost(per_block * profile.num_layers,
+                    ActivationBytes(sum(inputs.values()) + low_rank, 0))
+
 
 
 @dataclass
@@ -188,6 +201,16 @@ class MemoryModel:
     profile: ModelProfile
     optimizer: OptimizerSpec
     trainable_fraction: float = 1.0  # < 1 with LoRA: frozen weights keep no grads or states
+    lora: LoraCost | None = None  # LoRA: frozen blocks save less, adapters a little
+
+    def activations(self, recompute: str) -> ActivationBytes:
+        """Saved bytes per block and sample under ``recompute``."""
+        act = self.profile.activations(recompute)
+        if self.lora is None or recompute == "full":
+            return act
+        f, x = self.profile.act_frozen, self.lora.saved
+        frozen = ActivationBytes(f.replicated + x.replicated, f.sharded + x.sharded)
+        return min(act, frozen, key=lambda a: a.replicated + a.sharded)
 
     def stages(self, layout: Layout) -> list[StageShape]:
         """An even split of the blocks (the planner chooses uneven ones itself)."""
@@ -251,13 +274,13 @@ class MemoryModel:
                 in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
         act_fixed = p.act_fixed + in_flight * b * (
             (p.act_embed if has_embed else 0) + (p.act_head / tp if has_head else 0))
-        act_block = {c: in_flight * b * p.activations(c).per_rank(tp) for c in RECOMPUTE}
+        act_block = {c: in_flight * b * self.activations(c).per_rank(tp) for c in RECOMPUTE}
 
         # Transients at the start of backward: gradients of the logits (two [b, s, V] fp32
         # buffers in cross-entropy's backward), or one block recomputed in full.
         head_tmp = 2 * b * p.logits_bytes / tp if has_head else 0.0
-        none = p.act_none.per_rank(tp)
-        recompute_tmp = {c: b * (none - p.activations(c).per_rank(tp)) for c in RECOMPUTE}
+        none = self.activations("none").per_rank(tp)
+        recompute_tmp = {c: b * (none - self.activations(c).per_rank(tp)) for c in RECOMPUTE}
         gather_tmp = 0.0
         if layout.zero == 3 and d > 1:  # one block gathered, the next prefetched
             gather_tmp = 2 * (p.block_params_sharded / tp) * w

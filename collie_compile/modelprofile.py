@@ -33,7 +33,7 @@ from .models import (
 )
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 2
+PROFILE_SCHEMA = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
 
@@ -80,6 +80,7 @@ class ModelProfile:
     act_none: ActivationBytes  # saved per block without recomputation
     act_selective: ActivationBytes  # recompute all but matmul/attention outputs
     act_full: ActivationBytes  # recompute the whole block: keep its input only
+    act_frozen: ActivationBytes  # saved per block when its weights are frozen (LoRA base)
     act_embed: int  # saved per sample outside the blocks, before them
     act_head: int  # saved per sample by final norm, LM head and loss
     act_fixed: int  # saved once, independent of batch (masks, rotary tables)
@@ -135,7 +136,7 @@ def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> Model
     path = cache_dir() / f"{key.hexdigest()[:32]}.json"
     try:
         data = json.loads(path.read_text())
-        for k in ("act_none", "act_selective", "act_full"):
+        for k in ("act_none", "act_selective", "act_full", "act_frozen"):
             data[k] = ActivationBytes(**data[k])
         return ModelProfile(**data)
     except (OSError, ValueError, TypeError, KeyError):
@@ -166,6 +167,9 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
 
     act_none = ActivationBytes(two.block_replicated - one.block_replicated,
                                two.block_sharded - one.block_sharded)
+    one_f, two_f = measure_saved(ag, 1, s, frozen=True), measure_saved(ag, 2, s, frozen=True)
+    act_frozen = ActivationBytes(two_f.block_replicated - one_f.block_replicated,
+                                 two_f.block_sharded - one_f.block_sharded)
     block_in = _block_input_bytes(ag, s)
     sel_rep, sel_shard = _matmul_output_bytes(ag, s)
     rest_slope = two.rest - one.rest
@@ -188,6 +192,7 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         act_none=act_none,
         act_selective=ActivationBytes(block_in + sel_rep, sel_shard),
         act_full=ActivationBytes(block_in, 0),
+        act_frozen=act_frozen,
         act_embed=embed_saved, act_head=head_saved,
         act_fixed=max(0, one.rest - rest_slope),
         logits_bytes=s * int(cfg.vocab_size) * 4,

@@ -45,7 +45,7 @@ import pulp
 from .errors import CollieError
 from .estimate import check_tp, default_seq_len
 from .hardware import GPUSpec, get_gpu
-from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms, lora_params
+from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms, lora_cost
 from .modelprofile import ModelProfile, profile_model
 from .optimizers import OptimizerSpec, get_optimizer
 from .plan import Candidate, Plan
@@ -293,8 +293,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
-    trainable = prof.num_params if lora_rank is None else lora_params(prof, lora_rank)
-    mm = MemoryModel(prof, opt, trainable / prof.num_params)
+    lora = None if lora_rank is None else lora_cost(prof, lora_rank)
+    mm = MemoryModel(prof, opt, (lora.params if lora else prof.num_params) / prof.num_params,
+                     lora)
 
     problems = [_problem(o.layout, prof, spec, opt, mm, modes, capacity, gpus_per_node)
                 for o in outers]
