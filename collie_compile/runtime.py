@@ -63,8 +63,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 recompute: str | None = None, weights: str | Path | None = None,
                 lora: object | None = None, lora_rank: int | None = None,
                 lora_alpha: float | None = None, lora_targets: list[str] | None = None,
-                lora_dropout: float = 0.0, lora_adapter: str | Path | None = None
-                ) -> ParallelModel:
+                lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
+                max_grad_norm: float | None = None) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
@@ -76,6 +76,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
     (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
     adapter. Only the adapters train; ``save_pretrained`` then writes a PEFT adapter.
+    ``max_grad_norm`` clips the whole model's gradient norm before each step.
     """
     cdist.ensure_initialized()
     world = dist.get_world_size()
@@ -102,7 +103,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     if adapter is not None and lora_cfg is None:
         lora_cfg = adapter[0]
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
-                         lora_cfg, adapter[1] if adapter else None)
+                         lora_cfg, adapter[1] if adapter else None, max_grad_norm)
 
 
 def lora_config(config: object | None, rank: int | None, alpha: float | None,
@@ -199,9 +200,10 @@ class ParallelModel:
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
                  lr: float | None, optimizer_kwargs: dict,
                  weights: str | Path | None = None, lora: object | None = None,
-                 lora_init: dict | None = None) -> None:
+                 lora_init: dict | None = None, max_grad_norm: float | None = None) -> None:
         self.plan, self.config = plan, model.config
         self.lora, self.lora_init = lora, lora_init
+        self.max_grad_norm, self.last_grad_norm = max_grad_norm, None
         c = self.chosen = plan.chosen
         self.mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
         self.coords = Coordinates(*(self.mesh.get_local_rank(d) for d in ("pp", "dp", "tp")))
@@ -400,6 +402,8 @@ class ParallelModel:
             self.schedule.step(*args, **kwargs)
             total += sum((x.detach().float().cpu() for x in losses), torch.zeros(()))
         self._finish_grads()
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
         self.optimizer.step()
         self.step_count += 1
         return self._global_loss(total)
@@ -416,6 +420,23 @@ class ParallelModel:
                 if group is not None and p.grad is not None:
                     g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                     dist.all_reduce(g, group=group)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as
+        ``torch.nn.utils.clip_grad_norm_`` does, with ‖g‖ the norm of the whole model's
+        gradient: each box counted once over tp, dp and pp. Returns ‖g‖."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        local = self.local_parameters()
+        for name, p in local.items():
+            if p.grad is not None and self._writes(name, p):
+                total += ckpt.local_tensor(p.grad).double().pow(2).sum()
+        dist.all_reduce(total)
+        norm = float(total.sqrt())
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p in local.values():
+            if p.grad is not None:
+                ckpt.local_tensor(p.grad).mul_(coef)
+        return norm
 
     def _global_loss(self, total: torch.Tensor) -> float:
         """Sum of every dp rank's share on the last stage, given to every rank."""

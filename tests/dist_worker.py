@@ -41,7 +41,8 @@ def batches(n: int = STEPS) -> list[torch.Tensor]:
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
-def reference(name: str, layers: int) -> tuple[list[float], dict, dict]:
+def reference(name: str, layers: int, clip: float | None = None
+              ) -> tuple[list[float], dict, dict]:
     """Losses, final weights and last-step gradients of plain single-process training."""
     m = make_model(name, layers)
     opt = torch.optim.AdamW(m.parameters(), **ADAMW)
@@ -50,6 +51,8 @@ def reference(name: str, layers: int) -> tuple[list[float], dict, dict]:
         opt.zero_grad(set_to_none=True)
         out = m(input_ids=b, labels=b)
         out.loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
         opt.step()
         losses.append(out.loss.item())
     weights = {n: p.detach().clone() for n, p in m.named_parameters()}
@@ -80,7 +83,7 @@ def run_config(cfg: dict) -> dict:
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
            "vocab_slice": pm.vocab_slice}
     if dist.get_rank() == 0:
-        ref_losses, ref_w, ref_g = reference(name, layers)
+        ref_losses, ref_w, ref_g = reference(name, layers, cfg.get("max_grad_norm"))
         # Weights: relative error of all of them together. Per tensor, a zero-initialised
         # bias is nothing but three AdamW updates, which amplify rounding in small
         # gradients; its error is reported (weight_err_per_tensor) but not the criterion.

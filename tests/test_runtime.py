@@ -42,6 +42,10 @@ CONFIGS_4 = [
     {"id": "qwen2-dp4-z0-selective", "model": "tiny-qwen2", "dp": 4, "tp": 1, "pp": 1,
      "zero": 0, "recompute": "selective"},
     {"id": "mistral-dp2pp2-z2", "model": "tiny-mistral", "dp": 2, "tp": 1, "pp": 2, "zero": 2},
+    # global-norm clipping: each gradient box counted once over tp, dp (FSDP) and pp
+    {"id": "llama-dp2tp2-z3-clip", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3,
+     "max_grad_norm": 0.5},
+    {"id": "llama-tp2pp2-clip", **L4, "dp": 1, "tp": 2, "pp": 2, "max_grad_norm": 0.5},
 ]
 ERRORS_4 = [
     {"id": "err-gpus", "model": "tiny-llama", "gpus": 8, "error": "gpus=8 but this job has 4"},
