@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from .errors import CollieError
+from .fused_backward import LOMO, AdaLomo
 from .modelprofile import DTYPES
 from .models import build_model, load_config
-from .optimizers import LOMO, AdaLomo, Lion, get_optimizer
+from .optim import optimizer_class
 from .recompute import enable_on_hf_model
 
 
@@ -29,20 +29,12 @@ class MeasuredPeak:
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
                    ) -> torch.optim.Optimizer:
     """A real optimizer for single-process runs (per-tensor loops, as the cost model counts)."""
-    get_optimizer(name)  # raises a clear error for unknown names
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=False)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, foreach=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=False)
-    if name == "lion":
-        return Lion(params, lr=lr)
-    if name == "lomo":
-        return LOMO(params, lr=lr)
-    if name == "adalomo":
-        return AdaLomo(params, lr=lr)
-    raise CollieError(f"optimizer {name!r} cannot be measured on the CPU yet")
+    cls = optimizer_class(name)  # raises a clear error for unknown names
+    if cls is None:
+        return (LOMO if name == "lomo" else AdaLomo)(params, lr=lr)
+    if cls.__module__.startswith("torch."):
+        return cls(params, lr=lr, foreach=False)
+    return cls(params, lr=lr)
 
 
 def _frozen_as_buffers(net: torch.nn.Module) -> None:

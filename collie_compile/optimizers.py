@@ -8,16 +8,9 @@ held: only the one in flight (unless gradients accumulate over micro-batches).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
 from .errors import CollieError
-from .kernels.adalomo import adalomo_state, adalomo_update_reference
-from .kernels.lion import lion_update
-from .kernels.lomo import lomo_update
 
 
 @dataclass(frozen=True)
@@ -51,74 +44,3 @@ def get_optimizer(name: str) -> OptimizerSpec:
     except KeyError:
         raise CollieError(f"unknown optimizer {name!r}; use one of "
                           f"{', '.join(OPTIMIZERS)}") from None
-
-
-class Lion(torch.optim.Optimizer):
-    """Lion with fp32 master weights for 16-bit parameters (updated one tensor at a time,
-    so at most one parameter's fp32 gradient exists at once)."""
-
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-4,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    if p.dtype != torch.float32:
-                        state["master"] = p.detach().float()
-                target = state.get("master", p)
-                lion_update(target, p.grad, state["exp_avg"], group["lr"], b1, b2,
-                            group["weight_decay"])
-                if target is not p:
-                    p.copy_(target)
-                p.grad = None  # free it now: the next tensor's update needs the room
-
-
-class LOMO(torch.optim.Optimizer):
-    """LOMO: each parameter is updated by a post-accumulate-grad hook as soon as its
-    gradient is final, and the gradient is freed at once. ``step()`` has nothing left to do.
-    """
-
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self._hooks = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._hooks.append(p.register_post_accumulate_grad_hook(
-                    functools.partial(self._update_param, group=group)))
-
-    @torch.no_grad()
-    def _update_param(self, p: torch.Tensor, group: dict) -> None:
-        lomo_update(p, p.grad, group["lr"], group["weight_decay"])
-        p.grad = None
-
-    def step(self, closure: None = None) -> None:
-        return None
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-
-class AdaLomo(LOMO):
-    """AdaLomo: LOMO's fused-in-backward update with a factored second moment."""
-
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr=lr, weight_decay=weight_decay)
-
-    @torch.no_grad()
-    def _update_param(self, p: torch.Tensor, group: dict) -> None:
-        if p not in self.state or not self.state[p]:
-            self.state[p] = adalomo_state(p)
-        adalomo_update_reference(p, p.grad, self.state[p], group["lr"], group["weight_decay"])
-        p.grad = None

@@ -28,8 +28,9 @@ from .annotate import annotate
 from .capture import capture_static
 from .errors import CollieError
 from .estimate import check_heads
+from .fused_backward import FusedBackward, LossScaler
 from .models import model_name
-from .optimizers import Lion
+from .optim import DEFAULT_LR, optimizer_class
 from .passes.data_parallel import data_parallel
 from .passes.lora import lora as lora_pass
 from .passes.move_to_device import move_to_device
@@ -41,7 +42,6 @@ from .plan import Candidate, Plan
 
 IGNORE_INDEX = -100
 ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-3, "lion": 1e-4}
 
 
 @dataclass
@@ -64,7 +64,9 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 lora: object | None = None, lora_rank: int | None = None,
                 lora_alpha: float | None = None, lora_targets: list[str] | None = None,
                 lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
-                max_grad_norm: float | None = None) -> ParallelModel:
+                max_grad_norm: float | None = None, clip_mode: str = "two-pass",
+                clip_value: float | None = None, loss_scale: str | float | None = None,
+                stochastic_rounding: bool = False) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
@@ -77,14 +79,22 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
     adapter. Only the adapters train; ``save_pretrained`` then writes a PEFT adapter.
     ``max_grad_norm`` clips the whole model's gradient norm before each step.
+
+    ``optimizer="lomo"`` or ``"adalomo"`` update each parameter inside backward (see
+    :mod:`collie_compile.fused_backward`): ``clip_mode`` ("two-pass" or "stale") says how
+    they clip to ``max_grad_norm``, ``clip_value`` clips elementwise, ``loss_scale``
+    ("dynamic" or a fixed number) scales the loss for fp16 and skips a step that
+    overflows, and ``stochastic_rounding`` rounds updates into 16-bit weights randomly.
     """
     cdist.ensure_initialized()
     world = dist.get_world_size()
     cfg = model.config
     name = model_name(cfg)
 
+    fused = FusedOptions(max_grad_norm, clip_mode, clip_value, loss_scale, stochastic_rounding)
+
     def resolve() -> Plan:
-        optimizer_class(optimizer)
+        fused.check(optimizer)
         if gpus is not None and gpus != world:
             raise CollieError(f"gpus={gpus} but this job has {world} processes; launch "
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
@@ -103,7 +113,36 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     if adapter is not None and lora_cfg is None:
         lora_cfg = adapter[0]
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
-                         lora_cfg, adapter[1] if adapter else None, max_grad_norm)
+                         lora_cfg, adapter[1] if adapter else None, fused)
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """Clipping, loss scaling and rounding: ``parallelize``'s arguments, checked."""
+
+    max_grad_norm: float | None = None
+    clip_mode: str = "two-pass"
+    clip_value: float | None = None
+    loss_scale: str | float | None = None
+    stochastic_rounding: bool = False
+
+    def check(self, optimizer: str) -> None:
+        fused = optimizer_class(optimizer) is None  # raises for unknown names
+        if fused:
+            return
+        extras = [k for k, v in (("clip_value", self.clip_value),
+                                 ("loss_scale", self.loss_scale),
+                                 ("stochastic_rounding", self.stochastic_rounding)) if v]
+        if extras or self.clip_mode != "two-pass":
+            raise CollieError(f"{', '.join(extras) or 'clip_mode'} applies to the fused "
+                              f"optimizers (lomo, adalomo), not {optimizer!r}")
+
+    def scaler(self) -> LossScaler | None:
+        if self.loss_scale is None:
+            return None
+        if self.loss_scale == "dynamic":
+            return LossScaler()
+        return LossScaler(scale=float(self.loss_scale), growth_interval=2**62)
 
 
 def lora_config(config: object | None, rank: int | None, alpha: float | None,
@@ -133,17 +172,6 @@ def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]
         raise CollieError(f"cannot read a PEFT LoRA adapter from {d}: {e}; give the directory "
                           "PeftModel.save_pretrained wrote") from None
     return config, {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer ``parallelize`` runs for ``name`` (fused LOMO/AdaLomo: issue 6)."""
-    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-               "lion": Lion}
-    try:
-        return classes[name.lower()]
-    except KeyError:
-        raise CollieError(f"optimizer {name!r} is not supported by parallelize yet; use one "
-                          f"of {', '.join(classes)}") from None
 
 
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
@@ -200,10 +228,11 @@ class ParallelModel:
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
                  lr: float | None, optimizer_kwargs: dict,
                  weights: str | Path | None = None, lora: object | None = None,
-                 lora_init: dict | None = None, max_grad_norm: float | None = None) -> None:
+                 lora_init: dict | None = None, fused: FusedOptions | None = None) -> None:
         self.plan, self.config = plan, model.config
         self.lora, self.lora_init = lora, lora_init
-        self.max_grad_norm, self.last_grad_norm = max_grad_norm, None
+        self.options = fused or FusedOptions()
+        self.max_grad_norm, self.last_grad_norm = self.options.max_grad_norm, None
         c = self.chosen = plan.chosen
         self.mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
         self.coords = Coordinates(*(self.mesh.get_local_rank(d) for d in ("pp", "dp", "tp")))
@@ -211,8 +240,14 @@ class ParallelModel:
         self.num_microbatches = c.num_microbatches
         self.global_batch = plan.global_batch_size
         self.device = cdist.device()
+        self.fused_rule = optimizer.lower() if optimizer_class(optimizer) is None else None
         self.stages, self.stage_ids, self.prefix = self._build(model, weights)
-        self.optimizer = self._make_optimizer(optimizer, lr, optimizer_kwargs)
+        self.fused: FusedBackward | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.fused_rule:
+            self.fused = self._make_fused(lr, optimizer_kwargs)
+        else:
+            self.optimizer = self._make_optimizer(optimizer, lr, optimizer_kwargs)
         self.schedule = self._make_schedule() if c.pp > 1 else None
         self.step_count = 0
 
@@ -282,7 +317,9 @@ class ParallelModel:
             if pieces is not None:  # read just this rank's slices
                 cdist.agree(lambda st=st: self._load_weights(st, pieces, weights))
             st = recompute_pass(st.to(self.device), ag.block_prefix, c.recompute)
-            st = data_parallel(st, dp_mesh, c.zero, ag.block_prefix)
+            # ZeRO-1 shards optimizer states; a fused rule has none worth sharding.
+            zero = 0 if c.zero == 1 and self.fused_rule else c.zero
+            st = data_parallel(st, dp_mesh, zero, ag.block_prefix)
             stages.append(st)
         return stages, mine, ag.block_prefix
 
@@ -317,6 +354,56 @@ class ParallelModel:
             return ZeroRedundancyOptimizer(params, optimizer_class=cls,
                                            process_group=self.mesh.get_group("dp"), **opts)
         return cls(params, **opts)
+
+    def _make_fused(self, lr: float | None, kwargs: dict) -> FusedBackward:
+        """LOMO/AdaLomo inside backward: after each gradient's dp reduction (the stage's
+        GradReducer, or FSDP2's reduce-scatter hooks), with sharded statistics summed
+        over the ranks holding the other slices."""
+        unknown = set(kwargs) - {"weight_decay"}
+        if unknown:
+            raise CollieError(f"{self.fused_rule} takes weight_decay in optimizer_kwargs, not "
+                              f"{', '.join(sorted(unknown))}")
+        params = {n: p for n, p in self.local_parameters().items() if p.requires_grad}
+        o = self.options
+        engine = FusedBackward(
+            params.items(), self.fused_rule, lr if lr is not None else DEFAULT_LR[self.fused_rule],
+            kwargs.get("weight_decay", 0.0), max_grad_norm=o.max_grad_norm,
+            clip_mode=o.clip_mode, clip_value=o.clip_value, loss_scaler=o.scaler(),
+            stochastic_rounding=o.stochastic_rounding,
+            allsum_for=lambda n: self._allsum_for(n, params[n]),
+            partial_group=self.partial_grads.get,
+            counts_in_norm=lambda n: self._writes(n, params[n]), seed=dist.get_rank())
+        fsdp = False
+        for st in self.stages:
+            reducer = st.meta.get("grad_reducer")
+            if reducer is not None:
+                reducer.on_ready = engine.on_final
+            else:
+                engine.attach([p for p in st.parameters() if p.requires_grad])
+                fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
+        # FSDP2 runs the hooks once, after its reduce-scatter; plain autograd once per
+        # micro-batch.
+        engine.accumulations = 1 if fsdp else self.num_microbatches
+        return engine
+
+    def _allsum_for(self, name: str, p: torch.Tensor) -> object | None:
+        """Sum over the ranks holding the other slices of ``name``: tp (its shard dim)
+        and, under FSDP2, dp (dim 0). None for a parameter this rank holds whole."""
+        splits = []
+        shard = self.tp_shards.get(name)
+        if shard is not None:
+            splits.append((shard["dim"], self.mesh.get_group("tp")))
+        for placement in getattr(p, "placements", ()):
+            if placement.is_shard():
+                splits.append((placement.dim, self.mesh.get_group("dp")))
+        if not splits:
+            return None
+
+        def allsum(t: torch.Tensor, dims: tuple[int, ...]) -> None:
+            for dim, group in splits:
+                if dim in dims:
+                    dist.all_reduce(t, group=group)
+        return allsum
 
     def _make_schedule(self) -> object:
         from torch.distributed.pipelining import (
@@ -376,9 +463,26 @@ class ParallelModel:
         """Forward, backward and one optimizer step over the global batch; returns its mean
         token loss (the same on every rank)."""
         ids, targets, tokens = self._local_batch(batch)
-        # Gradients of the previous step stay readable until here (full_state_dict).
-        self.optimizer.zero_grad(set_to_none=True)
-        scale = 1.0 / max(tokens, 1)
+        if self.fused is not None:  # updates happen inside backward
+            total = self.fused.step(lambda: self._forward_backward(
+                ids, targets, tokens, self.fused.loss_scale))
+            self.last_grad_norm = self.fused.last_grad_norm
+        else:
+            # Gradients of the previous step stay readable until here (full_state_dict).
+            self.optimizer.zero_grad(set_to_none=True)
+            total = self._forward_backward(ids, targets, tokens)
+            self._sum_partial_grads()
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
+            self.optimizer.step()
+        self.step_count += 1
+        return self._global_loss(total)
+
+    def _forward_backward(self, ids: torch.Tensor, targets: torch.Tensor, tokens: int,
+                          loss_scale: float = 1.0) -> torch.Tensor:
+        """Every micro-batch forward and backward (gradients summed and reduced over dp);
+        returns this rank's share of the unscaled loss."""
+        scale = loss_scale / max(tokens, 1)
         for st in self.stages:
             if "grad_reducer" in st.meta:
                 st.meta["grad_reducer"].accumulations = self.num_microbatches
@@ -401,20 +505,18 @@ class ParallelModel:
             kwargs = {"target": targets, "losses": losses} if last else {}
             self.schedule.step(*args, **kwargs)
             total += sum((x.detach().float().cpu() for x in losses), torch.zeros(()))
-        self._finish_grads()
-        if self.max_grad_norm is not None:
-            self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
-        self.optimizer.step()
-        self.step_count += 1
-        return self._global_loss(total)
+        for st in self.stages:
+            if "grad_reducer" in st.meta:
+                st.meta["grad_reducer"].finish()
+        return total / loss_scale
 
     def _is_last(self) -> bool:
         return self.chosen.pp * self.chosen.virtual_stages - 1 in self.stage_ids
 
-    def _finish_grads(self) -> None:
+    def _sum_partial_grads(self) -> None:
+        """Tensor-parallel peers that each hold a partial gradient (GQA-shared KV heads,
+        LoRA's replicated factor) add them up."""
         for st in self.stages:
-            if "grad_reducer" in st.meta:
-                st.meta["grad_reducer"].finish()
             for name, p in st.named_parameters():
                 group = self.partial_grads.get(name)
                 if group is not None and p.grad is not None:

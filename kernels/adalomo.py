@@ -1,53 +1,233 @@
 """AdaLomo update (Lv et al. 2023): LOMO with a factored second moment.
 
-For a matrix gradient G (m x n), with β = 1 - t^-0.8 at step t:
-    r ← β·r + (1-β)·rowmean(G² + ε₁);   c ← β·c + (1-β)·colmean(G² + ε₁)
-    U = G / sqrt(r·cᵀ / mean(r));        U ← U / max(1, RMS(U))
+For a matrix gradient G (m x n), ĝ = G / grad_scale, β = 1 - t^-0.8 at step t:
+    r ← β·r + (1-β)·rowmean(ĝ² + ε₁);   c ← β·c + (1-β)·colmean(ĝ² + ε₁)
+    U = ĝ / sqrt(r·cᵀ / mean(r));        U ← U / max(1, RMS(U))
     p ← p·(1 - η·wd) - η·U,              η = lr·max(ε₂, RMS(p))
 Vectors keep a full second moment v instead of r and c. ε₁ = 1e-30, ε₂ = 1e-3.
 
-``adalomo_update_reference`` is the plain-torch rule (fp32 math, in place); the fused
-Triton kernel (two passes: statistics, then update) is still to come.
+Sharded parameters: a tensor- or data-parallel rank holds a slice of p. Row and column
+means, mean(r), RMS(U) and RMS(p) are then sums over the ranks holding the other
+slices; ``allsum(t, dims)`` adds ``t`` in place over the ranks that split the given
+dims (with element counts summed beside the statistics, so no rank needs the full shape).
+With it the sharded update equals the unsharded one.
+
+Three passes over G (statistics with Σp², then ΣU², then the update) with the reductions
+between them. On CUDA they are Triton kernels on [BLOCK_M, BLOCK_N] tiles writing
+per-tile partial sums (no atomics: deterministic); elsewhere plain torch does the same.
+Vectors (norm weights, biases) always take the torch path: they are small.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+
 import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreting, use_kernel
+from .rounding import check_stochastic, round_to, store_rounded
 
 EPS1 = 1e-30
 EPS2 = 1e-3
 
+Allsum = Callable[[torch.Tensor, tuple[int, ...]], None]
+
+
+def _local(t: torch.Tensor, dims: tuple[int, ...]) -> None:
+    """An unsharded parameter: its statistics are already whole."""
+
 
 def adalomo_state(p: torch.Tensor) -> dict[str, torch.Tensor | int]:
-    """Fresh fp32 state for ``p``: row and column statistics, or a full moment."""
+    """Fresh fp32 state for ``p`` (this rank's slice): row and column statistics, or a
+    full moment."""
     if p.dim() == 2:
         return {"step": 0, "row": torch.zeros(p.shape[0], device=p.device),
                 "col": torch.zeros(p.shape[1], device=p.device)}
     return {"step": 0, "v": torch.zeros(p.shape, device=p.device)}
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(2).mean().sqrt()
+# -- the three passes in plain torch --------------------------------------------------
 
+def _torch_stats(p, g, inv):
+    sq = (g.float() * inv).square_()
+    return sq.sum(1), sq.sum(0), p.float().square().sum()
+
+
+def _torch_usq(g, row, col, rmean, inv):
+    sq = (g.float() * inv).square_()
+    return sq.mul_(rmean).div_(torch.outer(row, col)).sum()
+
+
+def _torch_apply(p, g, row, col, rmean, inv, eta, wd, unorm, stochastic, seed):
+    u = (g.float() * inv).mul_(torch.outer(row, col).reciprocal_().mul_(rmean).sqrt_())
+    new = p.float().mul_(1 - eta * wd).add_(u, alpha=-eta * unorm)
+    gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+    p.copy_(round_to(new, p.dtype, stochastic, gen))
+
+
+# -- the three passes as Triton kernels ------------------------------------------------
+
+@triton.jit
+def _tile(m, n, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    cn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < m) & (cn[None, :] < n)
+    return rm, cn, rm[:, None] * n + cn[None, :], mask
+
+
+@triton.jit
+def _stats_kernel(p_ptr, g_ptr, rows_ptr, cols_ptr, psq_ptr, m, n, inv,
+                  BM: tl.constexpr, BN: tl.constexpr):
+    # rows: [tiles along n, m] partial row sums; cols: [tiles along m, n]; psq: per tile
+    rm, cn, offs, mask = _tile(m, n, BM, BN)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sq = g * g
+    i, j = tl.program_id(0), tl.program_id(1)
+    tl.store(rows_ptr + j * m + rm, tl.sum(sq, 1), mask=rm < m)
+    tl.store(cols_ptr + i * n + cn, tl.sum(sq, 0), mask=cn < n)
+    tl.store(psq_ptr + i * tl.num_programs(1) + j, tl.sum(tl.sum(p * p, 1), 0))
+
+
+@triton.jit
+def _usq_kernel(g_ptr, row_ptr, col_ptr, out_ptr, m, n, rmean, inv,
+                BM: tl.constexpr, BN: tl.constexpr):
+    rm, cn, offs, mask = _tile(m, n, BM, BN)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
+    r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
+    c = tl.load(col_ptr + cn, mask=cn < n, other=1.0)
+    u2 = g * g * rmean / (r[:, None] * c[None, :])
+    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(u2, 1), 0))
+
+
+@triton.jit
+def _apply_kernel(p_ptr, g_ptr, row_ptr, col_ptr, m, n, rmean, inv, eta, wd, unorm, seed,
+                  STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rm, cn, offs, mask = _tile(m, n, BM, BN)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
+    c = tl.load(col_ptr + cn, mask=cn < n, other=1.0)
+    u = g * tl.sqrt(rmean / (r[:, None] * c[None, :]))
+    store_rounded(p_ptr, offs, p * (1 - eta * wd) - eta * unorm * u, mask, seed, STOCHASTIC)
+
+
+def _blocks() -> tuple[int, int]:
+    return (16, 32) if interpreting() else (32, 128)  # small under the interpreter: edges
+
+
+def _grid(m: int, n: int) -> tuple[int, int]:
+    bm, bn = _blocks()
+    return triton.cdiv(m, bm), triton.cdiv(n, bn)
+
+
+def _triton_stats(p, g, inv):
+    m, n = g.shape
+    gm, gn = _grid(m, n)
+    rows = torch.empty(gn, m, device=g.device)
+    cols = torch.empty(gm, n, device=g.device)
+    psq = torch.empty(gm * gn, device=g.device)
+    bm, bn = _blocks()
+    _stats_kernel[(gm, gn)](p, g, rows, cols, psq, m, n, inv, BM=bm, BN=bn)
+    return rows.sum(0), cols.sum(0), psq.sum()
+
+
+def _triton_usq(g, row, col, rmean, inv):
+    m, n = g.shape
+    gm, gn = _grid(m, n)
+    out = torch.empty(gm * gn, device=g.device)
+    bm, bn = _blocks()
+    _usq_kernel[(gm, gn)](g, row, col, out, m, n, float(rmean), inv, BM=bm, BN=bn)
+    return out.sum()
+
+
+@functools.cache
+def _autotuned_apply() -> triton.runtime.Autotuner:
+    # restore_value: autotuning runs the kernel per config; p must be updated only once.
+    configs = [triton.Config({"BM": bm, "BN": bn}) for bm, bn in ((32, 128), (64, 64),
+                                                                  (16, 256))]
+    return triton.autotune(configs, key=["m", "n"], restore_value=["p_ptr"])(_apply_kernel)
+
+
+def _triton_apply(p, g, row, col, rmean, inv, eta, wd, unorm, stochastic, seed):
+    m, n = g.shape
+    args = (p, g, row, col, m, n, float(rmean), inv, eta, wd, unorm, seed, stochastic)
+    if interpreting():
+        bm, bn = _blocks()
+        _apply_kernel[_grid(m, n)](*args, BM=bm, BN=bn)
+    else:
+        _autotuned_apply()[lambda meta: (triton.cdiv(m, meta["BM"]),
+                                         triton.cdiv(n, meta["BN"]))](*args)
+
+
+# -- the update -------------------------------------------------------------------------
 
 @torch.no_grad()
-def adalomo_update_reference(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float,
-                             wd: float = 0.0) -> None:
-    """Update ``p`` and ``state`` in place from gradient ``g``."""
+def _update(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float, wd: float,
+            grad_scale: float, allsum: Allsum | None, stochastic: bool, seed: int,
+            kernels: bool) -> None:
+    allsum = allsum or _local
     state["step"] += 1
     beta = 1.0 - state["step"] ** -0.8
-    g = g.float()
-    sq = g.pow(2).add_(EPS1)
-    if p.dim() == 2:
-        row, col = state["row"], state["col"]
-        row.mul_(beta).add_(sq.mean(1), alpha=1 - beta)
-        col.mul_(beta).add_(sq.mean(0), alpha=1 - beta)
-        second = torch.outer(row, col).div_(row.mean())
-    else:
-        state["v"].mul_(beta).add_(sq, alpha=1 - beta)
-        second = state["v"]
-    u = g / second.sqrt()  # not in place: g may be the caller's gradient
-    u.div_(torch.clamp(_rms(u), min=1.0))
-    w = p.float()
-    eta = lr * max(EPS2, _rms(w).item())
-    p.copy_(w.mul_(1 - eta * wd).add_(u, alpha=-eta))
+    inv, sr = 1.0 / grad_scale, check_stochastic(p, stochastic)
+    kernels = kernels and p.numel() > 0  # an empty FSDP shard: nothing to launch
+    if p.dim() != 2:  # full second moment
+        gs = g.float() * inv
+        v = state["v"].mul_(beta).add_(gs.square().add_(EPS1), alpha=1 - beta)
+        u = gs.div_(v.sqrt())
+        sums = torch.stack([u.square().sum(), p.float().square().sum(),
+                            torch.tensor(float(p.numel()), device=p.device)])
+        allsum(sums, tuple(range(p.dim())))
+        unorm = 1.0 / max(1.0, math.sqrt(sums[0] / sums[2]))
+        eta = lr * max(EPS2, math.sqrt(sums[1] / sums[2]))
+        new = p.float().mul_(1 - eta * wd).add_(u, alpha=-eta * unorm)
+        gen = torch.Generator(p.device).manual_seed(seed) if sr else None
+        p.copy_(round_to(new, p.dtype, sr, gen))
+        return
+    stats, usq, apply = ((_triton_stats, _triton_usq, _triton_apply) if kernels
+                         else (_torch_stats, _torch_usq, _torch_apply))
+    m, n = p.shape
+    rows, cols, psq = stats(p, g, inv)
+    a = torch.cat([rows, rows.new_tensor([n])])  # row sums, split over ranks along dim 1
+    allsum(a, (1,))
+    row = state["row"].mul_(beta).add_(a[:m] / a[m] + EPS1, alpha=1 - beta)
+    b = torch.cat([cols, torch.stack([row.sum(), cols.new_tensor(m)])])
+    allsum(b, (0,))
+    col = state["col"].mul_(beta).add_(b[:n] / b[n + 1] + EPS1, alpha=1 - beta)
+    rmean = float(b[n] / b[n + 1])
+    c = torch.stack([usq(g, row, col, rmean, inv), psq, psq.new_tensor(m * n)])
+    allsum(c, (0, 1))
+    unorm = 1.0 / max(1.0, math.sqrt(c[0] / c[2]))
+    eta = lr * max(EPS2, math.sqrt(c[1] / c[2]))
+    apply(p, g, row, col, rmean, inv, eta, wd, unorm, sr, seed)
+
+
+def adalomo_update_reference(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float,
+                             wd: float = 0.0, grad_scale: float = 1.0,
+                             allsum: Allsum | None = None, stochastic: bool = False,
+                             seed: int = 0) -> None:
+    """Update ``p`` (this rank's slice) and ``state`` in place from gradient ``g``, in
+    plain torch."""
+    _update(p, g, state, lr, wd, grad_scale, allsum, stochastic, seed, kernels=False)
+
+
+def adalomo_update_triton(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float,
+                          wd: float = 0.0, grad_scale: float = 1.0,
+                          allsum: Allsum | None = None, stochastic: bool = False,
+                          seed: int = 0) -> None:
+    """The same update with the three passes over G as Triton kernels (contiguous p, g)."""
+    assert p.is_contiguous() and g.is_contiguous() and p.shape == g.shape
+    _update(p, g, state, lr, wd, grad_scale, allsum, stochastic, seed, kernels=True)
+
+
+def adalomo_update(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float, wd: float = 0.0,
+                   grad_scale: float = 1.0, allsum: Allsum | None = None,
+                   stochastic: bool = False, seed: int = 0) -> None:
+    """The kernels where they run, the reference elsewhere."""
+    kernels = use_kernel(p) and p.is_contiguous() and g.is_contiguous()
+    _update(p, g, state, lr, wd, grad_scale, allsum, stochastic, seed, kernels)

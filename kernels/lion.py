@@ -4,7 +4,8 @@
 
 One pass over memory: read p, g, m; write p, m (20 bytes per fp32 parameter). Math in
 fp32 whatever the weight dtype; in place. ``lion_update`` runs the kernel on CUDA and
-the reference elsewhere; tests run the kernel through Triton's interpreter.
+the reference elsewhere; tests run the kernel through Triton's interpreter. 16-bit weights
+may be rounded stochastically (:mod:`.rounding`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import triton
 import triton.language as tl
 
 from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from .rounding import check_stochastic, round_to, store_rounded
 
 
 @triton.jit
-def _lion_kernel(p_ptr, g_ptr, m_ptr, n, lr, wd, beta1, beta2, BLOCK: tl.constexpr):
+def _lion_kernel(p_ptr, g_ptr, m_ptr, n, lr, wd, beta1, beta2, seed, STOCHASTIC: tl.constexpr,
+                 BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     c = beta1 * m + (1 - beta1) * g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     p = p * (1 - lr * wd) - lr * sign
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    store_rounded(p_ptr, offs, p, mask, seed, STOCHASTIC)
     tl.store(m_ptr + offs, beta2 * m + (1 - beta2) * g, mask=mask)
 
 
@@ -41,34 +44,39 @@ def _autotuned() -> triton.runtime.Autotuner:
 
 
 def lion_update_triton(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, lr: float,
-                       beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0) -> None:
+                       beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0,
+                       stochastic: bool = False, seed: int = 0) -> None:
     """Launch the kernel on contiguous ``p`` (any float dtype), ``g`` and fp32 ``m``."""
     assert p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
     assert m.dtype == torch.float32 and p.shape == g.shape == m.shape
-    n = p.numel()
+    n, sr = p.numel(), check_stochastic(p, stochastic)
     if interpreting():
         grid = (triton.cdiv(n, INTERPRET_BLOCK),)
-        _lion_kernel[grid](p, g, m, n, lr, wd, beta1, beta2, BLOCK=INTERPRET_BLOCK)
+        _lion_kernel[grid](p, g, m, n, lr, wd, beta1, beta2, seed, sr, BLOCK=INTERPRET_BLOCK)
     else:
         _autotuned()[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            p, g, m, n, lr, wd, beta1, beta2)
+            p, g, m, n, lr, wd, beta1, beta2, seed, sr)
 
 
 @torch.no_grad()
 def lion_update_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, lr: float,
-                          beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0) -> None:
+                          beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0,
+                          stochastic: bool = False,
+                          generator: torch.Generator | None = None) -> None:
     """Update ``p`` and fp32 momentum ``m`` in place from gradient ``g`` (plain torch)."""
     g = g.float()
     c = m.mul(beta1).add_(g, alpha=1 - beta1)
     new_p = p.float().mul_(1 - lr * wd).add_(c.sign_(), alpha=-lr)
-    p.copy_(new_p)
+    p.copy_(round_to(new_p, p.dtype, stochastic, generator))
     m.mul_(beta2).add_(g, alpha=1 - beta2)
 
 
 def lion_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, lr: float,
-                beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0) -> None:
+                beta1: float = 0.9, beta2: float = 0.99, wd: float = 0.0,
+                stochastic: bool = False, seed: int = 0) -> None:
     """The kernel where it runs, the reference elsewhere."""
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
-        lion_update_triton(p, g, m, lr, beta1, beta2, wd)
+        lion_update_triton(p, g, m, lr, beta1, beta2, wd, stochastic, seed)
     else:
-        lion_update_reference(p, g, m, lr, beta1, beta2, wd)
+        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+        lion_update_reference(p, g, m, lr, beta1, beta2, wd, stochastic, gen)

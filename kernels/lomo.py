@@ -2,9 +2,10 @@
 
     p ← p·(1 - lr·wd) - lr·ĝ,   ĝ = g / grad_scale   (loss scale and clipping folded in)
 
-One pass: read p, g; write p (6 bytes per bf16 parameter). Math in fp32; in place.
-``lomo_update`` runs the kernel on CUDA and the reference elsewhere; tests run the kernel
-through Triton's interpreter.
+One pass: read p, g; write p (6 bytes per bf16 parameter). Math in fp32; in place; 16-bit
+weights are rounded to nearest or, with ``stochastic=True``, stochastically
+(:mod:`.rounding`). ``lomo_update`` runs the kernel on CUDA and the reference elsewhere;
+tests run the kernel through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import triton
 import triton.language as tl
 
 from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from .rounding import check_stochastic, round_to, store_rounded
 
 
 @triton.jit
-def _lomo_kernel(p_ptr, g_ptr, n, lr, wd, inv_scale, BLOCK: tl.constexpr):
+def _lomo_kernel(p_ptr, g_ptr, n, lr, wd, inv_scale, seed, STOCHASTIC: tl.constexpr,
+                 BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * (1 - lr * wd) - lr * (g * inv_scale)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    store_rounded(p_ptr, offs, p, mask, seed, STOCHASTIC)
 
 
 @functools.cache
@@ -36,31 +39,35 @@ def _autotuned() -> triton.runtime.Autotuner:
 
 
 def lomo_update_triton(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
-                       grad_scale: float = 1.0) -> None:
+                       grad_scale: float = 1.0, stochastic: bool = False,
+                       seed: int = 0) -> None:
     assert p.is_contiguous() and g.is_contiguous() and p.shape == g.shape
-    n = p.numel()
+    n, sr = p.numel(), check_stochastic(p, stochastic)
     if interpreting():
         grid = (triton.cdiv(n, INTERPRET_BLOCK),)
-        _lomo_kernel[grid](p, g, n, lr, wd, 1.0 / grad_scale, BLOCK=INTERPRET_BLOCK)
+        _lomo_kernel[grid](p, g, n, lr, wd, 1.0 / grad_scale, seed, sr, BLOCK=INTERPRET_BLOCK)
     else:
         _autotuned()[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            p, g, n, lr, wd, 1.0 / grad_scale)
+            p, g, n, lr, wd, 1.0 / grad_scale, seed, sr)
 
 
 @torch.no_grad()
 def lomo_update_reference(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
-                          grad_scale: float = 1.0) -> None:
+                          grad_scale: float = 1.0, stochastic: bool = False,
+                          generator: torch.Generator | None = None) -> None:
     """``p`` in place; ``g`` is divided by ``grad_scale`` (the loss scale, clip factor)."""
     if p.dtype == torch.float32:
         p.mul_(1 - lr * wd).add_(g, alpha=-lr / grad_scale)
     else:  # 16-bit weights: do the math in fp32, one tensor at a time
-        p.copy_(p.float().mul_(1 - lr * wd).add_(g.float(), alpha=-lr / grad_scale))
+        new = p.float().mul_(1 - lr * wd).add_(g.float(), alpha=-lr / grad_scale)
+        p.copy_(round_to(new, p.dtype, stochastic, generator))
 
 
 def lomo_update(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
-                grad_scale: float = 1.0) -> None:
+                grad_scale: float = 1.0, stochastic: bool = False, seed: int = 0) -> None:
     """The kernel where it runs, the reference elsewhere."""
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
-        lomo_update_triton(p, g, lr, wd, grad_scale)
+        lomo_update_triton(p, g, lr, wd, grad_scale, stochastic, seed)
     else:
-        lomo_update_reference(p, g, lr, wd, grad_scale)
+        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+        lomo_update_reference(p, g, lr, wd, grad_scale, stochastic, gen)

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import fx
@@ -31,12 +33,17 @@ class GradReducer:
     first). A parameter counts as ready after ``accumulations`` gradient accumulations;
     full buckets are launched in bucket order, so every rank issues the same collectives
     in the same order. :meth:`finish` waits for all and writes the sums back.
+
+    ``on_ready(p)``, when set, is called for each parameter as soon as its reduced
+    gradient is written back (buckets in order, as their all-reduces complete): the hook
+    for optimizer updates fused into backward.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], group: dist.ProcessGroup,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         self.group = group
         self.accumulations = 1
+        self.on_ready: Callable[[torch.nn.Parameter], None] | None = None
         self.buckets: list[list[torch.nn.Parameter]] = [[]]
         size = 0
         for p in reversed([p for p in params if p.requires_grad]):
@@ -73,6 +80,22 @@ class GradReducer:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True),
                               flat, params))
+        if self.on_ready is not None:
+            self._drain(wait=False)
+
+    def _drain(self, wait: bool) -> None:
+        """Write back the reduced buckets, in order: all of them, or (``wait=False``)
+        those whose all-reduce has completed."""
+        while self._pending and (wait or self._pending[0][0].is_completed()):
+            work, flat, params = self._pending.pop(0)
+            work.wait()
+            off = 0
+            for p in params:
+                p.grad.copy_(flat[off:off + p.numel()].view_as(p.grad))
+                off += p.numel()
+            if self.on_ready is not None:
+                for p in params:
+                    self.on_ready(p)
 
     def finish(self) -> None:
         """Reduce what is left (parameters unused this step get zero gradients), wait for
@@ -82,12 +105,7 @@ class GradReducer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             self._launch(b)
-        for work, flat, params in self._pending:
-            work.wait()
-            off = 0
-            for p in params:
-                p.grad.copy_(flat[off:off + p.numel()].view_as(p.grad))
-                off += p.numel()
+        self._drain(wait=True)
         self.reset()
 
 

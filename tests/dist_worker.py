@@ -219,6 +219,63 @@ def run_lora(cfg: dict) -> dict:
     return out
 
 
+FUSED_LR, FUSED_WD = 1e-2, 0.1
+
+
+def fused_reference(name: str, layers: int, rule: str, clip: float | None,
+                    clip_value: float | None) -> tuple[list[float], dict]:
+    """One process: full backward, then the same rule on each (clipped) gradient."""
+    from collie_compile.kernels.adalomo import adalomo_state, adalomo_update_reference
+    from collie_compile.kernels.lomo import lomo_update_reference
+
+    m = make_model(name, layers)
+    params = dict(m.named_parameters())
+    states = {n: adalomo_state(p) for n, p in params.items()}
+    losses = []
+    for b in batches():
+        out = m(input_ids=b, labels=b)
+        out.loss.backward()
+        norm = float(torch.stack([p.grad.norm() for p in params.values()]).norm())
+        coef = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))
+        with torch.no_grad():
+            for n, p in params.items():
+                g = p.grad * coef
+                if clip_value is not None:
+                    g = g.clamp(-clip_value, clip_value)
+                if rule == "lomo":
+                    lomo_update_reference(p, g, FUSED_LR, FUSED_WD)
+                else:
+                    adalomo_update_reference(p, g, states[n], FUSED_LR, FUSED_WD)
+                p.grad = None
+        losses.append(out.loss.item())
+    return losses, {n: p.detach().clone() for n, p in params.items()}
+
+
+def run_fused(cfg: dict) -> dict:
+    """LOMO/AdaLomo updated inside the parallel backward against one process applying
+    the same rule after a plain backward."""
+    name, layers = cfg["model"], cfg.get("layers", 2)
+    clip, clip_value = cfg.get("max_grad_norm"), cfg.get("clip_value")
+    pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
+                     optimizer=cfg["optimizer"], lr=FUSED_LR,
+                     optimizer_kwargs={"weight_decay": FUSED_WD}, max_grad_norm=clip,
+                     clip_value=clip_value, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    losses = [pm.train_step({"input_ids": b}) for b in batches()]
+    grads_left = sum(p.grad is not None for p in pm.local_parameters().values())
+    weights = pm.full_state_dict()
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "grads_left": grads_left,
+           "grad_norm": pm.last_grad_norm}
+    if dist.get_rank() == 0:
+        ref_losses, ref_w = fused_reference(name, layers, cfg["optimizer"], clip, clip_value)
+        diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
+        moved = sum(float((ref_w[k] - v).norm()) ** 2
+                    for k, v in make_model(name, layers).state_dict().items()
+                    if k in ref_w) ** 0.5
+        out.update(ref_losses=ref_losses, weight_err=diff / moved,
+                   weight_err_per_tensor=rel_err(weights, ref_w))
+    return out
+
+
 def run_error(cfg: dict) -> dict:
     """A bad request must raise a CollieError on every rank (not hang)."""
     try:
@@ -246,7 +303,8 @@ def main() -> None:
         try:
             kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
             run = {"train": run_config, "error": run_error, "save": run_save,
-                   "resume": run_resume, "weights": run_weights, "lora": run_lora}[kind]
+                   "resume": run_resume, "weights": run_weights, "lora": run_lora,
+                   "fused": run_fused}[kind]
             results[cfg["id"]] = run(cfg)
         except Exception:  # record and go on: one broken layout must not hide the others
             results[cfg["id"]] = {"crash": traceback.format_exc()}

@@ -33,4 +33,51 @@ for n in (1, 77, 128, 1000, 4099):
         lomo_update_triton(q1, g, lr=1e-2, wd=0.1, grad_scale=4.0)
         lomo_update_reference(q2, g, lr=1e-2, wd=0.1, grad_scale=4.0)
         torch.testing.assert_close(q1, q2, **tol)
+
+from collie_compile.kernels.adalomo import (  # noqa: E402
+    adalomo_state,
+    adalomo_update_reference,
+    adalomo_update_triton,
+)
+from collie_compile.kernels.lomo import lomo_update_reference  # noqa: E402, F811
+
+# AdaLomo: matrices not multiples of the 16 x 32 tile, a loss scale and weight decay; in
+# fp32 two steps (β > 0 on the second). 16-bit weights: one step, within one ulp (the
+# interpreter casts fp32 to bf16 by truncation where a GPU rounds to nearest).
+for shape in ((1, 1), (17, 33), (40, 7), (64, 96)):
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.randn(shape).to(dtype)
+        p1, p2 = p.clone(), p.clone()
+        s1, s2 = adalomo_state(p), adalomo_state(p)
+        for _ in range(2 if dtype == torch.float32 else 1):
+            g = torch.randn(shape).to(dtype)
+            adalomo_update_triton(p1, g, s1, lr=1e-2, wd=0.1, grad_scale=8.0)
+            adalomo_update_reference(p2, g, s2, lr=1e-2, wd=0.1, grad_scale=8.0)
+        torch.testing.assert_close(s1["row"], s2["row"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(s1["col"], s2["col"], rtol=1e-5, atol=0)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(p1, p2, rtol=max(eps, 1e-5), atol=1e-6)
+        assert not torch.equal(p1, p)
+
+# Stochastic rounding: every result is one of the two neighbours of the fp32 update, and
+# on average the update survives even when it is far below half an ulp.
+for dtype in (torch.bfloat16, torch.float16):
+    n = 4099
+    p = torch.full((n,), 1.0, dtype=dtype)
+    g = torch.full((n,), 1.0, dtype=dtype)
+    exact = 1.0 - 1e-4  # lr·g = 1e-4: nearest rounding keeps 1.0 in both formats
+    nearest = p.clone()  # (the reference: the interpreter's cast truncates)
+    lomo_update_reference(nearest, g, lr=1e-4)
+    assert torch.equal(nearest, p)
+    q = p.clone()
+    lomo_update_triton(q, g, lr=1e-4, stochastic=True, seed=3)
+    below = (torch.tensor(1.0, dtype=dtype).view(torch.int16) - 1).view(dtype)
+    assert set(q.float().unique().tolist()) == {1.0, float(below)}  # the two neighbours
+    assert abs(q.float().mean() - exact) < 3e-5, float(q.float().mean())
+    r = p.clone()
+    lomo_update_reference(r, g, lr=1e-4, stochastic=True,
+                          generator=torch.Generator().manual_seed(0))
+    assert abs(r.float().mean() - exact) < 3e-5
+    m = torch.zeros(n)
+    lion_update_triton(p.clone(), g, m, lr=1e-4, stochastic=True, seed=5)
 print("interpreted kernels match the references")

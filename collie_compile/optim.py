@@ -1,0 +1,157 @@
+"""Optimizers that step after backward (besides torch's own), and the name → class table
+``parallelize`` and the CPU measurements share.
+
+Every rule here is elementwise per parameter, so a tensor- or data-parallel shard
+updates exactly as the whole tensor would. 16-bit parameters keep an fp32 master copy.
+The fused-in-backward LOMO and AdaLomo are in :mod:`collie_compile.fused_backward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .errors import CollieError
+from .kernels.lion import lion_update
+from .optimizers import OPTIMIZERS
+
+
+class _MasterWeights(torch.optim.Optimizer):
+    """Per-tensor loop with an fp32 master copy of 16-bit parameters; subclasses give
+    ``_update(w, g, state, group)`` on fp32 ``w`` and ``g``."""
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    if p.dtype != torch.float32:
+                        state["master"] = p.detach().float()
+                state["step"] += 1
+                w = state.get("master", p)
+                self._update(w, p.grad.float(), state, group)
+                if w is not p:
+                    p.copy_(w)
+        return loss
+
+
+class Lion(_MasterWeights):
+    """Lion (Chen et al. 2023): p ← p(1 - lr·wd) - lr·sign(β1·m + (1-β1)·g);
+    m ← β2·m + (1-β2)·g. One fused pass per tensor (:mod:`collie_compile.kernels.lion`)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(w)
+        lion_update(w, g, state["exp_avg"], group["lr"], *group["betas"],
+                    group["weight_decay"])
+
+
+class Adan(_MasterWeights):
+    """Adan (Xie et al. 2022), Nesterov momentum estimation with decoupled weight decay:
+
+        d = g - g_prev (0 at step 1);  m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·d
+        n ← β3·n + (1-β3)·(g + β2·d)²
+        p ← p(1 - lr·wd) - lr·(m/(1-β1ᵗ) + β2·v/(1-β2ᵗ)) / (sqrt(n/(1-β3ᵗ)) + eps)
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.02) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        b1, b2, b3 = group["betas"]
+        t = state["step"]
+        if t == 1:
+            for key in ("m", "v", "n"):
+                state[key] = torch.zeros_like(w)
+            state["prev_grad"] = g.clone()
+        d = g - state["prev_grad"]
+        state["prev_grad"].copy_(g)
+        state["m"].mul_(b1).add_(g, alpha=1 - b1)
+        state["v"].mul_(b2).add_(d, alpha=1 - b2)
+        u = d.mul_(b2).add_(g)  # g + β2·d
+        state["n"].mul_(b3).addcmul_(u, u, value=1 - b3)
+        denom = (state["n"] / (1 - b3**t)).sqrt_().add_(group["eps"])
+        step = (state["m"] / (1 - b1**t)).add_(state["v"], alpha=b2 / (1 - b2**t))
+        w.mul_(1 - group["lr"] * group["weight_decay"]).addcdiv_(step, denom,
+                                                                  value=-group["lr"])
+
+
+class SophiaG(_MasterWeights):
+    """Sophia (Liu et al. 2023) with a diagonal Gauss-Newton estimate h:
+
+        m ← β1·m + (1-β1)·g;  p ← p(1 - lr·wd) - lr·sign(m)·min(|m| / (ρ·bs·h + 1e-15), 1)
+        every ``hessian_interval`` steps: h ← β2·h + (1-β2)·ĝ²
+
+    ``bs`` is the number of tokens in a batch (ĝ is the gradient of the mean loss, so
+    bs·ĝ² estimates the Gauss-Newton diagonal). The paper's ĝ comes from a backward on
+    labels sampled from the model; :meth:`update_hessian` takes such gradients from the
+    caller. Without one, ``step`` uses the batch's own gradient at the interval (the
+    empirical-Fisher variant the paper compares with), which needs no extra pass.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
+                 weight_decay: float = 0.1, bs: int = 1, hessian_interval: int = 10) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay,
+                                      bs=bs, hessian_interval=hessian_interval))
+        self._hessian_given = False
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """h ← β2·h + (1-β2)·ĝ² from the parameters' current ``.grad`` (the caller's
+        backward on sampled labels)."""
+        for group in self.param_groups:
+            b2 = group["betas"][1]
+            for p in group["params"]:
+                if p.grad is not None:
+                    h = self.state[p].setdefault(
+                        "hessian", torch.zeros_like(p, dtype=torch.float32))
+                    g = p.grad.float()
+                    h.mul_(b2).addcmul_(g, g, value=1 - b2)
+        self._hessian_given = True
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        b1, b2 = group["betas"]
+        if "m" not in state:
+            state["m"] = torch.zeros_like(w)
+            state.setdefault("hessian", torch.zeros_like(w))
+        h = state["hessian"]
+        if not self._hessian_given and (state["step"] - 1) % group["hessian_interval"] == 0:
+            h.mul_(b2).addcmul_(g, g, value=1 - b2)
+        m = state["m"].mul_(b1).add_(g, alpha=1 - b1)
+        ratio = (m.abs() / (group["rho"] * group["bs"] * h + 1e-15)).clamp_(max=1.0)
+        w.mul_(1 - group["lr"] * group["weight_decay"]).addcmul_(m.sign(), ratio,
+                                                                  value=-group["lr"])
+
+
+REGULAR: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+    "lion": Lion, "adan": Adan, "sophia": SophiaG,
+}
+FUSED = ("lomo", "adalomo")
+DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-3, "lion": 1e-4, "adan": 1e-3,
+              "sophia": 1e-4, "lomo": 1e-3, "adalomo": 1e-3}
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer] | None:
+    """The class that steps after backward for ``name``; None for the fused-in-backward
+    ones (LOMO, AdaLomo). Unknown names raise a clear error."""
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise CollieError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+    return None if key in FUSED else REGULAR[key]
