@@ -134,9 +134,10 @@ class SophiaG(_MasterWeights):
         if not self._hessian_given and (state["step"] - 1) % group["hessian_interval"] == 0:
             h.mul_(b2).addcmul_(g, g, value=1 - b2)
         m = state["m"].mul_(b1).add_(g, alpha=1 - b1)
-        ratio = (m.abs() / (group["rho"] * group["bs"] * h + 1e-15)).clamp_(max=1.0)
-        w.mul_(1 - group["lr"] * group["weight_decay"]).addcmul_(m.sign(), ratio,
-                                                                  value=-group["lr"])
+        # two temporaries at a time, as the cost model counts
+        ratio = m.abs().div_(h.mul(group["rho"] * group["bs"]).add_(1e-15))
+        ratio.clamp_(max=1.0).mul_(m.sign())
+        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(ratio, alpha=-group["lr"])
 
 
 REGULAR: dict[str, type[torch.optim.Optimizer]] = {

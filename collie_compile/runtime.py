@@ -29,6 +29,7 @@ from .capture import capture_static
 from .errors import CollieError
 from .estimate import check_heads
 from .fused_backward import FusedBackward, LossScaler
+from .kernels.adalomo import adalomo_state
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class
 from .passes.data_parallel import data_parallel
@@ -204,6 +205,14 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     heads = int(cfg.num_attention_heads)
     check_heads(name, heads, int(getattr(cfg, "num_key_value_heads", None) or heads), c.tp)
     return p
+
+
+FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans
+
+
+def _dim_box(box: ckpt.Box, dim: int) -> ckpt.Box:
+    """The 1-D box of a statistic along ``dim`` of a weight in ``box``."""
+    return ckpt.Box((box.offset[dim],), (box.shape[dim],), (box.global_shape[dim],))
 
 
 def chunk_layers(c: Candidate) -> list[list[int]]:
@@ -671,10 +680,15 @@ class ParallelModel:
             box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
             tensors[name] = (p.detach(), box)
             for key, v in states.get(name, {}).items():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    tensors[f"{name}/{key}"] = (v, box)
-                else:
+                if not torch.is_tensor(v) or v.dim() == 0:
                     scalars[key] = float(v)
+                elif key in FACTORED:  # AdaLomo's row/column statistics
+                    dim = FACTORED[key]
+                    # FSDP splits rows only: every dp rank holds the same column statistics
+                    if dim == 0 or not hasattr(p, "to_local") or self.coords.dp == 0:
+                        tensors[f"{name}/{key}"] = (v, _dim_box(box, dim))
+                elif v.shape == p.shape:
+                    tensors[f"{name}/{key}"] = (v, box)
         if not self._writes_states():  # ZeRO-1: states live on their owner only
             tensors = {k: v for k, v in tensors.items() if "/" not in k}
             tensors.update({f"{n}/{k}": (v, ckpt.local_box(p, self.tp_shards.get(n),
@@ -687,7 +701,7 @@ class ParallelModel:
         if dist.get_rank() == 0:
             index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
                            "model": self.plan.model, "step": self.step_count,
-                           "optimizer": type(self._inner_optimizer()).__name__,
+                           "optimizer": self.fused_rule or type(self._inner_optimizer()).__name__,
                            "scalars": {}, "tensors": {}}
             for text in every:
                 part = json.loads(text)
@@ -709,8 +723,6 @@ class ParallelModel:
             return meta, pieces
 
         meta, pieces = cdist.agree(read)
-        inner = self._inner_optimizer()
-        owned = {id(p) for g in inner.param_groups for p in g["params"]}
 
         def load() -> None:
             for name, p in self.local_parameters().items():
@@ -719,33 +731,56 @@ class ParallelModel:
                     raise CollieError(f"{directory} has no tensor {name!r}")
                 with torch.no_grad():
                     ckpt.local_tensor(p).copy_(ckpt.read_box(pieces[name], box, name))
-                if id(p) not in owned:
-                    continue
-                state = {}
-                for key in sorted(k.split("/", 1)[1] for k in pieces
-                                  if k.startswith(name + "/")):
-                    t = torch.zeros_like(p.detach())
-                    ckpt.local_tensor(t).copy_(ckpt.read_box(pieces[f"{name}/{key}"], box,
-                                                             f"{name}/{key}"))
-                    state[key] = t
-                for key, v in meta["scalars"].items():
-                    state[key] = torch.tensor(v, dtype=torch.float32)
-                if state:
-                    inner.state[p] = state
+                if p.requires_grad:
+                    self._restore_state(name, p, box, pieces, meta["scalars"])
 
         cdist.agree(load)
         self.step_count = int(meta["step"])
+        if self.fused is not None:
+            self.fused.step_count = self.step_count
         dist.barrier()
+
+    def _restore_state(self, name: str, p: torch.Tensor, box: ckpt.Box, pieces: dict,
+                       scalars: dict) -> None:
+        """The optimizer state of ``p`` from the checkpoint's boxes of it. For AdaLomo
+        the row/column statistics (fresh where a checkpoint of another optimizer has
+        none); for LOMO nothing; otherwise every p-shaped state and the scalars."""
+        stored = {k.split("/", 1)[1]: v for k, v in pieces.items()
+                  if k.startswith(name + "/")}
+        if self.fused is not None:
+            if self.fused_rule == "adalomo":
+                state = adalomo_state(ckpt.local_tensor(p.detach()))
+                for key, t in state.items():
+                    if key in stored and torch.is_tensor(t):
+                        sbox = _dim_box(box, FACTORED[key]) if key in FACTORED else box
+                        t.copy_(ckpt.read_box(stored[key], sbox, f"{name}/{key}"))
+                state["step"] = int(scalars.get("step", 0))
+                self.fused.state[name] = state
+            return
+        inner = self._inner_optimizer()
+        if not any(p is q for g in inner.param_groups for q in g["params"]):
+            return  # ZeRO-1: another rank owns this parameter's state
+        state = {}
+        for key in sorted(stored):
+            t = torch.zeros_like(p.detach())
+            ckpt.local_tensor(t).copy_(ckpt.read_box(stored[key], box, f"{name}/{key}"))
+            state[key] = t
+        for key, v in scalars.items():
+            state[key] = torch.tensor(v, dtype=torch.float32)
+        if state:
+            inner.state[p] = state
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer
 
     def _optimizer_states(self) -> dict[str, dict]:
+        if self.fused is not None:
+            return self.fused.state
         by_id = {id(p): n for n, p in self.local_parameters().items()}
         return {by_id[id(p)]: st for p, st in self._inner_optimizer().state.items()}
 
     def _writes_states(self) -> bool:
-        return not (self.chosen.zero == 1 and self.chosen.dp > 1)
+        return self.fused is not None or not (self.chosen.zero == 1 and self.chosen.dp > 1)
 
     def _tp_first(self, name: str) -> bool:
         """False on a tp rank that holds the same slice as a lower one (GQA KV heads)."""

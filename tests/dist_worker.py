@@ -41,11 +41,15 @@ def batches(n: int = STEPS) -> list[torch.Tensor]:
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
-def reference(name: str, layers: int, clip: float | None = None
-              ) -> tuple[list[float], dict, dict]:
+def reference(name: str, layers: int, clip: float | None = None, optimizer: str = "adamw",
+              kwargs: dict | None = None) -> tuple[list[float], dict, dict]:
     """Losses, final weights and last-step gradients of plain single-process training."""
+    from collie_compile.optim import optimizer_class
+
     m = make_model(name, layers)
-    opt = torch.optim.AdamW(m.parameters(), **ADAMW)
+    opts = dict(ADAMW) if optimizer == "adamw" else {"lr": ADAMW["lr"]}
+    opts.update(kwargs or {})
+    opt = optimizer_class(optimizer)(m.parameters(), **opts)
     losses = []
     for b in batches():
         opt.zero_grad(set_to_none=True)
@@ -73,9 +77,12 @@ def rel_err(a: dict, b: dict) -> float:
 
 def run_config(cfg: dict) -> dict:
     name, layers = cfg["model"], cfg.get("layers", 2)
-    pins = {k: v for k, v in cfg.items() if k not in ("model", "layers", "id")}
+    opt = cfg.get("optimizer", "adamw")
+    kwargs = cfg.get("optimizer_kwargs", {"eps": ADAMW["eps"]})
+    pins = {k: v for k, v in cfg.items()
+            if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs")}
     pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
-                     lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]}, **pins)
+                     optimizer=opt, lr=ADAMW["lr"], optimizer_kwargs=kwargs, **pins)
     losses = [pm.train_step({"input_ids": b}) for b in batches()]
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
@@ -83,7 +90,8 @@ def run_config(cfg: dict) -> dict:
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
            "vocab_slice": pm.vocab_slice}
     if dist.get_rank() == 0:
-        ref_losses, ref_w, ref_g = reference(name, layers, cfg.get("max_grad_norm"))
+        ref_losses, ref_w, ref_g = reference(name, layers, cfg.get("max_grad_norm"), opt,
+                                             kwargs)
         # Weights: relative error of all of them together. Per tensor, a zero-initialised
         # bias is nothing but three AdamW updates, which amplify rounding in small
         # gradients; its error is reported (weight_err_per_tensor) but not the criterion.
@@ -101,7 +109,8 @@ def _all_ranks(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).max(0).values - torch.stack(parts).min(0).values
 
 
-PLAN_KEYS = ("dp", "tp", "pp", "zero", "schedule", "recompute", "micro_batch_size")
+PLAN_KEYS = ("dp", "tp", "pp", "zero", "schedule", "recompute", "micro_batch_size",
+             "optimizer")
 
 
 def run_save(cfg: dict) -> dict:
@@ -257,7 +266,7 @@ def run_fused(cfg: dict) -> dict:
     name, layers = cfg["model"], cfg.get("layers", 2)
     clip, clip_value = cfg.get("max_grad_norm"), cfg.get("clip_value")
     pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
-                     optimizer=cfg["optimizer"], lr=FUSED_LR,
+                     lr=FUSED_LR,
                      optimizer_kwargs={"weight_decay": FUSED_WD}, max_grad_norm=clip,
                      clip_value=clip_value, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
     losses = [pm.train_step({"input_ids": b}) for b in batches()]

@@ -1,0 +1,129 @@
+"""Optimizers side by side on one model (CPU), and the fused kernels' bandwidth (GPU).
+
+CPU part: the same model, data and batch trained by AdamW, Lion, LOMO and AdaLomo in one
+process: peak memory per step under torch's MemTracker and the median step time. Batch 1
+with full recomputation (the LOMO paper's setting), so that model states dominate.
+
+GPU part (only where CUDA is present): each update kernel's achieved bandwidth, bytes it
+must move divided by its time, against the card's measured device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from collie_compile.measure import make_optimizer, measure_peak
+from collie_compile.models import build_model, load_config, with_layers
+from collie_compile.recompute import enable_on_hf_model
+
+from .report import Report, table
+
+# small-llama's blocks, 24 of them (44M parameters): a body-heavy model, as real LLMs are,
+# where the embedding's gradient (the largest LOMO ever holds) is a small part.
+MODEL, LAYERS, BATCH, SEQ, STEPS, RECOMPUTE = "small-llama", 24, 1, 64, 5, "full"
+OPTIMIZERS = ["adamw", "lion", "lomo", "adalomo"]
+
+
+def step_time(optimizer: str, steps: int = STEPS) -> float:
+    """Median seconds of forward + backward + update (fused or not) after one warm-up."""
+    torch.manual_seed(0)
+    cfg = config()
+    model = build_model(cfg, device="cpu")
+    model.train()
+    enable_on_hf_model(model, RECOMPUTE)
+    opt = make_optimizer(optimizer, list(model.parameters()))
+    ids = torch.randint(0, int(cfg.vocab_size), (BATCH, SEQ))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def config() -> object:
+    return with_layers(load_config(MODEL), LAYERS)
+
+
+def cpu_rows() -> list[dict]:
+    rows = []
+    for opt in tqdm(OPTIMIZERS, desc="optimizers", leave=False):
+        peak = measure_peak(config(), opt, RECOMPUTE, "fp32", BATCH, SEQ)
+        rows.append(dict(optimizer=opt, peak=peak.total_bytes, by=peak.by_category,
+                         seconds=step_time(opt)))
+    return rows
+
+
+def _cases(n: int, dtype: torch.dtype) -> list[tuple[str, int, object]]:
+    """(kernel, bytes it must move per element, call) on ``n`` CUDA elements."""
+    from collie_compile.kernels.adalomo import adalomo_state, adalomo_update_triton
+    from collie_compile.kernels.lion import lion_update_triton
+    from collie_compile.kernels.lomo import lomo_update_triton
+
+    p = torch.randn(n, device="cuda").to(dtype)
+    g = torch.randn(n, device="cuda").to(dtype)
+    m = torch.zeros(n, device="cuda")
+    e = p.element_size()
+    mat_p, mat_g = p.view(8192, -1), g.view(8192, -1)
+    state = adalomo_state(mat_p)
+    return [("lomo", 3 * e, lambda: lomo_update_triton(p, g, 1e-6)),  # read p, g; write p
+            ("lion", 3 * e + 8, lambda: lion_update_triton(p, g, m, 1e-6)),  # + m in, out
+            # three passes read G, two read p, one writes p
+            ("adalomo", 6 * e, lambda: adalomo_update_triton(mat_p, mat_g, state, 1e-6))]
+
+
+def gpu_rows(n: int = 1 << 26) -> list[list[object]]:
+    """Achieved GB/s of each kernel on ``n`` elements against a plain copy."""
+    def timed(fn, reps: int = 20) -> float:
+        fn()  # compile and autotune
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    src = torch.empty(n, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.nbytes / timed(lambda: dst.copy_(src)) / 1e9
+    rows = [["copy (fp32)", f"{copy_gbs:.0f}", "100%"]]
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, bytes_per, fn in _cases(n, dtype):
+            gbs = bytes_per * n / timed(fn) / 1e9
+            rows.append([f"{name} ({str(dtype).removeprefix('torch.')})", f"{gbs:.0f}",
+                         f"{100 * gbs / copy_gbs:.0f}%"])
+    return rows
+
+
+def main(out: str | None = None) -> None:
+    rep = Report("kernels", out)
+    rows = cpu_rows()
+    base = next(r for r in rows if r["optimizer"] == "adamw")
+    params = sum(p.numel() for p in build_model(config()).parameters())
+    rep.add(f"{MODEL} with {LAYERS} blocks ({params / 1e6:.1f}M parameters), fp32, batch "
+            f"{BATCH} x {SEQ}, {RECOMPUTE} recomputation, one process on the CPU\n\n" + table(
+                ["optimizer", "peak MiB", "x AdamW", "grads MiB", "states MiB", "step s",
+                 "x AdamW"],
+                [[r["optimizer"], f"{r['peak'] / 2**20:.1f}", f"{r['peak'] / base['peak']:.2f}",
+                  f"{r['by'].get('grad', 0) / 2**20:.1f}",
+                  f"{r['by'].get('opt', 0) / 2**20:.1f}", f"{r['seconds']:.3f}",
+                  f"{r['seconds'] / base['seconds']:.2f}"] for r in rows],
+                right=range(1, 7)))
+    rep.plot("kernels_memory", lambda ax: (
+        ax.bar([r["optimizer"] for r in rows], [r["peak"] / 2**20 for r in rows]),
+        ax.set_ylabel("peak MiB (MemTracker)"),
+        ax.set_title(f"{MODEL} x{LAYERS} blocks, fp32, batch {BATCH}x{SEQ}, CPU")))
+    if torch.cuda.is_available():
+        rep.add(f"fused update kernels on {torch.cuda.get_device_name()}, 2^26 elements\n\n"
+                + table(["kernel", "GB/s", "of copy"], gpu_rows(), right=(1, 2)))
+    else:
+        rep.add("No CUDA device here: the kernels' bandwidth part did not run.")
+    rep.save()
