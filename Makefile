@@ -21,10 +21,11 @@ demo: $(STAMP)
 	$(BIN)/collie-compile estimate llama-65b --gpus 8 --gpu rtx3090 --optimizer lomo \
 		--zero 3 --seq-len 512 --recompute full
 	@echo
-	# train the tiny preset on 4 CPU processes (gloo) with the auto plan
+	# train the tiny preset on 4 CPU processes (gloo) with the auto plan, then check it
+	# against one process training the same model on the same batches
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 -m collie_compile \
 		train tiny-llama --data README.md --steps 30 --seq-len 64 --global-batch 16 \
-		--lr 3e-3 2>&1 | grep -v "^W\|warn"
+		--lr 3e-3 --check 2>&1 | grep -v "^W\|warn"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,16 +3,14 @@
 import argparse
 import warnings
 
-from . import estimate, kernels, plan
+from . import estimate, fidelity, optimizer_kernels, plan, train
 
-SUITES = {"estimate": estimate.main, "kernels": kernels.main, "plan": plan.main}
+SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
+          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))
 parser.add_argument("--out", help="directory for the markdown table and PNG plots")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
-if args.suite == "kernels":
-    SUITES[args.suite](args.out)
-else:
-    SUITES[args.suite]()
+SUITES[args.suite](args.out)

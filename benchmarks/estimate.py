@@ -6,14 +6,14 @@ states); the measurement from torch's MemTracker on a real training step.
 
 from __future__ import annotations
 
-import platform
-
-import torch
+from tqdm import tqdm
 
 from collie_compile.measure import measure_peak
 from collie_compile.memory import Layout, MemoryModel
 from collie_compile.modelprofile import profile_model
 from collie_compile.optimizers import get_optimizer
+
+from .report import Report, table
 
 CASES = [  # model, optimizer, recompute, dtype, micro-batch, seq
     ("small-llama", "adamw", "none", "fp32", 2, 256),
@@ -21,6 +21,8 @@ CASES = [  # model, optimizer, recompute, dtype, micro-batch, seq
     ("small-llama", "adam", "selective", "fp32", 4, 256),
     ("small-llama", "sgd", "selective", "fp32", 4, 256),
     ("small-llama", "lion", "none", "fp32", 2, 256),
+    ("small-llama", "adan", "none", "fp32", 2, 256),
+    ("small-llama", "sophia", "selective", "fp32", 2, 256),
     ("small-llama", "lomo", "full", "fp32", 2, 256),
     ("small-llama", "lomo", "none", "fp32", 8, 256),
     ("small-llama", "lomo", "none", "bf16", 2, 128),
@@ -34,7 +36,7 @@ CASES = [  # model, optimizer, recompute, dtype, micro-batch, seq
 
 def run() -> list[dict]:
     rows = []
-    for model, opt, rc, dtype, b, s in CASES:
+    for model, opt, rc, dtype, b, s in tqdm(CASES, desc="cases"):
         measured = measure_peak(model, opt, rc, dtype, b, s)
         est = MemoryModel(profile_model(model, seq_len=s, dtype=dtype),
                           get_optimizer(opt)).estimate(
@@ -45,17 +47,18 @@ def run() -> list[dict]:
     return rows
 
 
-def main() -> None:
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
-    print("| model | optimizer | recompute | dtype | batch x seq | measured MiB | "
-          "estimated MiB | error |")
-    print("|---|---|---|---|---|---:|---:|---:|")
-    for r in run():
-        print(f"| {r['model']} | {r['optimizer']} | {r['recompute']} | {r['dtype']} | "
-              f"{r['batch']} x {r['seq']} | {r['measured'] / 2**20:.1f} | "
-              f"{r['estimated'] / 2**20:.1f} | {100 * r['error']:+.1f}% |")
-
-
-if __name__ == "__main__":
-    main()
+def main(out: str | None = None) -> None:
+    rep = Report("estimate", out)
+    rows = run()
+    rep.add(table(["model", "optimizer", "recompute", "dtype", "batch x seq", "measured MiB",
+                   "estimated MiB", "error"],
+                  [[r["model"], r["optimizer"], r["recompute"], r["dtype"],
+                    f"{r['batch']} x {r['seq']}", f"{r['measured'] / 2**20:.1f}",
+                    f"{r['estimated'] / 2**20:.1f}", f"{100 * r['error']:+.1f}%"]
+                   for r in rows], right=(5, 6, 7)))
+    rep.plot("estimate", lambda ax: (
+        ax.scatter([r["measured"] / 2**20 for r in rows], [r["estimated"] / 2**20 for r in rows]),
+        ax.axline((0, 0), slope=1, color="gray", linestyle="--"),
+        ax.set_xlabel("measured MiB (MemTracker)"), ax.set_ylabel("estimated MiB"),
+        ax.set_title("peak memory, single-process CPU steps")))
+    rep.save()

@@ -6,24 +6,24 @@
 
 from __future__ import annotations
 
-import platform
 import time
 
-import torch
+from tqdm import tqdm
 
 from collie_compile.modelprofile import profile_model
 from collie_compile.planner import plan
+
+from .report import Report, table
 
 MODELS = [("gpt2", 1024), ("llama-2-7b", 4096), ("llama-2-13b", 4096), ("llama-2-70b", 4096),
           ("llama-3.1-405b", 8192)]
 GPUS = [8, 64, 1024]
 
 
-def main() -> None:
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, CPU only\n")
-    print("| model | seq | GPUs | capture s | solve s | feasible | plan | MFU |")
-    print("|---|---:|---:|---:|---:|---|---|---:|")
-    for model, seq in MODELS:
+def main(out: str | None = None) -> None:
+    rep = Report("plan", out)
+    rows, solves = [], {}
+    for model, seq in tqdm(MODELS, desc="models"):
         t0 = time.perf_counter()
         profile_model(model, seq_len=seq, dtype="bf16")
         capture = time.perf_counter() - t0
@@ -31,14 +31,24 @@ def main() -> None:
             t0 = time.perf_counter()
             p = plan(model, gpus=gpus, gpu="h100-80gb", seq_len=seq)
             solve = time.perf_counter() - t0
+            solves.setdefault(model, []).append(solve)
             c = p.chosen
             what = (f"dp={c.dp} tp={c.tp} pp={c.pp} zero={c.zero} mb={c.micro_batch_size}"
                     f" {c.schedule}")
-            print(f"| {model} | {seq} | {gpus} | {capture:.1f} | {solve:.2f} | "
-                  f"{'yes' if p.feasible else 'no'} | {what} | {100 * c.mfu:.1f}% |",
-                  flush=True)
+            rows.append([model, seq, gpus, f"{capture:.1f}", f"{solve:.2f}",
+                         "yes" if p.feasible else "no", what, f"{100 * c.mfu:.1f}%"])
             capture = 0.0
+    rep.add(table(["model", "seq", "GPUs", "capture s", "solve s", "feasible", "plan", "MFU"],
+                  rows, right=(1, 2, 3, 4, 7)))
 
+    def draw(ax: object) -> None:
+        for model, times in solves.items():
+            ax.plot(GPUS, times, marker="o", label=model)
+        ax.set_xscale("log")
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("solve s")
+        ax.legend()
+        ax.set_title("planner solve time (h100-80gb, bf16, AdamW)")
 
-if __name__ == "__main__":
-    main()
+    rep.plot("plan_solve_time", draw)
+    rep.save()

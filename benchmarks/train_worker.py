@@ -2,16 +2,26 @@
 
 Every framework trains the same model from the same initial weights on the same batches
 (the global batch split over ranks the same way), with AdamW; rank 0 writes tokens/s and
-each rank's peak resident memory above its baseline (measured before the model exists).
+(``--measure time``) or each rank's peak memory (``--measure memory``, a separate
+launch): the largest anonymous resident set sampled every 2 ms during the steps, less
+that after the framework's imports and before the model existed. Memory launches run
+with MALLOC_MMAP_THRESHOLD_=65536, so every tensor of 64 KiB or more is mapped on its own
+and returned to the OS when freed; with the heap trimmed before both readings, set-up
+garbage (FSDP's or DeepSpeed's full copy before sharding) does not count, and what
+counts is what training holds. (That setting slows every framework down, so the time
+launches do without it.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
-import resource
 import statistics
+import threading
 import time
 
 import torch
@@ -22,8 +32,39 @@ ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
 def rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Anonymous resident memory now (heap, not the shared libraries' code pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def trim() -> float:
+    """Return freed heap to the OS; the resident set after it."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_mib()
+
+
+class PeakSampler:
+    """Largest resident set seen by a background thread while running."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mib())
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def batches(n: int, vocab: int) -> list[torch.Tensor]:
@@ -43,11 +84,13 @@ def local_rows(ids: torch.Tensor) -> torch.Tensor:
     return ids[dist.get_rank() * share:(dist.get_rank() + 1) * share]
 
 
-def run_collie(plan: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
+def run_collie(plan: str, data: list[torch.Tensor], pins: dict | None = None
+               ) -> tuple[list[float], str]:
     from collie_compile.runtime import parallelize
 
-    pins = dict(dp=dist.get_world_size(), tp=1, pp=1, zero=0,
-                micro_batch_size=GLOBAL_BATCH // dist.get_world_size()) if plan == "dp" else {}
+    if pins is None:
+        pins = dict(dp=dist.get_world_size(), tp=1, pp=1, zero=0,
+                    micro_batch_size=GLOBAL_BATCH // dist.get_world_size()) if plan == "dp" else {}
     pm = parallelize(model(), seq_len=SEQ, global_batch_size=GLOBAL_BATCH, optimizer="adamw",
                      lr=ADAMW["lr"], **pins)
     return timed(lambda ids: pm.train_step({"input_ids": ids}), data), pm.chosen.layout_str()
@@ -96,38 +139,75 @@ def run_deepspeed(stage: int, data: list[torch.Tensor]) -> tuple[list[float], st
     return timed(step, data), f"deepspeed zero-{stage}"
 
 
+PEAK = {"mib": 0.0, "sample": False}
+
+
 def timed(step, data: list[torch.Tensor]) -> list[float]:
+    """Seconds of each step after the warm-up ones; records the memory peak meanwhile."""
     times = []
-    for i, ids in enumerate(data):
-        dist.barrier()
-        t0 = time.perf_counter()
+    for ids in data[:WARMUP]:
         step(ids)
-        dist.barrier()
-        if i >= WARMUP:
+    trim()
+    with PeakSampler() if PEAK["sample"] else contextlib.nullcontext() as sampler:
+        for ids in data[WARMUP:]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(ids)
+            dist.barrier()
             times.append(time.perf_counter() - t0)
+    PEAK["mib"] = sampler.peak if sampler else 0.0
     return times
+
+
+def _import_for(framework: str) -> None:
+    import collie_compile.models  # noqa: F401  (transformers' model classes)
+
+    if framework.startswith("collie"):
+        import collie_compile.runtime  # noqa: F401
+    elif framework.startswith("deepspeed"):
+        import deepspeed  # noqa: F401
+    else:
+        import torch.distributed.fsdp  # noqa: F401
+        import torch.nn.parallel  # noqa: F401
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--framework", required=True)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--measure", choices=("time", "memory"), default="time")
+    ap.add_argument("--plans", help="JSON list of plan pins: time each (fidelity suite)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    PEAK["sample"] = args.measure == "memory"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from collie_compile.distributed import ensure_initialized
 
     ensure_initialized()
-    base = rss_mib()
-    data = batches(args.steps + WARMUP, 8192)
     fw = args.framework
+    _import_for(fw)
+    if args.plans:  # one launch, many collie-compile plans, back to back
+        data = batches(args.steps + WARMUP, 8192)
+        results = []
+        for pins in json.loads(args.plans):
+            times, layout = run_collie("pinned", data, pins)
+            results.append({"pins": pins, "layout": layout, "step_s": statistics.median(times),
+                            "all_s": times})
+        if dist.get_rank() == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    base = trim()  # after the imports: what each framework's code takes is not counted
+    data = batches(args.steps + WARMUP, 8192)
     if fw.startswith("collie"):
         times, layout = run_collie(fw.removeprefix("collie-"), data)
     elif fw.startswith("deepspeed"):
         times, layout = run_deepspeed(int(fw[-1]), data)
     else:
         times, layout = run_torch(fw, data)
-    peak = torch.tensor([rss_mib() - base])
+    peak = torch.tensor([PEAK["mib"] - base])
     peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(peaks, peak)
     if dist.get_rank() == 0:

@@ -182,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, seq_len=args.seq_len,
                       global_batch_size=args.global_batch, optimizer=args.optimizer,
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
-                      weights=args.weights, save=args.save, seed=args.seed, pins=pins)
+                      weights=args.weights, save=args.save, seed=args.seed, pins=pins,
+                      check=args.check)
     losses = train(cfg)
     if dist.get_rank() == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="HF safetensors checkpoint to start from")
     t.add_argument("--save", help="write a HF checkpoint here at the end")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--check", action="store_true",
+                   help="afterwards, train one process the same way and compare the losses")
     for name in ("dp", "tp", "pp", "zero"):
         t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
     t.add_argument("--micro-batch-size", type=int, default=None, help="pin the micro-batch")

@@ -149,6 +149,30 @@ DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-3, "lion": 1e-4, "adan": 1e
               "sophia": 1e-4, "lomo": 1e-3, "adalomo": 1e-3}
 
 
+ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch's
+
+
+def optimizer_options(name: str, lr: float | None, kwargs: dict) -> dict:
+    """Keyword arguments for ``name``'s class: its defaults, ``kwargs``, then ``lr``."""
+    opts = dict(ADAMW_DEFAULTS) if name.lower() == "adamw" else {}
+    opts.update(kwargs)
+    opts["lr"] = lr if lr is not None else DEFAULT_LR[name.lower()]
+    return opts
+
+
+def single_process_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None,
+                             kwargs: dict | None = None) -> torch.optim.Optimizer:
+    """What ``parallelize(optimizer=name)`` runs, for one process on one module: the
+    reference its parallel runs are checked against."""
+    from .fused_backward import LOMO, AdaLomo
+
+    cls = optimizer_class(name)
+    opts = optimizer_options(name, lr, kwargs or {})
+    if cls is None:
+        return (LOMO if name.lower() == "lomo" else AdaLomo)(params, **opts)
+    return cls(params, **opts)
+
+
 def optimizer_class(name: str) -> type[torch.optim.Optimizer] | None:
     """The class that steps after backward for ``name``; None for the fused-in-backward
     ones (LOMO, AdaLomo). Unknown names raise a clear error."""

@@ -31,7 +31,7 @@ from .estimate import check_heads
 from .fused_backward import FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
 from .models import model_name
-from .optim import DEFAULT_LR, optimizer_class
+from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
 from .passes.lora import lora as lora_pass
 from .passes.move_to_device import move_to_device
@@ -42,7 +42,6 @@ from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entrop
 from .plan import Candidate, Plan
 
 IGNORE_INDEX = -100
-ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
 @dataclass
@@ -355,9 +354,7 @@ class ParallelModel:
         params = [p for st in self.stages for p in st.parameters() if p.requires_grad]
         name = name.lower()
         cls = optimizer_class(name)
-        opts = dict(ADAMW_DEFAULTS) if name == "adamw" else {}
-        opts.update(kwargs)
-        opts["lr"] = lr if lr is not None else DEFAULT_LR[name]
+        opts = optimizer_options(name, lr, kwargs)
         if self.chosen.zero == 1 and self.chosen.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
             return ZeroRedundancyOptimizer(params, optimizer_class=cls,

@@ -37,6 +37,7 @@ class TrainConfig:
     save: str | None = None
     seed: int = 0
     pins: dict | None = None
+    check: bool = False  # rank 0 then trains one process the same way and compares
 
 
 def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
@@ -105,4 +106,33 @@ def train(cfg: TrainConfig) -> list[float]:
         pm.save_pretrained(cfg.save)
         if rank0:
             print(f"saved a Hugging Face checkpoint to {cfg.save}", flush=True)
+    if cfg.check:
+        if rank0:
+            compare_with_one_process(cfg, tokens, losses)
+        dist.barrier()
     return losses
+
+
+def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor,
+                             losses: list[float]) -> float:
+    """Train the same initial model on the same batches in this one process, with plain
+    transformers and the same optimizer; print how far the parallel losses are."""
+    from .optim import single_process_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(load_config(cfg.model), device="cpu")
+    model.train()
+    opt = single_process_optimizer(cfg.optimizer, list(model.parameters()), cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    worst = 0.0
+    for ours in losses:
+        ids = windows(tokens, cfg.global_batch_size, cfg.seq_len, gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        worst = max(worst, abs(ours - loss.item()) / abs(loss.item()))
+    print(f"one process, same model and batches: loss {losses[0]:.4f} -> {loss.item():.4f}; "
+          f"largest relative difference from the parallel run {worst:.1e} over "
+          f"{len(losses)} steps", flush=True)
+    return worst

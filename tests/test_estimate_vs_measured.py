@@ -37,7 +37,7 @@ def test_estimate_within_10_percent_of_measured(opt, recompute, dtype, batch, se
 def test_lomo_peak_is_under_0_3_of_adamw():
     """The kernels benchmark's setting: small-llama's blocks x24 (44M parameters), fp32,
     batch 1 x 64, full recomputation: model states dominate."""
-    from benchmarks.kernels import BATCH, RECOMPUTE, SEQ, config
+    from benchmarks.optimizer_kernels import BATCH, RECOMPUTE, SEQ, config
 
     adamw = measure_peak(config(), "adamw", RECOMPUTE, "fp32", BATCH, SEQ)
     lomo = measure_peak(config(), "lomo", RECOMPUTE, "fp32", BATCH, SEQ)
