@@ -72,7 +72,7 @@ LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2}
 LORA_1 = {"id": "lora-single", "kind": "lora", "model": "tiny-llama", "dp": 1, "tp": 1, "pp": 1}
 WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
 # LOMO/AdaLomo updated inside backward: dp reduced in buckets (ZeRO-0) or by FSDP2's
-# reduce-scatter (ZeRO-3, uneven shards), tp-sharded statistics and shared GQA KV heads,
+# reduce-scatter (ZeRO-3), tp-sharded statistics and shared GQA KV heads,
 # pipeline schedules with accumulation over micro-batches, two-pass clipping.
 FUSED_4 = [
     {"id": "lomo-dp4-clip", "kind": "fused", "optimizer": "lomo", **L4, "dp": 4, "tp": 1,
