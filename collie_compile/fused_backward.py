@@ -103,7 +103,9 @@ class FusedBackward:
         self.seed, self.step_count = seed, 0
         self.mode = "update"  # or "measure"
         self.coef, self.last_grad_norm, self._stale_norm = 1.0, None, None
-        self._sumsq = torch.zeros((), dtype=torch.float64)
+        # on the parameters' device: no host sync per gradient
+        device = next(iter(self.params.values())).device if self.params else None
+        self._sumsq = torch.zeros((), dtype=torch.float64, device=device)
         self.accumulations = 1
         self._seen: dict[int, int] = {}
         self._hooks: list = []
@@ -140,7 +142,7 @@ class FusedBackward:
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         if self.mode == "measure" or self.clip_mode == "stale":
             if self._counts(name):
-                self._sumsq += g.double().square().sum().cpu() / scale**2
+                self._sumsq += g.double().square().sum() / scale**2
             if self.mode == "measure":
                 p.grad = None
                 return
@@ -218,8 +220,6 @@ class FusedBackward:
     def _global_norm(self) -> float:
         total = self._sumsq.clone()
         if dist.is_initialized():
-            device = next(iter(self.params.values())).device
-            total = total.to(device)
             dist.all_reduce(total)
         return float(total.sqrt())
 

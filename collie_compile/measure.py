@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from .fused_backward import LOMO, AdaLomo
 from .modelprofile import DTYPES
 from .models import build_model, load_config
-from .optim import optimizer_class
+from .optim import optimizer_class, single_process_optimizer
 from .recompute import enable_on_hf_model
 
 
@@ -30,11 +29,8 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
                    ) -> torch.optim.Optimizer:
     """A real optimizer for single-process runs (per-tensor loops, as the cost model counts)."""
     cls = optimizer_class(name)  # raises a clear error for unknown names
-    if cls is None:
-        return (LOMO if name == "lomo" else AdaLomo)(params, lr=lr)
-    if cls.__module__.startswith("torch."):
-        return cls(params, lr=lr, foreach=False)
-    return cls(params, lr=lr)
+    per_tensor = cls is not None and cls.__module__.startswith("torch.")
+    return single_process_optimizer(name, params, lr, {"foreach": False} if per_tensor else {})
 
 
 def _frozen_as_buffers(net: torch.nn.Module) -> None:

@@ -28,7 +28,7 @@ from .annotate import annotate
 from .capture import capture_static
 from .errors import CollieError
 from .estimate import check_heads
-from .fused_backward import FusedBackward, LossScaler
+from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
@@ -128,6 +128,13 @@ class FusedOptions:
 
     def check(self, optimizer: str) -> None:
         fused = optimizer_class(optimizer) is None  # raises for unknown names
+        if self.clip_mode not in CLIP_MODES:
+            raise CollieError(f"clip_mode must be one of {', '.join(CLIP_MODES)}, got "
+                              f"{self.clip_mode!r}")
+        if self.loss_scale is not None and self.loss_scale != "dynamic" and not (
+                isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
+            raise CollieError(f"loss_scale must be 'dynamic' or a positive number, got "
+                              f"{self.loss_scale!r}")
         if fused:
             return
         extras = [k for k, v in (("clip_value", self.clip_value),
@@ -142,7 +149,8 @@ class FusedOptions:
             return None
         if self.loss_scale == "dynamic":
             return LossScaler()
-        return LossScaler(scale=float(self.loss_scale), growth_interval=2**62)
+        # a fixed scale: an overflow still skips the step, the scale stays
+        return LossScaler(scale=float(self.loss_scale), growth_interval=2**62, backoff=1.0)
 
 
 def lora_config(config: object | None, rank: int | None, alpha: float | None,
@@ -378,7 +386,9 @@ class ParallelModel:
             stochastic_rounding=o.stochastic_rounding,
             allsum_for=lambda n: self._allsum_for(n, params[n]),
             partial_group=self.partial_grads.get,
-            counts_in_norm=lambda n: self._writes(n, params[n]), seed=dist.get_rank())
+            # One seed everywhere: replicas of a parameter (dp under ZeRO-0, tp peers of a
+            # replicated norm) must round it the same way or they drift apart.
+            counts_in_norm=lambda n: self._writes(n, params[n]), seed=0)
         fsdp = False
         for st in self.stages:
             reducer = st.meta.get("grad_reducer")

@@ -137,6 +137,7 @@ def test_single_pass_clipping_uses_the_previous_norm():
 def test_clip_by_value():
     fused, _ = _fused("lomo", clip_value=1e-3)
     _close(fused, _plain("lomo", clip_value=1e-3))
+    assert any(not torch.allclose(a, b) for a, b in zip(fused, _plain("lomo")))  # it clipped
 
 
 def test_two_pass_clipping_needs_a_closure():

@@ -87,10 +87,11 @@ FUSED_4 = [
      "tp": 1, "pp": 2, "zero": 0, "clip_value": 1e-3},
 ]
 # AdaLomo's sharded row/column statistics saved under one plan, resumed under another.
+# lr 1e-2 so that fresh statistics would show: step 4's loss then moves by ~1e-4.
 SAVE_FUSED = {"id": "adalomo-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2,
-              "optimizer": "adalomo"}
+              "optimizer": "adalomo", "lr": 1e-2}
 RESUME_FUSED = {"id": "adalomo-resume", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1,
-                "zero": 3, "optimizer": "adalomo"}
+                "zero": 3, "optimizer": "adalomo", "lr": 1e-2}
 CONFIGS_8 = [
     {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
      "recompute": "full"},
@@ -230,7 +231,12 @@ def test_fused_only_options_are_refused_for_other_optimizers() -> None:
         FusedOptions(clip_value=1.0).check("adamw")
     with pytest.raises(CollieError, match="unknown optimizer 'adafactor'"):
         FusedOptions().check("adafactor")
+    with pytest.raises(CollieError, match="clip_mode must be one of two-pass, stale"):
+        FusedOptions(clip_mode="twopass").check("lomo")
+    with pytest.raises(CollieError, match="loss_scale must be 'dynamic' or a positive"):
+        FusedOptions(loss_scale="dyn").check("lomo")
     FusedOptions(loss_scale="dynamic", max_grad_norm=1.0).check("lomo")
+    assert FusedOptions(loss_scale=128.0).scaler().backoff == 1.0  # fixed: it stays
 
 
 def check_lora(r: dict) -> None:
