@@ -1,11 +1,13 @@
-"""Optimizers side by side on one model (CPU), and the fused kernels' bandwidth (GPU).
+"""Optimizers side by side on one model, and the fused kernels' bandwidth (GPU).
 
-CPU part: the same model, data and batch trained by AdamW, Lion, LOMO and AdaLomo in one
-process: peak memory per step under torch's MemTracker and the median step time. Batch 1
-with full recomputation (the LOMO paper's setting), so that model states dominate.
+The same model, data and batch trained by AdamW, Lion, LOMO and AdaLomo in one process:
+peak memory per step and the median step time, on the GPU where CUDA is present (peak by
+``max_memory_allocated``), else on the CPU (peak by MemTracker, which also splits it by
+category). Batch 1 with full recomputation (the LOMO paper's setting), so that model
+states dominate.
 
-GPU part (only where CUDA is present): each update kernel's achieved bandwidth, bytes it
-must move divided by its time, against the card's measured device-to-device copy.
+With CUDA, also each update kernel's achieved bandwidth, bytes it must move divided by
+its time, against the card's measured device-to-device copy.
 """
 
 from __future__ import annotations
@@ -28,21 +30,28 @@ MODEL, LAYERS, BATCH, SEQ, STEPS, RECOMPUTE = "small-llama", 24, 1, 64, 5, "full
 OPTIMIZERS = ["adamw", "lion", "lomo", "adalomo"]
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def step_time(optimizer: str, steps: int = STEPS) -> float:
     """Median seconds of forward + backward + update (fused or not) after one warm-up."""
     torch.manual_seed(0)
     cfg = config()
-    model = build_model(cfg, device="cpu")
+    model = build_model(cfg, device="cpu").to(device())
     model.train()
     enable_on_hf_model(model, RECOMPUTE)
     opt = make_optimizer(optimizer, list(model.parameters()))
-    ids = torch.randint(0, int(cfg.vocab_size), (BATCH, SEQ))
+    ids = torch.randint(0, int(cfg.vocab_size), (BATCH, SEQ), device=device())
+    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
     times = []
     for _ in range(steps + 1):
+        sync()
         t0 = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -51,10 +60,10 @@ def config() -> object:
     return with_layers(load_config(MODEL), LAYERS)
 
 
-def cpu_rows() -> list[dict]:
+def optimizer_rows() -> list[dict]:
     rows = []
     for opt in tqdm(OPTIMIZERS, desc="optimizers", leave=False):
-        peak = measure_peak(config(), opt, RECOMPUTE, "fp32", BATCH, SEQ)
+        peak = measure_peak(config(), opt, RECOMPUTE, "fp32", BATCH, SEQ, device=device())
         rows.append(dict(optimizer=opt, peak=peak.total_bytes, by=peak.by_category,
                          seconds=step_time(opt)))
     return rows
@@ -103,24 +112,29 @@ def gpu_rows(n: int = 1 << 26) -> list[list[object]]:
     return rows
 
 
+def _mib(by: dict[str, int], category: str) -> str:
+    return f"{by.get(category, 0) / 2**20:.1f}" if by else "-"
+
+
 def main(out: str | None = None) -> None:
     rep = Report("kernels", out)
-    rows = cpu_rows()
+    rows = optimizer_rows()
     base = next(r for r in rows if r["optimizer"] == "adamw")
     params = sum(p.numel() for p in build_model(config()).parameters())
+    where = (f"on {torch.cuda.get_device_name()} (peak: max_memory_allocated; no split by "
+             "category)" if device() == "cuda" else "on the CPU (peak: MemTracker)")
     rep.add(f"{MODEL} with {LAYERS} blocks ({params / 1e6:.1f}M parameters), fp32, batch "
-            f"{BATCH} x {SEQ}, {RECOMPUTE} recomputation, one process on the CPU\n\n" + table(
+            f"{BATCH} x {SEQ}, {RECOMPUTE} recomputation, one process {where}\n\n" + table(
                 ["optimizer", "peak MiB", "x AdamW", "grads MiB", "states MiB", "step s",
                  "x AdamW"],
                 [[r["optimizer"], f"{r['peak'] / 2**20:.1f}", f"{r['peak'] / base['peak']:.2f}",
-                  f"{r['by'].get('grad', 0) / 2**20:.1f}",
-                  f"{r['by'].get('opt', 0) / 2**20:.1f}", f"{r['seconds']:.3f}",
+                  _mib(r["by"], "grad"), _mib(r["by"], "opt"), f"{r['seconds']:.3f}",
                   f"{r['seconds'] / base['seconds']:.2f}"] for r in rows],
                 right=range(1, 7)))
     rep.plot("kernels_memory", lambda ax: (
         ax.bar([r["optimizer"] for r in rows], [r["peak"] / 2**20 for r in rows]),
-        ax.set_ylabel("peak MiB (MemTracker)"),
-        ax.set_title(f"{MODEL} x{LAYERS} blocks, fp32, batch {BATCH}x{SEQ}, CPU")))
+        ax.set_ylabel("peak MiB"),
+        ax.set_title(f"{MODEL} x{LAYERS} blocks, fp32, batch {BATCH}x{SEQ}, {device()}")))
     if torch.cuda.is_available():
         rep.add(f"fused update kernels on {torch.cuda.get_device_name()}, 2^26 elements\n\n"
                 + table(["kernel", "GB/s", "of copy"], gpu_rows(), right=(1, 2)))

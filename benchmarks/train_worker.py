@@ -27,7 +27,8 @@ import time
 import torch
 import torch.distributed as dist
 
-MODEL, SEQ, GLOBAL_BATCH, WARMUP = "small-llama", 128, 8, 2
+MODEL, WARMUP = "small-llama", 2
+SHAPE = {"seq": 128, "global_batch": 8}  # the CPU default; --seq / --global-batch change it
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
@@ -69,35 +70,41 @@ class PeakSampler:
 
 def batches(n: int, vocab: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(n)]
+    return [torch.randint(0, vocab, (SHAPE["global_batch"], SHAPE["seq"]), generator=g)
+            for _ in range(n)]
 
 
-def model() -> torch.nn.Module:
+def model(device: torch.device | str = "cpu") -> torch.nn.Module:
     from collie_compile.models import build_model, load_config
 
     torch.manual_seed(0)
-    return build_model(load_config(MODEL), device="cpu")
+    return build_model(load_config(MODEL), device="cpu").to(device)
 
 
 def local_rows(ids: torch.Tensor) -> torch.Tensor:
-    share = GLOBAL_BATCH // dist.get_world_size()
-    return ids[dist.get_rank() * share:(dist.get_rank() + 1) * share]
+    from collie_compile.distributed import device
+
+    share = SHAPE["global_batch"] // dist.get_world_size()
+    return ids[dist.get_rank() * share:(dist.get_rank() + 1) * share].to(device())
 
 
 def run_collie(plan: str, data: list[torch.Tensor], pins: dict | None = None
                ) -> tuple[list[float], str]:
     from collie_compile.runtime import parallelize
 
+    world, batch = dist.get_world_size(), SHAPE["global_batch"]
     if pins is None:
-        pins = dict(dp=dist.get_world_size(), tp=1, pp=1, zero=0,
-                    micro_batch_size=GLOBAL_BATCH // dist.get_world_size()) if plan == "dp" else {}
-    pm = parallelize(model(), seq_len=SEQ, global_batch_size=GLOBAL_BATCH, optimizer="adamw",
+        pins = dict(dp=world, tp=1, pp=1, zero=0,
+                    micro_batch_size=batch // world) if plan == "dp" else {}
+    pm = parallelize(model(), seq_len=SHAPE["seq"], global_batch_size=batch, optimizer="adamw",
                      lr=ADAMW["lr"], **pins)
     return timed(lambda ids: pm.train_step({"input_ids": ids}), data), pm.chosen.layout_str()
 
 
 def run_torch(kind: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
-    m = model()
+    from collie_compile.distributed import device
+
+    m = model(device())
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -123,8 +130,9 @@ def run_deepspeed(stage: int, data: list[torch.Tensor]) -> tuple[list[float], st
     import deepspeed
 
     m = model()
-    config = {"train_batch_size": GLOBAL_BATCH,
-              "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
+    batch = SHAPE["global_batch"]
+    config = {"train_batch_size": batch,
+              "train_micro_batch_size_per_gpu": batch // dist.get_world_size(),
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     opt = torch.optim.AdamW(m.parameters(), **ADAMW)
@@ -144,15 +152,18 @@ PEAK = {"mib": 0.0, "sample": False}
 
 def timed(step, data: list[torch.Tensor]) -> list[float]:
     """Seconds of each step after the warm-up ones; records the memory peak meanwhile."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for ids in data[:WARMUP]:
         step(ids)
     trim()
     with PeakSampler() if PEAK["sample"] else contextlib.nullcontext() as sampler:
         for ids in data[WARMUP:]:
+            sync()
             dist.barrier()
             t0 = time.perf_counter()
             step(ids)
+            sync()
             dist.barrier()
             times.append(time.perf_counter() - t0)
     PEAK["mib"] = sampler.peak if sampler else 0.0
@@ -178,7 +189,10 @@ def main() -> None:
     ap.add_argument("--measure", choices=("time", "memory"), default="time")
     ap.add_argument("--plans", help="JSON list of plan pins: time each (fidelity suite)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--seq", type=int, default=SHAPE["seq"])
+    ap.add_argument("--global-batch", type=int, default=SHAPE["global_batch"])
     args = ap.parse_args()
+    SHAPE.update(seq=args.seq, global_batch=args.global_batch)
     PEAK["sample"] = args.measure == "memory"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from collie_compile.distributed import ensure_initialized
@@ -213,7 +227,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"framework": fw, "layout": layout, "step_s": statistics.median(times),
-                       "tokens_per_s": GLOBAL_BATCH * SEQ / statistics.median(times),
+                       "tokens_per_s": SHAPE["global_batch"] * SHAPE["seq"]
+                       / statistics.median(times),
                        "peak_mib": [float(p) for p in peaks]}, f)
     dist.barrier()
     dist.destroy_process_group()

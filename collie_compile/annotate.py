@@ -68,11 +68,17 @@ class AnnotatedGraph:
     batch_sym: sympy.Symbol
     seq_sym: sympy.Symbol
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # the labels' own symbols where export did not unify them with input_ids' (automatic
+    # dims), mapped to batch_sym / seq_sym
+    aliases: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)
 
     def subs(self, expr: object, batch: int, seq: int) -> int:
         if isinstance(expr, (int, float)):
             return int(expr)
-        return int(sympy.sympify(expr).subs({self.batch_sym: batch, self.seq_sym: seq}))
+        expr = sympy.sympify(expr)
+        if self.aliases:
+            expr = expr.subs(self.aliases)
+        return int(expr.subs({self.batch_sym: batch, self.seq_sym: seq}))
 
     def block_nodes(self, i: int) -> list[NodeInfo]:
         return [n for n in self.nodes.values() if n.block == i]
@@ -162,6 +168,9 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ids_shape = _val_shape(placeholders[0])
     batch_sym, seq_sym = ids_shape[0], ids_shape[1]
+    labels_shape = (_val_shape(placeholders[1]) or ()) if len(placeholders) > 1 else ()
+    aliases = {a: b for a, b in zip(labels_shape, (batch_sym, seq_sym))
+               if isinstance(a, sympy.Symbol) and a != b}
 
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -188,7 +197,8 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
     sigs = [tuple((n.op, n.kind, n.sharded, str(n.shape)) for n in nodes.values() if n.block == i)
             for i in range(num_blocks)]
     return AnnotatedGraph(ep, gm, nodes, prefix, num_blocks, len(set(sigs)) <= 1,
-                          batch_sym, seq_sym, {k: tuple(p.shape) for k, p in params.items()})
+                          batch_sym, seq_sym, {k: tuple(p.shape) for k, p in params.items()},
+                          aliases)
 
 
 def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix: str) -> None:
@@ -280,6 +290,10 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
                 # The graph was captured on meta; run it as CPU so SDPA picks a fused kernel.
                 if target == aten._assert_tensor_metadata.default:
                     return None
+                if target is _SET_GRAD_HOP:  # a no_grad region (older torch.export)
+                    enabled, sub, *rest = args
+                    with torch.set_grad_enabled(enabled):
+                        return _Run(sub, garbage_collect_values=False).run(*rest)
                 if isinstance(kwargs.get("device"), torch.device):
                     kwargs = {**kwargs, "device": torch.device("cpu")}
                 args = tuple(torch.device("cpu") if isinstance(a, torch.device) else a
@@ -318,6 +332,11 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
         elif info is None or info.block is None:
             out.rest += nbytes
     return out
+
+
+# torch.export before 2.13 wraps no_grad regions (rotary tables) in this higher-order op,
+# whose body is a submodule: run it with the same interpreter.
+_SET_GRAD_HOP = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -1,9 +1,10 @@
 """Measure the local device and write a hardware spec the planner accepts.
 
-Matmul throughput per dtype, memory bandwidth (a large copy), and collective
-bandwidth/latency over a real process group (gloo on CPU, NCCL on CUDA) of two local
-processes. On a CPU-only machine it measures the CPU, so plans can be checked against
-real runs here.
+Matmul throughput per dtype, memory bandwidth (a large copy), the host's overhead per
+operator in an eager training step, and collective bandwidth/latency over a real process
+group (gloo on CPU, NCCL on CUDA) of two local processes. On a CPU-only machine it
+measures the CPU, so plans can be checked against real runs here. Collectives overlap
+compute on GPUs (NCCL has its own engines), not on a CPU (gloo takes the same cores).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .hardware import GPUSpec
+
+UNMEASURED_LINK = (10e-6, 25e9)  # (s, B/s): PCIe 4.0 x16, for a machine with one GPU
 
 
 def _best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -46,6 +49,26 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> float
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return 2 * nbytes / _best_time(lambda: dst.copy_(src), repeats, sync)
+
+
+def op_latency(device: torch.device, repeats: int = 5) -> float:
+    """Seconds per operator of a training step made of ops too small to take any time:
+    forward and backward of a chain of tiny linears, norms and activations, divided by
+    three times its forward ops (backward runs about two per forward op)."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+                                             torch.nn.SiLU())]
+    net = torch.nn.Sequential(*layers).to(device)
+    x = torch.randn(2, 8, device=device, requires_grad=True)
+    forward_ops = len(layers) + 1  # and the sum
+    steps = 10
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> None:
+        for _ in range(steps):
+            net(x).sum().backward()
+
+    return _best_time(run, repeats, sync) / steps / (3 * forward_ops)
 
 
 def _collective_worker(rank: int, world: int, init_file: str, sizes: list[int],
@@ -92,7 +115,11 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
              for dt, full in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))}
     bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
     sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
-    latency, link_bw = collective_alpha_beta(sizes)
+    if cuda and torch.cuda.device_count() < 2:
+        # one GPU: no link to measure; its plans (dp = tp = pp = 1) never use one
+        latency, link_bw = UNMEASURED_LINK
+    else:
+        latency, link_bw = collective_alpha_beta(sizes)
     if cuda:
         memory = torch.cuda.get_device_properties(0).total_memory
         label = torch.cuda.get_device_name(0).lower().replace(" ", "-")
@@ -104,4 +131,5 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
                    fp16_flops=flops["fp16"], fp32_flops=flops["fp32"], hbm_bandwidth=bw,
                    intra_node_bandwidth=link_bw, intra_node_latency=latency,
                    inter_node_bandwidth=link_bw, inter_node_latency=latency,
-                   matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0)
+                   matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
+                   op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0)

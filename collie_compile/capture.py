@@ -38,12 +38,27 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     max_seq = max_seq or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     b = Dim("batch", min=1, max=1 << 20)
     s = Dim("seq", min=2, max=max(int(max_seq or 1 << 20), seq))
+    kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        return torch.export.export(model, (), {"input_ids": ids, "labels": labels},
-                                   dynamic_shapes=dims, strict=False)
+        return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
-        raise CaptureError(_explain(model, e)) from e
+        if "Constraints violated" not in str(e):
+            raise CaptureError(_explain(model, e)) from e
+        first = e
+    # Some torch releases cannot prove guards such as min(64*seq, 192*seq) == 64*seq over
+    # the named range; automatic dims accept what they cannot prove. Both dims must
+    # still come out symbolic.
+    auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
+    try:
+        ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
+    except Exception:
+        raise CaptureError(_explain(model, first)) from first
+    placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder"
+                       and n.name.endswith("input_ids"))
+    if any(isinstance(d, int) for d in placeholder.meta["val"].shape):
+        raise CaptureError(_explain(model, first)) from first
+    return ep
 
 
 def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedProgram:

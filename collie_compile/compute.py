@@ -1,10 +1,10 @@
 """Time model: roofline compute per node and alpha-beta collectives.
 
 A node takes max(FLOPs / (peak x matmul efficiency), bytes / (HBM bandwidth x memory
-efficiency)). Linears and attention are compute-bound at training sizes, the rest
-memory-bound, so a block's time is priced as its matmul FLOPs plus its other bytes.
-Backward costs twice the forward (gradients for inputs and weights); recomputation adds
-the forward again (full) or its memory-bound part (selective). Collectives use ring
+efficiency)), and never less than the host's per-op latency (eager dispatch and kernel
+launch). A block's time is the sum over its captured ops. Backward costs twice the
+forward (gradients for inputs and weights); recomputation adds the forward again (full)
+or its non-matmul part (selective). Collectives use ring
 algorithms: all-reduce moves 2(n-1)/n of the bytes per GPU in 2(n-1) latency steps.
 """
 
@@ -39,14 +39,25 @@ class BlockTime:
         return self.forward + self.backward
 
 
+def op_time(flops: float, nbytes: float, gpu: GPUSpec, dtype: str) -> float:
+    """Seconds of one operator in an eager step: its roofline, but never less than the
+    host's per-op overhead (what small micro-batches pay)."""
+    return max(roofline(flops, nbytes, gpu, dtype), gpu.op_latency)
+
+
 def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
                recompute: str = "none") -> BlockTime:
-    """Seconds of one decoder block for one micro-batch on one tensor-parallel rank."""
-    mm = p.block_matmul_flops * micro_batch / tp / (gpu.peak_flops(p.dtype)
-                                                    * gpu.matmul_efficiency)
-    mem = p.block_other_bytes * micro_batch / tp / (gpu.hbm_bandwidth * gpu.memory_efficiency)
-    fwd = mm + mem
-    redo = {"none": 0.0, "selective": mem, "full": fwd}[recompute]
+    """Seconds of one decoder block for one micro-batch on one tensor-parallel rank, op by
+    op from the captured block graph (views are free). Recomputation repeats the forward
+    (full) or its non-matmul ops (selective: saved matmul outputs are replayed, which
+    costs their dispatch only)."""
+    scale = micro_batch / tp
+    times = [(n["kind"] in ("linear", "attention"),
+              op_time(n["flops"] * scale, n["bytes"] * scale, gpu, p.dtype))
+             for n in p.block_graph]
+    fwd = sum(t for _, t in times)
+    selective = sum(gpu.op_latency if matmul else t for matmul, t in times)
+    redo = {"none": 0.0, "selective": selective, "full": fwd}[recompute]
     return BlockTime(fwd, 2 * fwd + redo)
 
 

@@ -22,10 +22,11 @@ T = TypeVar("T")
 
 def ensure_initialized() -> None:
     """Join the job torchrun started (NCCL on CUDA, gloo on CPU); a lone process without
-    torchrun's variables becomes a world of one."""
+    torchrun's variables becomes a world of one. With CUDA, gloo serves CPU tensors too
+    (the plan's text, checkpoint metadata), NCCL the GPU ones."""
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

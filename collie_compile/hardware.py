@@ -35,6 +35,12 @@ class GPUSpec:
     matmul_efficiency: float = 0.65  # fraction of peak FLOPs large GEMMs reach
     memory_efficiency: float = 0.8  # fraction of peak bandwidth streaming kernels reach
     link_efficiency: float = 0.8  # fraction of link bandwidth NCCL rings reach
+    # Host time per operator in an eager training step (dispatch, autograd, kernel launch):
+    # no op is faster than this, which is what small micro-batches run into.
+    op_latency: float = 5e-6
+    # Fraction of communication that hides behind compute when both are pending: 1 where
+    # collectives run on their own engines (NCCL), 0 where they take the compute cores (CPU).
+    comm_overlap: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
         return {"bf16": self.bf16_flops, "fp16": self.fp16_flops, "fp32": self.fp32_flops}[dtype]
@@ -58,9 +64,13 @@ class GPUSpec:
             raise CollieError(f"{source}: bad GPU spec ({what}); see `collie-compile gpus "
                               "--json` for the format")
         for k, v in data.items():
-            if k != "name" and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-                raise CollieError(f"{source}: GPU spec field {k!r} must be a positive number, "
-                                  f"got {v!r}")
+            if k == "name":
+                continue
+            fraction = k == "comm_overlap"
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not number or (not 0 <= v <= 1 if fraction else v <= 0):
+                what = "a fraction from 0 to 1" if fraction else "a positive number"
+                raise CollieError(f"{source}: GPU spec field {k!r} must be {what}, got {v!r}")
         return cls(**data)
 
 

@@ -1,9 +1,11 @@
 """Measure a real training step's peak memory, to check the cost model against.
 
-Runs single-process training steps of a preset on the CPU (real weights, real
-optimizer, real recomputation) under torch's ``MemTracker``, which follows every tensor
-allocation by category. The steady-state peak is what :mod:`collie_compile.memory`
-predicts for a layout of one GPU.
+Runs single-process training steps of a preset (real weights, real optimizer, real
+recomputation): on the CPU under torch's ``MemTracker``, which follows every tensor
+allocation by category; on a CUDA device by the caching allocator's
+``max_memory_allocated``, less what was allocated before the model (cuBLAS's workspace,
+warmed first). The steady-state peak is what :mod:`collie_compile.memory` predicts for a
+layout of one GPU.
 """
 
 from __future__ import annotations
@@ -46,12 +48,17 @@ def _frozen_as_buffers(net: torch.nn.Module) -> None:
 
 def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
                  dtype: str = "fp32", batch: int = 2, seq_len: int = 128, steps: int = 2,
-                 seed: int = 0, lora_rank: int | None = None) -> MeasuredPeak:
+                 seed: int = 0, lora_rank: int | None = None, device: str = "cpu"
+                 ) -> MeasuredPeak:
     """Peak bytes of ``steps`` training steps (states exist from the first step on). With
-    ``lora_rank``, peft's LoRA on q_proj/v_proj trains and the base is frozen."""
+    ``lora_rank``, peft's LoRA on q_proj/v_proj trains and the base is frozen. On a CUDA
+    ``device`` the categories are not known (``by_category`` is empty)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        base = _cuda_baseline(dev, DTYPES[dtype])
     torch.manual_seed(seed)
     cfg = load_config(model)
-    net = build_model(cfg, device="cpu", dtype=DTYPES[dtype])
+    net = build_model(cfg, device=dev, dtype=DTYPES[dtype])
     net.train()
     enable_on_hf_model(net, recompute)
     if lora_rank is not None:
@@ -60,18 +67,37 @@ def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
         net = get_peft_model(net, LoraConfig(r=lora_rank, target_modules=["q_proj", "v_proj"]))
         _frozen_as_buffers(net)
     opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
-    ids = torch.randint(0, int(cfg.vocab_size), (batch, seq_len))
+    ids = torch.randint(0, int(cfg.vocab_size), (batch, seq_len), device=dev)
+    if dev.type == "cuda":
+        for _ in range(steps):
+            _train_step(net, opt, ids)
+        return MeasuredPeak(torch.cuda.max_memory_allocated(dev) - base, {})
     tracker = MemTracker()
     tracker.track_external(net, opt)
     with tracker:
         for step in range(steps):
             if step:
                 tracker.reset_mod_stats()  # per-module stats only; the peak is kept
-            loss = net(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
+            _train_step(net, opt, ids)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     cats = {str(k).split(".")[-1].lower(): int(v) for k, v in peak.items() if str(k) != "Total"}
     return MeasuredPeak(int(peak["Total"]), cats)
+
+
+def _train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    net(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _cuda_baseline(dev: torch.device, dtype: torch.dtype) -> int:
+    """Allocated bytes once cuBLAS holds its workspaces (a linear with bias, forward and
+    backward, in the run's dtype), with the peak counter reset to it."""
+    x = torch.ones(8, 8, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.ones(8, 8, device=dev, dtype=dtype, requires_grad=True)
+    torch.nn.functional.linear(x, w, torch.ones(8, device=dev, dtype=dtype)).sum().backward()
+    del x, w
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev)

@@ -19,8 +19,8 @@ Inside an outer point the work splits in two, exactly:
   objective   minimise  B * T + D + U             B = m + pp - 1 (interleaved: m + (pp-1)/v)
   s.t.        sum_n x[k,n] = 1                    one count per stage
               sum_{k,n} n x[k,n] = L              every block placed
-              T >= sum_n x[k,n] t[k,n]            compute + TP all-reduces + sends (or
-                                                  ZeRO traffic, which overlaps compute)
+              T >= sum_n x[k,n] t[k,n]            compute + TP all-reduces + sends, and
+                                                  ZeRO traffic (max, or sum if no overlap)
               D >= sum_n x[k,n] d[k,n]            gradient sync left after the last backward
               U >= sum_n x[k,n] u[k,n]            optimizer step
   (memory is in the tables: x[k,n] exists only where some mix of n blocks fits on stage k)
@@ -164,7 +164,7 @@ def stage_options(prob: Problem, k: int) -> StageOptions:
     for cnt, i in zip(counts.tolist(), feasible[first].tolist()):
         mix = {c: int(v) for c, v in zip(modes, mixes[i])}
         out.mix[cnt] = mix
-        out.time[cnt] = max(tim.fixed + float(compute[i]), tim.zero3(mix))
+        out.time[cnt] = tim.hide(tim.fixed + float(compute[i]), tim.zero3(mix))
         out.sync[cnt] = tim.exposed_sync(mix)
         out.update[cnt] = tim.update(mix)
     return out

@@ -46,7 +46,12 @@ def enable_on_hf_model(model: torch.nn.Module, mode: str) -> None:
     """Turn on recomputation of every decoder block of a transformers model, through its
     own activation-checkpointing API."""
     kwargs = checkpoint_kwargs(mode)
-    if kwargs is not None:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if kwargs is None:
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # older transformers (5.17 has only this name)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 

@@ -6,9 +6,10 @@ pipeline sends). A step of m micro-batches over p stages takes
 
     step = (m + p - 1) * T  +  D  +  U          (1F1B and GPipe; interleaved: (p-1)/v)
 
-with T the slowest stage (or its ZeRO-3 parameter traffic, if that is slower: it
-overlaps compute), D the data-parallel gradient sync left exposed after the last
-micro-batch's backward, and U the optimizer step. The planner's ILP minimises exactly
+with T the slowest stage's compute and ZeRO-3 parameter traffic (the larger of the two
+where communication overlaps compute, their sum where it does not: the spec's
+``comm_overlap`` interpolates), D the data-parallel gradient sync left exposed after the
+last micro-batch's backward, and U the optimizer step. The planner's ILP minimises exactly
 this; :func:`step_time` evaluates it for a concrete split.
 """
 
@@ -40,6 +41,7 @@ class StageTime:
     sync_per_block: float
     update_fixed: float  # optimizer step
     update_per_block: float
+    overlap: float = 1.0  # fraction of communication hidden behind compute (GPUSpec)
 
     def compute(self, counts: dict[str, int]) -> float:
         return self.fixed + sum(n * self.per_block[c] for c, n in counts.items())
@@ -47,11 +49,20 @@ class StageTime:
     def zero3(self, counts: dict[str, int]) -> float:
         return self.zero3_fixed + sum(counts.values()) * self.zero3_per_block
 
+    def busy(self, counts: dict[str, int]) -> float:
+        """Seconds per micro-batch: compute and ZeRO traffic, overlapped as far as the
+        hardware lets them."""
+        return self.hide(self.compute(counts), self.zero3(counts))
+
+    def hide(self, compute: float, comm: float) -> float:
+        return max(compute, comm) + (1 - self.overlap) * min(compute, comm)
+
     def exposed_sync(self, counts: dict[str, int]) -> float:
         """Sync time not hidden behind the last micro-batch's backward (counted without
         recomputation: a conservative overlap that depends on the block count only)."""
         n = sum(counts.values())
-        return max(0.0, self.sync_fixed + n * (self.sync_per_block - self.backward_per_block))
+        hidden = self.overlap * n * self.backward_per_block
+        return max(0.0, self.sync_fixed + n * self.sync_per_block - hidden)
 
     def update(self, counts: dict[str, int]) -> float:
         return self.update_fixed + sum(counts.values()) * self.update_per_block
@@ -109,12 +120,12 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     per_elem = _UPDATE_BYTES[opt.name] / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
     return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,
                      sync_block, params_per_rank[0] * trainable_fraction * per_elem,
-                     params_per_rank[1] * trainable_fraction * per_elem)
+                     params_per_rank[1] * trainable_fraction * per_elem, gpu.comm_overlap)
 
 
 def step_time(layout: Layout, stages: list[StageTime], counts: list[dict[str, int]]) -> float:
     """Seconds per step for ``counts[k][c]`` blocks of mode c on stage k."""
-    slowest = max(max(s.compute(n), s.zero3(n)) for s, n in zip(stages, counts))
+    slowest = max(s.busy(n) for s, n in zip(stages, counts))
     exposed = max(s.exposed_sync(n) for s, n in zip(stages, counts))
     update = max(s.update(n) for s, n in zip(stages, counts))
     return bubble_factor(layout) * slowest + exposed + update

@@ -10,5 +10,7 @@ def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):
     assert spec.name == "this-cpu" and spec.memory_bytes > 1 << 30
     assert spec.fp32_flops > 1e8 and spec.hbm_bandwidth > 1e8
     assert spec.intra_node_bandwidth > 1e6 and 0 < spec.intra_node_latency < 0.1
+    # eager overhead per op is microseconds; gloo's collectives take the compute cores
+    assert 1e-7 < spec.op_latency < 1e-3 and spec.comm_overlap == 0.0
     p = plan("tiny-llama", gpus=2, gpu=str(out), seq_len=64, global_batch_size=4)
     assert p.feasible and p.gpu == "this-cpu" and p.chosen.step_time_s > 0

@@ -15,7 +15,8 @@ def test_catalog_has_required_gpus():
 
 
 def test_json_spec_round_trip(tmp_path):
-    spec = GPUSpec(**{**asdict(CATALOG["a100-80gb"]), "name": "my-gpu", "memory_bytes": 123})
+    spec = GPUSpec(**{**asdict(CATALOG["a100-80gb"]), "name": "my-gpu", "memory_bytes": 123,
+                      "comm_overlap": 0.0})
     path = tmp_path / "gpu.json"
     path.write_text(spec.to_json())
     assert get_gpu(str(path)) == spec
@@ -26,6 +27,8 @@ def test_json_spec_round_trip(tmp_path):
     (json.dumps({"name": "x"}), "missing keys"),
     (json.dumps({**asdict(CATALOG["l40s"]), "colour": 1}), "unknown keys"),
     (json.dumps({**asdict(CATALOG["l40s"]), "memory_bytes": -5}), "positive number"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "comm_overlap": 1.5}), "fraction from 0 to 1"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "op_latency": "5us"}), "positive number"),
 ])
 def test_bad_spec_files(tmp_path, content, match):
     path = tmp_path / "gpu.json"

@@ -10,12 +10,21 @@ from collie_compile.kernels.lion import lion_update, lion_update_reference
 from collie_compile.kernels.lomo import lomo_update
 
 
-def test_triton_kernels_equal_references_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("interpreted_kernels.py"))],
+def _kernel_checks(interpret: bool) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_checks.py"))],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "match the references" in proc.stdout
+    return proc.stdout
+
+
+def test_triton_kernels_equal_references_under_interpreter():
+    assert "interpreted kernels match the references" in _kernel_checks(interpret=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernels_equal_references_on_cuda():
+    assert "CUDA kernels match the references" in _kernel_checks(interpret=False)
 
 
 def test_lion_reference_rule():

@@ -1,11 +1,14 @@
-"""Run by tests/test_kernels.py with TRITON_INTERPRET=1 (it must be set before Triton
-decorates the kernels): each kernel against its plain-torch reference."""
+"""Run by tests/test_kernels.py: each kernel against its plain-torch reference, compiled
+on a CUDA device, or on the CPU with TRITON_INTERPRET=1 (it must be set before Triton
+decorates the kernels)."""
 
 import os
 
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+assert INTERPRET or torch.cuda.is_available(), "needs CUDA or TRITON_INTERPRET=1"
+torch.set_default_device("cpu" if INTERPRET else "cuda")
 
 from collie_compile.kernels.lion import lion_update_reference, lion_update_triton  # noqa: E402
 from collie_compile.kernels.lomo import lomo_update_reference, lomo_update_triton  # noqa: E402
@@ -43,7 +46,8 @@ from collie_compile.kernels.lomo import lomo_update_reference  # noqa: E402, F81
 
 # AdaLomo: matrices not multiples of the 16 x 32 tile, a loss scale and weight decay; in
 # fp32 two steps (β > 0 on the second). 16-bit weights: one step, within one ulp (the
-# interpreter casts fp32 to bf16 by truncation where a GPU rounds to nearest).
+# interpreter casts fp32 to bf16 by truncation where a GPU rounds to nearest; on a GPU the
+# kernel's reductions run in another order than torch's).
 for shape in ((1, 1), (17, 33), (40, 7), (64, 96)):
     for dtype in (torch.float32, torch.bfloat16):
         p = torch.randn(shape).to(dtype)
@@ -76,8 +80,8 @@ for dtype in (torch.bfloat16, torch.float16):
     assert abs(q.float().mean() - exact) < 3e-5, float(q.float().mean())
     r = p.clone()
     lomo_update_reference(r, g, lr=1e-4, stochastic=True,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator(p.device).manual_seed(0))
     assert abs(r.float().mean() - exact) < 3e-5
     m = torch.zeros(n)
     lion_update_triton(p.clone(), g, m, lr=1e-4, stochastic=True, seed=5)
-print("interpreted kernels match the references")
+print(f"{'interpreted' if INTERPRET else 'CUDA'} kernels match the references")
