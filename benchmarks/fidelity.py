@@ -17,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,10 +25,9 @@ from tqdm import tqdm
 from collie_compile.calibrate import calibrate
 from collie_compile.planner import plan
 
-from .report import Report, table
+from .report import Report, launch, table
 from .train_worker import MODEL, SHAPE
 
-ROOT = Path(__file__).resolve().parent.parent
 PLANS_2 = [  # one rank per core on a 2-core machine
     dict(dp=2, tp=1, pp=1, zero=0, recompute="none"),
     dict(dp=2, tp=1, pp=1, zero=0, recompute="full"),
@@ -95,19 +91,10 @@ def modeled(spec: object, pins: dict, nproc: int, shape: dict) -> float:
 
 def measure(plans: list[dict], nproc: int, shape: dict, steps: int) -> list[dict]:
     """Run every plan in one torchrun launch; the worker's per-plan results."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "fidelity.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", str(ROOT / "benchmarks" / "train_worker.py"),
-               "--framework", "collie-pinned", "--steps", str(steps),
-               "--seq", str(shape["seq"]), "--global-batch", str(shape["global_batch"]),
-               "--plans", json.dumps(plans), "--out", str(result)]
-        print(f"running {len(plans)} plans on {nproc} ranks ...", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        return json.loads(result.read_text())
+    print(f"running {len(plans)} plans on {nproc} ranks ...", flush=True)
+    return launch("train_worker.py", nproc, [
+        "--framework", "collie-pinned", "--steps", str(steps), "--seq", str(shape["seq"]),
+        "--global-batch", str(shape["global_batch"]), "--plans", json.dumps(plans)])
 
 
 def main(out: str | None = None, nproc: int | None = None, steps: int = 6) -> None:

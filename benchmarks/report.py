@@ -3,8 +3,12 @@ PNG plots) into the output directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +29,30 @@ def machine() -> str:
            else ", no GPU")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}{gpu}")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LaunchError(RuntimeError):
+    """A worker launch failed; the message is the end of its stderr."""
+
+
+def launch(script: str, nproc: int, args: list[str], env: dict[str, str] | None = None
+           ) -> object:
+    """Run ``benchmarks/<script>`` on ``nproc`` local ranks (one thread each, plus
+    ``env``) under torchrun with ``--out FILE`` appended; what rank 0 wrote there, as
+    JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", str(ROOT / "benchmarks" / script), *args,
+               "--out", str(result)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        if proc.returncode != 0:
+            raise LaunchError(proc.stderr[-3000:])
+        return json.loads(result.read_text())
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]],

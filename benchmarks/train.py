@@ -9,37 +9,28 @@ tokens/s is the median step's.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .report import Report, table
+from .report import LaunchError, Report, launch, table
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ["collie-auto", "fsdp2", "deepspeed-2", "deepspeed-3"]
 REPEATED = ["collie-dp", "ddp"]
 
 
-def launch(framework: str, nproc: int, steps: int, tmp: Path, measure: str = "time") -> dict:
-    out = tmp / f"{framework}-{len(list(tmp.iterdir()))}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(ROOT / "benchmarks" / "train_worker.py"),
-           "--framework", framework, "--steps", str(steps), "--measure", measure,
-           "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+def run(framework: str, nproc: int, steps: int, measure: str = "time") -> dict:
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     if measure == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"framework": framework, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.read_text())
+    try:
+        return launch("train_worker.py", nproc, ["--framework", framework, "--steps",
+                                                 str(steps), "--measure", measure], env)
+    except LaunchError as e:
+        return {"framework": framework, "error": str(e).strip().splitlines()[-1:]}
 
 
 def main(out: str | None = None, nproc: int = 4, steps: int = 10, repeats: int = 5) -> None:
@@ -47,12 +38,11 @@ def main(out: str | None = None, nproc: int = 4, steps: int = 10, repeats: int =
     runs: dict[str, list[dict]] = {}
     order = [fw for _ in range(repeats) for fw in REPEATED] + FRAMEWORKS
     memory: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for fw in tqdm(order + REPEATED + FRAMEWORKS, desc="launches"):
-            if len(runs.get(fw, [])) < order.count(fw):
-                runs.setdefault(fw, []).append(launch(fw, nproc, steps, Path(tmp)))
-            else:
-                memory[fw] = launch(fw, nproc, 2, Path(tmp), "memory")
+    for fw in tqdm(order + REPEATED + FRAMEWORKS, desc="launches"):
+        if len(runs.get(fw, [])) < order.count(fw):
+            runs.setdefault(fw, []).append(run(fw, nproc, steps))
+        else:
+            memory[fw] = run(fw, nproc, 2, "memory")
     base = statistics.median(r["tokens_per_s"] for r in runs["collie-dp"] if "error" not in r)
     rows, bars = [], []
     for fw in REPEATED + FRAMEWORKS:

@@ -10,10 +10,14 @@ model (cuBLAS's workspace, warmed first). The steady-state peak is what
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
 
 from .modelprofile import DTYPES
 from .models import build_model, load_config
@@ -106,3 +110,48 @@ def _cuda_baseline(dev: torch.device, dtype: torch.dtype) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     return torch.cuda.memory_allocated(dev)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive in this process while active: every storage an
+    op makes counts until Python frees it, at its current size (FSDP2 resizes storages in
+    place), plus the tensors handed to :meth:`hold` (weights, states made before). Unlike
+    MemTracker it follows no modules, so a module may run many times in a step (micro-
+    batches, pipeline schedules). Sized for small test models: it re-sums every op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def hold(self, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            self._add(t)
+        self._update()
+
+    def _add(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):  # DTensor: its local shard holds the bytes
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._add(inner)
+            return
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self._alive:
+            self._alive[key] = weakref.ref(st, lambda _, key=key: self._alive.pop(key, None))
+
+    def _update(self) -> None:
+        live = sum(st.nbytes() for ref in list(self._alive.values())
+                   if (st := ref()) is not None)
+        self.peak = max(self.peak, live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self._update()
+        return out

@@ -101,8 +101,10 @@ class StageTerms:
     Moment F (start of backward): ``fixed_f + sum_c n_c * per_block_f[c]`` plus one
     transient: the loss's (``head_tmp``), a recomputed block (``recompute_tmp[c]`` if any
     block uses mode c), or a fused update (``fused_tmp``); plus ``gather_tmp`` (ZeRO-3).
-    Moment B (optimizer step, absent for fused optimizers without accumulation):
-    ``fixed_b + n * per_block_b + step_tmp``. The planner's ILP uses these same numbers.
+    Moment B (end of backward and optimizer step, absent for fused optimizers without
+    accumulation): ``fixed_b + n * per_block_b`` plus the larger of ``step_tmp`` and the
+    data-parallel buckets (flat gradient copies all-reduced at the end of backward,
+    freed before the step). The planner's ILP uses these same numbers.
     """
 
     fixed_f: float
@@ -122,6 +124,11 @@ class StageTerms:
     grads_b: tuple[float, float]
     acts: tuple[float, dict[str, float]]
     act_step: float  # activations alive at the optimizer step (masks, rotary tables)
+    buckets: tuple[float, float] = (0.0, 0.0)  # (fixed, per block) all-reduce copies
+
+    def step_extra(self, n: float) -> float:
+        """Moment B's transient with ``n`` blocks: update temporaries or buckets."""
+        return max(self.step_tmp, self.buckets[0] + n * self.buckets[1])
 
     def transient(self, counts: dict[str, int]) -> float:
         return max([self.head_tmp, self.fused_tmp]
@@ -134,7 +141,7 @@ class StageTerms:
                 + sum(k * self.per_block_f[c] for c, k in counts.items()))
         if not self.has_step_moment:
             return at_f
-        return max(at_f, self.fixed_b + n * self.per_block_b + self.step_tmp)
+        return max(at_f, self.fixed_b + n * self.per_block_b + self.step_extra(n))
 
     def breakdown(self, counts: dict[str, int], stage: int = 0) -> MemoryBreakdown:
         """The peak of this stage holding ``counts[c]`` blocks recomputed with mode c."""
@@ -151,8 +158,8 @@ class StageTerms:
         if not self.has_step_moment:
             return at_f
         at_b = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_b)),
-                               int(lin(self.states)), int(self.act_step), int(self.step_tmp),
-                               "step", stage)
+                               int(lin(self.states)), int(self.act_step),
+                               int(self.step_extra(n)), "step", stage)
         return max(at_f, at_b, key=lambda m: m.total_bytes)
 
 
@@ -264,6 +271,10 @@ class MemoryModel:
         grads_b = tuple(x * w / (d if layout.zero >= 2 else 1) for x in trainable)
         fused = opt.fused_backward and not accumulate
         grads_f = grads_b if accumulate else (0.0, 0.0)
+        # ZeRO 0/1 all-reduce flat copies of the gradients in buckets; at the end of
+        # backward every bucket may still be in flight (ZeRO-2/3: FSDP2 reduce-scatters).
+        in_buckets = d > 1 and layout.zero <= 1 and not opt.fused_backward
+        buckets = grads_b if in_buckets else (0.0, 0.0)
 
         # Activations of the micro-batches in flight on this stage.
         if layout.schedule == "gpipe":
@@ -297,7 +308,7 @@ class MemoryModel:
             head_tmp=head_tmp, recompute_tmp=recompute_tmp, fused_tmp=fused_tmp,
             gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused,
             weights=weights, states=states, grads_f=grads_f, grads_b=grads_b,
-            acts=(act_fixed, act_block), act_step=p.act_fixed)
+            acts=(act_fixed, act_block), act_step=p.act_fixed, buckets=buckets)
 
 
 def even_split(layers: int, parts: int) -> list[int]:

@@ -519,7 +519,9 @@ class ParallelModel:
             first, last = 0 in self.stage_ids, self._is_last()
             args = (ids,) if first else ()
             kwargs = {"target": targets, "losses": losses} if last else {}
-            self.schedule.step(*args, **kwargs)
+            # the losses come through the loss function: keeping every micro-batch's
+            # logits for a merged return would hold m x [b, s, V] on the last stage
+            self.schedule.step(*args, return_outputs=False, **kwargs)
             total += sum((x.detach().float().cpu() for x in losses), torch.zeros(()))
         for st in self.stages:
             if "grad_reducer" in st.meta:
