@@ -263,6 +263,8 @@ class MemoryModel:
         largest = p.largest_param / tp
 
         weights = tuple(x * w / (d if layout.zero == 3 else 1) for x in psi)
+        if layout.zero == 2 and d > 1:  # FSDP2 keeps each shard beside the gathered copy
+            weights = tuple(x * w * (1 + 1 / d) for x in psi)
         state_per_elem = opt.state_bytes + master
         if opt.factored:
             state_per_elem += p.factored_state_elems / p.num_params * 4
@@ -293,8 +295,11 @@ class MemoryModel:
         none = self.activations("none").per_rank(tp)
         recompute_tmp = {c: b * (none - self.activations(c).per_rank(tp)) for c in RECOMPUTE}
         gather_tmp = 0.0
-        if layout.zero == 3 and d > 1:  # one block gathered, the next prefetched
-            gather_tmp = 2 * (p.block_params_sharded / tp) * w
+        if layout.zero == 3 and d > 1:
+            # one block gathered, the next prefetched; and the stage's own unit
+            # (embeddings, final norm, LM head), gathered through its forward and at the
+            # start of its backward
+            gather_tmp = (2 * (p.block_params_sharded / tp) + psi[0] * (1 - 1 / d)) * w
         step_tmp = opt.step_temporaries * largest * 4
         # The one gradient in flight and its update come after the loss's transients.
         fused_tmp = largest * w + step_tmp if fused else 0.0
