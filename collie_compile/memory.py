@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .errors import CollieError
 from .modelprofile import ActivationBytes, ModelProfile
 from .optimizers import OptimizerSpec
@@ -126,9 +128,10 @@ class StageTerms:
     act_step: float  # activations alive at the optimizer step (masks, rotary tables)
     buckets: tuple[float, float] = (0.0, 0.0)  # (fixed, per block) all-reduce copies
 
-    def step_extra(self, n: float) -> float:
-        """Moment B's transient with ``n`` blocks: update temporaries or buckets."""
-        return max(self.step_tmp, self.buckets[0] + n * self.buckets[1])
+    def step_extra(self, n: float | np.ndarray) -> float | np.ndarray:
+        """Moment B's transient with ``n`` blocks (a count, or an array of counts for the
+        planner's tables): update temporaries or buckets."""
+        return np.maximum(self.step_tmp, self.buckets[0] + n * self.buckets[1])
 
     def transient(self, counts: dict[str, int]) -> float:
         return max([self.head_tmp, self.fused_tmp]

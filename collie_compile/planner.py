@@ -157,8 +157,7 @@ def stage_options(prob: Problem, k: int) -> StageOptions:
     peak = mem.fixed_f + mem.gather_tmp + transient + mixes @ np.array(
         [mem.per_block_f[c] for c in modes])
     if mem.has_step_moment:
-        extra = np.maximum(mem.step_tmp, mem.buckets[0] + n * mem.buckets[1])
-        peak = np.maximum(peak, mem.fixed_b + n * mem.per_block_b + extra)
+        peak = np.maximum(peak, mem.fixed_b + n * mem.per_block_b + mem.step_extra(n))
     feasible = np.flatnonzero(peak <= prob.capacity)
     counts, first = np.unique(n[feasible], return_index=True)
     out = StageOptions({}, {}, {}, {})

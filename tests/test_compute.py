@@ -9,6 +9,7 @@ from collie_compile.compute import allgather_time, allreduce_time, block_time, n
 from collie_compile.hardware import get_gpu
 from collie_compile.modelprofile import profile_model
 from collie_compile.models import build_model, load_config, with_layers
+from collie_compile.steptime import StageTime
 
 H100 = get_gpu("h100-80gb")
 
@@ -58,6 +59,18 @@ def test_small_ops_cost_the_per_op_latency():
     assert t.backward == pytest.approx(2 * t.forward)
     slow_host = dataclasses.replace(H100, op_latency=2 * H100.op_latency)
     assert block_time(p, slow_host, 1).total == pytest.approx(2 * t.total)
+
+
+def test_without_overlap_communication_adds_to_compute():
+    """comm_overlap 1 (NCCL): ZeRO traffic and the gradient sync hide behind compute;
+    0 (gloo on the CPU's own cores): they add to it."""
+    st = StageTime(fixed=1.0, per_block={"none": 1.0}, backward_per_block=0.5,
+                   zero3_fixed=2.0, zero3_per_block=0.0, sync_fixed=1.0, sync_per_block=0.0,
+                   update_fixed=0.0, update_per_block=0.0)
+    two = {"none": 2}  # compute 3 s, ZeRO traffic 2 s, sync 1 s behind 1 s of backward
+    assert st.busy(two) == 3.0 and st.exposed_sync(two) == 0.0
+    cpu = dataclasses.replace(st, overlap=0.0)
+    assert cpu.busy(two) == 5.0 and cpu.exposed_sync(two) == 1.0
 
 
 def test_ring_collectives():

@@ -70,3 +70,25 @@ def test_lora_estimate_counts_peft_adapters_and_drops_states():
         m.to_dict(), measured.by_category)
     full_measured = measure_peak(MODEL, "adamw", "none", "fp32", batch, seq)
     assert measured.total_bytes < 0.8 * full_measured.total_bytes
+
+
+def test_live_bytes_equals_memtracker_on_one_process():
+    """LiveBytes (the per-rank tracker of the estimate suite) sees what MemTracker sees."""
+    import torch
+
+    from collie_compile.measure import LiveBytes, make_optimizer
+    from collie_compile.models import build_model, load_config
+
+    torch.manual_seed(0)
+    net = build_model(load_config("tiny-llama"), device="cpu")
+    net.train()
+    opt = make_optimizer("adamw", list(net.parameters()))
+    ids = torch.randint(0, 256, (2, 64))
+    live = LiveBytes()
+    live.hold([*net.parameters(), *net.buffers()])
+    with live:
+        for _ in range(2):
+            net(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert live.peak == measure_peak("tiny-llama", "adamw", "none", "fp32", 2, 64).total_bytes
