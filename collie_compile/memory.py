@@ -7,17 +7,21 @@ graph saves for backward (measured per block, :mod:`collie_compile.modelprofile`
 times the micro-batches in flight on a pipeline stage (1F1B: stage k of p holds
 min(p - k, m); GPipe: all m).
 
-A step's memory peaks at one of two moments, and we report the breakdown at the larger:
-  F, the start of backward: weights + states + all saved activations + the loss's
+A step's memory peaks at one of these moments, and we report the breakdown at the largest:
+  F, a micro-batch's backward starts: weights + states + saved activations + the loss's
      transients (gradients of the logits) or, with recomputation, one block's
-     recomputed activations; plus accumulated gradients when micro-batches accumulate.
+     recomputed activations. At the step's first backward every in-flight micro-batch's
+     activations are alive and no gradients yet; at a later one the accumulated
+     gradients too, beside as many activations (1F1B's steady phase) or one set fewer
+     (GPipe, and 1F1B stages that hold every micro-batch).
   B, the optimizer step: weights + states + all gradients + the update's temporaries.
-Between the two, activations are freed as gradients appear, both linear in depth, so
-the two ends bound every point in the backward pass.
+Between them, activations are freed as gradients appear, both linear in depth, so the
+moments bound every point in the backward pass.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -100,70 +104,76 @@ class StageShape:
 class StageTerms:
     """One pipeline stage's memory as linear functions of its blocks per recompute mode.
 
-    Moment F (start of backward): ``fixed_f + sum_c n_c * per_block_f[c]`` plus one
-    transient: the loss's (``head_tmp``), a recomputed block (``recompute_tmp[c]`` if any
-    block uses mode c), or a fused update (``fused_tmp``); plus ``gather_tmp`` (ZeRO-3).
-    Moment B (end of backward and optimizer step, absent for fused optimizers without
-    accumulation): ``fixed_b + n * per_block_b`` plus the larger of ``step_tmp`` and the
-    data-parallel buckets (flat gradient copies all-reduced at the end of backward,
-    freed before the step). The planner's ILP uses these same numbers.
+    Every part is a (fixed, per block) pair; activations have one per-block value per
+    recompute mode. Moment F (a micro-batch's backward starts) comes in two forms: the
+    step's first backward, with every in-flight micro-batch's activations (``acts``) and
+    no gradients yet; and a later one, with the accumulated gradients (``grads_f``) and
+    ``acts_later`` of those activations (one set fewer once no forward runs between two
+    backwards). Both add one transient: the loss's (``head_tmp``), a recomputed block
+    (``recompute_tmp[c]`` if any block uses mode c), or a fused update (``fused_tmp``);
+    plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and optimizer step, absent
+    for fused optimizers without accumulation): weights, states and all gradients plus
+    the larger of ``step_tmp`` and the data-parallel buckets (flat gradient copies
+    all-reduced at the end of backward, freed before the step). Block counts may be ints
+    or numpy arrays (the planner evaluates every mix at once); the ILP uses these numbers.
     """
 
-    fixed_f: float
-    per_block_f: dict[str, float]
-    fixed_b: float
-    per_block_b: float
+    weights: tuple[float, float]
+    states: tuple[float, float]
+    grads_f: tuple[float, float]  # accumulated gradients at a later micro-batch's backward
+    grads_b: tuple[float, float]
+    acts: tuple[float, dict[str, float]]  # in-flight activations at the first backward
+    acts_later: float  # fraction of ``acts`` alive at a later backward
+    act_kept: float  # alive through the step: masks, rotary tables, pipeline buffers
     head_tmp: float
     recompute_tmp: dict[str, float]
     fused_tmp: float
     gather_tmp: float
     step_tmp: float
     has_step_moment: bool
-    # parts of the above, for reporting a breakdown
-    weights: tuple[float, float]  # (fixed, per block)
-    states: tuple[float, float]
-    grads_f: tuple[float, float]
-    grads_b: tuple[float, float]
-    acts: tuple[float, dict[str, float]]
-    act_step: float  # activations alive at the optimizer step (masks, rotary tables)
-    buckets: tuple[float, float] = (0.0, 0.0)  # (fixed, per block) all-reduce copies
+    buckets: tuple[float, float] = (0.0, 0.0)  # all-reduce copies at the end of backward
+
+    def frugal_mode(self, modes: tuple[str, ...]) -> str:
+        """The mode among ``modes`` whose blocks save the fewest activations."""
+        return min(modes, key=lambda c: self.acts[1][c])
 
     def step_extra(self, n: float | np.ndarray) -> float | np.ndarray:
-        """Moment B's transient with ``n`` blocks (a count, or an array of counts for the
-        planner's tables): update temporaries or buckets."""
-        return np.maximum(self.step_tmp, self.buckets[0] + n * self.buckets[1])
+        """Moment B's transient with ``n`` blocks: update temporaries or buckets."""
+        return np.maximum(self.step_tmp, _lin(self.buckets, n))
 
-    def transient(self, counts: dict[str, int]) -> float:
-        return max([self.head_tmp, self.fused_tmp]
-                   + [self.recompute_tmp[c] for c, k in counts.items() if k > 0])
+    def transient(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
+        out = max(self.head_tmp, self.fused_tmp)
+        for c, k in counts.items():
+            out = np.where(np.asarray(k) > 0, np.maximum(out, self.recompute_tmp[c]), out)
+        return out
 
-    def peak(self, counts: dict[str, int]) -> float:
-        """Peak bytes (the larger moment) holding ``counts[c]`` blocks of mode c."""
+    def _moments(self, counts: dict[str, int | np.ndarray]) -> dict[str, tuple]:
+        """Each moment's (params, grads, optimizer, activations, other) bytes."""
         n = sum(counts.values())
-        at_f = (self.fixed_f + self.gather_tmp + self.transient(counts)
-                + sum(k * self.per_block_f[c] for c, k in counts.items()))
-        if not self.has_step_moment:
-            return at_f
-        return max(at_f, self.fixed_b + n * self.per_block_b + self.step_extra(n))
+        weights, states = _lin(self.weights, n), _lin(self.states, n)
+        acts = self.acts[0] + sum(k * self.acts[1][c] for c, k in counts.items())
+        later = self.act_kept + acts * self.acts_later
+        other = self.transient(counts) + self.gather_tmp
+        out = {"first": (weights, 0.0, states, self.act_kept + acts, other),
+               "later": (weights, _lin(self.grads_f, n), states, later, other)}
+        if self.has_step_moment:
+            out["step"] = (weights, _lin(self.grads_b, n), states, self.act_kept,
+                           self.step_extra(n))
+        return out
+
+    def peak(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
+        """Peak bytes (the largest moment) holding ``counts[c]`` blocks of mode c."""
+        return functools.reduce(np.maximum, (sum(m) for m in self._moments(counts).values()))
 
     def breakdown(self, counts: dict[str, int], stage: int = 0) -> MemoryBreakdown:
         """The peak of this stage holding ``counts[c]`` blocks recomputed with mode c."""
-        n = sum(counts.values())
+        name, parts = max(self._moments(counts).items(), key=lambda kv: sum(kv[1]))
+        return MemoryBreakdown(*(int(x) for x in parts),
+                               "step" if name == "step" else "backward", stage)
 
-        def lin(part: tuple[float, float]) -> float:
-            return part[0] + n * part[1]
 
-        acts = self.acts[0] + sum(counts.get(c, 0) * v for c, v in self.acts[1].items())
-        transient = self.transient(counts)
-        at_f = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_f)),
-                               int(lin(self.states)), int(acts),
-                               int(transient + self.gather_tmp), "backward", stage)
-        if not self.has_step_moment:
-            return at_f
-        at_b = MemoryBreakdown(int(lin(self.weights)), int(lin(self.grads_b)),
-                               int(lin(self.states)), int(self.act_step),
-                               int(self.step_extra(n)), "step", stage)
-        return max(at_f, at_b, key=lambda m: m.total_bytes)
+def _lin(part: tuple[float, float], n: int | np.ndarray) -> float | np.ndarray:
+    return part[0] + n * part[1]
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
@@ -288,9 +298,27 @@ class MemoryModel:
             in_flight = min(layout.pp - k, layout.num_microbatches)
             if layout.schedule == "interleaved" and layout.pp > 1:
                 in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
-        act_fixed = p.act_fixed + in_flight * b * (
-            (p.act_embed if has_embed else 0) + (p.act_head / tp if has_head else 0))
+        # torch.distributed.pipelining keeps each in-flight micro-batch's stage output
+        # (hidden states; the logits on the last stage) until its backward, and makes one
+        # receive buffer per micro-batch and model chunk for inputs (on all but the first
+        # chunk; the in-flight ones are the first block's saved input) and for gradients.
+        hidden = p.seq_len * p.hidden_size * w * b
+        held_out, buffers = 0.0, 0.0
+        if layout.pp > 1:
+            held_out = p.logits_bytes * w / 4 / tp * b if has_head else hidden
+            v = layout.virtual_stages if layout.schedule == "interleaved" else 1
+            recv_in = layout.num_microbatches * (v - (k == 0)) - in_flight * (k > 0)
+            recv_grad = layout.num_microbatches * (v - (k == layout.pp - 1))
+            buffers = (max(recv_in, 0) + recv_grad) * hidden
+        act_fixed = in_flight * (held_out + b * (
+            (p.act_embed if has_embed else 0) + (p.act_head / tp if has_head else 0)))
         act_block = {c: in_flight * b * self.activations(c).per_rank(tp) for c in RECOMPUTE}
+        # A later backward (gradients accumulated) follows a forward in 1F1B's steady
+        # phase; when every micro-batch is in flight (GPipe, or m <= pp - k) it follows a
+        # backward, which freed one micro-batch's activations.
+        acts_later = 1.0
+        if accumulate and in_flight >= layout.num_microbatches:
+            acts_later = (in_flight - 1) / in_flight
 
         # Transients at the start of backward: gradients of the logits (two [b, s, V] fp32
         # buffers in cross-entropy's backward), or one block recomputed in full.
@@ -306,17 +334,12 @@ class MemoryModel:
         step_tmp = opt.step_temporaries * largest * 4
         # The one gradient in flight and its update come after the loss's transients.
         fused_tmp = largest * w + step_tmp if fused else 0.0
-
-        fixed = weights[0] + states[0]
-        per_block = weights[1] + states[1]
         return StageTerms(
-            fixed_f=fixed + grads_f[0] + act_fixed,
-            per_block_f={c: per_block + grads_f[1] + act_block[c] for c in RECOMPUTE},
-            fixed_b=fixed + grads_b[0] + p.act_fixed, per_block_b=per_block + grads_b[1],
+            weights=weights, states=states, grads_f=grads_f, grads_b=grads_b,
+            acts=(act_fixed, act_block), acts_later=acts_later, act_kept=p.act_fixed + buffers,
             head_tmp=head_tmp, recompute_tmp=recompute_tmp, fused_tmp=fused_tmp,
             gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused,
-            weights=weights, states=states, grads_f=grads_f, grads_b=grads_b,
-            acts=(act_fixed, act_block), act_step=p.act_fixed, buckets=buckets)
+            buckets=buckets)
 
 
 def even_split(layers: int, parts: int) -> list[int]:

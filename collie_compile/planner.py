@@ -111,7 +111,7 @@ class Problem:
 
     def min_peak(self) -> float:
         """The lowest peak any split reaches: most memory-frugal mode, balanced split."""
-        frugal = min(self.modes, key=lambda c: self.memory[0].per_block_f[c])
+        frugal = self.memory[0].frugal_mode(self.modes)
         split = _balanced(self.layers, self.stages)
         return self.peak([{frugal: n} for n in split])
 
@@ -150,14 +150,7 @@ def stage_options(prob: Problem, k: int) -> StageOptions:
     mem, tim, modes = prob.memory[k], prob.time[k], prob.modes
     top = prob.layers - prob.stages + 1
     mixes, n, compute = _mixes(top, modes, tuple(tim.per_block[c] for c in modes))
-    transient = np.full(len(n), max(mem.head_tmp, mem.fused_tmp))
-    for i, c in enumerate(modes):
-        transient = np.where(mixes[:, i] > 0, np.maximum(transient, mem.recompute_tmp[c]),
-                             transient)
-    peak = mem.fixed_f + mem.gather_tmp + transient + mixes @ np.array(
-        [mem.per_block_f[c] for c in modes])
-    if mem.has_step_moment:
-        peak = np.maximum(peak, mem.fixed_b + n * mem.per_block_b + mem.step_extra(n))
+    peak = mem.peak({c: mixes[:, i] for i, c in enumerate(modes)})
     feasible = np.flatnonzero(peak <= prob.capacity)
     counts, first = np.unique(n[feasible], return_index=True)
     out = StageOptions({}, {}, {}, {})
@@ -333,7 +326,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
             raise CollieError("no layout to try: every (dp, tp, pp) split was ruled out "
                               "by the pins or the model's head count")
         short, prob = closest
-        frugal = min(prob.modes, key=lambda c: prob.memory[0].per_block_f[c])
+        frugal = prob.memory[0].frugal_mode(prob.modes)
         counts = [{frugal: n} for n in _balanced(prob.layers, prob.stages)]
         near = _candidate(prob, counts, prof, spec, global_batch_size, gpus, fits=False)
         return Plan(**base, feasible=False, solve_time_s=round(elapsed, 3), chosen=near,

@@ -119,16 +119,20 @@ class _VocabParallelCE(torch.autograd.Function):
         width = logits.shape[-1]
         top = logits.max(-1).values
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        # In place where autograd does not look (inside a Function): the loss's extra
+        # memory stays at one [tokens, vocab / tp] buffer beside the logits, and at one
+        # beside the saved softmax in backward, as the unsharded cross-entropy's.
         z = logits - top.unsqueeze(-1)
-        e = z.exp()
-        total = e.sum(-1)
-        dist.all_reduce(total, group=group)
         valid = target != ignore_index
         mine = valid & (target >= start) & (target < start + width)
         idx = (target - start).clamp(0, width - 1)
         picked = z.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * mine
         dist.all_reduce(picked, group=group)
-        ctx.save_for_backward(e / total.unsqueeze(-1), idx, mine, valid)
+        softmax = z.exp_()
+        total = softmax.sum(-1)
+        dist.all_reduce(total, group=group)
+        softmax.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(softmax, idx, mine, valid)
         return ((total.log() - picked) * valid).sum()
 
     @staticmethod
@@ -136,7 +140,8 @@ class _VocabParallelCE(torch.autograd.Function):
         softmax, idx, mine, valid = ctx.saved_tensors
         grad = softmax.clone()
         grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
-        return grad * valid.unsqueeze(-1) * g, None, None, None, None
+        grad.mul_((valid.to(grad.dtype) * g).unsqueeze(-1))
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int,

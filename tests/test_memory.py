@@ -84,11 +84,44 @@ def test_pipeline_first_stage_holds_most_activations():
     acts = [mm.estimate_stage(lay, k) for k in range(4)]
     blocks = even_split(prof.num_layers, 4)
     per_block = prof.act_none.per_rank(1)
+    hidden = 1024 * prof.hidden_size * 2  # one micro-batch's stage output / input
+    # 1F1B: stage k holds pp - k micro-batches, each with its stage output (kept by
+    # torch's pipelining for backward); 8 gradient receive buffers on all but the last
+    # stage, 8 input receive buffers on all but the first (the in-flight ones saved)
     assert acts[0].activations_bytes == pytest.approx(
-        4 * (blocks[0] * per_block + prof.act_embed) + prof.act_fixed, rel=1e-9)
+        4 * (blocks[0] * per_block + prof.act_embed + hidden) + 8 * hidden
+        + prof.act_fixed, rel=1e-9)
     assert acts[1].activations_bytes == pytest.approx(
-        3 * blocks[1] * per_block + prof.act_fixed, rel=1e-9)
+        3 * (blocks[1] * per_block + hidden) + (8 + 8 - 3) * hidden + prof.act_fixed,
+        rel=1e-9)
+    logits = 1024 * prof.vocab_size * 2  # the last stage keeps its output, the logits
+    assert acts[3].activations_bytes == pytest.approx(
+        blocks[3] * per_block + prof.act_head + logits + (8 - 1) * hidden + prof.act_fixed,
+        rel=1e-9)
     # tp shards weights and the sharded part of the activations
     tp2 = mm.estimate(Layout(tp=2, seq_len=1024))
     tp1 = mm.estimate(Layout(tp=1, seq_len=1024))
     assert tp2.params_bytes < 0.51 * tp1.params_bytes
+
+
+@pytest.mark.parametrize("schedule,m,sets_later", [
+    ("gpipe", 4, 3),  # all forwards, then backwards: each frees one micro-batch's set
+    ("1f1b", 2, 1),   # pp=2, stage 0 holds both micro-batches: same
+    ("1f1b", 8, 2),   # steady 1F1B: a forward refills the set a backward freed
+])
+def test_later_backward_holds_gradients_beside_fewer_activations(schedule, m, sets_later):
+    """A step's first backward has every in-flight micro-batch's activations and no
+    gradients; a later one has the accumulated gradients, beside one set fewer when no
+    forward runs between backwards."""
+    prof = profile_model("llama-2-7b", seq_len=128, dtype="bf16")
+    mm = MemoryModel(prof, get_optimizer("adamw"))
+    lay = Layout(pp=2, num_microbatches=m, seq_len=128, schedule=schedule)
+    terms = mm.stage_terms(lay, 0, True, False)
+    n = prof.num_layers // 2
+    in_flight = terms.acts[0] + n * terms.acts[1]["none"]
+    sets = m if schedule == "gpipe" else 2
+    one_set = in_flight / sets
+    first, later, _ = terms._moments({"none": n}).values()
+    assert first[1] == 0 and first[3] == pytest.approx(terms.act_kept + in_flight)
+    assert later[1] == pytest.approx(terms.grads_f[0] + n * terms.grads_f[1])
+    assert later[3] == pytest.approx(terms.act_kept + sets_later * one_set)
