@@ -109,8 +109,10 @@ class StageTerms:
     step's first backward, with every in-flight micro-batch's activations (``acts``) and
     no gradients yet; and a later one, with the accumulated gradients (``grads_f``) and
     ``acts_later`` of those activations (one set fewer once no forward runs between two
-    backwards). Both add one transient: the loss's (``head_tmp``), a recomputed block
-    (``recompute_tmp[c]`` if any block uses mode c), or a fused update (``fused_tmp``);
+    backwards). Both add one transient: the loss's (``head_tmp``), a block's backward
+    (``recompute_tmp[c]`` if any block uses mode c: what it recomputes and its input
+    gradients, less the loss's activations, freed by then), or a fused update
+    (``fused_tmp``);
     plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and optimizer step, absent
     for fused optimizers without accumulation): weights, states and all gradients plus
     the larger of ``step_tmp`` and the data-parallel buckets (flat gradient copies
@@ -212,6 +214,22 @@ def lora_cost(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, 
     return LoraCost(per_block * profile.num_layers,
                     ActivationBytes(sum(inputs.values()) + low_rank, 0))
 
+
+
+def backward_grads(profile: ModelProfile) -> ActivationBytes:
+    """Per sample, the most gradient bytes a block's backward holds beside its saved
+    activations: those one op produces for its inputs, and the residual stream's."""
+    nodes = {n["name"]: n for n in profile.block_graph}
+    hidden = profile.seq_len * profile.hidden_size * profile.itemsize
+    best = ActivationBytes(0, 0)
+    for n in profile.block_graph:
+        sources = [nodes[i] for i in n["inputs"] if i in nodes]
+        shard = sum(x["out_bytes"] for x in sources if x["sharded"])
+        rep = hidden * (1 + n["reads_input"]) + sum(
+            x["out_bytes"] for x in sources if not x["sharded"])
+        if rep + shard > best.replicated + best.sharded:
+            best = ActivationBytes(rep, shard)
+    return best
 
 
 @dataclass
@@ -320,11 +338,15 @@ class MemoryModel:
         if accumulate and in_flight >= layout.num_microbatches:
             acts_later = (in_flight - 1) / in_flight
 
-        # Transients at the start of backward: gradients of the logits (two [b, s, V] fp32
-        # buffers in cross-entropy's backward), or one block recomputed in full.
+        # Transients in backward: gradients of the logits (two [b, s, V] fp32 buffers in
+        # cross-entropy's backward), or later, once the loss's own activations are
+        # freed, a block's: what it recomputes and the gradients of one op's inputs.
         head_tmp = 2 * b * p.logits_bytes / tp if has_head else 0.0
         none = self.activations("none").per_rank(tp)
-        recompute_tmp = {c: b * (none - self.activations(c).per_rank(tp)) for c in RECOMPUTE}
+        block_tmp = b * backward_grads(p).per_rank(tp) - (
+            b * p.act_head / tp if has_head else 0.0)
+        recompute_tmp = {c: max(0.0, block_tmp + b * (none - self.activations(c).per_rank(tp)))
+                         for c in RECOMPUTE}
         gather_tmp = 0.0
         if layout.zero == 3 and d > 1:
             # one block gathered, the next prefetched; and the stage's own unit

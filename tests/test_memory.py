@@ -2,7 +2,7 @@ import pytest
 
 from collie_compile.estimate import estimate
 from collie_compile.hardware import GiB
-from collie_compile.memory import Layout, MemoryModel, even_split
+from collie_compile.memory import Layout, MemoryModel, backward_grads, even_split
 from collie_compile.modelprofile import profile_model
 from collie_compile.optimizers import get_optimizer
 
@@ -125,3 +125,12 @@ def test_later_backward_holds_gradients_beside_fewer_activations(schedule, m, se
     assert first[1] == 0 and first[3] == pytest.approx(terms.act_kept + in_flight)
     assert later[1] == pytest.approx(terms.grads_f[0] + n * terms.grads_f[1])
     assert later[3] == pytest.approx(terms.act_kept + sets_later * one_set)
+
+
+def test_block_backward_holds_the_gated_mlp_input_gradients():
+    """In a Llama block the widest backward op is the gated MLP's product: it makes the
+    gradients of both [s, intermediate] inputs while the residual stream's waits."""
+    prof = profile_model("small-llama", seq_len=128, dtype="fp32")
+    inter = 1024  # small-llama's intermediate size
+    assert backward_grads(prof).sharded == 2 * 128 * inter * 4
+    assert backward_grads(prof).replicated == 128 * prof.hidden_size * 4
