@@ -115,14 +115,15 @@ class StageTerms:
     (``fused_tmp``);
     plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and optimizer step, absent
     for fused optimizers without accumulation): weights, states and all gradients plus
-    the larger of ``step_tmp`` and the data-parallel buckets (flat gradient copies
-    all-reduced at the end of backward, freed before the step). Block counts may be ints
+    ``step_tmp``. Under ZeRO 0/1 the gradients live in persistent flat buffers, so they
+    are there at the first backward too (``grads_kept``). Block counts may be ints
     or numpy arrays (the planner evaluates every mix at once); the ILP uses these numbers.
     """
 
     weights: tuple[float, float]
     states: tuple[float, float]
-    grads_f: tuple[float, float]  # accumulated gradients at a later micro-batch's backward
+    grads_kept: tuple[float, float]  # gradients alive from the step's start
+    grads_f: tuple[float, float]  # gradients at a later micro-batch's backward
     grads_b: tuple[float, float]
     acts: tuple[float, dict[str, float]]  # in-flight activations at the first backward
     acts_later: float  # fraction of ``acts`` alive at a later backward
@@ -133,15 +134,10 @@ class StageTerms:
     gather_tmp: float
     step_tmp: float
     has_step_moment: bool
-    buckets: tuple[float, float] = (0.0, 0.0)  # all-reduce copies at the end of backward
 
     def frugal_mode(self, modes: tuple[str, ...]) -> str:
         """The mode among ``modes`` whose blocks save the fewest activations."""
         return min(modes, key=lambda c: self.acts[1][c])
-
-    def step_extra(self, n: float | np.ndarray) -> float | np.ndarray:
-        """Moment B's transient with ``n`` blocks: update temporaries or buckets."""
-        return np.maximum(self.step_tmp, _lin(self.buckets, n))
 
     def transient(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
         out = max(self.head_tmp, self.fused_tmp)
@@ -156,11 +152,12 @@ class StageTerms:
         acts = self.acts[0] + sum(k * self.acts[1][c] for c, k in counts.items())
         later = self.act_kept + acts * self.acts_later
         other = self.transient(counts) + self.gather_tmp
-        out = {"first": (weights, 0.0, states, self.act_kept + acts, other),
+        out = {"first": (weights, _lin(self.grads_kept, n), states, self.act_kept + acts,
+                         other),
                "later": (weights, _lin(self.grads_f, n), states, later, other)}
         if self.has_step_moment:
             out["step"] = (weights, _lin(self.grads_b, n), states, self.act_kept,
-                           self.step_extra(n))
+                           self.step_tmp)
         return out
 
     def peak(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
@@ -303,11 +300,11 @@ class MemoryModel:
         accumulate = layout.num_microbatches > 1
         grads_b = tuple(x * w / (d if layout.zero >= 2 else 1) for x in trainable)
         fused = opt.fused_backward and not accumulate
-        grads_f = grads_b if accumulate else (0.0, 0.0)
-        # ZeRO 0/1 all-reduce flat copies of the gradients in buckets; at the end of
-        # backward every bucket may still be in flight (ZeRO-2/3: FSDP2 reduce-scatters).
-        in_buckets = d > 1 and layout.zero <= 1 and not opt.fused_backward
-        buckets = grads_b if in_buckets else (0.0, 0.0)
+        # ZeRO 0/1 keep gradients in persistent flat buffers, all-reduced in place
+        # (passes.data_parallel.GradReducer); fused rules free each gradient once applied.
+        in_buffers = d > 1 and layout.zero <= 1 and not opt.fused_backward
+        grads_kept = grads_b if in_buffers else (0.0, 0.0)
+        grads_f = grads_b if accumulate or in_buffers else (0.0, 0.0)
 
         # Activations of the micro-batches in flight on this stage.
         if layout.schedule == "gpipe":
@@ -357,11 +354,11 @@ class MemoryModel:
         # The one gradient in flight and its update come after the loss's transients.
         fused_tmp = largest * w + step_tmp if fused else 0.0
         return StageTerms(
-            weights=weights, states=states, grads_f=grads_f, grads_b=grads_b,
+            weights=weights, states=states, grads_kept=grads_kept, grads_f=grads_f,
+            grads_b=grads_b,
             acts=(act_fixed, act_block), acts_later=acts_later, act_kept=p.act_fixed + buffers,
             head_tmp=head_tmp, recompute_tmp=recompute_tmp, fused_tmp=fused_tmp,
-            gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused,
-            buckets=buckets)
+            gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused)
 
 
 def even_split(layers: int, parts: int) -> list[int]:
