@@ -4,7 +4,8 @@ The same model (small-llama, 15.7M parameters), data, world size and global batc
 AdamW, fp32. Each framework runs in its own torchrun launch (4 ranks: gloo on CPU, NCCL
 where GPUs are present), so peak memory is each process's own. collie-compile's
 dp-only plan and DDP run ``--repeats`` times, alternating, to see past machine noise;
-tokens/s is the median step's.
+tokens/s is the median step's. They also run in one launch, built side by side in each
+process and stepping in turn, for a ratio that machine noise hits alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .report import LaunchError, Report, launch, table
+from .train_worker import INTERLEAVED
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ["collie-auto", "fsdp2", "deepspeed-2", "deepspeed-3"]
@@ -38,8 +40,10 @@ def main(out: str | None = None, nproc: int = 4, steps: int = 10, repeats: int =
     runs: dict[str, list[dict]] = {}
     order = [fw for _ in range(repeats) for fw in REPEATED] + FRAMEWORKS
     memory: dict[str, dict] = {}
-    for fw in tqdm(order + REPEATED + FRAMEWORKS, desc="launches"):
-        if len(runs.get(fw, [])) < order.count(fw):
+    for fw in tqdm(order + REPEATED + FRAMEWORKS + [INTERLEAVED], desc="launches"):
+        if fw == INTERLEAVED:
+            paired = run(fw, nproc, 2 * steps)
+        elif len(runs.get(fw, [])) < order.count(fw):
             runs.setdefault(fw, []).append(run(fw, nproc, steps))
         else:
             memory[fw] = run(fw, nproc, 2, "memory")
@@ -66,6 +70,17 @@ def main(out: str | None = None, nproc: int = 4, steps: int = 10, repeats: int =
         rep.add(f"collie-compile dp-only step time ÷ DDP's, run by run (each pair launched "
                 f"back to back): {', '.join(f'{r:.3f}' for r in pairs)}; median "
                 f"{statistics.median(pairs):.3f}.")
+    if "error" in paired:
+        rep.add(f"The paired launch failed: {' '.join(paired['error'])}")
+    else:
+        c, d = paired["step_s"]["collie-dp"], paired["step_s"]["ddp"]
+        ratios = [a / b for a, b in zip(c, d)]
+        rep.add(f"Paired in one launch ({len(c)} steps each, the two stepping in turn): "
+                f"collie-compile dp-only {statistics.median(c):.3f} s per step, DDP "
+                f"{statistics.median(d):.3f} s; ratio of the medians "
+                f"{statistics.median(c) / statistics.median(d):.3f}, median of the "
+                f"step-by-step ratios {statistics.median(ratios):.3f} (from "
+                f"{min(ratios):.2f} to {max(ratios):.2f}).")
     rep.add("Peak MiB: the largest growth of a rank's anonymous resident memory during "
             "training steps over its size before the model existed (weights, gradients, "
             "optimizer states, activations, communication buffers), from a separate launch.")

@@ -23,12 +23,14 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 MODEL, WARMUP = "small-llama", 2
 SHAPE = {"seq": 128, "global_batch": 8}  # the CPU default; --seq / --global-batch change it
+INTERLEAVED = "collie-dp+ddp"  # both in one launch, stepping in turn
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
@@ -90,6 +92,30 @@ def local_rows(ids: torch.Tensor) -> torch.Tensor:
 
 def run_collie(plan: str, data: list[torch.Tensor], pins: dict | None = None
                ) -> tuple[list[float], str]:
+    step, layout = collie_step(plan, pins)
+    return timed(step, data), layout
+
+
+def run_interleaved(data: list[torch.Tensor]) -> dict[str, list[float]]:
+    """collie-compile's dp-only plan and DDP built side by side in one process per rank,
+    stepping in turn (which goes first alternates): machine noise hits both alike, so
+    their per-step ratio is steadier than that of separate launches."""
+    collie, ddp = collie_step("dp")[0], torch_step("ddp")
+    for ids in data[:WARMUP]:
+        collie(ids)
+        ddp(ids)
+    times: dict[str, list[float]] = {"collie-dp": [], "ddp": []}
+    for i, ids in enumerate(data[WARMUP:]):
+        pair = [("collie-dp", collie), ("ddp", ddp)]
+        for name, step in pair if i % 2 else pair[::-1]:
+            times[name].append(timed_once(step, ids))
+    return times
+
+
+def collie_step(plan: str, pins: dict | None = None
+                ) -> tuple[Callable[[torch.Tensor], None], str]:
+    """A training step of collie-compile's ``plan`` ("dp": dp-only, ZeRO-0; or the auto
+    plan, or ``pins``), and the layout it runs."""
     from collie_compile.runtime import parallelize
 
     world, batch = dist.get_world_size(), SHAPE["global_batch"]
@@ -98,10 +124,11 @@ def run_collie(plan: str, data: list[torch.Tensor], pins: dict | None = None
                     micro_batch_size=batch // world) if plan == "dp" else {}
     pm = parallelize(model(), seq_len=SHAPE["seq"], global_batch_size=batch, optimizer="adamw",
                      lr=ADAMW["lr"], **pins)
-    return timed(lambda ids: pm.train_step({"input_ids": ids}), data), pm.chosen.layout_str()
+    return (lambda ids: pm.train_step({"input_ids": ids})), pm.chosen.layout_str()
 
 
-def run_torch(kind: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
+def torch_step(kind: str) -> Callable[[torch.Tensor], None]:
+    """A training step of DDP or FSDP2 (``kind``) on the model."""
     from collie_compile.distributed import device
 
     m = model(device())
@@ -123,7 +150,11 @@ def run_torch(kind: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, data), kind
+    return step
+
+
+def run_torch(kind: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
+    return timed(torch_step(kind), data), kind
 
 
 def run_deepspeed(stage: int, data: list[torch.Tensor]) -> tuple[list[float], str]:
@@ -152,22 +183,25 @@ PEAK = {"mib": 0.0, "sample": False}
 
 def timed(step, data: list[torch.Tensor]) -> list[float]:
     """Seconds of each step after the warm-up ones; records the memory peak meanwhile."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
     for ids in data[:WARMUP]:
         step(ids)
     trim()
     with PeakSampler() if PEAK["sample"] else contextlib.nullcontext() as sampler:
-        for ids in data[WARMUP:]:
-            sync()
-            dist.barrier()
-            t0 = time.perf_counter()
-            step(ids)
-            sync()
-            dist.barrier()
-            times.append(time.perf_counter() - t0)
+        times = [timed_once(step, ids) for ids in data[WARMUP:]]
     PEAK["mib"] = sampler.peak if sampler else 0.0
     return times
+
+
+def timed_once(step, ids: torch.Tensor) -> float:
+    """Seconds of one step, all ranks in (a barrier before and after)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    dist.barrier()
+    t0 = time.perf_counter()
+    step(ids)
+    sync()
+    dist.barrier()
+    return time.perf_counter() - t0
 
 
 def _import_for(framework: str) -> None:
@@ -215,6 +249,14 @@ def main() -> None:
         return
     base = trim()  # after the imports: what each framework's code takes is not counted
     data = batches(args.steps + WARMUP, 8192)
+    if fw == INTERLEAVED:
+        times_by = run_interleaved(data)
+        if dist.get_rank() == 0:
+            with open(args.out, "w") as f:
+                json.dump({"framework": fw, "step_s": times_by}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     if fw.startswith("collie"):
         times, layout = run_collie(fw.removeprefix("collie-"), data)
     elif fw.startswith("deepspeed"):

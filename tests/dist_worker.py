@@ -87,8 +87,14 @@ def run_config(cfg: dict) -> dict:
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
+    reducers = [st.meta["grad_reducer"] for st in pm.stages if "grad_reducer" in st.meta]
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
-           "vocab_slice": pm.vocab_slice}
+           "vocab_slice": pm.vocab_slice,
+           # ZeRO 0/1: every gradient a view of its bucket's flat buffer
+           "reducer_buckets": sum(len(r.buckets) for r in reducers),
+           "grad_storages": len({p.grad.untyped_storage().data_ptr() for st in pm.stages
+                                 for p in st.parameters() if p.grad is not None})
+           if reducers else 0}
     if dist.get_rank() == 0:
         ref_losses, ref_w, ref_g = reference(name, layers, cfg.get("max_grad_norm"), opt,
                                              kwargs)

@@ -149,6 +149,8 @@ def check(r: dict, cfg: dict) -> None:
     assert r["names_match"]
     assert r["grad_err"] <= TOL, r["grad_err"]
     assert r["weight_err"] <= TOL, r["weight_err"]
+    if cfg.get("dp", 1) > 1 and cfg.get("zero", 0) <= 1:  # gradients in flat buffers
+        assert r["grad_storages"] == r["reducer_buckets"] > 0
     if cfg.get("tp", 1) > 1:  # logits split over the vocabulary, never gathered
         start, stop = r["vocab_slice"]
         assert stop - start == 256 // cfg["tp"]
