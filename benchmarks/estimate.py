@@ -50,6 +50,8 @@ LAYOUTS = [  # small-llama (6 blocks, 6 heads, 2 KV heads), 4 ranks, global batc
     dict(dp=2, tp=1, pp=2, zero=0, recompute="none", schedule="1f1b"),
     dict(dp=1, tp=2, pp=2, zero=0, recompute="full", schedule="gpipe"),
     dict(dp=1, tp=1, pp=4, zero=0, recompute="none", schedule="1f1b", micro_batch_size=2),
+    dict(dp=2, tp=1, pp=2, zero=0, recompute="none", schedule="interleaved",
+         micro_batch_size=1),
 ]
 
 

@@ -317,12 +317,15 @@ class MemoryModel:
         # (hidden states; the logits on the last stage) until its backward, and makes one
         # receive buffer per micro-batch and model chunk for inputs (on all but the first
         # chunk; the in-flight ones are the first block's saved input) and for gradients.
+        # Counted per model chunk (v per rank when interleaved; the first chunk gets no
+        # inputs, the last sends no gradients and outputs the logits).
+        v = layout.virtual_stages if layout.schedule == "interleaved" else 1
         hidden = p.seq_len * p.hidden_size * w * b
         held_out, buffers = 0.0, 0.0
         if layout.pp > 1:
-            held_out = p.logits_bytes * w / 4 / tp * b if has_head else hidden
-            v = layout.virtual_stages if layout.schedule == "interleaved" else 1
-            recv_in = layout.num_microbatches * (v - (k == 0)) - in_flight * (k > 0)
+            held_out = (v - has_head) * hidden + has_head * p.logits_bytes * w / 4 / tp * b
+            receiving = v - (k == 0)
+            recv_in = (layout.num_microbatches - in_flight) * receiving
             recv_grad = layout.num_microbatches * (v - (k == layout.pp - 1))
             buffers = (max(recv_in, 0) + recv_grad) * hidden
         act_fixed = in_flight * (held_out + b * (
@@ -333,7 +336,7 @@ class MemoryModel:
         # backward, which freed one micro-batch's activations.
         acts_later = 1.0
         if accumulate and in_flight >= layout.num_microbatches:
-            acts_later = (in_flight - 1) / in_flight
+            acts_later = (in_flight - 1 / v) / in_flight  # a backward frees one chunk's
 
         # Transients in backward: gradients of the logits (two [b, s, V] fp32 buffers in
         # cross-entropy's backward), or later, once the loss's own activations are

@@ -621,7 +621,8 @@ class ParallelModel:
 
     def full_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient) whole, on every rank, under its HF name:
-        gathered over dp (ZeRO 2/3), tp (slices) and pp (stages). A collective."""
+        gathered over dp (ZeRO 2/3), tp (slices) and pp (stages); copies, which later
+        steps leave alone. A collective."""
         local = self.local_parameters()
         whole: dict[str, torch.Tensor] = {}
         for name in sorted(local):  # same order on all ranks of this pp stage
@@ -639,7 +640,9 @@ class ParallelModel:
                    else torch.empty(self.param_shapes[name], dtype=self.param_dtypes[name],
                                  device=self.device))
             dist.broadcast(buf, src=src)
-            out[name] = buf.cpu()
+            # a snapshot: a local whole tensor on the CPU would alias the live weight or
+            # gradient (a view of a flat bucket buffer), which the next step changes
+            out[name] = buf.to("cpu", copy=name in whole)
         return out
 
     # -- checkpoints --------------------------------------------------------------------
