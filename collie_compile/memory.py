@@ -112,12 +112,12 @@ class StageTerms:
     backwards). Both add one transient: the loss's (``head_tmp``), a block's backward
     (``recompute_tmp[c]`` if any block uses mode c: what it recomputes and its input
     gradients, less the loss's activations, freed by then), or a fused update
-    (``fused_tmp``);
-    plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and optimizer step, absent
-    for fused optimizers without accumulation): weights, states and all gradients plus
-    ``step_tmp``. Under ZeRO 0/1 the gradients live in persistent flat buffers, so they
-    are there at the first backward too (``grads_kept``). Block counts may be ints
-    or numpy arrays (the planner evaluates every mix at once); the ILP uses these numbers.
+    (``fused_tmp``); plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and
+    optimizer step, absent for fused optimizers without accumulation): weights, states
+    and all gradients plus ``step_tmp``. Under ZeRO 0/1 the gradients live in persistent
+    flat buffers, so they are there at the first backward too (``grads_kept``). Block
+    counts may be ints or numpy arrays (the planner evaluates every mix at once); the
+    ILP uses these numbers.
     """
 
     weights: tuple[float, float]
@@ -145,7 +145,7 @@ class StageTerms:
             out = np.where(np.asarray(k) > 0, np.maximum(out, self.recompute_tmp[c]), out)
         return out
 
-    def _moments(self, counts: dict[str, int | np.ndarray]) -> dict[str, tuple]:
+    def moments(self, counts: dict[str, int | np.ndarray]) -> dict[str, tuple]:
         """Each moment's (params, grads, optimizer, activations, other) bytes."""
         n = sum(counts.values())
         weights, states = _lin(self.weights, n), _lin(self.states, n)
@@ -162,11 +162,11 @@ class StageTerms:
 
     def peak(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
         """Peak bytes (the largest moment) holding ``counts[c]`` blocks of mode c."""
-        return functools.reduce(np.maximum, (sum(m) for m in self._moments(counts).values()))
+        return functools.reduce(np.maximum, (sum(m) for m in self.moments(counts).values()))
 
     def breakdown(self, counts: dict[str, int], stage: int = 0) -> MemoryBreakdown:
         """The peak of this stage holding ``counts[c]`` blocks recomputed with mode c."""
-        name, parts = max(self._moments(counts).items(), key=lambda kv: sum(kv[1]))
+        name, parts = max(self.moments(counts).items(), key=lambda kv: sum(kv[1]))
         return MemoryBreakdown(*(int(x) for x in parts),
                                "step" if name == "step" else "backward", stage)
 
@@ -237,6 +237,11 @@ class MemoryModel:
     optimizer: OptimizerSpec
     trainable_fraction: float = 1.0  # < 1 with LoRA: frozen weights keep no grads or states
     lora: LoraCost | None = None  # LoRA: frozen blocks save less, adapters a little
+
+    @functools.cached_property
+    def block_backward(self) -> ActivationBytes:
+        """Per sample, the input gradients a block's backward holds (``backward_grads``)."""
+        return backward_grads(self.profile)
 
     def activations(self, recompute: str) -> ActivationBytes:
         """Saved bytes per block and sample under ``recompute``."""
@@ -343,7 +348,7 @@ class MemoryModel:
         # freed, a block's: what it recomputes and the gradients of one op's inputs.
         head_tmp = 2 * b * p.logits_bytes / tp if has_head else 0.0
         none = self.activations("none").per_rank(tp)
-        block_tmp = b * backward_grads(p).per_rank(tp) - (
+        block_tmp = b * self.block_backward.per_rank(tp) - (
             b * p.act_head / tp if has_head else 0.0)
         recompute_tmp = {c: max(0.0, block_tmp + b * (none - self.activations(c).per_rank(tp)))
                          for c in RECOMPUTE}

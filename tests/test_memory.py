@@ -36,7 +36,7 @@ def test_zero_0_1_gradients_stay_in_flat_buffers(zero, opt, kept):
     prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
     terms = MemoryModel(prof, get_optimizer(opt)).stage_terms(
         Layout(dp=4, zero=zero, seq_len=64), 0, True, True)
-    first = terms._moments({"none": prof.num_layers})["first"]
+    first = terms.moments({"none": prof.num_layers})["first"]
     assert (first[1] > 0) == kept
 
 
@@ -122,7 +122,7 @@ def test_later_backward_holds_gradients_beside_fewer_activations(schedule, m, se
     in_flight = terms.acts[0] + n * terms.acts[1]["none"]
     sets = m if schedule == "gpipe" else 2
     one_set = in_flight / sets
-    first, later, _ = terms._moments({"none": n}).values()
+    first, later, _ = terms.moments({"none": n}).values()
     assert first[1] == 0 and first[3] == pytest.approx(terms.act_kept + in_flight)
     assert later[1] == pytest.approx(terms.grads_f[0] + n * terms.grads_f[1])
     assert later[3] == pytest.approx(terms.act_kept + sets_later * one_set)
