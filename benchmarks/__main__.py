@@ -11,6 +11,9 @@ SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))
 parser.add_argument("--out", help="directory for the markdown table and PNG plots")
+parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity)")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
-SUITES[args.suite](args.out)
+if args.nproc and args.suite not in ("train", "fidelity"):
+    parser.error(f"--nproc applies to train and fidelity, not {args.suite}")
+SUITES[args.suite](args.out, **({"nproc": args.nproc} if args.nproc else {}))

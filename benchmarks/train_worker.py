@@ -1,21 +1,20 @@
-"""One framework's training run under torchrun (used by ``python -m benchmarks train``).
+"""Training runs under torchrun (used by ``python -m benchmarks train`` and ``fidelity``).
 
 Every framework trains the same model from the same initial weights on the same batches
-(the global batch split over ranks the same way), with AdamW; rank 0 writes tokens/s and
-(``--measure time``) or each rank's peak memory (``--measure memory``, a separate
-launch): the largest anonymous resident set sampled every 2 ms during the steps, less
-that after the framework's imports and before the model existed. Memory launches run
-with MALLOC_MMAP_THRESHOLD_=65536, so every tensor of 64 KiB or more is mapped on its own
-and returned to the OS when freed; with the heap trimmed before both readings, set-up
-garbage (FSDP's or DeepSpeed's full copy before sharding) does not count, and what
-counts is what training holds. (That setting slows every framework down, so the time
-launches do without it.)
+(the global batch split over ranks the same way), with AdamW. ``--measure time`` builds
+each framework named (or each of ``--plans``) side by side in every rank and steps them
+in turn; rank 0 writes every step's seconds. ``--measure memory`` runs one framework in
+its own launch and writes each rank's peak: the largest anonymous resident set sampled
+every 2 ms during the steps, less that after the framework's imports and before the
+model existed. Memory launches run with MALLOC_MMAP_THRESHOLD_=65536, so every tensor of
+64 KiB or more is mapped on its own and returned to the OS when freed; with the heap
+trimmed before both readings, set-up garbage (FSDP's or DeepSpeed's full copy before
+sharding) does not count, and what counts is what training holds. (That setting slows
+every framework down, so the time launches do without it.)
 """
-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import json
@@ -30,8 +29,8 @@ import torch.distributed as dist
 
 MODEL, WARMUP = "small-llama", 2
 SHAPE = {"seq": 128, "global_batch": 8}  # the CPU default; --seq / --global-batch change it
-INTERLEAVED = "collie-dp+ddp"  # both in one launch, stepping in turn
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+Step = Callable[[torch.Tensor], None]
 
 
 def rss_mib() -> float:
@@ -90,30 +89,16 @@ def local_rows(ids: torch.Tensor) -> torch.Tensor:
     return ids[dist.get_rank() * share:(dist.get_rank() + 1) * share].to(device())
 
 
-def run_collie(plan: str, data: list[torch.Tensor], pins: dict | None = None
-               ) -> tuple[list[float], str]:
-    step, layout = collie_step(plan, pins)
-    return timed(step, data), layout
+def build(framework: str) -> tuple[Step, str]:
+    """A training step of ``framework`` on the model, and the layout it runs."""
+    if framework.startswith("collie"):
+        return collie_step(framework.removeprefix("collie-"))
+    if framework.startswith("deepspeed"):
+        return deepspeed_step(int(framework[-1])), f"deepspeed zero-{framework[-1]}"
+    return torch_step(framework), framework
 
 
-def run_interleaved(data: list[torch.Tensor]) -> dict[str, list[float]]:
-    """collie-compile's dp-only plan and DDP built side by side in one process per rank,
-    stepping in turn (which goes first alternates): machine noise hits both alike, so
-    their per-step ratio is steadier than that of separate launches."""
-    collie, ddp = collie_step("dp")[0], torch_step("ddp")
-    for ids in data[:WARMUP]:
-        collie(ids)
-        ddp(ids)
-    times: dict[str, list[float]] = {"collie-dp": [], "ddp": []}
-    for i, ids in enumerate(data[WARMUP:]):
-        pair = [("collie-dp", collie), ("ddp", ddp)]
-        for name, step in pair if i % 2 else pair[::-1]:
-            times[name].append(timed_once(step, ids))
-    return times
-
-
-def collie_step(plan: str, pins: dict | None = None
-                ) -> tuple[Callable[[torch.Tensor], None], str]:
+def collie_step(plan: str, pins: dict | None = None) -> tuple[Step, str]:
     """A training step of collie-compile's ``plan`` ("dp": dp-only, ZeRO-0; or the auto
     plan, or ``pins``), and the layout it runs."""
     from collie_compile.runtime import parallelize
@@ -127,7 +112,7 @@ def collie_step(plan: str, pins: dict | None = None
     return (lambda ids: pm.train_step({"input_ids": ids})), pm.chosen.layout_str()
 
 
-def torch_step(kind: str) -> Callable[[torch.Tensor], None]:
+def torch_step(kind: str) -> Step:
     """A training step of DDP or FSDP2 (``kind``) on the model."""
     from collie_compile.distributed import device
 
@@ -153,11 +138,8 @@ def torch_step(kind: str) -> Callable[[torch.Tensor], None]:
     return step
 
 
-def run_torch(kind: str, data: list[torch.Tensor]) -> tuple[list[float], str]:
-    return timed(torch_step(kind), data), kind
-
-
-def run_deepspeed(stage: int, data: list[torch.Tensor]) -> tuple[list[float], str]:
+def deepspeed_step(stage: int) -> Step:
+    """A training step of a DeepSpeed engine at ZeRO ``stage`` on the model."""
     import deepspeed
 
     m = model()
@@ -175,24 +157,21 @@ def run_deepspeed(stage: int, data: list[torch.Tensor]) -> tuple[list[float], st
         engine.backward(loss)
         engine.step()
 
-    return timed(step, data), f"deepspeed zero-{stage}"
+    return step
 
 
-PEAK = {"mib": 0.0, "sample": False}
-
-
-def timed(step, data: list[torch.Tensor]) -> list[float]:
-    """Seconds of each step after the warm-up ones; records the memory peak meanwhile."""
+def peak_during(step: Step, data: list[torch.Tensor]) -> float:
+    """Largest resident set (MiB) while taking the steps after the warm-up ones."""
     for ids in data[:WARMUP]:
         step(ids)
     trim()
-    with PeakSampler() if PEAK["sample"] else contextlib.nullcontext() as sampler:
-        times = [timed_once(step, ids) for ids in data[WARMUP:]]
-    PEAK["mib"] = sampler.peak if sampler else 0.0
-    return times
+    with PeakSampler() as sampler:
+        for ids in data[WARMUP:]:
+            step(ids)
+    return sampler.peak
 
 
-def timed_once(step, ids: torch.Tensor) -> float:
+def timed_once(step: Step, ids: torch.Tensor) -> float:
     """Seconds of one step, all ranks in (a barrier before and after)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
@@ -202,6 +181,22 @@ def timed_once(step, ids: torch.Tensor) -> float:
     sync()
     dist.barrier()
     return time.perf_counter() - t0
+
+
+def round_robin(steps: dict[str, Step], data: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Seconds of each step of each entry, all built in this process and stepping in
+    turn, each round starting one entry further on. The machine's speed drifts by tens
+    of percent over minutes (a neighbour's load, the clock): entries measured in turn
+    meet the same drift, so their ratios hold where back-to-back runs do not."""
+    names = list(steps)
+    for ids in data[:WARMUP]:
+        for name in names:
+            steps[name](ids)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, ids in enumerate(data[WARMUP:]):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timed_once(steps[name], ids))
+    return times
 
 
 def _import_for(framework: str) -> None:
@@ -216,9 +211,19 @@ def _import_for(framework: str) -> None:
         import torch.nn.parallel  # noqa: F401
 
 
+def write(path: str, result: object) -> None:
+    """Rank 0 writes ``result`` as JSON; then every rank leaves."""
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--framework", required=True)
+    ap.add_argument("--framework", required=True,
+                    help="one, or several separated by commas: timed in turn (round_robin)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--measure", choices=("time", "memory"), default="time")
     ap.add_argument("--plans", help="JSON list of plan pins: time each (fidelity suite)")
@@ -227,53 +232,35 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=SHAPE["global_batch"])
     args = ap.parse_args()
     SHAPE.update(seq=args.seq, global_batch=args.global_batch)
-    PEAK["sample"] = args.measure == "memory"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from collie_compile.distributed import ensure_initialized
 
     ensure_initialized()
-    fw = args.framework
-    _import_for(fw)
-    if args.plans:  # one launch, many collie-compile plans, back to back
-        data = batches(args.steps + WARMUP, 8192)
-        results = []
-        for pins in json.loads(args.plans):
-            times, layout = run_collie("pinned", data, pins)
-            results.append({"pins": pins, "layout": layout, "step_s": statistics.median(times),
-                            "all_s": times})
-        if dist.get_rank() == 0:
-            with open(args.out, "w") as f:
-                json.dump(results, f)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+    frameworks = args.framework.split(",")
+    for fw in frameworks:
+        _import_for(fw)
     base = trim()  # after the imports: what each framework's code takes is not counted
     data = batches(args.steps + WARMUP, 8192)
-    if fw == INTERLEAVED:
-        times_by = run_interleaved(data)
-        if dist.get_rank() == 0:
-            with open(args.out, "w") as f:
-                json.dump({"framework": fw, "step_s": times_by}, f)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    if fw.startswith("collie"):
-        times, layout = run_collie(fw.removeprefix("collie-"), data)
-    elif fw.startswith("deepspeed"):
-        times, layout = run_deepspeed(int(fw[-1]), data)
-    else:
-        times, layout = run_torch(fw, data)
-    peak = torch.tensor([PEAK["mib"] - base])
+    if args.plans:  # many collie-compile plans in one launch, in turn
+        built = [collie_step("pinned", pins) for pins in json.loads(args.plans)]
+        times = round_robin({str(i): step for i, (step, _) in enumerate(built)}, data)
+        return write(args.out, [{"pins": pins, "layout": layout, "all_s": times[str(i)],
+                                 "step_s": statistics.median(times[str(i)])}
+                                for i, (pins, (_, layout)) in enumerate(
+                                    zip(json.loads(args.plans), built))])
+    if args.measure == "time":
+        built = {fw: build(fw) for fw in frameworks}
+        times = round_robin({fw: step for fw, (step, _) in built.items()}, data)
+        return write(args.out, {"layout": {fw: layout for fw, (_, layout) in built.items()},
+                                "shape": SHAPE, "step_s": times})
+    if len(frameworks) > 1:
+        raise SystemExit("--measure memory takes one framework: each peak is its process's")
+    step, layout = build(frameworks[0])
+    peak = torch.tensor([peak_during(step, data) - base])
     peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(peaks, peak)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump({"framework": fw, "layout": layout, "step_s": statistics.median(times),
-                       "tokens_per_s": SHAPE["global_batch"] * SHAPE["seq"]
-                       / statistics.median(times),
-                       "peak_mib": [float(p) for p in peaks]}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    write(args.out, {"framework": frameworks[0], "layout": layout,
+                     "peak_mib": [float(p) for p in peaks]})
 
 
 if __name__ == "__main__":
