@@ -1,14 +1,16 @@
 """Measure the local device and write a hardware spec the planner accepts.
 
 Matmul throughput per dtype, memory bandwidth (a large copy), the host's overhead per
-operator in an eager training step, and collective bandwidth/latency over a real process
-group (gloo on CPU, NCCL on CUDA) of two local processes. On a CPU-only machine it
+operator in an eager training step, collective bandwidth/latency over a real process
+group (gloo on CPU, NCCL on CUDA) of two local processes, and how far a ZeRO-3 unit
+(FSDP2) falls behind the ring model there. On a CPU-only machine it
 measures the CPU, so plans can be checked against real runs here. Collectives overlap
 compute on GPUs (NCCL has its own engines), not on a CPU (gloo takes the same cores).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .compute import allgather_time
 from .hardware import GPUSpec
 
 UNMEASURED_LINK = (10e-6, 25e9)  # (s, B/s): PCIe 4.0 x16, for a machine with one GPU
@@ -71,39 +74,68 @@ def op_latency(device: torch.device, repeats: int = 5) -> float:
     return _best_time(run, repeats, sync) / steps / (3 * forward_ops)
 
 
+ZERO_UNIT = 1024  # the calibrated ZeRO-3 unit: a [1024, 1024] fp32 linear, 4 MiB
+
+
+def _zero3_overhead(device: torch.device, repeats: int, sync: Callable[[], None]) -> float:
+    """Seconds a ZeRO-3 unit (FSDP2 on one linear of ``ZERO_UNIT`` squared weights) adds to
+    a forward and backward over the same unsharded linear: its two all-gathers and one
+    reduce-scatter, with the copies into and out of FSDP's flat buffers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(ZERO_UNIT, ZERO_UNIT, bias=False)).to(device)
+    sharded = torch.nn.Sequential(torch.nn.Linear(ZERO_UNIT, ZERO_UNIT, bias=False)).to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    fully_shard(sharded[0], mesh=mesh)  # an inner unit: gathered again for its backward
+    fully_shard(sharded, mesh=mesh)
+    x = torch.randn(8, ZERO_UNIT, device=device)
+
+    def step(net: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            dist.barrier()
+            net(x).sum().backward()
+        return run
+
+    return max(_best_time(step(sharded), repeats, sync) - _best_time(step(plain), repeats,
+                                                                        sync), 1e-7)
+
+
 def _collective_worker(rank: int, world: int, init_file: str, sizes: list[int],
                        repeats: int, out: dict) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
     times = []
     for nbytes in sizes:
         x = torch.ones(max(1, nbytes // 4), device=device)
         times.append(_best_time(lambda x=x: dist.all_reduce(x), repeats, sync))
+    zero3 = _zero3_overhead(device, repeats, sync)
     if rank == 0:
-        out["times"] = times
+        out["times"], out["zero3"] = times, zero3
     dist.destroy_process_group()
 
 
-def collective_alpha_beta(sizes: list[int], repeats: int = 3) -> tuple[float, float]:
-    """(latency s, bandwidth B/s) of a 2-rank ring all-reduce, fitted to time = a + b*bytes.
+def collective_costs(sizes: list[int], repeats: int = 3) -> tuple[float, float, float]:
+    """(latency s, bandwidth B/s) of a 2-rank ring all-reduce, and the seconds a ZeRO-3
+    unit of ``ZERO_UNIT`` squared fp32 weights adds to a step (:func:`_zero3_overhead`).
 
-    With n = 2 a ring all-reduce sends 2(n-1)/n = 1x the bytes in 2(n-1) = 2 steps."""
+    With n = 2 a ring all-reduce sends 2(n-1)/n = 1x the bytes in 2(n-1) = 2 steps: the
+    smallest size gives the latency, the line to the largest the bandwidth (two anchors;
+    a least-squares line lets one noisy large transfer move the latency tenfold)."""
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_collective_worker, args=(2, os.path.join(tmp, "init"), sizes, repeats, out),
                  nprocs=2, join=True)
-        times = list(out["times"])
-    # least squares on (bytes, seconds)
-    n = len(sizes)
-    mx, my = sum(sizes) / n, sum(times) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, times)) / max(
-        sum((x - mx) ** 2 for x in sizes), 1e-30)
-    slope = max(slope, 1e-15)
-    intercept = max(my - slope * mx, 1e-7)
-    return intercept / 2, 1 / slope
+        times, zero3 = list(out["times"]), float(out["zero3"])
+    bandwidth = (sizes[-1] - sizes[0]) / max(times[-1] - times[0], 1e-9)
+    latency = max((times[0] - sizes[0] / bandwidth) / 2, 1e-7)
+    return latency, bandwidth, zero3
 
 
 def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
@@ -115,11 +147,12 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
              for dt, full in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))}
     bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
     sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
+    zero3 = None
     if cuda and torch.cuda.device_count() < 2:
         # one GPU: no link to measure; its plans (dp = tp = pp = 1) never use one
         latency, link_bw = UNMEASURED_LINK
     else:
-        latency, link_bw = collective_alpha_beta(sizes)
+        latency, link_bw, zero3 = collective_costs(sizes)
     if cuda:
         memory = torch.cuda.get_device_properties(0).total_memory
         label = torch.cuda.get_device_name(0).lower().replace(" ", "-")
@@ -127,9 +160,13 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         label = f"cpu-{socket.gethostname()}"
     # Measured rates are achieved rates: efficiency factors of 1.
-    return GPUSpec(name=name or label, memory_bytes=int(memory), bf16_flops=flops["bf16"],
+    spec = GPUSpec(name=name or label, memory_bytes=int(memory), bf16_flops=flops["bf16"],
                    fp16_flops=flops["fp16"], fp32_flops=flops["fp32"], hbm_bandwidth=bw,
                    intra_node_bandwidth=link_bw, intra_node_latency=latency,
                    inter_node_bandwidth=link_bw, inter_node_latency=latency,
                    matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
                    op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0)
+    if zero3 is None:
+        return spec
+    ring = 3 * allgather_time(ZERO_UNIT**2 * 4, 2, spec)  # what the ring model says
+    return dataclasses.replace(spec, zero_efficiency=min(1.0, ring / zero3))

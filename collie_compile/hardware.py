@@ -41,6 +41,11 @@ class GPUSpec:
     # Fraction of communication that hides behind compute when both are pending: 1 where
     # collectives run on their own engines (NCCL), 0 where they take the compute cores (CPU).
     comm_overlap: float = 1.0
+    # Fraction of the ring model's rate that ZeRO-2/3's gathers and reduce-scatters reach
+    # once FSDP's copies into and out of its flat buffers are counted: near 1 on GPUs
+    # (copies at HBM speed beside a link ten times slower); on a CPU the copies fault in
+    # fresh pages and gloo's reduce-scatter runs as an all-reduce (calibrate measures it).
+    zero_efficiency: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
         return {"bf16": self.bf16_flops, "fp16": self.fp16_flops, "fp32": self.fp32_flops}[dtype]

@@ -102,20 +102,22 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
 
     grad_fixed, grad_block = (x * w for x in params_per_rank)
     zero3_fixed = zero3_block = sync_fixed = sync_block = 0.0
+    fsdp = 1 / gpu.zero_efficiency  # ZeRO-2/3 traffic goes through FSDP's flat buffers
     if d > 1 and layout.zero == 3:
         # gather weights forward and backward, reduce-scatter gradients: per micro-batch
-        zero3_fixed = 3 * allgather_time(grad_fixed, d, gpu, dp_intra)
-        zero3_block = 3 * allgather_time(grad_block, d, gpu, dp_intra)
+        zero3_fixed = 3 * fsdp * allgather_time(grad_fixed, d, gpu, dp_intra)
+        zero3_block = 3 * fsdp * allgather_time(grad_block, d, gpu, dp_intra)
     elif d > 1 and layout.zero == 2 and layout.num_microbatches > 1:
         # sharded gradients cannot accumulate locally: reduce-scatter every micro-batch,
         # then all-gather the updated weights once
-        zero3_fixed = allgather_time(grad_fixed, d, gpu, dp_intra)
-        zero3_block = allgather_time(grad_block, d, gpu, dp_intra)
-        sync_fixed = allgather_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
-        sync_block = allgather_time(grad_block * trainable_fraction, d, gpu, dp_intra)
+        zero3_fixed = fsdp * allgather_time(grad_fixed, d, gpu, dp_intra)
+        zero3_block = fsdp * allgather_time(grad_block, d, gpu, dp_intra)
+        sync_fixed = fsdp * allgather_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
+        sync_block = fsdp * allgather_time(grad_block * trainable_fraction, d, gpu, dp_intra)
     elif d > 1:  # all-reduce (ZeRO 0) or reduce-scatter + all-gather (ZeRO 1/2): same volume
-        sync_fixed = allreduce_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
-        sync_block = allreduce_time(grad_block * trainable_fraction, d, gpu, dp_intra)
+        via = fsdp if layout.zero == 2 else 1.0
+        sync_fixed = via * allreduce_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
+        sync_block = via * allreduce_time(grad_block * trainable_fraction, d, gpu, dp_intra)
     shard = d if layout.zero >= 1 else 1
     per_elem = _UPDATE_BYTES[opt.name] / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
     return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,

@@ -81,3 +81,29 @@ def test_ring_collectives():
     assert allgather_time(nbytes, n, H100) == pytest.approx(allreduce_time(nbytes, n, H100) / 2)
     assert allreduce_time(nbytes, 1, H100) == 0
     assert allreduce_time(nbytes, n, H100, intra_node=False) > allreduce_time(nbytes, n, H100)
+
+
+def test_zero_efficiency_prices_what_goes_through_fsdp():
+    """ZeRO-2/3 traffic (FSDP2's gathers and reduce-scatters, with their copies) costs
+    1/zero_efficiency times the ring model; ZeRO-0/1's gradient sync (collie-compile's own
+    reducer) does not."""
+    from collie_compile.memory import Layout
+    from collie_compile.optimizers import get_optimizer
+    from collie_compile.steptime import stage_time
+
+    prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
+    slow = dataclasses.replace(H100, zero_efficiency=0.25)
+
+    def terms(spec, **layout):
+        lay = Layout(dp=4, seq_len=64, **layout)
+        return stage_time(prof, spec, get_optimizer("adamw"), lay, True, True, 8, (1e6, 1e5))
+
+    z3, z3_slow = terms(H100, zero=3), terms(slow, zero=3)
+    assert z3.zero3_per_block > 0 and z3_slow.zero3_per_block == pytest.approx(
+        4 * z3.zero3_per_block)
+    assert z3_slow.zero3_fixed == pytest.approx(4 * z3.zero3_fixed)
+    z2, z2_slow = terms(H100, zero=2), terms(slow, zero=2)
+    assert z2.sync_per_block > 0
+    assert z2_slow.sync_per_block == pytest.approx(4 * z2.sync_per_block)
+    for zero in (0, 1):
+        assert terms(slow, zero=zero).sync_per_block == terms(H100, zero=zero).sync_per_block
