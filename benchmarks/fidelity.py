@@ -7,9 +7,11 @@ gets cores/nproc of a core: the measured compute and memory rates are scaled by 
 share before planning. With CUDA, one rank per GPU; on a single GPU the plans differ in
 micro-batching and recomputation, at a larger batch (32 x 512) so that both launch
 overhead and compute matter. Each plan of small-llama is priced by the planner
-(everything pinned) and run by ``parallelize`` in one torchrun launch; the table gives
-both times and the Spearman rank correlation between them. With ``--out``, the spec,
-the pins and every measured step go to ``fidelity.json`` too, to price again later.
+(everything pinned) and run by ``parallelize``, all plans built side by side in one
+torchrun launch and stepping in turn (so that the machine's drift meets them alike);
+the table gives both times and the Spearman rank correlation between them. With
+``--out``, the spec, the pins and every measured step go to ``fidelity.json`` too, to
+price again later.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def main(out: str | None = None, nproc: int | None = None, steps: int = 6) -> No
             f"({spec.fp32_flops / 1e9:.1f} GFLOP/s fp32, {spec.hbm_bandwidth / 1e9:.1f} GB/s, "
             f"{spec.op_latency * 1e6:.1f} us per op, all-reduce "
             f"{spec.intra_node_bandwidth / 1e9:.2f} GB/s + {spec.intra_node_latency * 1e6:.0f}"
-            f" us, overlap {spec.comm_overlap:g})\n\n" + table(
+            f" us, overlap {spec.comm_overlap:g}, ZeRO-3 unit at {spec.zero_efficiency:.2f}"
+            f" of the ring model)\n\n" + table(
                 ["plan", "modeled s", "measured s", "measured / modeled"],
                 [[r["layout"], f"{m:.4f}", f"{r['step_s']:.4f}", f"{r['step_s'] / m:.2f}"]
                  for r, m in zip(runs, model_s)], right=(1, 2, 3)))

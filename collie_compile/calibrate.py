@@ -39,11 +39,20 @@ def _best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None])
     return best
 
 
-def matmul_flops(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 3) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_flops(dtype: torch.dtype, device: torch.device, n_max: int, repeats: int = 3,
+                 budget_s: float = 0.25) -> float:
+    """FLOP/s of a square matmul, n doubling from 256 to ``n_max`` while one product takes
+    under ``budget_s``: a dtype the device multiplies slowly (half precision on most CPUs)
+    is measured at a smaller n instead of taking minutes at the largest."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return 2 * n**3 / _best_time(lambda: a @ b, repeats, sync)
+    n = min(256, n_max)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds = _best_time(lambda a=a, b=b: a @ b, repeats, sync)
+        if n >= n_max or seconds > budget_s:
+            return 2 * n**3 / seconds
+        n *= 2
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> float:
