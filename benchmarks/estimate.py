@@ -52,6 +52,11 @@ LAYOUTS = [  # small-llama (6 blocks, 6 heads, 2 KV heads), 4 ranks, global batc
     dict(dp=1, tp=1, pp=4, zero=0, recompute="none", schedule="1f1b", micro_batch_size=2),
     dict(dp=2, tp=1, pp=2, zero=0, recompute="none", schedule="interleaved",
          micro_batch_size=1),
+    # ZeRO-2/3 over several micro-batches: sharded gradients without pp; whole ones under
+    # pp (torch.distributed.pipelining syncs FSDP2 once, after the last backward)
+    dict(dp=4, tp=1, pp=1, zero=3, recompute="none", micro_batch_size=1),
+    dict(dp=2, tp=1, pp=2, zero=3, recompute="none", schedule="1f1b", micro_batch_size=1),
+    dict(dp=2, tp=1, pp=2, zero=2, recompute="none", schedule="1f1b", micro_batch_size=2),
 ]
 
 

@@ -111,16 +111,19 @@ class StageTerms:
     ``acts_later`` of those activations (one set fewer once no forward runs between two
     backwards). Both add one transient: the loss's (``head_tmp``), a block's backward
     (``recompute_tmp[c]`` if any block uses mode c: what it recomputes and its input
-    gradients, less the loss's activations, freed by then), or a fused update
+    gradients, less the loss's activations, freed by then, beside the LM head's weight
+    gradient where no gradient counted holds it: ``head_grad``), or a fused update
     (``fused_tmp``); plus ``gather_tmp`` (ZeRO-3). Moment B (end of backward and
     optimizer step, absent for fused optimizers without accumulation): weights, states
-    and all gradients plus ``step_tmp``. Under ZeRO 0/1 the gradients live in persistent
+    and all gradients plus ``step_tmp``. ZeRO-3 under pipelining adds ``gathered`` weights
+    to both later moments. Under ZeRO 0/1 the gradients live in persistent
     flat buffers, so they are there at the first backward too (``grads_kept``). Block
     counts may be ints or numpy arrays (the planner evaluates every mix at once); the
     ILP uses these numbers.
     """
 
     weights: tuple[float, float]
+    gathered: tuple[float, float]  # weights ZeRO-3 keeps gathered to a pipelined step's end
     states: tuple[float, float]
     grads_kept: tuple[float, float]  # gradients alive from the step's start
     grads_f: tuple[float, float]  # gradients at a later micro-batch's backward
@@ -130,6 +133,9 @@ class StageTerms:
     act_kept: float  # alive through the step: masks, rotary tables, pipeline buffers
     head_tmp: float
     recompute_tmp: dict[str, float]
+    # The LM head's weight gradient beside a block's backward, at the first and a later
+    # moment, where the gradients counted there do not hold it.
+    head_grad: tuple[float, float]
     fused_tmp: float
     gather_tmp: float
     step_tmp: float
@@ -139,10 +145,13 @@ class StageTerms:
         """The mode among ``modes`` whose blocks save the fewest activations."""
         return min(modes, key=lambda c: self.acts[1][c])
 
-    def transient(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
+    def transient(self, counts: dict[str, int | np.ndarray], beside_block: float = 0.0
+                  ) -> float | np.ndarray:
+        """The largest transient; ``beside_block`` is held beside a block's backward."""
         out = max(self.head_tmp, self.fused_tmp)
         for c, k in counts.items():
-            out = np.where(np.asarray(k) > 0, np.maximum(out, self.recompute_tmp[c]), out)
+            out = np.where(np.asarray(k) > 0,
+                           np.maximum(out, self.recompute_tmp[c] + beside_block), out)
         return out
 
     def moments(self, counts: dict[str, int | np.ndarray]) -> dict[str, tuple]:
@@ -151,13 +160,13 @@ class StageTerms:
         weights, states = _lin(self.weights, n), _lin(self.states, n)
         acts = self.acts[0] + sum(k * self.acts[1][c] for c, k in counts.items())
         later = self.act_kept + acts * self.acts_later
-        other = self.transient(counts) + self.gather_tmp
+        first, again = (self.transient(counts, g) + self.gather_tmp for g in self.head_grad)
+        held = weights + _lin(self.gathered, n)
         out = {"first": (weights, _lin(self.grads_kept, n), states, self.act_kept + acts,
-                         other),
-               "later": (weights, _lin(self.grads_f, n), states, later, other)}
+                         first),
+               "later": (held, _lin(self.grads_f, n), states, later, again)}
         if self.has_step_moment:
-            out["step"] = (weights, _lin(self.grads_b, n), states, self.act_kept,
-                           self.step_tmp)
+            out["step"] = (held, _lin(self.grads_b, n), states, self.act_kept, self.step_tmp)
         return out
 
     def peak(self, counts: dict[str, int | np.ndarray]) -> float | np.ndarray:
@@ -304,6 +313,16 @@ class MemoryModel:
         states = tuple(x * state_per_elem / (d if layout.zero >= 1 else 1) for x in trainable)
         accumulate = layout.num_microbatches > 1
         grads_b = tuple(x * w / (d if layout.zero >= 2 else 1) for x in trainable)
+        # torch.distributed.pipelining turns FSDP2's gradient sync off until a stage's last
+        # backward is done and keeps the weights it gathered for backward until then: under
+        # pp, ZeRO-2/3 stages hold whole gradients (and ZeRO-3 whole weights) at the end
+        # of their backwards. Without pp, FSDP2 reduce-scatters every micro-batch.
+        pipelined_fsdp = layout.pp > 1 and layout.zero >= 2 and d > 1
+        gathered = (0.0, 0.0)
+        if pipelined_fsdp:
+            grads_b = tuple(x * w for x in trainable)
+            if layout.zero == 3:
+                gathered = tuple(x * w * (1 - 1 / d) for x in psi)
         fused = opt.fused_backward and not accumulate
         # ZeRO 0/1 keep gradients in persistent flat buffers, all-reduced in place
         # (passes.data_parallel.GradReducer); fused rules free each gradient once applied.
@@ -359,14 +378,24 @@ class MemoryModel:
             # start of its backward
             gather_tmp = (2 * (p.block_params_sharded / tp) + psi[0] * (1 - 1 / d)) * w
         step_tmp = opt.step_temporaries * largest * 4
+        # The LM head's weight gradient is made before any block's backward and kept whole
+        # until the step (FSDP2's root unit reduce-scatters it last); flat buffers and the
+        # accumulated gradients of a later backward hold it already, fused rules free it.
+        head_grad = (0.0, 0.0)
+        if has_head and not fused and not in_buffers:
+            whole = self.end_params_per_rank(tp, False, True) * self.trainable_fraction * w
+            fsdp_flat = layout.zero >= 2 and d > 1 and layout.pp == 1
+            head_grad = (whole, whole if fsdp_flat or not accumulate else 0.0)
         # The one gradient in flight and its update come after the loss's transients.
         fused_tmp = largest * w + step_tmp if fused else 0.0
         return StageTerms(
-            weights=weights, states=states, grads_kept=grads_kept, grads_f=grads_f,
-            grads_b=grads_b,
+            weights=weights, gathered=gathered, states=states, grads_kept=grads_kept,
+            grads_f=grads_f, grads_b=grads_b,
             acts=(act_fixed, act_block), acts_later=acts_later, act_kept=p.act_fixed + buffers,
-            head_tmp=head_tmp, recompute_tmp=recompute_tmp, fused_tmp=fused_tmp,
-            gather_tmp=gather_tmp, step_tmp=step_tmp, has_step_moment=not fused)
+            head_tmp=head_tmp, recompute_tmp=recompute_tmp, head_grad=head_grad,
+            fused_tmp=fused_tmp,
+            gather_tmp=gather_tmp, step_tmp=step_tmp,
+            has_step_moment=not fused or pipelined_fsdp)
 
 
 def even_split(layers: int, parts: int) -> list[int]:

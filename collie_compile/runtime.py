@@ -397,9 +397,12 @@ class ParallelModel:
             else:
                 engine.attach([p for p in st.parameters() if p.requires_grad])
                 fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
-        # FSDP2 runs the hooks once, after its reduce-scatter; plain autograd once per
-        # micro-batch.
-        engine.accumulations = 1 if fsdp else self.num_microbatches
+        # Under torch.distributed.pipelining an FSDP2 stage syncs gradients once, after
+        # the last micro-batch, and runs the hooks then; otherwise FSDP2 reduce-scatters
+        # every micro-batch (gradients stay sharded, as the memory model counts them) and
+        # runs them each time, as plain autograd does.
+        pipelined = self.chosen.pp > 1
+        engine.accumulations = 1 if fsdp and pipelined else self.num_microbatches
         return engine
 
     def _allsum_for(self, name: str, p: torch.Tensor) -> object | None:
@@ -505,11 +508,8 @@ class ParallelModel:
         total = torch.zeros((), dtype=torch.float32)
         if self.schedule is None:
             st = self.stages[0]
-            fsdp = hasattr(st, "set_requires_gradient_sync")
-            for i, (x, y) in enumerate(zip(ids.chunk(self.num_microbatches),
-                                           targets.chunk(self.num_microbatches), strict=True)):
-                if fsdp:
-                    st.set_requires_gradient_sync(i == self.num_microbatches - 1)
+            for x, y in zip(ids.chunk(self.num_microbatches),
+                            targets.chunk(self.num_microbatches), strict=True):
                 loss = self._token_loss(st(x), y) * scale
                 loss.backward()
                 total += loss.detach().float().cpu()

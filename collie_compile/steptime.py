@@ -103,11 +103,20 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     grad_fixed, grad_block = (x * w for x in params_per_rank)
     zero3_fixed = zero3_block = sync_fixed = sync_block = 0.0
     fsdp = 1 / gpu.zero_efficiency  # ZeRO-2/3 traffic goes through FSDP's flat buffers
+    # torch.distributed.pipelining reduce-scatters FSDP2's gradients once, after the last
+    # micro-batch; without pp FSDP2 does so every micro-batch
+    pipelined = layout.pp > 1
     if d > 1 and layout.zero == 3:
-        # gather weights forward and backward, reduce-scatter gradients: per micro-batch
-        zero3_fixed = 3 * fsdp * allgather_time(grad_fixed, d, gpu, dp_intra)
-        zero3_block = 3 * fsdp * allgather_time(grad_block, d, gpu, dp_intra)
-    elif d > 1 and layout.zero == 2 and layout.num_microbatches > 1:
+        # gather weights forward and backward per micro-batch; reduce-scatter gradients
+        per_mb = 2 if pipelined else 3
+        zero3_fixed = per_mb * fsdp * allgather_time(grad_fixed, d, gpu, dp_intra)
+        zero3_block = per_mb * fsdp * allgather_time(grad_block, d, gpu, dp_intra)
+        if pipelined:
+            sync_fixed = fsdp * allgather_time(grad_fixed * trainable_fraction, d, gpu,
+                                               dp_intra)
+            sync_block = fsdp * allgather_time(grad_block * trainable_fraction, d, gpu,
+                                               dp_intra)
+    elif d > 1 and layout.zero == 2 and layout.num_microbatches > 1 and not pipelined:
         # sharded gradients cannot accumulate locally: reduce-scatter every micro-batch,
         # then all-gather the updated weights once
         zero3_fixed = fsdp * allgather_time(grad_fixed, d, gpu, dp_intra)

@@ -5,6 +5,7 @@ comparison as JSON). Used by test_runtime.py: one launch covers many configurati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import traceback
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from collie_compile.distributed import ensure_initialized
 from collie_compile.errors import CollieError
+from collie_compile.measure import LiveBytes
 from collie_compile.models import build_model, load_config, with_layers
 from collie_compile.runtime import parallelize
 
@@ -80,16 +82,26 @@ def run_config(cfg: dict) -> dict:
     opt = cfg.get("optimizer", "adamw")
     kwargs = cfg.get("optimizer_kwargs", {"eps": ADAMW["eps"]})
     pins = {k: v for k, v in cfg.items()
-            if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs")}
+            if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs", "memory")}
     pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
                      optimizer=opt, lr=ADAMW["lr"], optimizer_kwargs=kwargs, **pins)
-    losses = [pm.train_step({"input_ids": b}) for b in batches()]
+    live = LiveBytes() if cfg.get("memory") else contextlib.nullcontext()
+    if cfg.get("memory"):  # this rank's peak against its stage's estimate
+        live.hold(t for st in pm.stages for t in [*st.parameters(), *st.buffers()])
+    with live:
+        losses = [pm.train_step({"input_ids": b}) for b in batches()]
+    memory_errors = []
+    if cfg.get("memory"):
+        est = pm.chosen.memory[pm.stage_ids[0]]["total_bytes"]
+        errors = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        dist.all_gather(errors, torch.tensor([est / live.peak - 1]))
+        memory_errors = [float(e) for e in errors]
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
     reducers = [st.meta["grad_reducer"] for st in pm.stages if "grad_reducer" in st.meta]
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
-           "vocab_slice": pm.vocab_slice,
+           "vocab_slice": pm.vocab_slice, "memory_errors": memory_errors,
            # ZeRO 0/1: every gradient a view of its bucket's flat buffer
            "reducer_buckets": sum(len(r.buckets) for r in reducers),
            "grad_storages": len({p.grad.untyped_storage().data_ptr() for st in pm.stages

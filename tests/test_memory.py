@@ -128,6 +128,27 @@ def test_later_backward_holds_gradients_beside_fewer_activations(schedule, m, se
     assert later[3] == pytest.approx(terms.act_kept + sets_later * one_set)
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_pipelined_fsdp_holds_whole_gradients_until_the_step(zero):
+    """torch.distributed.pipelining turns FSDP2's gradient sync off until the last
+    backward (and keeps ZeRO-3's gathered weights): a pp stage holds whole gradients at
+    its later moments; without pp FSDP2 reduce-scatters each micro-batch, so they stay
+    sharded. Measured per rank in the estimate suite."""
+    prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
+    mm = MemoryModel(prof, get_optimizer("adamw"))
+    d, n = 2, prof.num_layers // 2
+    whole = (mm.end_params_per_rank(1, True, False) + n * mm.block_params_per_rank(1)) * 4
+    piped = mm.stage_terms(Layout(dp=d, pp=2, zero=zero, num_microbatches=4, seq_len=64),
+                           0, True, False).moments({"none": n})
+    flat = mm.stage_terms(Layout(dp=d, pp=1, zero=zero, num_microbatches=4, seq_len=64),
+                          0, True, False).moments({"none": n})
+    for moment in ("later", "step"):
+        assert piped[moment][1] == pytest.approx(whole)
+        assert flat[moment][1] == pytest.approx(whole / d)
+    weights = piped["first"][0]
+    assert piped["later"][0] == pytest.approx(whole if zero == 3 else weights)
+
+
 def test_block_backward_holds_the_gated_mlp_input_gradients():
     """In a Llama block the widest backward op is the gated MLP's product: it makes the
     gradients of both [s, intermediate] inputs while the residual stream's waits."""
