@@ -3,9 +3,9 @@
 Matmul throughput per dtype, memory bandwidth (a large copy), the host's overhead per
 operator in an eager training step, collective bandwidth/latency over a real process
 group (gloo on CPU, NCCL on CUDA) of two local processes, and how far a ZeRO-3 unit
-(FSDP2) falls behind the ring model there. On a CPU-only machine it
-measures the CPU, so plans can be checked against real runs here. Collectives overlap
-compute on GPUs (NCCL has its own engines), not on a CPU (gloo takes the same cores).
+(FSDP2) falls behind the ring model there. On a CPU-only machine it measures the CPU, so
+plans can be checked against real runs here. Collectives overlap compute on GPUs (NCCL
+has its own engines), not on a CPU (gloo takes the same cores).
 """
 
 from __future__ import annotations
