@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from .report import LaunchError, Report, launch, table
 
-ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ["collie-dp", "ddp", "collie-auto", "fsdp2", "deepspeed-2", "deepspeed-3"]
 
 

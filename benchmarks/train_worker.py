@@ -12,6 +12,7 @@ trimmed before both readings, set-up garbage (FSDP's or DeepSpeed's full copy be
 sharding) does not count, and what counts is what training holds. (That setting slows
 every framework down, so the time launches do without it.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -242,12 +243,12 @@ def main() -> None:
     base = trim()  # after the imports: what each framework's code takes is not counted
     data = batches(args.steps + WARMUP, 8192)
     if args.plans:  # many collie-compile plans in one launch, in turn
-        built = [collie_step("pinned", pins) for pins in json.loads(args.plans)]
+        plans = json.loads(args.plans)
+        built = [collie_step("pinned", pins) for pins in plans]
         times = round_robin({str(i): step for i, (step, _) in enumerate(built)}, data)
         return write(args.out, [{"pins": pins, "layout": layout, "all_s": times[str(i)],
                                  "step_s": statistics.median(times[str(i)])}
-                                for i, (pins, (_, layout)) in enumerate(
-                                    zip(json.loads(args.plans), built))])
+                                for i, (pins, (_, layout)) in enumerate(zip(plans, built))])
     if args.measure == "time":
         built = {fw: build(fw) for fw in frameworks}
         times = round_robin({fw: step for fw, (step, _) in built.items()}, data)

@@ -85,13 +85,14 @@ def run_config(cfg: dict) -> dict:
             if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs", "memory")}
     pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
                      optimizer=opt, lr=ADAMW["lr"], optimizer_kwargs=kwargs, **pins)
-    live = LiveBytes() if cfg.get("memory") else contextlib.nullcontext()
-    if cfg.get("memory"):  # this rank's peak against its stage's estimate
+    measure = cfg.get("memory", False)  # this rank's peak against its stage's estimate
+    live = LiveBytes() if measure else contextlib.nullcontext()
+    if measure:
         live.hold(t for st in pm.stages for t in [*st.parameters(), *st.buffers()])
     with live:
         losses = [pm.train_step({"input_ids": b}) for b in batches()]
     memory_errors = []
-    if cfg.get("memory"):
+    if measure:
         est = pm.chosen.memory[pm.stage_ids[0]]["total_bytes"]
         errors = [torch.zeros(1) for _ in range(dist.get_world_size())]
         dist.all_gather(errors, torch.tensor([est / live.peak - 1]))

@@ -107,3 +107,24 @@ def test_zero_efficiency_prices_what_goes_through_fsdp():
     assert z2_slow.sync_per_block == pytest.approx(4 * z2.sync_per_block)
     for zero in (0, 1):
         assert terms(slow, zero=zero).sync_per_block == terms(H100, zero=zero).sync_per_block
+
+
+def test_pipelined_zero3_reduce_scatters_once_a_step():
+    """Under pp, torch.distributed.pipelining syncs FSDP2 once after the last backward:
+    two gathers per micro-batch and one reduce-scatter a step, where without pp every
+    micro-batch also reduce-scatters."""
+    from collie_compile.memory import Layout
+    from collie_compile.optimizers import get_optimizer
+    from collie_compile.steptime import stage_time
+
+    prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
+
+    def terms(pp):
+        lay = Layout(dp=2, pp=pp, zero=3, num_microbatches=4, seq_len=64)
+        return stage_time(prof, H100, get_optimizer("adamw"), lay, True, True, 8, (1e6, 1e5))
+
+    flat, piped = terms(1), terms(2)
+    gather = allgather_time(1e5 * 4, 2, H100)  # one block's weights, fp32
+    assert flat.zero3_per_block == pytest.approx(3 * gather) and flat.sync_per_block == 0
+    assert piped.zero3_per_block == pytest.approx(2 * gather)
+    assert piped.sync_per_block == pytest.approx(gather)

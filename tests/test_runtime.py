@@ -43,7 +43,7 @@ CONFIGS_4 = [
      "zero": 0, "recompute": "selective"},
     {"id": "mistral-dp2pp2-z2", "model": "tiny-mistral", "dp": 2, "tp": 1, "pp": 2, "zero": 2},
     # ZeRO-3 over two micro-batches: FSDP2 reduce-scatters each one, so gradients stay
-    # sharded as the memory model counts them (whole, this rank's peak is ~28% over)
+    # sharded as the memory model counts them (with whole ones the estimate fell 28% short)
     {"id": "llama-dp4-z3-accumulate", **L4, "dp": 4, "tp": 1, "pp": 1, "zero": 3,
      "micro_batch_size": 1, "memory": True},
     # global-norm clipping: each gradient box counted once over tp, dp (FSDP) and pp
