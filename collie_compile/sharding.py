@@ -10,17 +10,19 @@ S (split on the feature/head axis), P (partial sums).
   elementwise (ops that reduce over the features, and residual adds, only replicate)
 
   variables   s[v,j] in {0,1}    node v uses strategy j
-              e[u,v,j,k] >= 0    edge u->v with strategies j, k (linearised product)
+              e[u,j,L] >= 0      u (strategy j) is resharded to layout L for some
+                                 consumer: made once, read by every consumer wanting L
               g[u,j] >= 0        u (strategy j) feeds column linears: their input gradient
                                  is partial and is summed once
-  objective   minimise  sum_v,j s[v,j] c[v,j] + sum e[u,v,j,k] r[u,v,j,k] + sum g a
+  objective   minimise  sum_v,j s[v,j] c[v,j] + sum e[u,j,L] r[u,j,L] + sum g a
   s.t.        sum_j s[v,j] = 1
-              e[u,v,j,k] >= s[u,j] + s[v,k] - 1          (only where r > 0)
+              e[u,j,IN(k)] >= s[u,j] + s[v,k] - 1        for edges u->v (only where r > 0)
               g[u,j] >= s[u,j] + s[v,column] - 1          for edges u->v
-  c: compute time of v under j (roofline, / tp when sharded); r: resharding forward and
-  backward (S->R all-gather, P->R all-reduce, P->S reduce-scatter + all-gather, R->S free
-  forward, all-gather of the gradient backward); a: all-reduce of u's output (a
-  reduce-scatter if u is split), summing the column linear's partial input gradients.
+  c: compute time of v under j (roofline, / tp when sharded); r: resharding u's output
+  from OUT(j) to L, forward and backward (S->R all-gather, P->R all-reduce, P->S
+  reduce-scatter + all-gather, R->S free forward, all-gather of the gradient backward);
+  a: all-reduce of u's output (a reduce-scatter if u is split), summing the column
+  linear's partial input gradients.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def solve_block_sharding(profile: ModelProfile, tp: int, gpu: GPUSpec, micro_bat
              for v, n in nodes.items() for j in options(n)}
         cost = [s[v, j] * compute(nodes[v], j) for v, j in s]
         g: dict[tuple[str, str], pulp.LpVariable] = {}
+        e: dict[tuple[str, str, str], pulp.LpVariable] = {}
         input_bytes = profile.act_full.replicated * micro_batch  # the block's hidden input
         for v, n in nodes.items():
             lp += pulp.lpSum(s[v, j] for j in options(n)) == 1
@@ -93,10 +96,11 @@ def solve_block_sharding(profile: ModelProfile, tp: int, gpu: GPUSpec, micro_bat
                 for j in options(nodes[u]):
                     for k in options(n):
                         r = _reshard(OUT[j], IN[k], nbytes, tp, gpu)
-                        if r > 0:
-                            e = pulp.LpVariable(f"e_{u}_{v}_{j}_{k}", 0)
-                            lp += e >= s[u, j] + s[v, k] - 1
-                            cost.append(r * e)
+                        if r > 0:  # one resharded copy serves every consumer (q, k, v)
+                            if (u, j, IN[k]) not in e:
+                                e[u, j, IN[k]] = pulp.LpVariable(f"e_{u}_{j}_{IN[k]}", 0)
+                                cost.append(r * e[u, j, IN[k]])
+                            lp += e[u, j, IN[k]] >= s[u, j] + s[v, k] - 1
                         if k == "column":  # its input gradient is partial: reduce it,
                             # once for all the column linears u feeds (q, k, v share one)
                             if (u, j) not in g:

@@ -17,6 +17,16 @@ def test_sharding_ilp_finds_megatron_layout_for_llama(tp):
     assert {m.rsplit(".", 1)[-1]: s for m, s in layout.items()} == MEGATRON
 
 
+@pytest.mark.parametrize("tp", [2, 8])
+def test_sharding_ilp_finds_megatron_layout_with_grouped_kv_heads(tp):
+    """Llama-2-70B's 8 KV heads make v_proj's output 1/8 of q_proj's: once the norm's
+    output is gathered for q and k, v reads the same copy, so row-sharding v to skip
+    that gather saves nothing (the ILP used to charge the gather once per consumer)."""
+    prof = profile_model("llama-2-70b", seq_len=4096, dtype="bf16")
+    layout = linear_layout(prof, solve_block_sharding(prof, tp, H100))
+    assert {m.rsplit(".", 1)[-1]: s for m, s in layout.items()} == MEGATRON
+
+
 def test_sharding_ilp_replicates_when_communication_dominates():
     """A 64-wide block: every collective costs more than the compute it would split."""
     prof = profile_model("tiny-llama", seq_len=64, dtype="bf16")
