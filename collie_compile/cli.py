@@ -75,11 +75,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    num_microbatches=args.num_microbatches, seq_len=args.seq_len,
                    recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
                    schedule=args.schedule, lora_rank=args.lora_rank,
-                   lora_targets=args.lora_targets)
+                   lora_targets=args.lora_targets, memory_reserve=args.memory_reserve)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
-                            est.gpu.memory_bytes, lay, est.optimizer, est.dtype, mem))
+                            est.gpu.memory_bytes, est.usable_bytes, lay, est.optimizer,
+                            est.dtype, mem))
         return 0
     cap = est.gpu.memory_bytes
     print(f"{est.model}: {_count(est.num_params)} parameters, "
@@ -88,7 +89,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
           f"{est.dtype}")
     print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "
           f"micro-batch={lay.micro_batch_size} x {lay.num_microbatches} seq={lay.seq_len} "
-          f"recompute={lay.recompute}")
+          f"recompute={lay.recompute}" + (f" schedule={lay.schedule}" if lay.pp > 1 else ""))
     where = f"pipeline stage {mem.stage}, " if lay.pp > 1 else ""
     moment = "start of backward" if mem.moment == "backward" else "optimizer step"
     print(f"\nper GPU at its peak ({where}{moment}):")
@@ -96,13 +97,28 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                          ("optimizer states", mem.optimizer_bytes),
                          ("activations", mem.activations_bytes), ("other", mem.other_bytes)]:
         print(f"  {label:18}{_gib(value)}")
-    verdict = "fits" if mem.total_bytes <= cap else "DOES NOT FIT"
+    verdict = "fits" if est.fits else "DOES NOT FIT"
     print(f"  {'total':18}{_gib(mem.total_bytes)}   {verdict} "
-          f"({100 * mem.total_bytes / cap:.0f}% of {cap / GiB:.1f} GiB)")
+          f"({100 * mem.total_bytes / cap:.0f}% of {cap / GiB:.1f} GiB; "
+          f"{est.usable_bytes / GiB:.2f} GiB usable with {100 * est.memory_reserve:g}% kept free)")
     return 0
 
 
+def _check_writable(path: str) -> None:
+    """Fail before minutes of work, not after, if ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CollieError(f"--out {path} is a directory; give a file name, e.g. "
+                          f"{os.path.join(path, 'plan.json')}")
+    if not os.path.isdir(folder):
+        raise CollieError(f"--out {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CollieError(f"--out {path}: folder {folder} is not writable")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.out:
+        _check_writable(args.out)
     result = plan(args.model, gpus=args.gpus, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                   seq_len=args.seq_len, global_batch_size=args.global_batch,
                   optimizer=args.optimizer, dtype=args.dtype, lora_rank=args.lora_rank,
@@ -159,6 +175,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate  # spawns processes: import only when asked
 
+    if args.out:
+        _check_writable(args.out)
     spec = calibrate(name=args.name, quick=args.quick)
     text = spec.to_json()
     if args.out:
@@ -226,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-targets", nargs="+", default=None,
                    help="modules that get adapters, as peft's target_modules "
                         "(default q_proj v_proj)")
+    e.add_argument("--memory-reserve", type=float, default=0.05,
+                   help="fraction of GPU memory kept free (default 0.05, as plan keeps)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
 
@@ -243,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top", type=int, default=3, help="runners-up to show")
     q.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05)")
-    for name in ("dp", "tp", "pp", "zero", "micro-batch"):
+    for name in ("dp", "tp", "pp", "micro-batch"):
         q.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
+    q.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="pin zero")
     q.add_argument("--schedule", choices=SCHEDULES, default=None, help="pin the schedule")
     q.add_argument("--recompute", choices=RECOMPUTE, default=None,
                    help="pin recomputation for every layer")

@@ -22,10 +22,15 @@ class Estimate:
     optimizer: str
     dtype: str
     memory: MemoryBreakdown
+    memory_reserve: float = 0.05  # kept free, as the planner keeps it
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu.memory_bytes * (1 - self.memory_reserve)
 
     @property
     def fits(self) -> bool:
-        return self.memory.total_bytes <= self.gpu.memory_bytes
+        return self.memory.total_bytes <= self.usable_bytes
 
 
 def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[int, int, int]:
@@ -71,16 +76,19 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              micro_batch_size: int = 1, num_microbatches: int | None = None,
              seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
              dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
-             lora_targets: list[str] | None = None) -> Estimate:
+             lora_targets: list[str] | None = None, memory_reserve: float = 0.05) -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
-    ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train."""
+    ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train. It
+    fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires."""
+    if not 0 <= memory_reserve < 1:
+        raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
-    seq_len = seq_len or default_seq_len(model)
+    seq_len = seq_len if seq_len is not None else default_seq_len(model)
     dp, tp, pp = resolve_sizes(gpus, dp, tp, pp)
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, recompute=recompute, schedule=schedule,
-                    num_microbatches=num_microbatches or pp)
+                    num_microbatches=pp if num_microbatches is None else num_microbatches)
     layout.validate()
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     check_tp(prof, tp)
@@ -88,4 +96,5 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
             else lora_cost(prof, lora_rank, lora_targets or DEFAULT_LORA_TARGETS))
     trainable = prof.num_params if lora is None else lora.params
     mem = MemoryModel(prof, opt, trainable / prof.num_params, lora).estimate(layout)
-    return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem)
+    return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,
+                    memory_reserve)

@@ -408,15 +408,18 @@ def even_split(layers: int, parts: int) -> list[int]:
 
 
 def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gpu_memory: int,
-                  layout: Layout, optimizer: str, dtype: str, mem: MemoryBreakdown) -> str:
+                  usable_memory: float, layout: Layout, optimizer: str, dtype: str,
+                  mem: MemoryBreakdown) -> str:
     """The ``estimate --json`` document (its keys are a contract other tools read)."""
     doc = {
         "model": model, "num_params": num_params, "trainable_params": trainable,
         "gpu": gpu_name, "gpu_memory_bytes": gpu_memory,
+        "usable_memory_bytes": int(usable_memory),
         "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "zero": layout.zero,
-                   "micro_batch_size": layout.micro_batch_size, "seq_len": layout.seq_len,
-                   "recompute": layout.recompute},
+                   "micro_batch_size": layout.micro_batch_size,
+                   "num_microbatches": layout.num_microbatches, "schedule": layout.schedule,
+                   "seq_len": layout.seq_len, "recompute": layout.recompute},
         "optimizer": optimizer, "dtype": dtype, "per_gpu": mem.to_dict(),
-        "fits": mem.total_bytes <= gpu_memory,
+        "fits": mem.total_bytes <= usable_memory,
     }
     return json.dumps(doc, indent=2)

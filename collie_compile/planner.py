@@ -269,8 +269,18 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         raise CollieError(f"gpus must be a positive integer, got {gpus}")
     if not 0 <= memory_reserve < 1:
         raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
+    if top_k < 0:
+        raise CollieError(f"top_k (runners-up to show) must be 0 or more, got {top_k}")
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise CollieError(f"zero must be 0, 1, 2 or 3, got {zero}")
+    if gpus_per_node < 1:
+        raise CollieError(f"gpus_per_node must be a positive integer, got {gpus_per_node}")
+    for k, v in dict(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
+                     seq_len=seq_len).items():
+        if v is not None and v < 1:
+            raise CollieError(f"{k} must be a positive integer, got {v}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
-    seq_len = seq_len or default_seq_len(model)
+    seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     if global_batch_size is None:  # ~2M tokens, at least one sequence per GPU
         global_batch_size = max(gpus, (1 << 21) // seq_len)
@@ -333,7 +343,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                     shortfall_bytes=int(short),
                     suggestions=[] if quick else _suggestions(
                         model, gpus, spec, opt, dtype, seq_len, global_batch_size, recompute,
-                        gpus_per_node, memory_reserve),
+                        gpus_per_node, memory_reserve, lora_rank),
                     notes=notes)
     best = solved[0][1]
     if best.tp > 1:
@@ -364,7 +374,9 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                 continue
             dp = gpus // (tp * pp)
             for zero in _zero_stages(dp, pins.get("zero")):
-                for b in MICRO_BATCH_SIZES:
+                sizes = ((pins["micro_batch_size"],) if pins.get("micro_batch_size")
+                         else MICRO_BATCH_SIZES)
+                for b in sizes:
                     if global_batch % (dp * b):
                         continue
                     m = global_batch // (dp * b)
@@ -476,7 +488,7 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
 
 def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype: str,
                  seq_len: int, global_batch: int, recompute: str | None, gpus_per_node: int,
-                 memory_reserve: float) -> list[str]:
+                 memory_reserve: float, lora_rank: int | None) -> list[str]:
     """What would make an infeasible request fit, each checked with the cost model."""
     out = []
 
@@ -484,7 +496,7 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
         args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
                     seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
                     dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0,
-                    quick=True)
+                    quick=True, lora_rank=lora_rank)
         args.update(kw)
         try:
             return plan(**args).feasible
@@ -503,6 +515,7 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
         out.append("allow recomputation (--recompute full)")
     if seq_len > 512 and fits(seq_len=seq_len // 2):
         out.append(f"shorter sequences (--seq-len {seq_len // 2})")
-    out.append("LoRA (frozen base weights keep no gradients or states) once the LoRA pass "
-               "lands")
+    if lora_rank is None and fits(lora_rank=8):
+        out.append("train LoRA adapters only (--lora-rank 8: the frozen base keeps no "
+                   "gradients or states)")
     return out

@@ -202,6 +202,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     if p.model != name:
         raise CollieError(f"the plan is for model {p.model!r} but this model is {name!r}; "
                           "plan this model (collie-compile plan) or pass plan='auto'")
+    if str(plan) != "auto":
+        _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size, pins)
     c = p.chosen
     layers = int(cfg.num_hidden_layers)
     if c is None or len(c.recompute) != layers:
@@ -212,6 +214,30 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     heads = int(cfg.num_attention_heads)
     check_heads(name, heads, int(getattr(cfg, "num_key_value_heads", None) or heads), c.tp)
     return p
+
+
+def _check_given_plan(p: Plan, optimizer: str, dtype: str, seq_len: int | None,
+                      global_batch_size: int | None, pins: dict) -> None:
+    """A plan is priced for one optimizer, dtype and shape: run it as priced, or say which
+    argument disagrees (silently overriding either would void the memory estimate)."""
+    if not p.feasible or p.chosen is None:
+        raise CollieError("the plan does not fit its GPUs (it was saved as the closest "
+                          "infeasible plan); re-plan with its suggestions: "
+                          f"{'; '.join(p.suggestions) or 'more GPUs'}")
+    c = p.chosen
+    planned = dict(optimizer=p.optimizer, dtype=p.dtype, seq_len=p.seq_len,
+                   global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
+                   zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
+                   recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
+    asked = dict(optimizer=optimizer, dtype=dtype, seq_len=seq_len,
+                 global_batch_size=global_batch_size, **pins)
+    differ = [f"{k}={asked[k]!r} (plan: {planned[k]!r})" for k in planned
+              if asked.get(k) is not None and asked[k] != planned[k]]
+    if differ:
+        raise CollieError(f"the plan was priced for other settings than asked: "
+                          f"{', '.join(differ)}; pass the plan's values to run it as "
+                          "priced, or re-plan with yours (collie-compile plan --dtype "
+                          "--optimizer --seq-len --global-batch ...)")
 
 
 FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans

@@ -21,9 +21,11 @@ def test_estimate_json_keys_exact(capsys):
     assert rc == 0
     doc = json.loads(out)
     assert set(doc) == {"model", "num_params", "trainable_params", "gpu", "gpu_memory_bytes",
-                        "layout", "optimizer", "dtype", "per_gpu", "fits"}
+                        "usable_memory_bytes", "layout", "optimizer", "dtype", "per_gpu",
+                        "fits"}
     assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
-                             "seq_len": 64, "recompute": "none"}
+                             "num_microbatches": 1, "schedule": "1f1b", "seq_len": 64,
+                             "recompute": "none"}
     assert set(doc["per_gpu"]) == {"params_bytes", "grads_bytes", "optimizer_bytes",
                                    "activations_bytes", "other_bytes", "total_bytes"}
     assert doc["per_gpu"]["total_bytes"] == sum(
@@ -54,6 +56,16 @@ def test_models_and_gpus_lists(capsys):
     (["estimate", "tiny-llama", "--pp", "3"], "pp=3 exceeds the model's 2 layers"),
     (["estimate", "tiny-llama", "--seq-len", "100000"], "exceeds tiny-llama's maximum"),
     (["estimate", "tiny-llama", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    # zero is not "unset": it used to fall back to the default silently
+    (["estimate", "tiny-llama", "--seq-len", "0"], "seq_len must be a positive integer"),
+    (["estimate", "tiny-llama", "--num-microbatches", "0"], "num_microbatches must be"),
+    (["plan", "tiny-llama", "--gpus", "4", "--seq-len", "0"], "seq_len must be a positive"),
+    (["plan", "tiny-llama", "--gpus", "4", "--top", "-1"], "must be 0 or more"),
+    (["plan", "tiny-llama", "--gpus", "4", "--gpus-per-node", "0"], "gpus_per_node must"),
+    # a bad --out fails before the solve, not with a traceback after it
+    (["plan", "tiny-llama", "--gpus", "4", "--out", "/nonexistent-dir/p.json"],
+     "folder /nonexistent-dir does not exist"),
+    (["plan", "tiny-llama", "--gpus", "4", "--out", "/tmp"], "is a directory"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, match):
     rc, _, err = run(capsys, *argv)
@@ -61,11 +73,25 @@ def test_bad_input_one_line_exit_2(capsys, argv, match):
     assert match in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_bad_choice_one_line_exit_2(capsys):
+@pytest.mark.parametrize("cmd", ["estimate", "plan"])
+def test_bad_choice_one_line_exit_2(capsys, cmd):
     with pytest.raises(SystemExit) as e:
-        main(["estimate", "tiny-llama", "--zero", "5"])
+        main([cmd, "tiny-llama", "--gpus", "4", "--zero", "5"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "invalid choice" in err and err.count("\n") == 1
+
+
+def test_estimate_fits_only_within_the_reserve_plan_keeps(capsys):
+    """98.5% of an 80 GiB card: estimate used to say it fits while plan refused it."""
+    argv = ["estimate", "mistral-7b", "--gpus", "8", "--zero", "2", "--micro-batch", "2",
+            "--num-microbatches", "8", "--seq-len", "3840", "--json"]
+    rc, out, _ = run(capsys, *argv)
+    doc = json.loads(out)
+    assert rc == 0 and doc["usable_memory_bytes"] == int(0.95 * doc["gpu_memory_bytes"])
+    assert doc["usable_memory_bytes"] < doc["per_gpu"]["total_bytes"] < doc["gpu_memory_bytes"]
+    assert doc["fits"] is False
+    rc, out, _ = run(capsys, *argv, "--memory-reserve", "0")
+    assert json.loads(out)["fits"] is True
 
 
 def test_bad_gpu_spec_file(capsys, tmp_path):

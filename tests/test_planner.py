@@ -97,6 +97,7 @@ def test_lomo_anchor_through_plan():
     assert not adamw.feasible and lomo.feasible
     assert adamw.shortfall_bytes > 0
     assert any("lomo" in s for s in adamw.suggestions)
+    assert any("--lora-rank 8" in s for s in adamw.suggestions)  # checked to fit, like the rest
 
 
 def test_pins_are_respected_and_bad_pins_explained():
@@ -106,6 +107,30 @@ def test_pins_are_respected_and_bad_pins_explained():
         plan("tiny-llama", gpus=6, seq_len=64, tp=3)
     with pytest.raises(CollieError, match="no layout of 4 GPUs"):
         plan("tiny-llama", gpus=4, seq_len=64, dp=3)
+    with pytest.raises(CollieError, match="zero must be 0, 1, 2 or 3"):
+        plan("tiny-llama", gpus=4, seq_len=64, zero=4)
+    # a pinned micro-batch need not be one of the sizes the search tries on its own
+    odd = plan("tiny-llama", gpus=4, seq_len=64, global_batch_size=48, micro_batch_size=3)
+    assert odd.feasible and odd.chosen.micro_batch_size == 3 and odd.chosen.dp * 3 * \
+        odd.chosen.num_microbatches == 48
+
+
+def test_a_given_plan_runs_as_priced_or_says_what_differs():
+    """parallelize(plan=file) used to override the plan's optimizer and pins silently."""
+    from dataclasses import replace
+
+    from collie_compile.runtime import _check_given_plan
+
+    p = plan("tiny-llama", gpus=4, seq_len=64, global_batch_size=8, dtype="fp32", zero=1)
+    same = dict(optimizer="adamw", dtype="fp32", seq_len=64, global_batch_size=8)
+    _check_given_plan(p, **same, pins={})
+    _check_given_plan(p, **same, pins={"zero": 1, "dp": p.chosen.dp})
+    with pytest.raises(CollieError, match=r"optimizer='lomo' \(plan: 'adamw'\), zero=3"):
+        _check_given_plan(p, **{**same, "optimizer": "lomo"}, pins={"zero": 3})
+    with pytest.raises(CollieError, match=r"dtype='bf16' \(plan: 'fp32'\)"):
+        _check_given_plan(p, **{**same, "dtype": "bf16"}, pins={})
+    with pytest.raises(CollieError, match="does not fit its GPUs"):
+        _check_given_plan(replace(p, feasible=False), **same, pins={})
 
 
 def test_plan_cli_json_keys_and_exit_codes(capsys):
