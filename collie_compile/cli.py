@@ -138,7 +138,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     head = "plan" if result.feasible else "NO PLAN FITS; the closest"
     print(f"{head} (solved in {result.solve_time_s:.2f} s by {result.solver}):")
     print(f"  {c.layout_str()}")
-    print("  stages (layers): " + " ".join(f"{a}-{b}" for a, b in c.stages))
+    if c.virtual_stages == 1:
+        print("  stages (layers): " + " ".join(f"{a}-{b}" for a, b in c.stages))
+    else:  # each rank holds v chunks, spread over the model
+        chunks = c.chunks()
+        print("  layers per pp rank: " + "; ".join(
+            ",".join(f"{a}-{b}" for a, b in chunks[r::c.pp]) for r in range(c.pp)))
     if c.sharding:
         print("  sharding: " + ", ".join(f"{m.rsplit('.', 1)[-1]}={s}"
                                          for m, s in c.sharding.items()))

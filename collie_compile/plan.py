@@ -31,6 +31,9 @@ class Candidate:
     num_microbatches: int
     schedule: str
     virtual_stages: int
+    # Stage k's blocks and their recomputation, as priced: with v = 1, stage k holds layers
+    # stages[k] and layer i recomputes as recompute[i]; interleaved, pp rank k holds that
+    # many blocks, with those modes, spread over its v chunks (see chunks, layer_modes)
     recompute: list[str]  # one entry per decoder layer
     stages: list[list[int]]  # [first_layer, last_layer] per pipeline stage
     memory_per_gpu_bytes: int  # the fullest GPU at its peak
@@ -47,6 +50,33 @@ class Candidate:
         if with_why:
             d["why_not"] = self.why_not
         return d
+
+    def chunks(self) -> list[list[int]]:
+        """[first, last] layer of each pipeline chunk in model order; chunk k runs on pp
+        rank k % pp. Interleaved, rank k's planned block count is split into v chunks as
+        evenly as possible, so that each rank holds what its stage was priced for."""
+        v = self.virtual_stages
+        if v == 1:
+            return [list(s) for s in self.stages]
+        counts = [b - a + 1 for a, b in self.stages]
+        out, first = [], 0
+        for j in range(v):
+            for n in counts:
+                size = n // v + (j < n % v)
+                out.append([first, first + size - 1])
+                first += size
+        return out
+
+    def layer_modes(self) -> list[str]:
+        """Recomputation of each model layer as the runtime applies it: rank k's layers,
+        in order, take the modes priced for stage k."""
+        chunks = self.chunks()
+        modes = [""] * len(self.recompute)
+        for k, (a, b) in enumerate(self.stages):
+            layers = [i for c in chunks[k::self.pp] for i in range(c[0], c[1] + 1)]
+            for i, mode in zip(layers, self.recompute[a:b + 1]):
+                modes[i] = mode
+        return modes
 
     def layout_str(self) -> str:
         sched = self.schedule + (f"(v={self.virtual_stages})" if self.virtual_stages > 1

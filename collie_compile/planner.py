@@ -155,6 +155,8 @@ def stage_options(prob: Problem, k: int) -> StageOptions:
     counts, first = np.unique(n[feasible], return_index=True)
     out = StageOptions({}, {}, {}, {})
     for cnt, i in zip(counts.tolist(), feasible[first].tolist()):
+        if cnt < prob.layout.virtual_stages:  # every chunk of the rank holds a block
+            continue
         mix = {c: int(v) for c, v in zip(modes, mixes[i])}
         out.mix[cnt] = mix
         out.time[cnt] = tim.hide(tim.fixed + float(compute[i]), tim.zero3(mix))

@@ -39,7 +39,7 @@ from .passes.outline_blocks import outline_blocks
 from .passes.pipeline_split import pipeline_split
 from .passes.recompute import recompute as recompute_pass
 from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
-from .plan import Candidate, Plan
+from .plan import Plan
 
 IGNORE_INDEX = -100
 
@@ -248,21 +248,6 @@ def _dim_box(box: ckpt.Box, dim: int) -> ckpt.Box:
     return ckpt.Box((box.offset[dim],), (box.shape[dim],), (box.global_shape[dim],))
 
 
-def chunk_layers(c: Candidate) -> list[list[int]]:
-    """[first, last] block of each pipeline chunk: the plan's stages, or with interleaving
-    pp x v balanced chunks, chunk k on pp rank k % pp."""
-    if c.virtual_stages == 1:
-        return [list(s) for s in c.stages]
-    layers = c.stages[-1][1] + 1
-    n = c.pp * c.virtual_stages
-    sizes = [layers // n + (k < layers % n) for k in range(n)]
-    out, first = [], 0
-    for s in sizes:
-        out.append([first, first + s - 1])
-        first += s
-    return out
-
-
 class ParallelModel:
     """The per-rank program: ``train_step`` over the global batch, ``forward`` for logits,
     and checkpointing (see :mod:`collie_compile.checkpoint`)."""
@@ -339,7 +324,7 @@ class ParallelModel:
         self.partial_grads = {k: next(groups[tuple(s)] for s in v if tuple(s) in groups)
                               for k, v in partial.items()}
         gm = outline_blocks(gm, ag.block_prefix)
-        chunks = chunk_layers(c)
+        chunks = c.chunks()
         parts = pipeline_split(gm, ag.block_prefix, chunks)
         mine = [k for k in range(len(parts)) if k % c.pp == self.coords.pp]
         # Every rank knows every parameter's full shape and owning pp rank (for gathers).
@@ -358,7 +343,7 @@ class ParallelModel:
             st = move_to_device(parts[k], self.device)
             if pieces is not None:  # read just this rank's slices
                 cdist.agree(lambda st=st: self._load_weights(st, pieces, weights))
-            st = recompute_pass(st.to(self.device), ag.block_prefix, c.recompute)
+            st = recompute_pass(st.to(self.device), ag.block_prefix, c.layer_modes())
             # ZeRO-1 shards optimizer states; a fused rule has none worth sharding.
             zero = 0 if c.zero == 1 and self.fused_rule else c.zero
             st = data_parallel(st, dp_mesh, zero, ag.block_prefix)

@@ -157,3 +157,27 @@ def test_lora_plan_needs_less_memory_than_full_fine_tuning():
                 zero=1, micro_batch_size=1, recompute="full", lora_rank=16)
     assert lora.lora_rank == 16 and lora.feasible
     assert lora.chosen.memory_per_gpu_bytes < 0.8 * full.chosen.memory_per_gpu_bytes
+
+
+def test_interleaved_ranks_hold_what_their_stage_was_priced_for():
+    """Interleaved, rank k's chunks take stage k's block count and recompute modes (the
+    runtime used to cut pp x v even chunks and read modes by layer index, so a rank could
+    hold a mix the planner never priced: 44 GiB where 37 GiB was planned)."""
+    from collie_compile.plan import Candidate
+
+    c = Candidate(dp=1, tp=1, pp=2, zero=0, micro_batch_size=1, num_microbatches=4,
+                  schedule="interleaved", virtual_stages=2,
+                  recompute=["full", "full", "none", "none", "none", "selective", "none", "none"],
+                  stages=[[0, 4], [5, 7]], memory_per_gpu_bytes=0, step_time_s=0.0,
+                  tokens_per_gpu_per_s=0.0, mfu=0.0)
+    assert c.chunks() == [[0, 2], [3, 4], [5, 6], [7, 7]]  # rank 0: 3+2 blocks, rank 1: 2+1
+    assert c.layer_modes() == ["full", "full", "none", "selective", "none", "none", "none",
+                               "none"]
+    p = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=4096, global_batch_size=64,
+             schedule="interleaved", pp=4, dp=2, zero=1)
+    ch = p.chosen
+    assert ch.virtual_stages == 2 and len(set(ch.recompute)) > 1  # a mixed plan
+    chunks, modes = ch.chunks(), ch.layer_modes()
+    for k, (a, b) in enumerate(ch.stages):
+        held = [i for lo, hi in chunks[k::ch.pp] for i in range(lo, hi + 1)]
+        assert sorted(modes[i] for i in held) == sorted(ch.recompute[a:b + 1])
