@@ -272,13 +272,14 @@ class MemoryModel:
 
     def end_params_per_rank(self, tp: int, has_embed: bool, has_head: bool) -> float:
         p = self.profile
+        vt = vocab_shards(p, tp)
         n = 0.0
         if has_embed:
-            n += p.embed_params / tp
+            n += p.embed_params / vt
         if has_head:
-            n += p.head_params / tp
+            n += p.head_params / vt
             if not has_embed:  # tied LM head needs its own copy on the last stage
-                n += p.tied_params / tp
+                n += p.tied_params / vt
         return n
 
     def estimate(self, layout: Layout) -> MemoryBreakdown:
@@ -297,6 +298,7 @@ class MemoryModel:
         """Linear memory terms of pipeline stage ``k`` under ``layout`` (any recompute)."""
         p, opt = self.profile, self.optimizer
         tp, d, b = layout.tp, layout.dp, layout.micro_batch_size
+        vt = vocab_shards(p, tp)
         w = p.itemsize
         # fp32 master copies for 16-bit weights; fused optimizers update 16-bit weights directly.
         master = 0 if p.dtype == "fp32" or opt.fused_backward else 4
@@ -347,13 +349,13 @@ class MemoryModel:
         hidden = p.seq_len * p.hidden_size * w * b
         held_out, buffers = 0.0, 0.0
         if layout.pp > 1:
-            held_out = (v - has_head) * hidden + has_head * p.logits_bytes * w / 4 / tp * b
+            held_out = (v - has_head) * hidden + has_head * p.logits_bytes * w / 4 / vt * b
             receiving = v - (k == 0)
             recv_in = (layout.num_microbatches - in_flight) * receiving
             recv_grad = layout.num_microbatches * (v - (k == layout.pp - 1))
             buffers = (max(recv_in, 0) + recv_grad) * hidden
         act_fixed = in_flight * (held_out + b * (
-            (p.act_embed if has_embed else 0) + (p.act_head / tp if has_head else 0)))
+            (p.act_embed if has_embed else 0) + (p.act_head / vt if has_head else 0)))
         act_block = {c: in_flight * b * self.activations(c).per_rank(tp) for c in RECOMPUTE}
         # A later backward (gradients accumulated) follows a forward in 1F1B's steady
         # phase; when every micro-batch is in flight (GPipe, or m <= pp - k) it follows a
@@ -365,10 +367,10 @@ class MemoryModel:
         # Transients in backward: gradients of the logits (two [b, s, V] fp32 buffers in
         # cross-entropy's backward), or later, once the loss's own activations are
         # freed, a block's: what it recomputes and the gradients of one op's inputs.
-        head_tmp = 2 * b * p.logits_bytes / tp if has_head else 0.0
+        head_tmp = 2 * b * p.logits_bytes / vt if has_head else 0.0
         none = self.activations("none").per_rank(tp)
         block_tmp = b * self.block_backward.per_rank(tp) - (
-            b * p.act_head / tp if has_head else 0.0)
+            b * p.act_head / vt if has_head else 0.0)
         recompute_tmp = {c: max(0.0, block_tmp + b * (none - self.activations(c).per_rank(tp)))
                          for c in RECOMPUTE}
         gather_tmp = 0.0
@@ -405,6 +407,13 @@ def even_split(layers: int, parts: int) -> list[int]:
         raise CollieError(f"pp={parts} exceeds the model's {layers} layers; use pp <= {layers}")
     base, extra = divmod(layers, parts)
     return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
+
+
+def vocab_shards(profile: ModelProfile, tp: int) -> int:
+    """Ways the embedding, LM head and logits split under tensor parallelism: tp where the
+    runtime makes them vocabulary-parallel, 1 (whole on every rank) where the vocabulary
+    does not divide or the head is tied to the embedding."""
+    return tp if profile.vocab_size % tp == 0 and not profile.tied_params else 1
 
 
 def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gpu_memory: int,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .compute import allgather_time, allreduce_time, block_time, head_time, p2p_time
 from .hardware import GPUSpec
-from .memory import RECOMPUTE, Layout
+from .memory import RECOMPUTE, Layout, vocab_shards
 from .modelprofile import ModelProfile
 from .optimizers import OptimizerSpec
 
@@ -95,7 +95,7 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     backward = block_time(p, gpu, b, tp, "none").backward
     fixed = 0.0  # the embedding lookup is negligible beside a block
     if has_head:
-        fixed += head_time(p, gpu, b, tp)
+        fixed += head_time(p, gpu, b, vocab_shards(p, tp))  # whole where tied
     if layout.pp > 1:  # activations forward, their gradients backward
         chunks = layout.virtual_stages if layout.schedule == "interleaved" else 1
         fixed += 2 * chunks * p2p_time(act_bytes / tp, gpu, pp_intra)

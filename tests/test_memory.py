@@ -156,3 +156,23 @@ def test_block_backward_holds_the_gated_mlp_input_gradients():
     inter = 1024  # small-llama's intermediate size
     assert backward_grads(prof).sharded == 2 * 128 * inter * 4
     assert backward_grads(prof).replicated == 128 * prof.hidden_size * 4
+
+
+def test_embedding_and_head_split_over_tp_only_where_the_runtime_splits_them():
+    """The runtime makes embedding and LM head vocabulary-parallel only when tp divides
+    the vocabulary and the head is not tied to the embedding; otherwise every rank holds
+    them whole (and the whole logits), which the model used to divide by tp anyway."""
+    adamw = get_optimizer("adamw")
+    untied = profile_model("tiny-llama", seq_len=16, dtype="fp32")
+    tied = profile_model("tiny-gpt2", seq_len=16, dtype="fp32")
+    assert tied.tied_params > 0 and untied.tied_params == 0
+    u, t = MemoryModel(untied, adamw), MemoryModel(tied, adamw)
+    ends = untied.embed_params + untied.head_params
+    assert u.end_params_per_rank(2, True, True) == ends / 2
+    assert t.end_params_per_rank(2, True, True) == tied.embed_params + tied.head_params
+    # 256 tokens do not split 3 ways: whole again (heads allowing, the runtime would run it)
+    assert u.end_params_per_rank(3, True, True) == ends
+    # whole logits on the last stage: its loss transients do not shrink with tp
+    lay = dict(seq_len=16, micro_batch_size=2)
+    head_tmp = [t.stage_terms(Layout(tp=n, **lay), 0, True, True).head_tmp for n in (1, 2)]
+    assert head_tmp[0] == head_tmp[1] > 0
