@@ -64,7 +64,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     for g in CATALOG.values():
         print(f"{g.name:10} {g.memory_bytes / GiB:7.1f} GiB {g.bf16_flops / 1e12:8.1f} "
               f"{g.fp32_flops / 1e12:8.1f} {g.hbm_bandwidth / 1e9:9.0f} "
-              f"{g.intra_node_bandwidth / 1e9:10.0f} {g.inter_node_bandwidth / 1e9:10.0f}")
+              f"{g.intra_node_bandwidth / 1e9:10.1f} {g.inter_node_bandwidth / 1e9:10.1f}")
     print("\nAny other GPU: pass a JSON file with the same fields (`collie-compile gpus --json`).")
     return 0
 
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     e.add_argument("--optimizer", default="adamw", type=str.lower,
                    help=f"one of {', '.join(OPTIMIZERS)}")
-    e.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}")
+    e.add_argument("--dtype", default="bf16", type=str.lower, help=f"one of {', '.join(DTYPES)}")
     e.add_argument("--lora-rank", type=int, default=None,
                    help="train LoRA adapters of this rank only (base weights frozen)")
     e.add_argument("--lora-targets", nargs="+", default=None,
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--global-batch", type=int, default=None,
                    help="sequences per step (default: ~2M tokens, at least one per GPU)")
     q.add_argument("--optimizer", default="adamw", type=str.lower)
-    q.add_argument("--dtype", default="bf16")
+    q.add_argument("--dtype", default="bf16", type=str.lower)
     q.add_argument("--lora-rank", type=int, default=None)
     q.add_argument("--top", type=int, default=3, help="runners-up to show")
     q.add_argument("--memory-reserve", type=float, default=0.05,

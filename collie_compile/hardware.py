@@ -18,6 +18,10 @@ GB = 10**9
 TFLOPS = 10**12
 
 
+# Fields that are fractions of a peak rate (GPUSpec.from_dict checks them).
+FRACTIONS = ("matmul_efficiency", "memory_efficiency", "link_efficiency", "zero_efficiency")
+
+
 @dataclass(frozen=True)
 class GPUSpec:
     """One accelerator and the links between them. Bandwidths are bytes/s one way."""
@@ -70,11 +74,18 @@ class GPUSpec:
                               "--json` for the format")
         for k, v in data.items():
             if k == "name":
+                if not isinstance(v, str) or not v:
+                    raise CollieError(f"{source}: GPU spec field 'name' must be a non-empty "
+                                      f"string, got {v!r}")
                 continue
-            fraction = k == "comm_overlap"
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if not number or (not 0 <= v <= 1 if fraction else v <= 0):
-                what = "a fraction from 0 to 1" if fraction else "a positive number"
+            if k == "comm_overlap":  # 0 is meaningful: nothing overlaps
+                ok, what = number and 0 <= v <= 1, "a fraction from 0 to 1"
+            elif k in FRACTIONS:  # shares of a peak: above 1 is a typo (percent?)
+                ok, what = number and 0 < v <= 1, "a fraction above 0, at most 1"
+            else:
+                ok, what = number and v > 0, "a positive number"
+            if not ok:
                 raise CollieError(f"{source}: GPU spec field {k!r} must be {what}, got {v!r}")
         return cls(**data)
 

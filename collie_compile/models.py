@@ -122,9 +122,10 @@ def config_from_dict(data: dict[str, Any], name: str) -> PretrainedConfig:
     model_type = data.pop("model_type")
     try:
         cfg = AutoConfig.for_model(model_type, **data)
-    except ValueError as e:
-        raise CollieError(f"{name}: transformers does not know model_type {model_type!r} "
-                          f"({str(e).splitlines()[0]})") from None
+    except ValueError:  # transformers' message lists all its ~400 model types: too long
+        raise CollieError(f"{name}: transformers does not know model_type {model_type!r}; "
+                          "check the spelling (e.g. llama, mistral, qwen2, gpt2) or upgrade "
+                          "transformers") from None
     cfg.name_or_path = name
     cfg.use_cache = False
     return cfg

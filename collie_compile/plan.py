@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import CollieError
+from .memory import RECOMPUTE, SCHEDULES
 
 SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
-                "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
+                "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
                 "tokens_per_gpu_per_s", "mfu")
 
 
@@ -116,6 +117,10 @@ class Plan:
             "gpus": self.gpus, "gpu": self.gpu,
             "plan": self.chosen.summary() if self.chosen else None,
             "alternatives": [a.summary(with_why=True) for a in self.alternatives],
+            "usable_memory_bytes": self.usable_memory_bytes,
+            # what the closest plan is over, and what would fit (empty when it fits)
+            "shortfall_bytes": self.shortfall_bytes, "suggestions": list(self.suggestions),
+            "notes": list(self.notes),
         }
 
     def to_json(self) -> str:
@@ -167,6 +172,22 @@ def _candidate(d: dict) -> Candidate:
         raise ValueError("a candidate must be an object")
     _check_keys(Candidate, d)
     c = Candidate(**d)
-    if len(c.stages) != c.pp or c.dp * c.tp * c.pp < 1:
+    if min(c.dp, c.tp, c.pp, c.micro_batch_size, c.num_microbatches, c.virtual_stages) < 1:
+        raise ValueError("sizes must be positive")
+    if len(c.stages) != c.pp:
         raise ValueError("stages do not match pp")
+    if c.zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={c.zero} is not 0-3")
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {c.schedule!r}")
+    if set(c.recompute) - set(RECOMPUTE):
+        raise ValueError(f"unknown recompute modes {sorted(set(c.recompute) - set(RECOMPUTE))}")
+    first = 0
+    for a, b in c.stages:  # contiguous, covering every layer once
+        if a != first or b < a:
+            raise ValueError("stages are not contiguous layer ranges")
+        first = b + 1
+    if first != len(c.recompute):
+        raise ValueError(f"stages cover {first} layers but recompute lists "
+                         f"{len(c.recompute)}")
     return c

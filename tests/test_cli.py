@@ -33,6 +33,20 @@ def test_estimate_json_keys_exact(capsys):
     assert doc["num_params"] == 123712 and doc["fits"] is True
 
 
+def test_unknown_model_type_is_one_short_line(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "foobar"}))
+    rc, _, err = run(capsys, "estimate", str(tmp_path))
+    assert rc == 2 and "does not know model_type 'foobar'" in err and len(err) < 300
+
+
+def test_names_are_case_insensitive(capsys):
+    rc, out, _ = run(capsys, "estimate", "tiny-llama", "--seq-len", "32", "--dtype", "BF16",
+                     "--optimizer", "AdamW", "--gpu", "H100-80GB", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and (doc["dtype"], doc["optimizer"], doc["gpu"]) == ("bf16", "adamw",
+                                                                       "h100-80gb")
+
+
 def test_estimate_table(capsys):
     rc, out, _ = run(capsys, "estimate", "tiny-gpt2", "--seq-len", "32", "--gpu", "rtx4090")
     assert rc == 0

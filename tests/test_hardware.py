@@ -29,6 +29,9 @@ def test_json_spec_round_trip(tmp_path):
     (json.dumps({**asdict(CATALOG["l40s"]), "memory_bytes": -5}), "positive number"),
     (json.dumps({**asdict(CATALOG["l40s"]), "comm_overlap": 1.5}), "fraction from 0 to 1"),
     (json.dumps({**asdict(CATALOG["l40s"]), "op_latency": "5us"}), "positive number"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "matmul_efficiency": 5.0}), "at most 1"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "zero_efficiency": 0}), "fraction above 0"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "name": 7}), "non-empty string"),
 ])
 def test_bad_spec_files(tmp_path, content, match):
     path = tmp_path / "gpu.json"

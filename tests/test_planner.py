@@ -88,6 +88,15 @@ def test_corrupted_plan_file(tmp_path):
     path.write_text(json.dumps({"collie_compile_plan": 1, "model": "x", "bogus": 1}))
     with pytest.raises(CollieError, match="corrupted"):
         Plan.load(path)
+    good = json.loads(plan("tiny-llama", gpus=2, seq_len=16, global_batch_size=4).to_json())
+    for field, value, match in [("schedule", "zigzag", "unknown schedule"),
+                                ("zero", 7, "zero=7"),
+                                ("recompute", ["none"] * 5, "cover 2 layers but"),
+                                ("recompute", ["none", "half"], "unknown recompute"),
+                                ("micro_batch_size", 0, "positive")]:
+        path.write_text(json.dumps({**good, "chosen": {**good["chosen"], field: value}}))
+        with pytest.raises(CollieError, match=match):  # hand edits the runtime would trip on
+            Plan.load(path)
 
 
 def test_lomo_anchor_through_plan():
@@ -138,9 +147,10 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert set(doc) == {"feasible", "solve_time_s", "model", "gpus", "gpu", "plan",
-                        "alternatives"}
+                        "alternatives", "usable_memory_bytes", "shortfall_bytes",
+                        "suggestions", "notes"}
     keys = {"dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
-            "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
+            "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
             "tokens_per_gpu_per_s", "mfu"}
     assert set(doc["plan"]) == keys
     assert all(set(a) == keys | {"why_not"} for a in doc["alternatives"])
@@ -148,6 +158,7 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
                "--global-batch", "8", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 3 and doc["feasible"] is False and doc["plan"] is not None
+    assert doc["shortfall_bytes"] > 0 and any("lomo" in x for x in doc["suggestions"])
 
 
 def test_lora_plan_needs_less_memory_than_full_fine_tuning():
