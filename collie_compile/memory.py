@@ -409,11 +409,16 @@ def even_split(layers: int, parts: int) -> list[int]:
     return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
 
+def vocab_parallel(vocab_size: int, tied: bool, tp: int) -> bool:
+    """Whether tensor parallelism splits the embedding, LM head and logits over the
+    vocabulary: the runtime's rule, priced here. Not where tp does not divide the
+    vocabulary, nor where the head is tied to the embedding (both stay whole)."""
+    return tp > 1 and vocab_size % tp == 0 and not tied
+
+
 def vocab_shards(profile: ModelProfile, tp: int) -> int:
-    """Ways the embedding, LM head and logits split under tensor parallelism: tp where the
-    runtime makes them vocabulary-parallel, 1 (whole on every rank) where the vocabulary
-    does not divide or the head is tied to the embedding."""
-    return tp if profile.vocab_size % tp == 0 and not profile.tied_params else 1
+    """Ways the embedding, LM head and logits split under tensor parallelism."""
+    return tp if vocab_parallel(profile.vocab_size, bool(profile.tied_params), tp) else 1
 
 
 def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gpu_memory: int,

@@ -30,6 +30,7 @@ from .errors import CollieError
 from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
+from .memory import vocab_parallel
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
@@ -231,13 +232,16 @@ def _check_given_plan(p: Plan, optimizer: str, dtype: str, seq_len: int | None,
                    recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
     asked = dict(optimizer=optimizer, dtype=dtype, seq_len=seq_len,
                  global_batch_size=global_batch_size, **pins)
-    differ = [f"{k}={asked[k]!r} (plan: {planned[k]!r})" for k in planned
-              if asked.get(k) is not None and asked[k] != planned[k]]
+    differ = [k for k in planned if asked.get(k) is not None and asked[k] != planned[k]]
     if differ:
-        raise CollieError(f"the plan was priced for other settings than asked: "
-                          f"{', '.join(differ)}; pass the plan's values to run it as "
-                          "priced, or re-plan with yours (collie-compile plan --dtype "
-                          "--optimizer --seq-len --global-batch ...)")
+        flags = {"seq_len": "seq-len", "global_batch_size": "global-batch",
+                 "micro_batch_size": "micro-batch"}
+        raise CollieError(
+            "the plan was priced for other settings than asked: "
+            + ", ".join(f"{k}={asked[k]!r} (plan: {planned[k]!r})" for k in differ)
+            + "; pass the plan's values to run it as priced, or re-plan with yours: "
+            + "collie-compile plan ... " + " ".join(f"--{flags.get(k, k)} {asked[k]}"
+                                                    for k in differ))
 
 
 FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans
@@ -302,7 +306,7 @@ class ParallelModel:
                   if i.kind == "linear" and i.block is not None}
         cfg = self.config
         vocab = int(cfg.vocab_size)
-        if c.tp > 1 and vocab % c.tp == 0 and not getattr(cfg, "tie_word_embeddings", False):
+        if vocab_parallel(vocab, bool(getattr(cfg, "tie_word_embeddings", False)), c.tp):
             # Vocabulary-parallel embedding and head: the logits stay split over tp.
             for i in ag.nodes.values():
                 if i.block is None and (i.kind == "linear" or i.op == "aten.embedding.default") \
