@@ -75,7 +75,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    num_microbatches=args.num_microbatches, seq_len=args.seq_len,
                    recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
                    schedule=args.schedule, lora_rank=args.lora_rank,
-                   lora_targets=args.lora_targets, memory_reserve=args.memory_reserve)
+                   lora_targets=args.lora_targets, memory_reserve=args.memory_reserve,
+                   virtual_stages=args.virtual_stages)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
@@ -89,7 +90,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
           f"{est.dtype}")
     print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "
           f"micro-batch={lay.micro_batch_size} x {lay.num_microbatches} seq={lay.seq_len} "
-          f"recompute={lay.recompute}" + (f" schedule={lay.schedule}" if lay.pp > 1 else ""))
+          f"recompute={lay.recompute}" + (f" schedule={lay.schedule}" if lay.pp > 1 else "")
+          + (f" (v={lay.virtual_stages})" if lay.virtual_stages > 1 else ""))
     where = f"pipeline stage {mem.stage}, " if lay.pp > 1 else ""
     moment = "start of backward" if mem.moment == "backward" else "optimizer step"
     print(f"\nper GPU at its peak ({where}{moment}):")
@@ -125,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero,
                   micro_batch_size=args.micro_batch, schedule=args.schedule,
                   recompute=args.recompute, memory_reserve=args.memory_reserve,
-                  top_k=args.top)
+                  top_k=args.top, lora_targets=args.lora_targets)
     if args.out:
         result.save(args.out)
     if args.json:
@@ -214,6 +216,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+LORA_TARGETS_HELP = "modules that get adapters, as peft's target_modules (default q_proj v_proj)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collie-compile", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -241,14 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sequence (default 2048, or the model's context if shorter)")
     e.add_argument("--recompute", default="none", choices=RECOMPUTE)
     e.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    e.add_argument("--virtual-stages", type=int, default=None,
+                   help="model chunks per GPU of the interleaved schedule (default 2)")
     e.add_argument("--optimizer", default="adamw", type=str.lower,
                    help=f"one of {', '.join(OPTIMIZERS)}")
     e.add_argument("--dtype", default="bf16", type=str.lower, help=f"one of {', '.join(DTYPES)}")
     e.add_argument("--lora-rank", type=int, default=None,
                    help="train LoRA adapters of this rank only (base weights frozen)")
-    e.add_argument("--lora-targets", nargs="+", default=None,
-                   help="modules that get adapters, as peft's target_modules "
-                        "(default q_proj v_proj)")
+    e.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
     e.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05, as plan keeps)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
@@ -264,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per step (default: ~2M tokens, at least one per GPU)")
     q.add_argument("--optimizer", default="adamw", type=str.lower)
     q.add_argument("--dtype", default="bf16", type=str.lower)
-    q.add_argument("--lora-rank", type=int, default=None)
+    q.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank only (base weights frozen)")
+    q.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
     q.add_argument("--top", type=int, default=3, help="runners-up to show")
     q.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05)")
@@ -303,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="afterwards, train one process the same way and compare the losses")
     for name in ("dp", "tp", "pp", "zero"):
         t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
-    t.add_argument("--micro-batch-size", type=int, default=None, help="pin the micro-batch")
+    t.add_argument("--micro-batch", "--micro-batch-size", dest="micro_batch_size", type=int,
+                   default=None, help="pin the micro-batch")
     t.add_argument("--schedule", choices=SCHEDULES, default=None)
     t.add_argument("--recompute", choices=RECOMPUTE, default=None)
     t.set_defaults(func=cmd_train)

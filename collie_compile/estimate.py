@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import CollieError
 from .hardware import GPUSpec, get_gpu
-from .memory import DEFAULT_LORA_TARGETS, Layout, MemoryBreakdown, MemoryModel, lora_cost
+from .memory import INTERLEAVED_CHUNKS, Layout, MemoryBreakdown, MemoryModel, lora_cost
 from .modelprofile import ModelProfile, profile_model
 from .models import load_config
 from .optimizers import get_optimizer
@@ -76,24 +76,36 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              micro_batch_size: int = 1, num_microbatches: int | None = None,
              seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
              dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
-             lora_targets: list[str] | None = None, memory_reserve: float = 0.05) -> Estimate:
+             lora_targets: str | list[str] | None = None, memory_reserve: float = 0.05,
+             virtual_stages: int | None = None) -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
     ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train. It
-    fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires."""
+    fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
+    interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
+    planner prices it)."""
     if not 0 <= memory_reserve < 1:
         raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
+    if lora_targets is not None and lora_rank is None:
+        raise CollieError("lora_targets without lora_rank trains nothing as LoRA; give the "
+                          "adapters' rank too (e.g. --lora-rank 8)")
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     dp, tp, pp = resolve_sizes(gpus, dp, tp, pp)
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                     seq_len=seq_len, recompute=recompute, schedule=schedule,
-                    num_microbatches=pp if num_microbatches is None else num_microbatches)
+                    num_microbatches=pp if num_microbatches is None else num_microbatches,
+                    virtual_stages=virtual_stages or (
+                        INTERLEAVED_CHUNKS if schedule == "interleaved" and pp > 1 else 1))
     layout.validate()
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     check_tp(prof, tp)
-    lora = (None if lora_rank is None
-            else lora_cost(prof, lora_rank, lora_targets or DEFAULT_LORA_TARGETS))
+    v = layout.virtual_stages
+    if v > 1 and pp * v > prof.num_layers:  # (v = 1: the memory model says so)
+        raise CollieError(f"pp={pp} x {v} chunks per GPU needs {pp * v} layers; "
+                          f"{prof.name} has {prof.num_layers}: use fewer --virtual-stages "
+                          "or a smaller pp")
+    lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     trainable = prof.num_params if lora is None else lora.params
     mem = MemoryModel(prof, opt, trainable / prof.num_params, lora).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,

@@ -97,12 +97,13 @@ def _nv(name: str, mem: int, bf16: float, fp16: float, fp32: float, hbm: float, 
 
 
 # Dense tensor-core peaks (fp32 = plain FP32, not TF32). Links: NVLink one-way per GPU for
-# SXM parts, PCIe 4.0 x16 for consumer/PCIe cards; inter-node one NIC per GPU.
+# SXM parts, PCIe 4.0 x16 for consumer/PCIe cards; inter-node one NIC per GPU. Memory is
+# what torch reports as total_memory where we measured it (H200: 139.8 GiB, not "141 GB").
 CATALOG: dict[str, GPUSpec] = {g.name: g for g in [
     _nv("a100-40gb", 40 * GiB, 312, 312, 19.5, 1555, 300, 25),
     _nv("a100-80gb", 80 * GiB, 312, 312, 19.5, 2039, 300, 25),
     _nv("h100-80gb", 80 * GiB, 989, 989, 67, 3350, 450, 50),
-    _nv("h200", 141 * GB, 989, 989, 67, 4800, 450, 50),
+    _nv("h200", 150_109_880_320, 989, 989, 67, 4800, 450, 50),
     _nv("rtx3090", 24 * GiB, 71, 71, 35.6, 936, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
     _nv("rtx4090", 24 * GiB, 165, 165, 82.6, 1008, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
     # V100 has no bf16 tensor cores: bf16 runs at the fp32 rate.

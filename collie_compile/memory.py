@@ -33,6 +33,7 @@ from .optimizers import OptimizerSpec
 
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
+INTERLEAVED_CHUNKS = 2  # model chunks per GPU of an interleaved schedule, unless given
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,16 @@ class Layout:
         if self.schedule not in SCHEDULES:
             raise CollieError(f"unknown schedule {self.schedule!r}; use one of "
                               f"{', '.join(SCHEDULES)}")
+        if self.virtual_stages < 1:
+            raise CollieError(f"virtual_stages must be a positive integer, got "
+                              f"{self.virtual_stages}")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise CollieError(f"virtual_stages={self.virtual_stages} needs the interleaved "
+                              f"schedule, not {self.schedule}")
+        if self.schedule == "interleaved" and self.pp > 1 and self.num_microbatches % self.pp:
+            # torch's interleaved schedules run micro-batches in rounds of pp
+            raise CollieError(f"the interleaved schedule needs micro-batches "
+                              f"({self.num_microbatches}) a multiple of pp={self.pp}")
 
 
 @dataclass(frozen=True)
@@ -196,18 +207,21 @@ class LoraCost:
     saved: ActivationBytes
 
 
-def lora_cost(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, ...]
-              = DEFAULT_LORA_TARGETS) -> LoraCost:
+def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple[str, ...]
+              | None = None) -> LoraCost:
     """Adapters of rank ``rank`` on every linear matching ``targets`` (matched as peft
-    matches ``target_modules``): r·(in + out) parameters each."""
+    matches ``target_modules``: a list by name suffix, a string as a regex; default
+    q_proj and v_proj): r·(in + out) parameters each."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if rank < 1:
         raise CollieError(f"lora_rank must be a positive integer, got {rank}")
-    config = LoraConfig(r=rank, target_modules=list(targets))
+    targets = DEFAULT_LORA_TARGETS if targets is None else targets
+    config = LoraConfig(r=rank, target_modules=targets if isinstance(targets, str)
+                        else list(targets))
     seq, item = profile.seq_len, profile.itemsize
-    per_block, inputs, low_rank = 0, {}, 0
+    per_block, inputs, low_rank, narrowest = 0, {}, 0, None
     for n in profile.block_graph:
         if n["kind"] == "linear" and check_target_module_exists(config, n["module"]):
             out = n["out_bytes"] // (seq * item)  # per sample: [seq, out]
@@ -215,8 +229,14 @@ def lora_cost(profile: ModelProfile, rank: int, targets: list[str] | tuple[str, 
             per_block += rank * (inp + out)
             inputs[tuple(n["inputs"])] = seq * inp * item  # q and v share theirs
             low_rank += seq * rank * item
+            narrowest = min(narrowest or inp, inp, out)
     if not per_block:
-        raise CollieError(f"no linear of {profile.name} matches LoRA targets {list(targets)}")
+        raise CollieError(f"no linear of {profile.name} matches LoRA targets {targets!r}; "
+                          "name modules as peft's target_modules does, e.g. q_proj v_proj")
+    if rank > narrowest:  # past min(in, out) an adapter is no longer low-rank
+        raise CollieError(f"lora_rank={rank} is more than the narrowest targeted linear's "
+                          f"{narrowest} features: the adapters would outgrow the weights; "
+                          f"use a rank of at most {narrowest} (8-64 is usual)")
     return LoraCost(per_block * profile.num_layers,
                     ActivationBytes(sum(inputs.values()) + low_rank, 0))
 

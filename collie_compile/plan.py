@@ -109,6 +109,7 @@ class Plan:
     shortfall_bytes: int = 0  # when infeasible: how far the closest plan is over memory
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    lora_targets: str | list[str] | None = None  # peft target_modules; None: q_proj, v_proj
 
     def summary(self) -> dict:
         """The ``plan --json`` document."""

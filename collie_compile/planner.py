@@ -45,7 +45,15 @@ import pulp
 from .errors import CollieError
 from .estimate import check_tp, default_seq_len
 from .hardware import GPUSpec, get_gpu
-from .memory import RECOMPUTE, SCHEDULES, Layout, MemoryModel, StageTerms, lora_cost
+from .memory import (
+    INTERLEAVED_CHUNKS,
+    RECOMPUTE,
+    SCHEDULES,
+    Layout,
+    MemoryModel,
+    StageTerms,
+    lora_cost,
+)
 from .modelprofile import ModelProfile, profile_model
 from .optimizers import OptimizerSpec, get_optimizer
 from .plan import Candidate, Plan
@@ -53,7 +61,6 @@ from .sharding import linear_layout, solve_block_sharding
 from .steptime import StageTime, bubble_factor, model_flops_per_step, stage_time, step_time
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-INTERLEAVED_CHUNKS = 2
 ILP_TIME_LIMIT_S = 20  # per inner ILP, a safety net: these solve in milliseconds
 
 
@@ -258,13 +265,16 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          dp: int | None = None, tp: int | None = None, pp: int | None = None,
          zero: int | None = None, micro_batch_size: int | None = None,
          schedule: str | None = None, recompute: str | None = None,
-         memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False) -> Plan:
+         memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False,
+         lora_targets: str | list[str] | None = None) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule and recompute may be pinned;
-    the planner solves the rest. ``memory_reserve`` is the fraction of each GPU's memory
-    kept free (CUDA context, allocator fragmentation). ``quick`` stops at the first plan
-    that fits and skips suggestions: a feasibility check.
+    the planner solves the rest. With ``lora_rank`` only LoRA adapters on
+    ``lora_targets`` (peft's ``target_modules``; default q_proj, v_proj) train.
+    ``memory_reserve`` is the fraction of each GPU's memory kept free (CUDA context,
+    allocator fragmentation). ``quick`` stops at the first plan that fits and skips
+    suggestions: a feasibility check.
     """
     start = time.perf_counter()
     if gpus < 1:
@@ -277,6 +287,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         raise CollieError(f"zero must be 0, 1, 2 or 3, got {zero}")
     if gpus_per_node < 1:
         raise CollieError(f"gpus_per_node must be a positive integer, got {gpus_per_node}")
+    if lora_targets is not None and lora_rank is None:
+        raise CollieError("lora_targets without lora_rank trains nothing as LoRA; give the "
+                          "adapters' rank too (e.g. --lora-rank 8)")
     for k, v in dict(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                      seq_len=seq_len).items():
         if v is not None and v < 1:
@@ -298,7 +311,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
-    lora = None if lora_rank is None else lora_cost(prof, lora_rank)
+    lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     mm = MemoryModel(prof, opt, (lora.params if lora else prof.num_params) / prof.num_params,
                      lora)
 
@@ -330,7 +343,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
 
     base = dict(model=prof.name, gpus=gpus, gpu=spec.name, gpus_per_node=gpus_per_node,
                 seq_len=seq_len, global_batch_size=global_batch_size, optimizer=opt.name,
-                dtype=dtype, lora_rank=lora_rank, solver=solver_name,
+                dtype=dtype, lora_rank=lora_rank,
+                lora_targets=lora_targets if lora_targets is None or isinstance(
+                    lora_targets, str) else sorted(lora_targets), solver=solver_name,
                 usable_memory_bytes=int(capacity))
     notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]
     if not solved:
@@ -345,7 +360,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                     shortfall_bytes=int(short),
                     suggestions=[] if quick else _suggestions(
                         model, gpus, spec, opt, dtype, seq_len, global_batch_size, recompute,
-                        gpus_per_node, memory_reserve, lora_rank),
+                        gpus_per_node, memory_reserve, lora_rank, lora_targets),
                     notes=notes)
     best = solved[0][1]
     if best.tp > 1:
@@ -360,62 +375,92 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
 
 def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch: int,
                  pins: dict) -> list[Outer]:
-    out = []
-    reasons = []
+    """Every (dp, tp, pp, zero, micro-batch, schedule) that matches the pins and can run;
+    when none can, the error says which rule each pinned choice breaks."""
+    out, reasons = [], {}
     for tp in divisors(gpus):
-        if tp > gpus_per_node:
-            reasons.append(f"tp={tp} spans nodes of {gpus_per_node} GPUs")
-            continue
-        try:
-            check_tp(prof, tp)
-        except CollieError as e:
-            reasons.append(str(e))
-            continue
         for pp in divisors(gpus // tp):
-            if pp > prof.num_layers:
-                continue
             dp = gpus // (tp * pp)
             for zero in _zero_stages(dp, pins.get("zero")):
-                sizes = ((pins["micro_batch_size"],) if pins.get("micro_batch_size")
-                         else MICRO_BATCH_SIZES)
-                for b in sizes:
-                    if global_batch % (dp * b):
-                        continue
-                    m = global_batch // (dp * b)
-                    if 1 < pp > m:  # torch's pipeline schedules need m >= pp
-                        continue
+                for b in ((pins["micro_batch_size"],) if pins.get("micro_batch_size")
+                          else MICRO_BATCH_SIZES):
                     for sched in _schedules(pp, pins.get("schedule")):
-                        v = INTERLEAVED_CHUNKS if sched == "interleaved" else 1
-                        if sched == "interleaved" and (m % pp or prof.num_layers < pp * v):
-                            continue
+                        v = INTERLEAVED_CHUNKS if sched == "interleaved" and pp > 1 else 1
                         lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=b,
-                                     seq_len=prof.seq_len, num_microbatches=m, schedule=sched,
+                                     seq_len=prof.seq_len, num_microbatches=max(
+                                         1, global_batch // (dp * b)), schedule=sched,
                                      virtual_stages=v)
-                        if all(val is None or getattr(lay, k) == val
+                        if any(val is not None and getattr(lay, k) != val
                                for k, val in pins.items()):
+                            continue
+                        why = _cannot_run(lay, prof, gpus_per_node, global_batch)
+                        if why:  # one example of each rule broken, and how often
+                            n, first = reasons.get(why[0], (0, why[1]))
+                            reasons[why[0]] = (n + 1, first)
+                        else:
                             out.append(Outer(lay))
     if not out:
         pinned = ", ".join(f"{k}={v}" for k, v in pins.items() if v is not None)
-        why = f" ({reasons[-1]})" if reasons and pins.get("tp") else ""
-        raise CollieError(
-            f"no layout of {gpus} GPUs with global batch {global_batch} satisfies "
-            f"{pinned or 'the model'}{why}; check that dp*tp*pp = {gpus}, that tp divides "
-            f"the heads and fits a node, and that dp*micro_batch divides the global batch")
+        if reasons:  # the rules the pinned layouts break, most common first
+            why = "; ".join(msg for _, msg in sorted(reasons.values(), key=lambda r: -r[0]))
+        else:  # no split of the GPUs matches the pinned sizes
+            bad = [f"{k}={pins[k]} does not divide {gpus} GPUs" for k in ("dp", "tp", "pp")
+                   if pins.get(k) and gpus % pins[k]]
+            why = "; ".join(bad) or f"dp*tp*pp must equal {gpus}"
+        raise CollieError(f"no layout of {gpus} GPUs with global batch {global_batch} "
+                          f"satisfies {pinned or 'the model'}: {why}")
     return out
+
+
+def _cannot_run(lay: Layout, prof: ModelProfile, gpus_per_node: int,
+                global_batch: int) -> tuple[str, str] | None:
+    """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
+    rules, checked up front."""
+    m = lay.num_microbatches
+    rules = [
+        ("zero", lay.zero and lay.dp == 1,
+         f"zero={lay.zero} shards over data-parallel ranks, and dp=1 has none"),
+        ("schedule", lay.schedule != "1f1b" and lay.pp == 1,
+         f"the {lay.schedule} schedule needs pp > 1"),
+        ("node", lay.tp > gpus_per_node, f"tp={lay.tp} would span nodes of {gpus_per_node} "
+                                         "GPUs"),
+        ("heads", _heads_problem(prof, lay.tp), _heads_problem(prof, lay.tp)),
+        ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
+         f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
+                           else "") + f" needs more than {prof.name}'s {prof.num_layers} "
+                                      "layers"),
+        ("batch", global_batch % (lay.dp * lay.micro_batch_size),
+         f"dp x micro-batch ({lay.dp} x {lay.micro_batch_size}) does not divide the global "
+         f"batch {global_batch}"),
+        # torch's pipeline schedules need m >= pp; interleaved ones run rounds of pp
+        ("fill", 1 < lay.pp > m, f"pp={lay.pp} needs at least {lay.pp} micro-batches, "
+                                 f"the batch gives {m}"),
+        ("rounds", lay.schedule == "interleaved" and m % lay.pp,
+         f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
+    ]
+    return next(((rule, msg) for rule, broken, msg in rules if broken), None)
+
+
+def _heads_problem(prof: ModelProfile, tp: int) -> str | None:
+    try:
+        check_tp(prof, tp)
+    except CollieError as e:
+        return str(e).split(";")[0]
+    return None
 
 
 def _zero_stages(dp: int, pinned: int | None) -> tuple[int, ...]:
     """ZeRO-1 moves the same bytes as plain DP and keeps less: ZeRO-0 only if pinned."""
-    if dp == 1:
-        return (0,)
-    return (pinned,) if pinned is not None else (1, 2, 3)
+    if pinned is not None:
+        return (pinned,)
+    return (0,) if dp == 1 else (1, 2, 3)
 
 
 def _schedules(pp: int, pinned: str | None) -> tuple[str, ...]:
     """GPipe takes the time of 1F1B and more memory in this model: tried only if pinned."""
-    if pp == 1:
-        return ("1f1b",)
-    return (pinned,) if pinned else ("1f1b", "interleaved")
+    if pinned:
+        return (pinned,)
+    return ("1f1b",) if pp == 1 else ("1f1b", "interleaved")
 
 
 def _problem(lay: Layout, prof: ModelProfile, spec: GPUSpec, opt: OptimizerSpec,
@@ -490,7 +535,8 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
 
 def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype: str,
                  seq_len: int, global_batch: int, recompute: str | None, gpus_per_node: int,
-                 memory_reserve: float, lora_rank: int | None) -> list[str]:
+                 memory_reserve: float, lora_rank: int | None,
+                 lora_targets: str | list[str] | None) -> list[str]:
     """What would make an infeasible request fit, each checked with the cost model."""
     out = []
 
@@ -498,7 +544,7 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
         args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
                     seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
                     dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0,
-                    quick=True, lora_rank=lora_rank)
+                    quick=True, lora_rank=lora_rank, lora_targets=lora_targets)
         args.update(kw)
         try:
             return plan(**args).feasible

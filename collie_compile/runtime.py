@@ -30,7 +30,7 @@ from .errors import CollieError
 from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
-from .memory import vocab_parallel
+from .memory import DEFAULT_LORA_TARGETS, vocab_parallel
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
@@ -94,6 +94,12 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
 
     fused = FusedOptions(max_grad_norm, clip_mode, clip_value, loss_scale, stochastic_rounding)
 
+    lora_cfg = cdist.agree(lambda: lora_config(lora, lora_rank, lora_alpha, lora_targets,
+                                               lora_dropout))
+    adapter = cdist.agree(lambda: read_adapter(lora_adapter)) if lora_adapter else None
+    if adapter is not None and lora_cfg is None:
+        lora_cfg = adapter[0]
+
     def resolve() -> Plan:
         fused.check(optimizer)
         if gpus is not None and gpus != world:
@@ -103,16 +109,13 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
         p = _resolve_plan(plan, cfg, name, world, gpu, optimizer, dtype, seq_len,
                           global_batch_size, dict(dp=dp, tp=tp, pp=pp, zero=zero,
                                                   micro_batch_size=micro_batch_size,
-                                                  schedule=schedule, recompute=recompute))
+                                                  schedule=schedule, recompute=recompute),
+                          lora_cfg)
         return p
 
     # Rank 0's plan for everyone: the solver is deterministic, but one answer is safer.
     solved = cdist.agree(resolve)
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
-    lora_cfg = lora_config(lora, lora_rank, lora_alpha, lora_targets, lora_dropout)
-    adapter = cdist.agree(lambda: read_adapter(lora_adapter)) if lora_adapter else None
-    if adapter is not None and lora_cfg is None:
-        lora_cfg = adapter[0]
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
                          lora_cfg, adapter[1] if adapter else None, fused)
 
@@ -157,12 +160,31 @@ class FusedOptions:
 def lora_config(config: object | None, rank: int | None, alpha: float | None,
                 targets: list[str] | None, dropout: float) -> object | None:
     """A ``peft.LoraConfig`` from ``parallelize``'s LoRA arguments (None: no LoRA)."""
-    if config is not None or rank is None:
+    if config is not None:
+        if rank is not None or targets is not None:
+            raise CollieError("give LoRA either as lora=LoraConfig(...) or as lora_rank=/"
+                              "lora_targets=, not both")
         return config
+    if rank is None:
+        if targets is not None or alpha is not None:
+            raise CollieError("lora_targets or lora_alpha without lora_rank trains nothing "
+                              "as LoRA; give the adapters' rank too (e.g. lora_rank=8)")
+        return None
+    if rank < 1:
+        raise CollieError(f"lora_rank must be a positive integer, got {rank}")
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                      target_modules=targets or ["q_proj", "v_proj"], lora_dropout=dropout)
+                      target_modules=targets or list(DEFAULT_LORA_TARGETS),
+                      lora_dropout=dropout)
+
+
+def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
+    """(rank, targets) of a ``peft.LoraConfig`` as the planner prices them."""
+    if config is None:
+        return None, None
+    targets = config.target_modules
+    return config.r, targets if targets is None or isinstance(targets, str) else sorted(targets)
 
 
 ADAPTER_PREFIX = "base_model.model."
@@ -185,15 +207,17 @@ def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]
 
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
                   optimizer: str, dtype: str, seq_len: int | None,
-                  global_batch_size: int | None, pins: dict) -> Plan:
+                  global_batch_size: int | None, pins: dict, lora: object | None) -> Plan:
     from .planner import plan as solve
 
+    lora_rank, lora_targets = lora_plan_args(lora)
     if isinstance(plan, Plan):
         p = plan
     elif str(plan) == "auto":
         p = solve(cfg, gpus=world, gpu=gpu, seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer,
-                  dtype="fp32" if dtype == "fp32" else dtype, **pins)
+                  dtype="fp32" if dtype == "fp32" else dtype, lora_rank=lora_rank,
+                  lora_targets=lora_targets, **pins)
         if not p.feasible:
             raise CollieError(f"no plan fits {world} x {p.gpu}: the closest is "
                               f"{p.shortfall_bytes / 2**30:.1f} GiB over; "
@@ -205,6 +229,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
                           "plan this model (collie-compile plan) or pass plan='auto'")
     if str(plan) != "auto":
         _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size, pins)
+        _check_plan_lora(p, lora_rank, lora_targets)
     c = p.chosen
     layers = int(cfg.num_hidden_layers)
     if c is None or len(c.recompute) != layers:
@@ -242,6 +267,25 @@ def _check_given_plan(p: Plan, optimizer: str, dtype: str, seq_len: int | None,
             + "; pass the plan's values to run it as priced, or re-plan with yours: "
             + "collie-compile plan ... " + " ".join(f"--{flags.get(k, k)} {asked[k]}"
                                                     for k in differ))
+
+
+def _check_plan_lora(p: Plan, rank: int | None, targets: str | list[str] | None) -> None:
+    """A plan priced for LoRA underestimates full training's memory, and one priced for
+    full training gives up what LoRA saves: the run must train what the plan priced."""
+    def norm(t: str | list[str] | None) -> str | list[str]:
+        return t if isinstance(t, str) else sorted(DEFAULT_LORA_TARGETS if t is None else t)
+
+    if p.lora_rank == rank and (rank is None or norm(p.lora_targets) == norm(targets)):
+        return
+
+    def what(r: int | None, t: str | list[str] | None) -> str:
+        return "full training" if r is None else f"LoRA rank {r} on {norm(t)}"
+
+    fix = ("" if rank is None else f" --lora-rank {rank} --lora-targets "
+           + (targets if isinstance(targets, str) else " ".join(norm(targets))))
+    raise CollieError(f"the plan was priced for {what(p.lora_rank, p.lora_targets)} but this "
+                      f"run asks for {what(rank, targets)}; re-plan: collie-compile plan ..."
+                      f"{fix}")
 
 
 FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans

@@ -219,7 +219,8 @@ def run_lora(cfg: dict) -> dict:
     pm.save_pretrained(f"{d}/merged", merge=True)
     logits = pm.forward(data[0])
     trainable = sum(p.numel() for p in pm.local_parameters().values() if p.requires_grad)
-    out = {"layout": pm.chosen.layout_str(), "losses": losses, "trainable": trainable}
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "trainable": trainable,
+           "planned": [pm.plan.lora_rank, pm.plan.lora_targets]}
     if dist.get_rank() == 0:
         ref = PeftModel.from_pretrained(make_model(name, layers), f"{d}/init", is_trainable=True)
         opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], **ADAMW)

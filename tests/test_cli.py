@@ -80,6 +80,16 @@ def test_models_and_gpus_lists(capsys):
     (["plan", "tiny-llama", "--gpus", "4", "--out", "/nonexistent-dir/p.json"],
      "folder /nonexistent-dir does not exist"),
     (["plan", "tiny-llama", "--gpus", "4", "--out", "/tmp"], "is a directory"),
+    (["plan", "tiny-llama", "--gpus", "4", "--pp", "3"], "pp=3 does not divide 4 GPUs"),
+    (["plan", "tiny-llama", "--gpus", "4", "--lora-targets", "q_proj"], "without lora_rank"),
+    (["estimate", "tiny-llama", "--lora-targets", "q_proj"], "without lora_rank"),
+    (["estimate", "tiny-llama", "--lora-rank", "100"], "use a rank of at most 32"),
+    (["estimate", "tiny-llama", "--pp", "2", "--schedule", "interleaved"],
+     "pp=2 x 2 chunks per GPU needs 4 layers; tiny-llama has 2"),
+    (["estimate", "tiny-llama", "--pp", "2", "--virtual-stages", "2"],
+     "needs the interleaved schedule"),
+    (["estimate", "tiny-llama", "--pp", "2", "--num-microbatches", "3", "--schedule",
+      "interleaved", "--virtual-stages", "1"], "micro-batches (3) a multiple of pp=2"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, match):
     rc, _, err = run(capsys, *argv)
@@ -121,3 +131,38 @@ def test_console_script_exit_code_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip()] and "Traceback" not in proc.stderr
+
+
+def test_estimate_prices_interleaved_as_the_planner_does(capsys):
+    """estimate used to price an interleaved layout with one chunk per GPU while plan
+    priced (and the runtime built) two."""
+    from collie_compile.estimate import estimate
+    from collie_compile.planner import plan
+
+    p = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=4096, global_batch_size=64,
+             schedule="interleaved", pp=4, dp=2, zero=1, recompute="full")
+    c = p.chosen
+    e = estimate("llama-2-7b", gpu="a100-40gb", dp=c.dp, tp=c.tp, pp=c.pp, zero=c.zero,
+                 micro_batch_size=c.micro_batch_size, num_microbatches=c.num_microbatches,
+                 seq_len=4096, recompute="full", schedule="interleaved")
+    assert e.layout.virtual_stages == c.virtual_stages == 2
+    if [b - a for a, b in c.stages] == [b - a for a, b in c.stages[:1]] * c.pp:  # even split
+        assert e.memory.total_bytes == pytest.approx(c.memory_per_gpu_bytes, rel=1e-6)
+    one = estimate("llama-2-7b", gpu="a100-40gb", dp=2, pp=4, zero=1, num_microbatches=8,
+                   seq_len=4096, recompute="full", schedule="interleaved", virtual_stages=1)
+    two = estimate("llama-2-7b", gpu="a100-40gb", dp=2, pp=4, zero=1, num_microbatches=8,
+                   seq_len=4096, recompute="full", schedule="interleaved")
+    # more chunks, more micro-batches in flight on the first stage
+    assert two.memory.activations_bytes > one.memory.activations_bytes
+    rc, out, _ = run(capsys, "estimate", "llama-2-7b", "--pp", "4", "--dp", "2",
+                     "--schedule", "interleaved")
+    assert rc == 0 and "schedule=interleaved (v=2)" in out
+
+
+def test_train_takes_the_plan_flag_spellings():
+    """plan and estimate say --micro-batch; train said only --micro-batch-size."""
+    from collie_compile.cli import build_parser
+
+    for flag in ("--micro-batch", "--micro-batch-size"):
+        args = build_parser().parse_args(["train", "tiny-llama", "--data", "x", flag, "2"])
+        assert args.micro_batch_size == 2

@@ -112,10 +112,18 @@ def test_lomo_anchor_through_plan():
 def test_pins_are_respected_and_bad_pins_explained():
     p = plan("tiny-llama", gpus=4, gpu="rtx3090", seq_len=64, tp=2, recompute="full")
     assert p.chosen.tp == 2 and set(p.chosen.recompute) == {"full"}
-    with pytest.raises(CollieError, match="tp=3"):
-        plan("tiny-llama", gpus=6, seq_len=64, tp=3)
-    with pytest.raises(CollieError, match="no layout of 4 GPUs"):
-        plan("tiny-llama", gpus=4, seq_len=64, dp=3)
+    # each unmeetable pin says which rule it breaks (was one generic sentence for all)
+    for pins, why in [(dict(gpus=6, tp=3), "tp=3 does not divide tiny-llama's 4 attention"),
+                      (dict(gpus=4, dp=3), "dp=3 does not divide 4 GPUs"),
+                      (dict(gpus=8, tp=8, gpus_per_node=4), "tp=8 would span nodes of 4"),
+                      (dict(gpus=4, pp=4), "pp=4 needs more than tiny-llama's 2 layers"),
+                      (dict(gpus=2, pp=2, zero=2), "zero=2 shards over data-parallel ranks"),
+                      (dict(gpus=4, dp=4, schedule="gpipe"), "gpipe schedule needs pp > 1"),
+                      (dict(gpus=2, pp=2, global_batch_size=1), "needs at least 2 micro-b"),
+                      (dict(gpus=4, micro_batch_size=3, global_batch_size=8),
+                       r"dp x micro-batch \(4 x 3\) does not divide the global batch 8")]:
+        with pytest.raises(CollieError, match=f"no layout of {pins['gpus']} GPUs.*{why}"):
+            plan("tiny-llama", seq_len=64, **pins)
     with pytest.raises(CollieError, match="zero must be 0, 1, 2 or 3"):
         plan("tiny-llama", gpus=4, seq_len=64, zero=4)
     # a pinned micro-batch need not be one of the sizes the search tries on its own
@@ -168,6 +176,41 @@ def test_lora_plan_needs_less_memory_than_full_fine_tuning():
                 zero=1, micro_batch_size=1, recompute="full", lora_rank=16)
     assert lora.lora_rank == 16 and lora.feasible
     assert lora.chosen.memory_per_gpu_bytes < 0.8 * full.chosen.memory_per_gpu_bytes
+
+
+def test_lora_targets_are_priced_and_checked(tmp_path):
+    kw = dict(gpus=8, gpu="a100-40gb", seq_len=2048, global_batch_size=64, zero=1,
+              micro_batch_size=1, recompute="full", lora_rank=16)
+    qv = plan("llama-2-7b", **kw)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    wide = plan("llama-2-7b", lora_targets=every, **kw)
+    # adapters on all seven linears: more trainable parameters, so more memory
+    assert wide.chosen.memory_per_gpu_bytes > qv.chosen.memory_per_gpu_bytes
+    assert wide.lora_targets == sorted(every) and qv.lora_targets is None
+    wide.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == wide
+    with pytest.raises(CollieError, match="without lora_rank"):
+        plan("llama-2-7b", gpus=8, lora_targets=["q_proj"])
+    with pytest.raises(CollieError, match="no linear of llama-2-7b matches"):
+        plan("llama-2-7b", gpus=8, lora_rank=8, lora_targets=["qkv"])
+    with pytest.raises(CollieError, match="at most 4096"):
+        plan("llama-2-7b", gpus=8, lora_rank=100_000)
+
+
+def test_a_given_plan_must_train_what_it_priced():
+    """A LoRA plan run as full training would underestimate memory by gradients and
+    optimizer states of every weight; parallelize used to plan LoRA runs as full ones."""
+    from collie_compile.runtime import _check_plan_lora, lora_config, lora_plan_args
+
+    p = plan("tiny-llama", gpus=2, seq_len=64, global_batch_size=4, lora_rank=4)
+    _check_plan_lora(p, 4, ["v_proj", "q_proj"])  # the default targets, in any order
+    _check_plan_lora(p, *lora_plan_args(lora_config(None, 4, None, None, 0.0)))
+    with pytest.raises(CollieError, match=r"priced for LoRA rank 4 .* asks for full training"):
+        _check_plan_lora(p, None, None)
+    with pytest.raises(CollieError, match="--lora-rank 8 --lora-targets o_proj"):
+        _check_plan_lora(p, 8, ["o_proj"])
+    with pytest.raises(CollieError, match="without lora_rank"):
+        lora_config(None, None, None, ["q_proj"], 0.0)
 
 
 def test_interleaved_ranks_hold_what_their_stage_was_priced_for():

@@ -258,6 +258,8 @@ def check_lora(r: dict) -> None:
     assert r["adapter_err"] <= TOL
     assert r["logits_err"] <= TOL  # our saved adapter, loaded by peft
     assert r["merged_err"] <= TOL  # merge=True: plain HF weights with the adapters folded in
+    # the plan priced the adapters it runs (dist_worker.LORA_TARGETS, rank 4)
+    assert r["planned"] == [4, ["down_proj", "o_proj", "q_proj", "v_proj"]]
 
 
 def test_lora_single_process_matches_peft(tmp_path: Path) -> None:
