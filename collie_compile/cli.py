@@ -208,7 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       global_batch_size=args.global_batch, optimizer=args.optimizer,
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
                       weights=args.weights, save=args.save, seed=args.seed, pins=pins,
-                      check=args.check)
+                      check=args.check, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      lora_targets=args.lora_targets, merge=args.merge)
     losses = train(cfg)
     if dist.get_rank() == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
@@ -308,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--check", action="store_true",
                    help="afterwards, train one process the same way and compare the losses")
+    t.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank only; --save writes a PEFT adapter")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default 2*rank)")
+    t.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
+    t.add_argument("--merge", action="store_true",
+                   help="with LoRA, --save plain HF weights with the adapters folded in")
     for name in ("dp", "tp", "pp", "zero"):
         t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
     t.add_argument("--micro-batch", "--micro-batch-size", dest="micro_batch_size", type=int,

@@ -38,6 +38,10 @@ class TrainConfig:
     seed: int = 0
     pins: dict | None = None
     check: bool = False  # rank 0 then trains one process the same way and compares
+    lora_rank: int | None = None  # train LoRA adapters only (peft's LoraConfig fields)
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    merge: bool = False  # with LoRA, save the adapters folded into plain HF weights
 
 
 def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
@@ -74,13 +78,21 @@ def train(cfg: TrainConfig) -> list[float]:
 
     from .runtime import parallelize
 
+    if cfg.merge and cfg.lora_rank is None:
+        raise CollieError("--merge folds LoRA adapters into the weights; without --lora-rank "
+                          "there are none (--save alone writes the whole model)")
     model_cfg = load_config(cfg.model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg, device="meta" if cfg.weights else "cpu")
     pm = parallelize(model, plan=cfg.plan, optimizer=cfg.optimizer, lr=cfg.lr,
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
-                     gpu=cfg.gpu, weights=cfg.weights, **(cfg.pins or {}))
+                     gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
+                     lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                     **(cfg.pins or {}))
     tokens = tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size))
+    # the adapters' random init, for --check's one-process run to start from
+    start_adapters = ({k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
+                      if cfg.check and pm.lora is not None else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -103,26 +115,37 @@ def train(cfg: TrainConfig) -> list[float]:
             print(f"step {step + 1:5d}/{cfg.steps}  loss {loss:.4f}  {tok_s:,.0f} tokens/s",
                   flush=True)
     if cfg.save:
-        pm.save_pretrained(cfg.save)
+        pm.save_pretrained(cfg.save, merge=cfg.merge)
         if rank0:
-            print(f"saved a Hugging Face checkpoint to {cfg.save}", flush=True)
+            what = ("a PEFT LoRA adapter" if pm.lora is not None and not cfg.merge
+                    else "a Hugging Face checkpoint")
+            print(f"saved {what} to {cfg.save}", flush=True)
     if cfg.check:
         if rank0:
-            compare_with_one_process(cfg, tokens, losses)
+            compare_with_one_process(cfg, tokens, losses, pm.lora, start_adapters)
         dist.barrier()
     return losses
 
 
-def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor,
-                             losses: list[float]) -> float:
+def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: list[float],
+                             lora: object | None = None,
+                             adapters: dict[str, torch.Tensor] | None = None) -> float:
     """Train the same initial model on the same batches in this one process, with plain
-    transformers and the same optimizer; print how far the parallel losses are."""
+    transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
+    the same optimizer; print how far the parallel losses are."""
     from .optim import single_process_optimizer
 
     torch.manual_seed(cfg.seed)
     model = build_model(load_config(cfg.model), device="cpu")
+    if lora is not None:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        model = get_peft_model(model, lora)
+        set_peft_model_state_dict(model, {f"base_model.model.{k}": v
+                                          for k, v in (adapters or {}).items()})
     model.train()
-    opt = single_process_optimizer(cfg.optimizer, list(model.parameters()), cfg.lr)
+    opt = single_process_optimizer(cfg.optimizer, [p for p in model.parameters()
+                                                   if p.requires_grad], cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     worst = 0.0
     for ours in losses:

@@ -234,6 +234,30 @@ def test_train_cli_under_torchrun(tmp_path: Path) -> None:
     assert model.config.num_hidden_layers == 2
 
 
+def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
+    """`train --lora-rank` at tp=2: --check trains peft's own LoRA model from the same
+    adapter init in one process, and --save writes an adapter peft loads."""
+    out = tmp_path / "adapter"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "collie_compile", "train", "tiny-llama", "--data", str(ROOT / "README.md"),
+           "--steps", "6", "--seq-len", "32", "--global-batch", "8", "--lr", "1e-2",
+           "--lora-rank", "4", "--lora-targets", "q_proj", "v_proj", "o_proj", "--tp", "2",
+           "--save", str(out), "--check"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan: dp=1 tp=2" in proc.stdout
+    check = [ln for ln in proc.stdout.splitlines() if ln.startswith("one process")][-1]
+    assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from collie_compile.models import build_model, load_config
+
+    assert len(load_file(out / "adapter_model.safetensors")) == 2 * 3 * 2  # layers x targets x A,B
+    PeftModel.from_pretrained(build_model(load_config("tiny-llama")), out)
+
+
 def test_fused_only_options_are_refused_for_other_optimizers() -> None:
     from collie_compile.errors import CollieError
     from collie_compile.runtime import FusedOptions
