@@ -13,7 +13,7 @@ from dataclasses import asdict
 from .errors import CollieError
 from .estimate import estimate
 from .hardware import CATALOG, GiB
-from .memory import RECOMPUTE, SCHEDULES, estimate_json
+from .memory import DEFAULT_LORA_TARGETS, RECOMPUTE, SCHEDULES, estimate_json
 from .modelprofile import DTYPES
 from .models import PRESETS, build_model, count_params, load_config
 from .optimizers import OPTIMIZERS
@@ -134,8 +134,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary(), indent=2))
         return 0 if result.feasible else 3
     c = result.chosen
+    lora = ""
+    if result.lora_rank:
+        t = result.lora_targets or list(DEFAULT_LORA_TARGETS)
+        lora = f", LoRA r={result.lora_rank} on {t if isinstance(t, str) else ' '.join(t)}"
     print(f"{result.model} on {result.gpus} x {result.gpu} ({result.gpus_per_node} per node), "
-          f"{result.optimizer}, {result.dtype}, seq {result.seq_len}, global batch "
+          f"{result.optimizer}{lora}, {result.dtype}, seq {result.seq_len}, global batch "
           f"{result.global_batch_size}")
     head = "plan" if result.feasible else "NO PLAN FITS; the closest"
     print(f"{head} (solved in {result.solve_time_s:.2f} s by {result.solver}):")
