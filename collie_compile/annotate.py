@@ -374,7 +374,7 @@ def block_graph(ag: AnnotatedGraph, seq: int, block: int = 0) -> list[dict]:
             if info is None or info.block != block:
                 from_input |= info is not None and str(info.shape) == hidden
                 continue
-            if info.kind == "view":
+            if info.kind == "view" or info.shape is None:  # tuple outputs: chunk, split
                 sub, flag = producers(a)
                 found |= sub
                 from_input |= flag

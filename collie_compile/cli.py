@@ -210,6 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if getattr(args, k) is not None}
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, seq_len=args.seq_len,
                       global_batch_size=args.global_batch, optimizer=args.optimizer,
+                      dtype=args.dtype,
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
                       weights=args.weights, save=args.save, seed=args.seed, pins=pins,
                       check=args.check, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -301,9 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
     t.add_argument("--data", required=True, help="a UTF-8 text file")
     t.add_argument("--steps", type=int, default=20)
-    t.add_argument("--seq-len", type=int, default=64)
-    t.add_argument("--global-batch", type=int, default=8, help="sequences per step")
-    t.add_argument("--optimizer", default="adamw", type=str.lower)
+    t.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the plan file's, or 64)")
+    t.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step (default: the plan file's, or 8)")
+    t.add_argument("--optimizer", default=None, type=str.lower,
+                   help="default: the plan file's, or adamw")
+    t.add_argument("--dtype", default=None, type=str.lower,
+                   help=f"weights' dtype, one of {', '.join(DTYPES)} (default: the plan "
+                        "file's, or fp32)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--plan", default="auto", help="'auto' or a plan JSON file")
     t.add_argument("--gpu", default="a100-80gb", help="hardware the auto plan assumes")
@@ -319,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
     t.add_argument("--merge", action="store_true",
                    help="with LoRA, --save plain HF weights with the adapters folded in")
-    for name in ("dp", "tp", "pp", "zero"):
+    for name in ("dp", "tp", "pp"):
         t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
+    t.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="pin zero")
     t.add_argument("--micro-batch", "--micro-batch-size", dest="micro_batch_size", type=int,
                    default=None, help="pin the micro-batch")
     t.add_argument("--schedule", choices=SCHEDULES, default=None)

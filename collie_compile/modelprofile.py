@@ -33,7 +33,7 @@ from .models import (
 )
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 3
+PROFILE_SCHEMA = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
 
@@ -101,12 +101,19 @@ class ModelProfile:
                               "full") from None
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a dtype name (fp32, bf16, fp16; any case)."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise CollieError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
 def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
                   dtype: str = "bf16") -> ModelProfile:
     """Capture a two-block probe of ``model`` and summarise it (cached per arguments)."""
     cfg = load_config(model)
-    if dtype not in DTYPES:
-        raise CollieError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype(dtype)  # a known name
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if max_pos and seq_len > max_pos:
         raise CollieError(f"seq_len {seq_len} exceeds {model_name(cfg)}'s maximum of {max_pos} "

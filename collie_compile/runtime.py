@@ -31,6 +31,7 @@ from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
 from .memory import DEFAULT_LORA_TARGETS, vocab_parallel
+from .modelprofile import DTYPES, torch_dtype
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
@@ -55,10 +56,10 @@ class Coordinates:
 
 
 def parallelize(model: torch.nn.Module, gpus: int | None = None,
-                plan: str | Plan | Path = "auto", optimizer: str = "adamw",
+                plan: str | Plan | Path = "auto", optimizer: str | None = None,
                 lr: float | None = None, optimizer_kwargs: dict | None = None,
                 seq_len: int | None = None, global_batch_size: int | None = None,
-                gpu: str = "a100-80gb", dtype: str = "fp32", dp: int | None = None,
+                gpu: str = "a100-80gb", dtype: str | None = None, dp: int | None = None,
                 tp: int | None = None, pp: int | None = None, zero: int | None = None,
                 micro_batch_size: int | None = None, schedule: str | None = None,
                 recompute: str | None = None, weights: str | Path | None = None,
@@ -72,7 +73,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
     with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute), a
-    :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``. A model too
+    :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
+    defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. A model too
     big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
     safetensors checkpoint): each rank reads only the slices it holds.
 
@@ -91,6 +93,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     world = dist.get_world_size()
     cfg = model.config
     name = model_name(cfg)
+    dtype = model_dtype(model, dtype)
 
     fused = FusedOptions(max_grad_norm, clip_mode, clip_value, loss_scale, stochastic_rounding)
 
@@ -101,7 +104,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
         lora_cfg = adapter[0]
 
     def resolve() -> Plan:
-        fused.check(optimizer)
+        if optimizer is not None:
+            fused.check(optimizer)
         if gpus is not None and gpus != world:
             raise CollieError(f"gpus={gpus} but this job has {world} processes; launch "
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
@@ -111,11 +115,13 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                                                   micro_batch_size=micro_batch_size,
                                                   schedule=schedule, recompute=recompute),
                           lora_cfg)
+        fused.check(optimizer or p.optimizer)
         return p
 
     # Rank 0's plan for everyone: the solver is deterministic, but one answer is safer.
     solved = cdist.agree(resolve)
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
+    optimizer = optimizer or chosen_plan.optimizer
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
                          lora_cfg, adapter[1] if adapter else None, fused)
 
@@ -205,18 +211,33 @@ def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]
     return config, {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}
 
 
+def model_dtype(model: torch.nn.Module, asked: str | None) -> str:
+    """The dtype name of ``model``'s weights; ``asked``, if given, must be it (the plan
+    prices the dtype the weights really have)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    have = {v: k for k, v in DTYPES.items()}.get(first.dtype) if first is not None else None
+    if asked is None:
+        return have or "fp32"
+    cast = torch_dtype(asked)
+    if have is not None and asked.lower() != have:
+        raise CollieError(f"dtype={asked!r} but the model's weights are {have}: pass "
+                          f"dtype={have!r} (or leave it out), or cast the model first "
+                          f"(model.to({cast}))")
+    return asked.lower()
+
+
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
-                  optimizer: str, dtype: str, seq_len: int | None,
+                  optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None) -> Plan:
     from .planner import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
     if isinstance(plan, Plan):
         p = plan
-    elif str(plan) == "auto":
+    elif str(plan).lower() == "auto":
         p = solve(cfg, gpus=world, gpu=gpu, seq_len=seq_len,
-                  global_batch_size=global_batch_size, optimizer=optimizer,
-                  dtype="fp32" if dtype == "fp32" else dtype, lora_rank=lora_rank,
+                  global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
+                  dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, **pins)
         if not p.feasible:
             raise CollieError(f"no plan fits {world} x {p.gpu}: the closest is "
@@ -227,7 +248,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     if p.model != name:
         raise CollieError(f"the plan is for model {p.model!r} but this model is {name!r}; "
                           "plan this model (collie-compile plan) or pass plan='auto'")
-    if str(plan) != "auto":
+    if str(plan).lower() != "auto":
         _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size, pins)
         _check_plan_lora(p, lora_rank, lora_targets)
     c = p.chosen
@@ -242,7 +263,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     return p
 
 
-def _check_given_plan(p: Plan, optimizer: str, dtype: str, seq_len: int | None,
+def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int | None,
                       global_batch_size: int | None, pins: dict) -> None:
     """A plan is priced for one optimizer, dtype and shape: run it as priced, or say which
     argument disagrees (silently overriding either would void the memory estimate)."""
@@ -255,7 +276,7 @@ def _check_given_plan(p: Plan, optimizer: str, dtype: str, seq_len: int | None,
                    global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
                    zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
                    recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
-    asked = dict(optimizer=optimizer, dtype=dtype, seq_len=seq_len,
+    asked = dict(optimizer=optimizer and optimizer.lower(), dtype=dtype, seq_len=seq_len,
                  global_batch_size=global_batch_size, **pins)
     differ = [k for k in planned if asked.get(k) is not None and asked[k] != planned[k]]
     if differ:
@@ -281,11 +302,17 @@ def _check_plan_lora(p: Plan, rank: int | None, targets: str | list[str] | None)
     def what(r: int | None, t: str | list[str] | None) -> str:
         return "full training" if r is None else f"LoRA rank {r} on {norm(t)}"
 
-    fix = ("" if rank is None else f" --lora-rank {rank} --lora-targets "
-           + (targets if isinstance(targets, str) else " ".join(norm(targets))))
+    def flags(r: int | None, t: str | list[str] | None) -> str:
+        if r is None:
+            return "no --lora-rank"
+        t = norm(t)
+        return f"--lora-rank {r} --lora-targets {t if isinstance(t, str) else ' '.join(t)}"
+
     raise CollieError(f"the plan was priced for {what(p.lora_rank, p.lora_targets)} but this "
-                      f"run asks for {what(rank, targets)}; re-plan: collie-compile plan ..."
-                      f"{fix}")
+                      f"run asks for {what(rank, targets)}; run it with "
+                      f"{flags(p.lora_rank, p.lora_targets)} (parallelize: lora_rank=, "
+                      f"lora_targets=), or re-plan: collie-compile plan ... "
+                      f"{flags(rank, targets)}")
 
 
 FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans
@@ -523,6 +550,11 @@ class ParallelModel:
             raise CollieError(f"input_ids must be [global_batch, seq] = "
                               f"[{self.global_batch}, {self.seq}] as planned, got "
                               f"{list(ids.shape)}")
+        vocab = int(self.config.vocab_size)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise CollieError(f"input_ids hold token id {bad}, outside the model's vocabulary "
+                              f"of {vocab}; tokenize with the model's own tokenizer")
         if mask is not None:
             mask = torch.as_tensor(mask).bool()
             # Right padding under a causal mask changes no real token: only its labels go.
@@ -706,6 +738,13 @@ class ParallelModel:
 
     # -- checkpoints --------------------------------------------------------------------
 
+    @staticmethod
+    def check_save_path(directory: str | Path) -> None:
+        """Raise on every rank if rank 0, the writer, may not save to ``directory``: a
+        file, or a folder with files of the user's in it. A collective."""
+        cdist.agree(lambda: ckpt.check_replaceable(Path(directory))
+                    if dist.get_rank() == 0 else None)
+
     def save_pretrained(self, directory: str | Path, merge: bool = False) -> None:
         """Write a plain Hugging Face checkpoint (config.json + model.safetensors) that
         ``AutoModelForCausalLM.from_pretrained`` loads; with LoRA, a PEFT adapter
@@ -713,8 +752,9 @@ class ParallelModel:
         unless ``merge`` folds the adapters into the weights. A collective; rank 0 writes."""
         from safetensors.torch import save_file
 
-        weights = self.full_state_dict()
         final = Path(directory)
+        self.check_save_path(final)
+        weights = self.full_state_dict()
         if dist.get_rank() == 0:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -738,6 +778,7 @@ class ParallelModel:
         """Write the training state (weights, optimizer states, step) sharded: each rank
         saves the boxes it alone holds. Resumable under another plan or GPU count."""
         final = Path(directory)
+        self.check_save_path(final)
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

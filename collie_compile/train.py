@@ -11,24 +11,30 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .errors import CollieError
+from .modelprofile import torch_dtype
 from .models import build_model, load_config
+from .plan import Plan
 
 
 @dataclass
 class TrainConfig:
+    """What ``collie-compile train`` was asked; None: the plan file's value, or the
+    default (seq_len 64, global batch 8, adamw, fp32) with plan "auto"."""
+
     model: str
     data: str
     steps: int = 20
-    seq_len: int = 64
-    global_batch_size: int = 8
-    optimizer: str = "adamw"
+    seq_len: int | None = None
+    global_batch_size: int | None = None
+    optimizer: str | None = None
+    dtype: str | None = None
     lr: float | None = None
     plan: str = "auto"
     gpu: str = "a100-80gb"
@@ -72,24 +78,51 @@ def windows(tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator) ->
     return torch.stack([tokens[s:s + seq] for s in starts.tolist()])
 
 
+DEFAULTS = dict(seq_len=64, global_batch_size=8, optimizer="adamw", dtype="fp32")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill what was not asked from the plan file (so a plan runs as it was priced), or
+    from :data:`DEFAULTS`; check the rest."""
+    for k, v in (("steps", cfg.steps), ("seq_len", cfg.seq_len),
+                 ("global_batch_size", cfg.global_batch_size)):
+        if v is not None and v < 1:
+            raise CollieError(f"--{k.replace('_size', '').replace('_', '-')} must be a "
+                              f"positive integer, got {v}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise CollieError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.merge and cfg.lora_rank is None:
+        raise CollieError("--merge folds LoRA adapters into the weights; without --lora-rank "
+                          "there are none (--save alone writes the whole model)")
+    fill = dict(DEFAULTS)
+    if cfg.plan.lower() != "auto":
+        planned = Plan.load(cfg.plan)
+        fill = dict(seq_len=planned.seq_len, global_batch_size=planned.global_batch_size,
+                    optimizer=planned.optimizer, dtype=planned.dtype)
+        if cfg.lora_rank is None and cfg.lora_targets is None:
+            fill.update(lora_rank=planned.lora_rank, lora_targets=planned.lora_targets)
+    return replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
+
+
 def train(cfg: TrainConfig) -> list[float]:
     """Train and return the loss of every step (on every rank)."""
     from tqdm import tqdm
 
     from .runtime import parallelize
 
-    if cfg.merge and cfg.lora_rank is None:
-        raise CollieError("--merge folds LoRA adapters into the weights; without --lora-rank "
-                          "there are none (--save alone writes the whole model)")
+    cfg = resolve(cfg)
     model_cfg = load_config(cfg.model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(model_cfg, device="meta" if cfg.weights else "cpu")
+    model = build_model(model_cfg, device="meta" if cfg.weights else "cpu",
+                        dtype=torch_dtype(cfg.dtype))
     pm = parallelize(model, plan=cfg.plan, optimizer=cfg.optimizer, lr=cfg.lr,
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
                      **(cfg.pins or {}))
     tokens = tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size))
+    if cfg.save:  # before the training, not after it
+        pm.check_save_path(cfg.save)
     # the adapters' random init, for --check's one-process run to start from
     start_adapters = ({k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
                       if cfg.check and pm.lora is not None else None)
@@ -136,7 +169,7 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
     from .optim import single_process_optimizer
 
     torch.manual_seed(cfg.seed)
-    model = build_model(load_config(cfg.model), device="cpu")
+    model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))
     if lora is not None:
         from peft import get_peft_model, set_peft_model_state_dict
 

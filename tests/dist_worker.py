@@ -309,10 +309,11 @@ def run_error(cfg: dict) -> dict:
     """A bad request must raise a CollieError on every rank (not hang)."""
     try:
         kwargs = {k: v for k, v in cfg.items()
-                  if k not in ("model", "layers", "id", "error", "heads")}
-        parallelize(make_model(cfg["model"], cfg.get("layers", 2), cfg.get("heads")),
-                    seq_len=SEQ,
-                    global_batch_size=BATCH, **kwargs)
+                  if k not in ("model", "layers", "id", "error", "heads", "step_with_token")}
+        pm = parallelize(make_model(cfg["model"], cfg.get("layers", 2), cfg.get("heads")),
+                         seq_len=SEQ, global_batch_size=BATCH, **kwargs)
+        if "step_with_token" in cfg:
+            pm.train_step({"input_ids": torch.full((BATCH, SEQ), cfg["step_with_token"])})
         msg = ""
     except CollieError as e:
         msg = str(e)

@@ -205,9 +205,10 @@ def test_a_given_plan_must_train_what_it_priced():
     p = plan("tiny-llama", gpus=2, seq_len=64, global_batch_size=4, lora_rank=4)
     _check_plan_lora(p, 4, ["v_proj", "q_proj"])  # the default targets, in any order
     _check_plan_lora(p, *lora_plan_args(lora_config(None, 4, None, None, 0.0)))
-    with pytest.raises(CollieError, match=r"priced for LoRA rank 4 .* asks for full training"):
+    with pytest.raises(CollieError, match=r"priced for LoRA rank 4 .* asks for full training; "
+                                          r"run it with --lora-rank 4 --lora-targets q_proj v_"):
         _check_plan_lora(p, None, None)
-    with pytest.raises(CollieError, match="--lora-rank 8 --lora-targets o_proj"):
+    with pytest.raises(CollieError, match=r"re-plan: .* --lora-rank 8 --lora-targets o_proj"):
         _check_plan_lora(p, 8, ["o_proj"])
     with pytest.raises(CollieError, match="without lora_rank"):
         lora_config(None, None, None, ["q_proj"], 0.0)

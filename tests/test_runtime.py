@@ -63,6 +63,11 @@ ERRORS_4 = [
      "error": "does not divide"},
     {"id": "err-plan-model", "model": "tiny-llama", "plan": "{qwen_plan}",
      "error": "the plan is for model 'tiny-qwen2'"},
+    # the plan prices the weights' real dtype: a label that disagrees is refused
+    {"id": "err-dtype", "model": "tiny-llama", "dtype": "bf16",
+     "error": "dtype='bf16' but the model's weights are fp32"},
+    {"id": "err-token", "model": "tiny-llama", "dp": 2, "tp": 2, "step_with_token": 256,
+     "error": "input_ids hold token id 256, outside the model's vocabulary of 256"},
 ]
 # A checkpoint written under one plan, resumed under another (same launch) and under
 # another GPU count (the 8-process launch).
@@ -256,6 +261,32 @@ def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
 
     assert len(load_file(out / "adapter_model.safetensors")) == 2 * 3 * 2  # layers x targets x A,B
     PeftModel.from_pretrained(build_model(load_config("tiny-llama")), out)
+
+
+def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
+    """Saving replaces the whole folder: it used to delete whatever was in it (and a
+    file given as the folder was moved aside, then a traceback)."""
+    from collie_compile.checkpoint import check_replaceable
+    from collie_compile.errors import CollieError
+
+    check_replaceable(tmp_path / "new")  # nothing there yet
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for name in ("config.json", "model.safetensors", "index.json", "rank00001.safetensors"):
+        (ours / name).write_text("x")
+    check_replaceable(ours)  # a previous save: replaced
+    (ours / "notes.txt").write_text("important")
+    with pytest.raises(CollieError, match=r"holds files a checkpoint does not \(notes.txt\)"):
+        check_replaceable(ours)
+    (tmp_path / "data.txt").write_text("text")
+    with pytest.raises(CollieError, match="exists and is not a folder"):
+        check_replaceable(tmp_path / "data.txt")
+    (tmp_path / "run.tmp").mkdir()
+    (tmp_path / "run.tmp" / "mine.py").write_text("")
+    with pytest.raises(CollieError, match="run.tmp holds files"):
+        check_replaceable(tmp_path / "run")
 
 
 def test_fused_only_options_are_refused_for_other_optimizers() -> None:

@@ -38,3 +38,20 @@ def test_plan_records_sharding():
     p = plan("llama-2-7b", gpus=8, gpu="h100-80gb", seq_len=2048, tp=2)
     assert {m.rsplit(".", 1)[-1]: s for m, s in p.chosen.sharding.items()} == MEGATRON
     assert not any("sharding" in n for n in p.notes)
+
+
+def test_fused_qkv_through_chunk_is_sharded(tmp_path):
+    """GPT-NeoX splits its fused query_key_value output with chunk (a tuple-valued op);
+    the block graph used to name chunk as a producer without a node of its own, so any
+    tp > 1 plan of a NeoX model died with KeyError: 'chunk'."""
+    import json
+
+    cfg = dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", hidden_size=512,
+               intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+               vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25,
+               use_parallel_residual=True, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = plan(str(tmp_path), gpus=2, gpu="a100-80gb", tp=2)
+    assert {m.rsplit(".", 1)[-1]: s for m, s in p.chosen.sharding.items()} == {
+        "query_key_value": "column", "dense": "row", "dense_h_to_4h": "column",
+        "dense_4h_to_h": "row"}
