@@ -26,7 +26,10 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _gib(n: float) -> str:
+def _bytes(n: float, total: float) -> str:
+    """GiB, or MiB when the whole table is under 1 GiB (small models read 0.00 GiB)."""
+    if total < GiB:
+        return f"{n / 2**20:8.2f} MiB"
     return f"{n / GiB:8.2f} GiB"
 
 
@@ -98,9 +101,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for label, value in [("params", mem.params_bytes), ("grads", mem.grads_bytes),
                          ("optimizer states", mem.optimizer_bytes),
                          ("activations", mem.activations_bytes), ("other", mem.other_bytes)]:
-        print(f"  {label:18}{_gib(value)}")
+        print(f"  {label:18}{_bytes(value, mem.total_bytes)}")
     verdict = "fits" if est.fits else "DOES NOT FIT"
-    print(f"  {'total':18}{_gib(mem.total_bytes)}   {verdict} "
+    print(f"  {'total':18}{_bytes(mem.total_bytes, mem.total_bytes)}   {verdict} "
           f"({100 * mem.total_bytes / cap:.0f}% of {cap / GiB:.1f} GiB; "
           f"{est.usable_bytes / GiB:.2f} GiB usable with {100 * est.memory_reserve:g}% kept free)")
     return 0
@@ -164,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        ("optimizer states", "optimizer_bytes"),
                        ("activations", "activations_bytes"), ("other", "other_bytes"),
                        ("total", "total_bytes")]:
-        print(f"  {label:18}{_gib(m[key])}")
+        print(f"  {label:18}{_bytes(m[key], m['total_bytes'])}")
     if not result.feasible:
         print(f"\ndoes not fit: the closest plan needs {c.memory_per_gpu_bytes / GiB:.2f} GiB "
               f"per GPU, {result.shortfall_bytes / GiB:.2f} GiB more than the "
@@ -338,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()  # its advice is for its own users, not ours
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -100,13 +100,49 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     layout.validate()
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     check_tp(prof, tp)
-    v = layout.virtual_stages
-    if v > 1 and pp * v > prof.num_layers:  # (v = 1: the memory model says so)
-        raise CollieError(f"pp={pp} x {v} chunks per GPU needs {pp * v} layers; "
-                          f"{prof.name} has {prof.num_layers}: use fewer --virtual-stages "
-                          "or a smaller pp")
+    problem = layout_problem(layout, prof, gpus_per_node=tp,
+                             global_batch=dp * micro_batch_size * layout.num_microbatches)
+    if problem:
+        raise CollieError(problem[1])
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     trainable = prof.num_params if lora is None else lora.params
     mem = MemoryModel(prof, opt, trainable / prof.num_params, lora).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,
                     memory_reserve)
+
+
+def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
+                global_batch: int) -> tuple[str, str] | None:
+    """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
+    rules, checked up front (by the planner for every layout it tries)."""
+    m = lay.num_microbatches
+    rules = [
+        ("zero", lay.zero and lay.dp == 1,
+         f"zero={lay.zero} shards over data-parallel ranks, and dp=1 has none"),
+        ("schedule", lay.schedule != "1f1b" and lay.pp == 1,
+         f"the {lay.schedule} schedule needs pp > 1"),
+        ("node", lay.tp > gpus_per_node, f"tp={lay.tp} would span nodes of {gpus_per_node} "
+                                         "GPUs"),
+        ("heads", _heads_problem(prof, lay.tp), _heads_problem(prof, lay.tp)),
+        ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
+         f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
+                           else "") + f" needs {lay.pp * lay.virtual_stages} layers, "
+                                      f"{prof.name} has {prof.num_layers}"),
+        ("batch", global_batch % (lay.dp * lay.micro_batch_size),
+         f"dp x micro-batch ({lay.dp} x {lay.micro_batch_size}) does not divide the global "
+         f"batch {global_batch}"),
+        # torch's pipeline schedules need m >= pp; interleaved ones run rounds of pp
+        ("fill", 1 < lay.pp > m, f"pp={lay.pp} needs at least {lay.pp} micro-batches, "
+                                 f"the batch gives {m}"),
+        ("rounds", lay.schedule == "interleaved" and m % lay.pp,
+         f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
+    ]
+    return next(((rule, msg) for rule, broken, msg in rules if broken), None)
+
+
+def _heads_problem(prof: ModelProfile, tp: int) -> str | None:
+    try:
+        check_tp(prof, tp)
+    except CollieError as e:
+        return str(e).split(";")[0]
+    return None

@@ -452,7 +452,8 @@ def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gp
         "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "zero": layout.zero,
                    "micro_batch_size": layout.micro_batch_size,
                    "num_microbatches": layout.num_microbatches, "schedule": layout.schedule,
-                   "seq_len": layout.seq_len, "recompute": layout.recompute},
+                   "virtual_stages": layout.virtual_stages, "seq_len": layout.seq_len,
+                   "recompute": layout.recompute},
         "optimizer": optimizer, "dtype": dtype, "per_gpu": mem.to_dict(),
         "fits": mem.total_bytes <= usable_memory,
     }

@@ -125,7 +125,8 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return json.dumps({"collie_compile_plan": 1, **asdict(self)}, indent=2)
+        return json.dumps({"collie_compile_plan": FORMAT, **asdict(self),
+                           "priced": _fingerprint(asdict(self))}, indent=2)
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> Plan:
@@ -134,17 +135,56 @@ class Plan:
         except json.JSONDecodeError as e:
             raise CollieError(f"{source} is not valid JSON ({e}); re-create it with "
                               "`collie-compile plan ... --out`") from None
-        if not isinstance(data, dict) or data.pop("collie_compile_plan", None) != 1:
+        if not isinstance(data, dict) or "collie_compile_plan" not in data:
             raise CollieError(f"{source} is not a collie-compile plan file")
+        if data.pop("collie_compile_plan") != FORMAT:
+            raise CollieError(f"{source} is a plan of another format than this collie-compile "
+                              f"reads ({FORMAT}); re-create it with `collie-compile plan ... "
+                              "--out`")
+        priced = data.pop("priced", None)
         try:
             if data.get("chosen") is not None:
                 data["chosen"] = _candidate(data["chosen"])
             data["alternatives"] = [_candidate(a) for a in data.get("alternatives", [])]
             _check_keys(cls, data)
-            return cls(**data)
+            plan = cls(**data)
+            plan._check_sizes()
         except (TypeError, KeyError, ValueError) as e:
             raise CollieError(f"{source} is corrupted ({e}); re-create it with "
                               "`collie-compile plan ... --out`") from None
+        if priced is not None and priced != _fingerprint(asdict(plan)):
+            raise CollieError(f"{source} was edited after it was priced: its memory and time "
+                              f"figures are for another plan. To choose a layout, pin it: "
+                              f"{plan.replan_command()}")
+        return plan
+
+    def _check_sizes(self) -> None:
+        c = self.chosen
+        if c is None:
+            return
+        if c.dp * c.tp * c.pp != self.gpus:
+            raise ValueError(f"dp*tp*pp = {c.dp * c.tp * c.pp} but gpus = {self.gpus}")
+        if c.dp * c.micro_batch_size * c.num_microbatches != self.global_batch_size:
+            raise ValueError(f"dp x micro-batch x micro-batches = {c.dp} x "
+                             f"{c.micro_batch_size} x {c.num_microbatches} but the global "
+                             f"batch is {self.global_batch_size}")
+
+    def replan_command(self) -> str:
+        """The ``collie-compile plan`` command that pins this plan's chosen layout."""
+        c = self.chosen
+        args = [f"collie-compile plan {self.model} --gpus {self.gpus} --gpu {self.gpu}",
+                f"--seq-len {self.seq_len} --global-batch {self.global_batch_size}",
+                f"--optimizer {self.optimizer} --dtype {self.dtype}"]
+        if self.lora_rank:
+            args.append(f"--lora-rank {self.lora_rank}")
+        if c is not None:
+            args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp} --zero {c.zero} "
+                        f"--micro-batch {c.micro_batch_size}")
+            if c.pp > 1:
+                args.append(f"--schedule {c.schedule}")
+            if len(set(c.recompute)) == 1:
+                args.append(f"--recompute {c.recompute[0]}")
+        return " ".join(args + ["--out FILE"])
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves half a plan file."""
@@ -160,6 +200,17 @@ class Plan:
         except OSError as e:
             raise CollieError(f"cannot read plan {path}: {e.strerror}") from None
         return cls.from_json(text, source=str(path))
+
+
+FORMAT = 1  # the plan file format this version writes and reads
+
+
+def _fingerprint(data: dict) -> str:
+    """A digest of what the cost model priced (request and layouts, not the prose)."""
+    import hashlib
+
+    priced = {k: v for k, v in data.items() if k not in ("suggestions", "notes")}
+    return hashlib.sha256(json.dumps(priced, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_keys(cls: type, data: dict) -> None:

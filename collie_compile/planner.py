@@ -43,7 +43,7 @@ import numpy as np
 import pulp
 
 from .errors import CollieError
-from .estimate import check_tp, default_seq_len
+from .estimate import default_seq_len, layout_problem
 from .hardware import GPUSpec, get_gpu
 from .memory import (
     INTERLEAVED_CHUNKS,
@@ -360,7 +360,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                     shortfall_bytes=int(short),
                     suggestions=[] if quick else _suggestions(
                         model, gpus, spec, opt, dtype, seq_len, global_batch_size, recompute,
-                        gpus_per_node, memory_reserve, lora_rank, lora_targets),
+                        gpus_per_node, memory_reserve, lora_rank, lora_targets, pins),
                     notes=notes)
     best = solved[0][1]
     if best.tp > 1:
@@ -393,7 +393,7 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                         if any(val is not None and getattr(lay, k) != val
                                for k, val in pins.items()):
                             continue
-                        why = _cannot_run(lay, prof, gpus_per_node, global_batch)
+                        why = layout_problem(lay, prof, gpus_per_node, global_batch)
                         if why:  # one example of each rule broken, and how often
                             n, first = reasons.get(why[0], (0, why[1]))
                             reasons[why[0]] = (n + 1, first)
@@ -410,43 +410,6 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
         raise CollieError(f"no layout of {gpus} GPUs with global batch {global_batch} "
                           f"satisfies {pinned or 'the model'}: {why}")
     return out
-
-
-def _cannot_run(lay: Layout, prof: ModelProfile, gpus_per_node: int,
-                global_batch: int) -> tuple[str, str] | None:
-    """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
-    rules, checked up front."""
-    m = lay.num_microbatches
-    rules = [
-        ("zero", lay.zero and lay.dp == 1,
-         f"zero={lay.zero} shards over data-parallel ranks, and dp=1 has none"),
-        ("schedule", lay.schedule != "1f1b" and lay.pp == 1,
-         f"the {lay.schedule} schedule needs pp > 1"),
-        ("node", lay.tp > gpus_per_node, f"tp={lay.tp} would span nodes of {gpus_per_node} "
-                                         "GPUs"),
-        ("heads", _heads_problem(prof, lay.tp), _heads_problem(prof, lay.tp)),
-        ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
-         f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
-                           else "") + f" needs more than {prof.name}'s {prof.num_layers} "
-                                      "layers"),
-        ("batch", global_batch % (lay.dp * lay.micro_batch_size),
-         f"dp x micro-batch ({lay.dp} x {lay.micro_batch_size}) does not divide the global "
-         f"batch {global_batch}"),
-        # torch's pipeline schedules need m >= pp; interleaved ones run rounds of pp
-        ("fill", 1 < lay.pp > m, f"pp={lay.pp} needs at least {lay.pp} micro-batches, "
-                                 f"the batch gives {m}"),
-        ("rounds", lay.schedule == "interleaved" and m % lay.pp,
-         f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
-    ]
-    return next(((rule, msg) for rule, broken, msg in rules if broken), None)
-
-
-def _heads_problem(prof: ModelProfile, tp: int) -> str | None:
-    try:
-        check_tp(prof, tp)
-    except CollieError as e:
-        return str(e).split(";")[0]
-    return None
 
 
 def _zero_stages(dp: int, pinned: int | None) -> tuple[int, ...]:
@@ -529,6 +492,8 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
         reasons.append("ZeRO-3 gathers weights every micro-batch")
     if cand.dp > best.dp and cand.zero < 3:
         reasons.append(f"larger gradient all-reduce exposure (dp={cand.dp})")
+    if ratio < 1.0005:  # a tie to the model's precision: say so, not "1.000x slower"
+        return "as fast as the chosen plan (modeled step times within 0.05%)"
     why = "; ".join(reasons) or "higher modeled step time"
     return f"{ratio:.3f}x slower: {why}"
 
@@ -536,24 +501,32 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
 def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype: str,
                  seq_len: int, global_batch: int, recompute: str | None, gpus_per_node: int,
                  memory_reserve: float, lora_rank: int | None,
-                 lora_targets: str | list[str] | None) -> list[str]:
-    """What would make an infeasible request fit, each checked with the cost model."""
+                 lora_targets: str | list[str] | None, pins: dict) -> list[str]:
+    """What would make an infeasible request fit, each one change from the request (its
+    pins kept) checked with the cost model."""
     out = []
 
     def fits(**kw: object) -> bool:
         args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
                     seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
                     dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0,
-                    quick=True, lora_rank=lora_rank, lora_targets=lora_targets)
+                    quick=True, lora_rank=lora_rank, lora_targets=lora_targets, **pins)
         args.update(kw)
         try:
             return plan(**args).feasible
         except CollieError:
             return False
 
+    pinned = [k for k, v in pins.items() if v is not None]
+    if pinned and fits(**dict.fromkeys(pinned)):
+        flags = " ".join(f"--{k.replace('_size', '').replace('_', '-')}" for k in pinned)
+        out.append(f"drop the pins ({flags}): the planner's own choice fits")
     for factor in (2, 4, 8, 16):
-        if fits(gpus=gpus * factor, global_batch_size=max(global_batch, gpus * factor)):
-            out.append(f"use {gpus * factor} GPUs")
+        more = max(global_batch, gpus * factor)
+        if fits(gpus=gpus * factor, global_batch_size=more, dp=None):  # dp grows with them
+            out.append(f"use {gpus * factor} GPUs" + (
+                f" (global batch {more}, one sequence per GPU)" if more > global_batch
+                else ""))
             break
     for name in ("lomo", "adalomo"):
         if opt.name != name and fits(optimizer=name):

@@ -24,7 +24,8 @@ def test_estimate_json_keys_exact(capsys):
                         "usable_memory_bytes", "layout", "optimizer", "dtype", "per_gpu",
                         "fits"}
     assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
-                             "num_microbatches": 1, "schedule": "1f1b", "seq_len": 64,
+                             "num_microbatches": 1, "schedule": "1f1b", "virtual_stages": 1,
+                             "seq_len": 64,
                              "recompute": "none"}
     assert set(doc["per_gpu"]) == {"params_bytes", "grads_bytes", "optimizer_bytes",
                                    "activations_bytes", "other_bytes", "total_bytes"}
@@ -67,7 +68,7 @@ def test_models_and_gpus_lists(capsys):
     (["estimate", "tiny-llama", "--gpus", "6", "--tp", "4"], "not divisible by tp*pp=4"),
     (["estimate", "tiny-llama", "--gpus", "8", "--dp", "2", "--tp", "2"], "= 4 but gpus=8"),
     (["estimate", "tiny-llama", "--tp", "3"], "does not divide tiny-llama's 4 attention"),
-    (["estimate", "tiny-llama", "--pp", "3"], "pp=3 exceeds the model's 2 layers"),
+    (["estimate", "tiny-llama", "--pp", "3"], "pp=3 needs 3 layers, tiny-llama has 2"),
     (["estimate", "tiny-llama", "--seq-len", "100000"], "exceeds tiny-llama's maximum"),
     (["estimate", "tiny-llama", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     # zero is not "unset": it used to fall back to the default silently
@@ -85,7 +86,7 @@ def test_models_and_gpus_lists(capsys):
     (["estimate", "tiny-llama", "--lora-targets", "q_proj"], "without lora_rank"),
     (["estimate", "tiny-llama", "--lora-rank", "100"], "use a rank of at most 32"),
     (["estimate", "tiny-llama", "--pp", "2", "--schedule", "interleaved"],
-     "pp=2 x 2 chunks per GPU needs 4 layers; tiny-llama has 2"),
+     "pp=2 x 2 chunks needs 4 layers, tiny-llama has 2"),
     (["estimate", "tiny-llama", "--pp", "2", "--virtual-stages", "2"],
      "needs the interleaved schedule"),
     (["estimate", "tiny-llama", "--pp", "2", "--num-microbatches", "3", "--schedule",

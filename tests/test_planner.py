@@ -97,6 +97,23 @@ def test_corrupted_plan_file(tmp_path):
         path.write_text(json.dumps({**good, "chosen": {**good["chosen"], field: value}}))
         with pytest.raises(CollieError, match=match):  # hand edits the runtime would trip on
             Plan.load(path)
+    for field, value, match in [("micro_batch_size", 4, r"dp x micro-batch x micro-batches"),
+                                ("dp", 1, r"dp\*tp\*pp = 1 but gpus = 2")]:
+        path.write_text(json.dumps({**good, "chosen": {**good["chosen"], field: value}}))
+        with pytest.raises(CollieError, match=match):  # sizes that do not multiply out
+            Plan.load(path)
+    # an edit that runs but leaves the priced figures describing another plan: refused,
+    # with the command that prices the layout asked for
+    c = good["chosen"]
+    path.write_text(json.dumps({**good, "chosen": {**c, "recompute": ["full", "full"]}}))
+    with pytest.raises(CollieError, match=r"edited after it was priced.*collie-compile plan "
+                                          r"tiny-llama --gpus 2 .* --recompute full --out"):
+        Plan.load(path)
+    path.write_text(json.dumps({**good, "notes": ["mine"]}))  # prose is not priced
+    assert Plan.load(path).notes == ["mine"]
+    path.write_text(json.dumps({**good, "collie_compile_plan": 2}))
+    with pytest.raises(CollieError, match="another format than this collie-compile reads"):
+        Plan.load(path)
 
 
 def test_lomo_anchor_through_plan():
@@ -109,6 +126,16 @@ def test_lomo_anchor_through_plan():
     assert any("--lora-rank 8" in s for s in adamw.suggestions)  # checked to fit, like the rest
 
 
+def test_suggestions_keep_the_pins():
+    """Each suggestion is one change to the request as given: they used to be checked
+    without the pins, so four of five still did not fit once applied."""
+    p = plan("llama-2-7b", gpus=8, seq_len=2048, tp=8, micro_batch_size=64, recompute="none")
+    assert not p.feasible
+    assert p.suggestions[0] == "drop the pins (--tp --micro-batch): the planner's own choice fits"
+    assert "allow recomputation (--recompute full)" in p.suggestions
+    assert not any("GPUs" in x or "lomo" in x for x in p.suggestions)  # neither fits pinned
+
+
 def test_pins_are_respected_and_bad_pins_explained():
     p = plan("tiny-llama", gpus=4, gpu="rtx3090", seq_len=64, tp=2, recompute="full")
     assert p.chosen.tp == 2 and set(p.chosen.recompute) == {"full"}
@@ -116,7 +143,7 @@ def test_pins_are_respected_and_bad_pins_explained():
     for pins, why in [(dict(gpus=6, tp=3), "tp=3 does not divide tiny-llama's 4 attention"),
                       (dict(gpus=4, dp=3), "dp=3 does not divide 4 GPUs"),
                       (dict(gpus=8, tp=8, gpus_per_node=4), "tp=8 would span nodes of 4"),
-                      (dict(gpus=4, pp=4), "pp=4 needs more than tiny-llama's 2 layers"),
+                      (dict(gpus=4, pp=4), "pp=4 needs 4 layers, tiny-llama has 2"),
                       (dict(gpus=2, pp=2, zero=2), "zero=2 shards over data-parallel ranks"),
                       (dict(gpus=4, dp=4, schedule="gpipe"), "gpipe schedule needs pp > 1"),
                       (dict(gpus=2, pp=2, global_batch_size=1), "needs at least 2 micro-b"),
