@@ -260,7 +260,7 @@ def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
     from collie_compile.models import build_model, load_config
 
     assert len(load_file(out / "adapter_model.safetensors")) == 2 * 3 * 2  # layers x targets x A,B
-    PeftModel.from_pretrained(build_model(load_config("tiny-llama")), out)
+    PeftModel.from_pretrained(build_model(load_config("tiny-llama"), device="cpu"), out)
 
 
 def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
