@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gpus-per-node", type=int, default=8)
     q.add_argument("--seq-len", type=int, default=None)
     q.add_argument("--global-batch", type=int, default=None,
-                   help="sequences per step (default: ~2M tokens, at least one per GPU)")
+                   help="sequences per step (default: ~2M tokens, rounded up to a "
+                        "multiple of the GPU count)")
     q.add_argument("--optimizer", default="adamw", type=str.lower)
     q.add_argument("--dtype", default="bf16", type=str.lower)
     q.add_argument("--lora-rank", type=int, default=None,

@@ -130,7 +130,9 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
                                       f"{prof.name} has {prof.num_layers}"),
         ("batch", global_batch % (lay.dp * lay.micro_batch_size),
          f"dp x micro-batch ({lay.dp} x {lay.micro_batch_size}) does not divide the global "
-         f"batch {global_batch}"),
+         f"batch {global_batch} (--global-batch "
+         f"{-(-global_batch // (lay.dp * lay.micro_batch_size)) * lay.dp * lay.micro_batch_size}"
+         " would)"),
         # torch's pipeline schedules need m >= pp; interleaved ones run rounds of pp
         ("fill", 1 < lay.pp > m, f"pp={lay.pp} needs at least {lay.pp} micro-batches, "
                                  f"the batch gives {m}"),

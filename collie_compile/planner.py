@@ -297,8 +297,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
-    if global_batch_size is None:  # ~2M tokens, at least one sequence per GPU
-        global_batch_size = max(gpus, (1 << 21) // seq_len)
+    if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
+        global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     if global_batch_size < 1:
         raise CollieError(f"global_batch_size must be positive, got {global_batch_size}")
     if recompute is not None and recompute not in RECOMPUTE:

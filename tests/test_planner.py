@@ -263,3 +263,12 @@ def test_interleaved_ranks_hold_what_their_stage_was_priced_for():
     for k, (a, b) in enumerate(ch.stages):
         held = [i for lo, hi in chunks[k::ch.pp] for i in range(lo, hi + 1)]
         assert sorted(modes[i] for i in held) == sorted(ch.recompute[a:b + 1])
+
+
+def test_default_global_batch_lets_every_dp_divide_it():
+    """On 6 GPUs the default (~2M tokens: 512 x 4096) ruled out dp=3 and dp=6; it is now
+    rounded up to a multiple of the GPU count."""
+    p = plan("llama-2-7b", gpus=6, seq_len=4096, gpu="a100-80gb")
+    assert p.global_batch_size == 516 and p.chosen.dp == 6
+    with pytest.raises(CollieError, match=r"\(--global-batch 516 would\)"):
+        plan("llama-2-7b", gpus=6, seq_len=4096, global_batch_size=512, dp=6)
