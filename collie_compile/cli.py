@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from .errors import CollieError
-from .estimate import estimate
+from .estimate import estimate, resolve_sizes
 from .hardware import CATALOG, GiB
 from .memory import DEFAULT_LORA_TARGETS, RECOMPUTE, SCHEDULES, estimate_json
 from .modelprofile import DTYPES
@@ -73,9 +73,18 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    m = args.num_microbatches
+    if args.global_batch is not None:  # plan's way of saying it: micro-batches follow
+        dp, _, _ = resolve_sizes(args.gpus, args.dp, args.tp, args.pp)
+        share = dp * args.micro_batch
+        if args.global_batch % share or (m is not None and m * share != args.global_batch):
+            raise CollieError(f"--global-batch {args.global_batch} is not dp x micro-batch x "
+                              f"micro-batches = {dp} x {args.micro_batch} x "
+                              f"{m or 'n'}; give a multiple of {share}")
+        m = args.global_batch // share
     est = estimate(args.model, gpus=args.gpus, gpu=args.gpu, dp=args.dp, tp=args.tp,
                    pp=args.pp, zero=args.zero, micro_batch_size=args.micro_batch,
-                   num_microbatches=args.num_microbatches, seq_len=args.seq_len,
+                   num_microbatches=m, seq_len=args.seq_len,
                    recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
                    schedule=args.schedule, lora_rank=args.lora_rank,
                    lora_targets=args.lora_targets, memory_reserve=args.memory_reserve,
@@ -251,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--micro-batch", type=int, default=1)
     e.add_argument("--num-microbatches", type=int, default=None,
                    help="micro-batches per step (default: pp, so the pipeline fills)")
+    e.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step, as plan takes it (sets --num-microbatches)")
     e.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (default 2048, or the model's context if shorter)")
     e.add_argument("--recompute", default="none", choices=RECOMPUTE)

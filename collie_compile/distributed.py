@@ -37,6 +37,11 @@ def ensure_initialized() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def local_world_size() -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE (the whole world without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or dist.get_world_size())
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -235,7 +235,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     if isinstance(plan, Plan):
         p = plan
     elif str(plan).lower() == "auto":
-        p = solve(cfg, gpus=world, gpu=gpu, seq_len=seq_len,
+        p = solve(cfg, gpus=world, gpu=gpu, gpus_per_node=cdist.local_world_size(),
+                  seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, **pins)
@@ -260,6 +261,10 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
                           f"pp={c.pp}) but this job has {world} processes")
     heads = int(cfg.num_attention_heads)
     check_heads(name, heads, int(getattr(cfg, "num_key_value_heads", None) or heads), c.tp)
+    local = cdist.local_world_size()
+    if c.tp > local or local % c.tp:  # tp groups are consecutive ranks: keep them on a node
+        raise CollieError(f"the plan's tp={c.tp} would span nodes of {local} processes; "
+                          f"re-plan with --gpus-per-node {local}")
     return p
 
 

@@ -308,8 +308,10 @@ def run_fused(cfg: dict) -> dict:
 def run_error(cfg: dict) -> dict:
     """A bad request must raise a CollieError on every rank (not hang)."""
     try:
-        kwargs = {k: v for k, v in cfg.items()
-                  if k not in ("model", "layers", "id", "error", "heads", "step_with_token")}
+        kwargs = {k: v for k, v in cfg.items() if k not in (
+            "model", "layers", "id", "error", "heads", "step_with_token", "local_world_size")}
+        if "local_world_size" in cfg:  # as if torchrun ran this many per node
+            os.environ["LOCAL_WORLD_SIZE"] = str(cfg["local_world_size"])
         pm = parallelize(make_model(cfg["model"], cfg.get("layers", 2), cfg.get("heads")),
                          seq_len=SEQ, global_batch_size=BATCH, **kwargs)
         if "step_with_token" in cfg:
@@ -317,6 +319,8 @@ def run_error(cfg: dict) -> dict:
         msg = ""
     except CollieError as e:
         msg = str(e)
+    finally:
+        os.environ["LOCAL_WORLD_SIZE"] = str(dist.get_world_size())
     flags = [torch.tensor([int(bool(msg))]) for _ in range(dist.get_world_size())]
     dist.all_gather(flags, torch.tensor([int(bool(msg))]))
     return {"error": msg, "all_ranks_raised": all(int(f) for f in flags)}

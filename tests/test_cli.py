@@ -82,6 +82,7 @@ def test_models_and_gpus_lists(capsys):
      "folder /nonexistent-dir does not exist"),
     (["plan", "tiny-llama", "--gpus", "4", "--out", "/tmp"], "is a directory"),
     (["plan", "tiny-llama", "--gpus", "4", "--pp", "3"], "pp=3 does not divide 4 GPUs"),
+    (["estimate", "tiny-llama", "--gpus", "4", "--global-batch", "6"], "give a multiple of 4"),
     (["plan", "tiny-llama", "--gpus", "4", "--lora-targets", "q_proj"], "without lora_rank"),
     (["estimate", "tiny-llama", "--lora-targets", "q_proj"], "without lora_rank"),
     (["estimate", "tiny-llama", "--lora-rank", "100"], "use a rank of at most 32"),
@@ -167,3 +168,9 @@ def test_train_takes_the_plan_flag_spellings():
     for flag in ("--micro-batch", "--micro-batch-size"):
         args = build_parser().parse_args(["train", "tiny-llama", "--data", "x", flag, "2"])
         assert args.micro_batch_size == 2
+
+
+def test_estimate_takes_the_global_batch_as_plan_does(capsys):
+    rc, out, _ = run(capsys, "estimate", "tiny-llama", "--gpus", "4", "--pp", "2",
+                     "--micro-batch", "2", "--global-batch", "16", "--json")
+    assert rc == 0 and json.loads(out)["layout"]["num_microbatches"] == 4  # 16 / (2 x 2)

@@ -66,6 +66,9 @@ ERRORS_4 = [
     # the plan prices the weights' real dtype: a label that disagrees is refused
     {"id": "err-dtype", "model": "tiny-llama", "dtype": "bf16",
      "error": "dtype='bf16' but the model's weights are fp32"},
+    # the auto plan keeps tp inside a node (torchrun's LOCAL_WORLD_SIZE), not 8 per node
+    {"id": "err-node", "model": "tiny-llama", "tp": 4, "local_world_size": 2,
+     "error": "tp=4 would span nodes of 2"},
     {"id": "err-token", "model": "tiny-llama", "dp": 2, "tp": 2, "step_with_token": 256,
      "error": "input_ids hold token id 256, outside the model's vocabulary of 256"},
 ]
