@@ -115,7 +115,7 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
                 global_batch: int) -> tuple[str, str] | None:
     """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
     rules, checked up front (by the planner for every layout it tries)."""
-    m = lay.num_microbatches
+    m, heads = lay.num_microbatches, _heads_problem(prof, lay.tp)
     rules = [
         ("zero", lay.zero and lay.dp == 1,
          f"zero={lay.zero} shards over data-parallel ranks, and dp=1 has none"),
@@ -123,7 +123,7 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
          f"the {lay.schedule} schedule needs pp > 1"),
         ("node", lay.tp > gpus_per_node, f"tp={lay.tp} would span nodes of {gpus_per_node} "
                                          "GPUs"),
-        ("heads", _heads_problem(prof, lay.tp), _heads_problem(prof, lay.tp)),
+        ("heads", heads, heads),
         ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
          f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
                            else "") + f" needs {lay.pp * lay.virtual_stages} layers, "
