@@ -139,7 +139,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero,
                   micro_batch_size=args.micro_batch, schedule=args.schedule,
                   recompute=args.recompute, memory_reserve=args.memory_reserve,
-                  top_k=args.top, lora_targets=args.lora_targets)
+                  top_k=args.top, lora_targets=args.lora_targets,
+                  virtual_stages=args.virtual_stages)
     if args.out:
         result.save(args.out)
     if args.json:
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
     q.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="pin zero")
     q.add_argument("--schedule", choices=SCHEDULES, default=None, help="pin the schedule")
+    q.add_argument("--virtual-stages", type=int, default=None,
+                   help="pin the interleaved schedule's model chunks per GPU (default 2)")
     q.add_argument("--recompute", choices=RECOMPUTE, default=None,
                    help="pin recomputation for every layer")
     q.add_argument("--json", action="store_true")

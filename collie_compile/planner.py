@@ -266,10 +266,12 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          zero: int | None = None, micro_batch_size: int | None = None,
          schedule: str | None = None, recompute: str | None = None,
          memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False,
-         lora_targets: str | list[str] | None = None) -> Plan:
+         lora_targets: str | list[str] | None = None,
+         virtual_stages: int | None = None) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
-    Any of dp, tp, pp, zero, micro_batch_size, schedule and recompute may be pinned;
+    Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
+    of the interleaved schedule, which pinning it implies) and recompute may be pinned;
     the planner solves the rest. With ``lora_rank`` only LoRA adapters on
     ``lora_targets`` (peft's ``target_modules``; default q_proj, v_proj) train.
     ``memory_reserve`` is the fraction of each GPU's memory kept free (CUDA context,
@@ -305,8 +307,11 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         raise CollieError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
     if schedule is not None and schedule not in SCHEDULES:
         raise CollieError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if virtual_stages is not None and virtual_stages < 2:
+        raise CollieError(f"virtual_stages (model chunks per GPU of the interleaved "
+                          f"schedule) must be 2 or more, got {virtual_stages}")
     pins = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
-                schedule=schedule)
+                schedule=schedule, virtual_stages=virtual_stages)
     outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
@@ -385,7 +390,8 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                 for b in ((pins["micro_batch_size"],) if pins.get("micro_batch_size")
                           else MICRO_BATCH_SIZES):
                     for sched in _schedules(pp, pins.get("schedule")):
-                        v = INTERLEAVED_CHUNKS if sched == "interleaved" and pp > 1 else 1
+                        v = (pins.get("virtual_stages") or INTERLEAVED_CHUNKS
+                             if sched == "interleaved" and pp > 1 else 1)
                         lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=b,
                                      seq_len=prof.seq_len, num_microbatches=max(
                                          1, global_batch // (dp * b)), schedule=sched,

@@ -272,3 +272,13 @@ def test_default_global_batch_lets_every_dp_divide_it():
     assert p.global_batch_size == 516 and p.chosen.dp == 6
     with pytest.raises(CollieError, match=r"\(--global-batch 516 would\)"):
         plan("llama-2-7b", gpus=6, seq_len=4096, global_batch_size=512, dp=6)
+
+
+def test_virtual_stages_can_be_pinned():
+    p = plan("llama-2-7b", gpus=8, pp=4, virtual_stages=4, seq_len=4096, global_batch_size=64)
+    c = p.chosen
+    assert c.schedule == "interleaved" and c.virtual_stages == 4 and len(c.chunks()) == 16
+    with pytest.raises(CollieError, match="pp=2 x 4 chunks needs 8 layers, tiny-llama has 2"):
+        plan("tiny-llama", gpus=2, pp=2, virtual_stages=4, seq_len=64)
+    with pytest.raises(CollieError, match="must be 2 or more"):
+        plan("tiny-llama", gpus=2, virtual_stages=1, seq_len=64)
