@@ -13,7 +13,7 @@ from dataclasses import asdict
 from .errors import CollieError
 from .estimate import estimate, resolve_sizes
 from .hardware import CATALOG, GiB
-from .memory import DEFAULT_LORA_TARGETS, RECOMPUTE, SCHEDULES, estimate_json
+from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets, estimate_json
 from .modelprofile import DTYPES
 from .models import PRESETS, build_model, count_params, load_config
 from .optimizers import OPTIMIZERS
@@ -149,7 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     c = result.chosen
     lora = ""
     if result.lora_rank:
-        t = result.lora_targets or list(DEFAULT_LORA_TARGETS)
+        t = canonical_lora_targets(result.lora_targets)
         lora = f", LoRA r={result.lora_rank} on {t if isinstance(t, str) else ' '.join(t)}"
     print(f"{result.model} on {result.gpus} x {result.gpu} ({result.gpus_per_node} per node), "
           f"{result.optimizer}{lora}, {result.dtype}, seq {result.seq_len}, global batch "

@@ -8,6 +8,11 @@ problem and what to do about it. The CLI prints that line and exits with ``exit_
 from __future__ import annotations
 
 
+def flag(param: str) -> str:
+    """The command-line flag of a parameter: ``micro_batch_size`` -> ``--micro-batch``."""
+    return "--" + param.removesuffix("_size").replace("_", "-")
+
+
 class CollieError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 

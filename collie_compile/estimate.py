@@ -116,6 +116,7 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
     """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
     rules, checked up front (by the planner for every layout it tries)."""
     m, heads = lay.num_microbatches, _heads_problem(prof, lay.tp)
+    share = lay.dp * lay.micro_batch_size  # sequences one micro-batch step takes
     rules = [
         ("zero", lay.zero and lay.dp == 1,
          f"zero={lay.zero} shards over data-parallel ranks, and dp=1 has none"),
@@ -128,11 +129,9 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
          f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
                            else "") + f" needs {lay.pp * lay.virtual_stages} layers, "
                                       f"{prof.name} has {prof.num_layers}"),
-        ("batch", global_batch % (lay.dp * lay.micro_batch_size),
+        ("batch", global_batch % share,
          f"dp x micro-batch ({lay.dp} x {lay.micro_batch_size}) does not divide the global "
-         f"batch {global_batch} (--global-batch "
-         f"{-(-global_batch // (lay.dp * lay.micro_batch_size)) * lay.dp * lay.micro_batch_size}"
-         " would)"),
+         f"batch {global_batch} (--global-batch {-(-global_batch // share) * share} would)"),
         # torch's pipeline schedules need m >= pp; interleaved ones run rounds of pp
         ("fill", 1 < lay.pp > m, f"pp={lay.pp} needs at least {lay.pp} micro-batches, "
                                  f"the batch gives {m}"),

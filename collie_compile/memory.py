@@ -73,10 +73,6 @@ class Layout:
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise CollieError(f"virtual_stages={self.virtual_stages} needs the interleaved "
                               f"schedule, not {self.schedule}")
-        if self.schedule == "interleaved" and self.pp > 1 and self.num_microbatches % self.pp:
-            # torch's interleaved schedules run micro-batches in rounds of pp
-            raise CollieError(f"the interleaved schedule needs micro-batches "
-                              f"({self.num_microbatches}) a multiple of pp={self.pp}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +192,15 @@ def _lin(part: tuple[float, float], n: int | np.ndarray) -> float | np.ndarray:
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
+
+
+def canonical_lora_targets(targets: str | list[str] | tuple[str, ...] | None
+                           ) -> str | list[str]:
+    """LoRA targets as plans record and compare them: a regex string as given, module
+    names sorted (None: the default q_proj, v_proj)."""
+    if isinstance(targets, str):
+        return targets
+    return sorted(DEFAULT_LORA_TARGETS if targets is None else targets)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import CollieError
-from .memory import RECOMPUTE, SCHEDULES
+from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets
 
 SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
                 "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
@@ -173,15 +173,18 @@ class Plan:
         """The ``collie-compile plan`` command that pins this plan's chosen layout."""
         c = self.chosen
         args = [f"collie-compile plan {self.model} --gpus {self.gpus} --gpu {self.gpu}",
-                f"--seq-len {self.seq_len} --global-batch {self.global_batch_size}",
-                f"--optimizer {self.optimizer} --dtype {self.dtype}"]
+                f"--gpus-per-node {self.gpus_per_node} --seq-len {self.seq_len}",
+                f"--global-batch {self.global_batch_size} --optimizer {self.optimizer}",
+                f"--dtype {self.dtype}"]
         if self.lora_rank:
-            args.append(f"--lora-rank {self.lora_rank}")
+            args.append(lora_flags(self.lora_rank, self.lora_targets))
         if c is not None:
             args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp} --zero {c.zero} "
                         f"--micro-batch {c.micro_batch_size}")
             if c.pp > 1:
                 args.append(f"--schedule {c.schedule}")
+            if c.virtual_stages > 1:
+                args.append(f"--virtual-stages {c.virtual_stages}")
             if len(set(c.recompute)) == 1:
                 args.append(f"--recompute {c.recompute[0]}")
         return " ".join(args + ["--out FILE"])
@@ -203,6 +206,14 @@ class Plan:
 
 
 FORMAT = 1  # the plan file format this version writes and reads
+
+
+def lora_flags(rank: int | None, targets: str | list[str] | None) -> str:
+    """The ``plan``/``train`` flags of a LoRA setting ("no --lora-rank": full training)."""
+    if rank is None:
+        return "no --lora-rank"
+    t = canonical_lora_targets(targets)
+    return f"--lora-rank {rank} --lora-targets {t if isinstance(t, str) else ' '.join(t)}"
 
 
 def _fingerprint(data: dict) -> str:

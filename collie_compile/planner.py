@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from .errors import CollieError
+from .errors import CollieError, flag
 from .estimate import default_seq_len, layout_problem
 from .hardware import GPUSpec, get_gpu
 from .memory import (
@@ -52,6 +52,7 @@ from .memory import (
     Layout,
     MemoryModel,
     StageTerms,
+    canonical_lora_targets,
     lora_cost,
 )
 from .modelprofile import ModelProfile, profile_model
@@ -348,9 +349,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
 
     base = dict(model=prof.name, gpus=gpus, gpu=spec.name, gpus_per_node=gpus_per_node,
                 seq_len=seq_len, global_batch_size=global_batch_size, optimizer=opt.name,
-                dtype=dtype, lora_rank=lora_rank,
-                lora_targets=lora_targets if lora_targets is None or isinstance(
-                    lora_targets, str) else sorted(lora_targets), solver=solver_name,
+                dtype=dtype, lora_rank=lora_rank, solver=solver_name,
+                lora_targets=None if lora_rank is None else canonical_lora_targets(lora_targets),
                 usable_memory_bytes=int(capacity))
     notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]
     if not solved:
@@ -485,6 +485,8 @@ def _shard(cand: Candidate, prof: ModelProfile, spec: GPUSpec) -> list[str]:
 
 def _why_not(cand: Candidate, best: Candidate) -> str:
     ratio = cand.step_time_s / best.step_time_s
+    if ratio < 1.0005:  # a tie to the model's precision: say so, not "1.000x slower"
+        return "as fast as the chosen plan (modeled step times within 0.05%)"
     reasons = []
     if cand.pp > 1 and cand.num_microbatches < 4 * cand.pp:
         bubble = (cand.pp - 1) / (cand.num_microbatches + cand.pp - 1)
@@ -498,8 +500,6 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
         reasons.append("ZeRO-3 gathers weights every micro-batch")
     if cand.dp > best.dp and cand.zero < 3:
         reasons.append(f"larger gradient all-reduce exposure (dp={cand.dp})")
-    if ratio < 1.0005:  # a tie to the model's precision: say so, not "1.000x slower"
-        return "as fast as the chosen plan (modeled step times within 0.05%)"
     why = "; ".join(reasons) or "higher modeled step time"
     return f"{ratio:.3f}x slower: {why}"
 
@@ -525,7 +525,7 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
 
     pinned = [k for k, v in pins.items() if v is not None]
     if pinned and fits(**dict.fromkeys(pinned)):
-        flags = " ".join(f"--{k.replace('_size', '').replace('_', '-')}" for k in pinned)
+        flags = " ".join(flag(k) for k in pinned)
         out.append(f"drop the pins ({flags}): the planner's own choice fits")
     for factor in (2, 4, 8, 16):
         more = max(global_batch, gpus * factor)

@@ -26,11 +26,11 @@ from . import checkpoint as ckpt
 from . import distributed as cdist
 from .annotate import annotate
 from .capture import capture_static
-from .errors import CollieError
+from .errors import CollieError, flag
 from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
 from .kernels.adalomo import adalomo_state
-from .memory import DEFAULT_LORA_TARGETS, vocab_parallel
+from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
 from .modelprofile import DTYPES, torch_dtype
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
@@ -41,7 +41,7 @@ from .passes.outline_blocks import outline_blocks
 from .passes.pipeline_split import pipeline_split
 from .passes.recompute import recompute as recompute_pass
 from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
-from .plan import Plan
+from .plan import Plan, lora_flags
 
 IGNORE_INDEX = -100
 
@@ -189,8 +189,7 @@ def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] |
     """(rank, targets) of a ``peft.LoraConfig`` as the planner prices them."""
     if config is None:
         return None, None
-    targets = config.target_modules
-    return config.r, targets if targets is None or isinstance(targets, str) else sorted(targets)
+    return config.r, canonical_lora_targets(config.target_modules)
 
 
 ADAPTER_PREFIX = "base_model.model."
@@ -285,39 +284,28 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
                  global_batch_size=global_batch_size, **pins)
     differ = [k for k in planned if asked.get(k) is not None and asked[k] != planned[k]]
     if differ:
-        flags = {"seq_len": "seq-len", "global_batch_size": "global-batch",
-                 "micro_batch_size": "micro-batch"}
         raise CollieError(
             "the plan was priced for other settings than asked: "
             + ", ".join(f"{k}={asked[k]!r} (plan: {planned[k]!r})" for k in differ)
             + "; pass the plan's values to run it as priced, or re-plan with yours: "
-            + "collie-compile plan ... " + " ".join(f"--{flags.get(k, k)} {asked[k]}"
-                                                    for k in differ))
+            + "collie-compile plan ... " + " ".join(f"{flag(k)} {asked[k]}" for k in differ))
 
 
 def _check_plan_lora(p: Plan, rank: int | None, targets: str | list[str] | None) -> None:
     """A plan priced for LoRA underestimates full training's memory, and one priced for
     full training gives up what LoRA saves: the run must train what the plan priced."""
-    def norm(t: str | list[str] | None) -> str | list[str]:
-        return t if isinstance(t, str) else sorted(DEFAULT_LORA_TARGETS if t is None else t)
-
+    norm = canonical_lora_targets
     if p.lora_rank == rank and (rank is None or norm(p.lora_targets) == norm(targets)):
         return
 
     def what(r: int | None, t: str | list[str] | None) -> str:
         return "full training" if r is None else f"LoRA rank {r} on {norm(t)}"
 
-    def flags(r: int | None, t: str | list[str] | None) -> str:
-        if r is None:
-            return "no --lora-rank"
-        t = norm(t)
-        return f"--lora-rank {r} --lora-targets {t if isinstance(t, str) else ' '.join(t)}"
-
     raise CollieError(f"the plan was priced for {what(p.lora_rank, p.lora_targets)} but this "
                       f"run asks for {what(rank, targets)}; run it with "
-                      f"{flags(p.lora_rank, p.lora_targets)} (parallelize: lora_rank=, "
+                      f"{lora_flags(p.lora_rank, p.lora_targets)} (parallelize: lora_rank=, "
                       f"lora_targets=), or re-plan: collie-compile plan ... "
-                      f"{flags(rank, targets)}")
+                      f"{lora_flags(rank, targets)}")
 
 
 FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .errors import CollieError
+from .errors import CollieError, flag
 from .modelprofile import torch_dtype
 from .models import build_model, load_config
 from .plan import Plan
@@ -87,8 +87,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for k, v in (("steps", cfg.steps), ("seq_len", cfg.seq_len),
                  ("global_batch_size", cfg.global_batch_size)):
         if v is not None and v < 1:
-            raise CollieError(f"--{k.replace('_size', '').replace('_', '-')} must be a "
-                              f"positive integer, got {v}")
+            raise CollieError(f"{flag(k)} must be a positive integer, got {v}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise CollieError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.merge and cfg.lora_rank is None:
@@ -167,6 +166,7 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
     transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
     the same optimizer; print how far the parallel losses are."""
     from .optim import single_process_optimizer
+    from .runtime import ADAPTER_PREFIX
 
     torch.manual_seed(cfg.seed)
     model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))
@@ -174,7 +174,7 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
         from peft import get_peft_model, set_peft_model_state_dict
 
         model = get_peft_model(model, lora)
-        set_peft_model_state_dict(model, {f"base_model.model.{k}": v
+        set_peft_model_state_dict(model, {ADAPTER_PREFIX + k: v
                                           for k, v in (adapters or {}).items()})
     model.train()
     opt = single_process_optimizer(cfg.optimizer, [p for p in model.parameters()

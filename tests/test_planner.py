@@ -213,7 +213,7 @@ def test_lora_targets_are_priced_and_checked(tmp_path):
     wide = plan("llama-2-7b", lora_targets=every, **kw)
     # adapters on all seven linears: more trainable parameters, so more memory
     assert wide.chosen.memory_per_gpu_bytes > qv.chosen.memory_per_gpu_bytes
-    assert wide.lora_targets == sorted(every) and qv.lora_targets is None
+    assert wide.lora_targets == sorted(every) and qv.lora_targets == ["q_proj", "v_proj"]
     wide.save(tmp_path / "p.json")
     assert Plan.load(tmp_path / "p.json") == wide
     with pytest.raises(CollieError, match="without lora_rank"):
