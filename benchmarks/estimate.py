@@ -14,9 +14,10 @@ import json
 import torch
 from tqdm import tqdm
 
+from collie_compile.attention import fused_gqa
 from collie_compile.measure import measure_peak
 from collie_compile.memory import Layout, MemoryModel
-from collie_compile.modelprofile import profile_model
+from collie_compile.modelprofile import profile_model, torch_dtype
 from collie_compile.optimizers import get_optimizer
 
 from .report import Report, launch, table
@@ -32,6 +33,7 @@ CASES = [  # model, optimizer, recompute, dtype, micro-batch, seq
     ("small-llama", "lomo", "full", "fp32", 2, 256),
     ("small-llama", "lomo", "none", "fp32", 8, 256),
     ("small-llama", "lomo", "none", "bf16", 2, 128),
+    ("small-llama", "adamw", "none", "bf16", 2, 128),
     ("small-llama", "lion", "selective", "bf16", 2, 128),
     ("small-llama", "adalomo", "full", "fp32", 2, 256),
     ("small-llama", "adalomo", "none", "fp32", 2, 256),
@@ -78,8 +80,9 @@ def run(device: str) -> list[dict]:
     rows = []
     for model, opt, rc, dtype, b, s in tqdm(CASES, desc="cases"):
         measured = measure_peak(model, opt, rc, dtype, b, s, device=device)
-        est = MemoryModel(profile_model(model, seq_len=s, dtype=dtype),
-                          get_optimizer(opt)).estimate(
+        expanded = not fused_gqa(torch.device(device), torch_dtype(dtype))
+        est = MemoryModel(profile_model(model, seq_len=s, dtype=dtype), get_optimizer(opt),
+                          expanded_kv=expanded).estimate(
             Layout(micro_batch_size=b, seq_len=s, recompute=rc))
         rows.append(dict(model=model, optimizer=opt, recompute=rc, dtype=dtype, batch=b, seq=s,
                          measured=measured.total_bytes, estimated=est.total_bytes,

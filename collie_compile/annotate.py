@@ -23,6 +23,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 
+from .attention import expanded_sdpa
+
 aten = torch.ops.aten
 
 # Ops that only reinterpret memory (no FLOPs, no traffic worth counting).
@@ -256,13 +258,16 @@ class SavedBytes:
 
 
 def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
-                  frozen: bool = False) -> SavedBytes:
+                  frozen: bool = False, expand_kv: bool = False) -> SavedBytes:
     """Run the graph on fake CPU tensors and sum the storages autograd saves for backward.
 
     Each saved storage counts once (views share it) and is attributed to the node that
-    produced it; parameters and buffers are excluded (they are model states). With
+    produced it, or, for a tensor made inside an op (attention's intermediates), to that
+    op's node; parameters and buffers are excluded (they are model states). With
     ``frozen`` only the token embedding requires grad, as the residual stream of a LoRA
-    model does: blocks then save just what their input gradients need.
+    model does: blocks then save just what their input gradients need. With
+    ``expand_kv`` grouped-query SDPA calls run with K/V expanded, as they do on devices
+    with no fused kernel for groups (:func:`collie_compile.attention.expanded_sdpa`).
     """
     gm = ag.gm
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -279,6 +284,7 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
             fake_attrs[name] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
         state_keys = {_storage_key(t) for t in fake_attrs.values()}
         producer: dict[int, str] = {}
+        running = [""]  # the node being run
         keep: list[torch.Tensor] = []  # keep storages alive so keys stay unique
         saved: dict[int, int] = {}
 
@@ -294,6 +300,8 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
                     enabled, sub, *rest = args
                     with torch.set_grad_enabled(enabled):
                         return _Run(sub, garbage_collect_values=False).run(*rest)
+                if expand_kv and target in _ATTENTION_OPS and kwargs.get("enable_gqa"):
+                    target = expanded_sdpa
                 if isinstance(kwargs.get("device"), torch.device):
                     kwargs = {**kwargs, "device": torch.device("cpu")}
                 args = tuple(torch.device("cpu") if isinstance(a, torch.device) else a
@@ -301,6 +309,7 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
                 return super().call_function(target, args, kwargs)
 
             def run_node(self, n: fx.Node) -> object:
+                running[0] = n.name
                 out = super().run_node(n)
                 for t in _tensors(out):
                     producer.setdefault(_storage_key(t), n.name)
@@ -311,6 +320,7 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
             key = _storage_key(t)
             if key not in state_keys and key not in saved:
                 saved[key] = t.untyped_storage().nbytes()
+                producer.setdefault(key, running[0])
                 keep.append(t)
             return t
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .attention import fused_gqa
 from .compute import allgather_time
 from .hardware import GPUSpec
 
@@ -152,8 +153,8 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     n = 512 if quick else (8192 if cuda else 2048)
-    flops = {dt: matmul_flops(getattr(torch, full), device, n)
-             for dt, full in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))}
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    flops = {name: matmul_flops(dt, device, n) for name, dt in dtypes.items()}
     bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
     sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
     zero3 = None
@@ -174,7 +175,9 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
                    intra_node_bandwidth=link_bw, intra_node_latency=latency,
                    inter_node_bandwidth=link_bw, inter_node_latency=latency,
                    matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
-                   op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0)
+                   op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0,
+                   fused_gqa_dtypes=tuple(name for name, dt in dtypes.items()
+                                          if fused_gqa(device, dt)))
     if zero3 is None:
         return spec
     ring = 3 * allgather_time(ZERO_UNIT**2 * 4, 2, spec)  # what the ring model says

@@ -4,7 +4,9 @@ Non-strict export with dynamic batch and sequence dims, so one graph serves ever
 micro-batch size and sequence length the planner tries. On the meta device the capture
 needs no memory; for planning we capture a probe of the model with a few decoder blocks
 (all blocks are identical, see :mod:`collie_compile.annotate`), which keeps capture time
-independent of depth.
+independent of depth. Attention is captured as SDPA told the mask is causal, with
+grouped K/V left grouped (:mod:`collie_compile.attention`), not transformers' export-time
+materialised mask and per-group K/V copies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import traceback
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .attention import causal_attention
 from .errors import CaptureError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -41,7 +44,8 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
+        with causal_attention(model):
+            return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         if "Constraints violated" not in str(e):
             raise CaptureError(_explain(model, e)) from e
@@ -51,7 +55,8 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     # still come out symbolic.
     auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
     try:
-        ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
+        with causal_attention(model):
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
     except Exception:
         raise CaptureError(_explain(model, first)) from first
     placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder"
@@ -65,7 +70,8 @@ def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedP
     """Export ``model(input_ids=...)`` -> logits at this one shape (the runtime's graph:
     pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted)."""
     try:
-        return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
+        with causal_attention(model):
+            return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         raise CaptureError(_explain(model, e)) from e
 

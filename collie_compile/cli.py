@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "file's, or fp32)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--plan", default="auto", help="'auto' or a plan JSON file")
-    t.add_argument("--gpu", default="a100-80gb", help="hardware the auto plan assumes")
+    t.add_argument("--gpu", default=None,
+                   help="hardware the auto plan assumes (default: this machine's GPU; "
+                        "a100-80gb on a CPU)")
     t.add_argument("--tokenizer", help="local HF tokenizer directory (default: UTF-8 bytes)")
     t.add_argument("--weights", help="HF safetensors checkpoint to start from")
     t.add_argument("--save", help="write a HF checkpoint here at the end")
@@ -364,7 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CollieError as e:
-        print(f"collie-compile: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun
+        if rank and e.shared:
+            return e.exit_code  # rank 0 reports what every rank agreed on
+        where = f"rank {rank}: " if rank else ""
+        print(f"collie-compile: error: {where}{e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()

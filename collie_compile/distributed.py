@@ -83,7 +83,7 @@ def agree(fn: Callable[[], T], src: int = 0) -> T:
     messages = all_strings(err)
     bad = next((m for m in messages if m), "")
     if bad:
-        raise CollieError(bad)
+        raise CollieError(bad, shared=True)
     return result
 
 

@@ -13,10 +13,20 @@ def flag(param: str) -> str:
     return "--" + param.removesuffix("_size").replace("_", "-")
 
 
+def named(param: str) -> str:
+    """A parameter as errors name it, for API and CLI users alike: ``seq_len (--seq-len)``."""
+    return f"{param} ({flag(param)})"
+
+
 class CollieError(Exception):
-    """A problem with the user's input; the message says what is wrong and how to fix it."""
+    """A problem with the user's input; the message says what is wrong and how to fix it.
+    ``shared``: every rank of a distributed run raises this same error (rank 0 reports it)."""
 
     exit_code = 2
+
+    def __init__(self, *args: object, shared: bool = False) -> None:
+        super().__init__(*args)
+        self.shared = shared
 
 
 class CaptureError(CollieError):

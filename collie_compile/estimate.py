@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CollieError
+from .errors import CollieError, named
 from .hardware import GPUSpec, get_gpu
-from .memory import INTERLEAVED_CHUNKS, Layout, MemoryBreakdown, MemoryModel, lora_cost
+from .memory import (
+    INTERLEAVED_CHUNKS,
+    LORA_TARGETS_WITHOUT_RANK,
+    Layout,
+    MemoryBreakdown,
+    MemoryModel,
+    lora_cost,
+)
 from .modelprofile import ModelProfile, profile_model
 from .models import load_config
 from .optimizers import get_optimizer
@@ -37,7 +44,7 @@ def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[i
     """(dp, tp, pp) from what the user gave; raises if they do not multiply to ``gpus``."""
     for name, v in (("gpus", gpus), ("dp", dp), ("tp", tp), ("pp", pp)):
         if v is not None and v < 1:
-            raise CollieError(f"{name} must be a positive integer, got {v}")
+            raise CollieError(f"{named(name)} must be a positive integer, got {v}")
     if dp is None:
         gpus = gpus or tp * pp
         if gpus % (tp * pp):
@@ -84,10 +91,9 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it)."""
     if not 0 <= memory_reserve < 1:
-        raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
+        raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if lora_targets is not None and lora_rank is None:
-        raise CollieError("lora_targets without lora_rank trains nothing as LoRA; give the "
-                          "adapters' rank too (e.g. --lora-rank 8)")
+        raise CollieError(LORA_TARGETS_WITHOUT_RANK)
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
@@ -106,7 +112,8 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
         raise CollieError(problem[1])
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     trainable = prof.num_params if lora is None else lora.params
-    mem = MemoryModel(prof, opt, trainable / prof.num_params, lora).estimate(layout)
+    mem = MemoryModel(prof, opt, trainable / prof.num_params, lora,
+                      expanded_kv=not spec.fused_gqa(dtype)).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,
                     memory_reserve)
 

@@ -8,8 +8,10 @@ figures; the efficiency factors turn them into what training kernels reach and a
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
+
+import torch
 
 from .errors import CollieError
 
@@ -20,6 +22,7 @@ TFLOPS = 10**12
 
 # Fields that are fractions of a peak rate (GPUSpec.from_dict checks them).
 FRACTIONS = ("matmul_efficiency", "memory_efficiency", "link_efficiency", "zero_efficiency")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,17 @@ class GPUSpec:
     # (copies at HBM speed beside a link ten times slower); on a CPU the copies fault in
     # fresh pages and gloo's reduce-scatter runs as an all-reduce (calibrate measures it).
     zero_efficiency: float = 1.0
+    # Dtypes in which SDPA has a fused kernel for grouped-query attention: flash, in 16
+    # bits on sm80 and later; the CPU's in all. Elsewhere K/V are expanded to every head
+    # first, which costs activation memory (collie_compile.attention).
+    fused_gqa_dtypes: tuple[str, ...] = ("bf16", "fp16")
 
     def peak_flops(self, dtype: str) -> float:
         return {"bf16": self.bf16_flops, "fp16": self.fp16_flops, "fp32": self.fp32_flops}[dtype]
+
+    def fused_gqa(self, dtype: str) -> bool:
+        """Whether grouped-query attention in ``dtype`` runs fused, K/V unexpanded."""
+        return dtype in self.fused_gqa_dtypes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -78,6 +89,11 @@ class GPUSpec:
                     raise CollieError(f"{source}: GPU spec field 'name' must be a non-empty "
                                       f"string, got {v!r}")
                 continue
+            if k == "fused_gqa_dtypes":
+                if not isinstance(v, (list, tuple)) or not set(v) <= set(DTYPE_NAMES):
+                    raise CollieError(f"{source}: GPU spec field 'fused_gqa_dtypes' must be a "
+                                      f"list of dtypes among {', '.join(DTYPE_NAMES)}, got {v!r}")
+                continue
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if k == "comm_overlap":  # 0 is meaningful: nothing overlaps
                 ok, what = number and 0 <= v <= 1, "a fraction from 0 to 1"
@@ -87,13 +103,16 @@ class GPUSpec:
                 ok, what = number and v > 0, "a positive number"
             if not ok:
                 raise CollieError(f"{source}: GPU spec field {k!r} must be {what}, got {v!r}")
+        if "fused_gqa_dtypes" in data:  # JSON has lists; the dataclass keeps a tuple
+            data = {**data, "fused_gqa_dtypes": tuple(data["fused_gqa_dtypes"])}
         return cls(**data)
 
 
 def _nv(name: str, mem: int, bf16: float, fp16: float, fp32: float, hbm: float, intra: float,
-        inter: float, intra_lat: float = 5e-6, inter_lat: float = 10e-6) -> GPUSpec:
+        inter: float, intra_lat: float = 5e-6, inter_lat: float = 10e-6,
+        fused_gqa: tuple[str, ...] = ("bf16", "fp16")) -> GPUSpec:
     return GPUSpec(name, mem, bf16 * TFLOPS, fp16 * TFLOPS, fp32 * TFLOPS, hbm * GB, intra * GB,
-                   intra_lat, inter * GB, inter_lat)
+                   intra_lat, inter * GB, inter_lat, fused_gqa_dtypes=fused_gqa)
 
 
 # Dense tensor-core peaks (fp32 = plain FP32, not TF32). Links: NVLink one-way per GPU for
@@ -106,8 +125,8 @@ CATALOG: dict[str, GPUSpec] = {g.name: g for g in [
     _nv("h200", 150_109_880_320, 989, 989, 67, 4800, 450, 50),
     _nv("rtx3090", 24 * GiB, 71, 71, 35.6, 936, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
     _nv("rtx4090", 24 * GiB, 165, 165, 82.6, 1008, 25, 12.5, intra_lat=10e-6, inter_lat=20e-6),
-    # V100 has no bf16 tensor cores: bf16 runs at the fp32 rate.
-    _nv("v100-32gb", 32 * GiB, 15.7, 125, 15.7, 900, 150, 12.5),
+    # V100 has no bf16 tensor cores: bf16 runs at the fp32 rate; and no flash attention.
+    _nv("v100-32gb", 32 * GiB, 15.7, 125, 15.7, 900, 150, 12.5, fused_gqa=()),
     _nv("l40s", 48 * GiB, 362, 362, 91.6, 864, 25, 25, intra_lat=10e-6),
 ]}
 
@@ -130,3 +149,32 @@ def get_gpu(name_or_path: str | GPUSpec) -> GPUSpec:
         return GPUSpec.from_dict(data, source=str(path))
     raise CollieError(f"unknown GPU {name_or_path!r}; use one of {', '.join(CATALOG)} "
                       "(see `collie-compile gpus`) or a JSON spec file")
+
+
+def catalog_name(device_name: str, memory_bytes: int) -> str | None:
+    """The catalog entry of a CUDA device as torch names it (``NVIDIA H100 80GB HBM3`` ->
+    ``h100-80gb``), or None for one the catalog lacks."""
+    name = device_name.lower()
+    a100 = "a100-40gb" if memory_bytes < 60 * GiB else "a100-80gb"
+    for part, entry in (("h200", "h200"), ("h100", "h100-80gb"), ("a100", a100),
+                        ("4090", "rtx4090"), ("3090", "rtx3090"), ("v100", "v100-32gb"),
+                        ("l40s", "l40s")):
+        if part in name:
+            return entry
+    return None
+
+
+def local_gpu() -> GPUSpec:
+    """The device this process trains on, as a spec. A CUDA GPU: its catalog entry with
+    the memory torch reports (A100 figures under its own name if the catalog lacks it;
+    ``collie-compile calibrate`` measures the real ones). A CPU: a100-80gb's figures,
+    with the CPU's attention kernels (fused for grouped-query attention in every dtype),
+    so that a CPU run is priced as it runs."""
+    if not torch.cuda.is_available():
+        return replace(CATALOG["a100-80gb"], fused_gqa_dtypes=DTYPE_NAMES)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    entry = catalog_name(props.name, props.total_memory)
+    spec = CATALOG[entry or "a100-80gb"]
+    return replace(spec, name=entry or props.name.lower().replace(" ", "-"),
+                   memory_bytes=int(props.total_memory),
+                   fused_gqa_dtypes=spec.fused_gqa_dtypes if props.major >= 8 else ())

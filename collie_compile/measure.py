@@ -4,8 +4,10 @@ Runs single-process training steps of a preset (real weights, real optimizer, re
 recomputation): on the CPU under torch's ``MemTracker``, which follows every tensor
 allocation by category; on a CUDA device by the caching allocator's
 ``max_memory_allocated`` from the second step on, less what was allocated before the
-model (cuBLAS's workspace, warmed first). The steady-state peak is what
-:mod:`collie_compile.memory` predicts for a layout of one GPU.
+model (cuBLAS's workspace, warmed first). Attention runs as the runtime runs it
+(:mod:`collie_compile.attention`: ``is_causal``, K/V expanded where the device has no
+fused grouped-query kernel). The steady-state peak is what :mod:`collie_compile.memory`
+predicts for a layout of one GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class MeasuredPeak:
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
                    ) -> torch.optim.Optimizer:
     """A real optimizer for single-process runs (per-tensor loops, as the cost model counts)."""
-    cls = optimizer_class(name)  # raises a clear error for unknown names
+    cls = optimizer_class(name, params[0].dtype)  # raises a clear error for unknown names
     per_tensor = cls is not None and cls.__module__.startswith("torch.")
     return single_process_optimizer(name, params, lr, {"foreach": False} if per_tensor else {})
 

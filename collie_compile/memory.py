@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import CollieError
+from .errors import CollieError, named
 from .modelprofile import ActivationBytes, ModelProfile
 from .optimizers import OptimizerSpec
 
@@ -58,9 +58,10 @@ class Layout:
     def validate(self) -> None:
         for k in ("dp", "tp", "pp", "micro_batch_size", "seq_len", "num_microbatches"):
             if getattr(self, k) < 1:
-                raise CollieError(f"{k} must be a positive integer, got {getattr(self, k)}")
+                raise CollieError(f"{named(k)} must be a positive integer, got "
+                                  f"{getattr(self, k)}")
         if self.zero not in (0, 1, 2, 3):
-            raise CollieError(f"zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise CollieError(f"{named('zero')} must be 0, 1, 2 or 3, got {self.zero}")
         if self.recompute not in RECOMPUTE:
             raise CollieError(f"unknown recompute {self.recompute!r}; use one of "
                               f"{', '.join(RECOMPUTE)}")
@@ -68,7 +69,7 @@ class Layout:
             raise CollieError(f"unknown schedule {self.schedule!r}; use one of "
                               f"{', '.join(SCHEDULES)}")
         if self.virtual_stages < 1:
-            raise CollieError(f"virtual_stages must be a positive integer, got "
+            raise CollieError(f"{named('virtual_stages')} must be a positive integer, got "
                               f"{self.virtual_stages}")
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise CollieError(f"virtual_stages={self.virtual_stages} needs the interleaved "
@@ -192,6 +193,8 @@ def _lin(part: tuple[float, float], n: int | np.ndarray) -> float | np.ndarray:
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
+LORA_TARGETS_WITHOUT_RANK = ("lora_targets (--lora-targets) without lora_rank trains nothing "
+                             "as LoRA; give the adapters' rank too (e.g. --lora-rank 8)")
 
 
 def canonical_lora_targets(targets: str | list[str] | tuple[str, ...] | None
@@ -221,7 +224,7 @@ def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if rank < 1:
-        raise CollieError(f"lora_rank must be a positive integer, got {rank}")
+        raise CollieError(f"{named('lora_rank')} must be a positive integer, got {rank}")
     targets = DEFAULT_LORA_TARGETS if targets is None else targets
     config = LoraConfig(r=rank, target_modules=targets if isinstance(targets, str)
                         else list(targets))
@@ -239,8 +242,8 @@ def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple
         raise CollieError(f"no linear of {profile.name} matches LoRA targets {targets!r}; "
                           "name modules as peft's target_modules does, e.g. q_proj v_proj")
     if rank > narrowest:  # past min(in, out) an adapter is no longer low-rank
-        raise CollieError(f"lora_rank={rank} is more than the narrowest targeted linear's "
-                          f"{narrowest} features: the adapters would outgrow the weights; "
+        raise CollieError(f"{named('lora_rank')}={rank} is more than the narrowest targeted "
+                          f"linear's {narrowest} features: the adapters would outgrow the weights; "
                           f"use a rank of at most {narrowest} (8-64 is usual)")
     return LoraCost(per_block * profile.num_layers,
                     ActivationBytes(sum(inputs.values()) + low_rank, 0))
@@ -271,6 +274,9 @@ class MemoryModel:
     optimizer: OptimizerSpec
     trainable_fraction: float = 1.0  # < 1 with LoRA: frozen weights keep no grads or states
     lora: LoraCost | None = None  # LoRA: frozen blocks save less, adapters a little
+    # Grouped-query attention runs with K/V expanded (no fused kernel for groups in this
+    # dtype on the device: GPUSpec.fused_gqa); blocks that keep attention's inputs save more.
+    expanded_kv: bool = False
 
     @functools.cached_property
     def block_backward(self) -> ActivationBytes:
@@ -279,11 +285,17 @@ class MemoryModel:
 
     def activations(self, recompute: str) -> ActivationBytes:
         """Saved bytes per block and sample under ``recompute``."""
-        act = self.profile.activations(recompute)
-        if self.lora is None or recompute == "full":
+        p = self.profile
+        act = p.activations(recompute)
+        if recompute == "full":  # the block's input only
             return act
-        f, x = self.profile.act_frozen, self.lora.saved
-        frozen = ActivationBytes(f.replicated + x.replicated, f.sharded + x.sharded)
+        # selective recomputes the expansion; it keeps attention's output only
+        extra = p.act_expanded_kv if self.expanded_kv else ActivationBytes(0, 0)
+        if recompute == "none":
+            act = act + extra
+        if self.lora is None:
+            return act
+        frozen = p.act_frozen + extra + self.lora.saved
         return min(act, frozen, key=lambda a: a.replicated + a.sharded)
 
     def stages(self, layout: Layout) -> list[StageShape]:
@@ -404,7 +416,8 @@ class MemoryModel:
             # (embeddings, final norm, LM head), gathered through its forward and at the
             # start of its backward
             gather_tmp = (2 * (p.block_params_sharded / tp) + psi[0] * (1 - 1 / d)) * w
-        step_tmp = opt.step_temporaries * largest * 4
+        # the update's temporaries, and an fp32 copy of a 16-bit gradient for its master
+        step_tmp = (opt.step_temporaries + (master > 0)) * largest * 4
         # The LM head's weight gradient is made before any block's backward and kept whole
         # until the step (FSDP2's root unit reduce-scatters it last); flat buffers and the
         # accumulated gradients of a later backward hold it already, fused rules free it.

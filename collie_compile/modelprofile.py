@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 
 from .annotate import AnnotatedGraph, annotate, block_graph, measure_saved
 from .capture import capture
-from .errors import CollieError
+from .errors import CollieError, named
 from .models import (
     build_model,
     config_from_dict,
@@ -33,7 +33,7 @@ from .models import (
 )
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 4
+PROFILE_SCHEMA = 5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
 
@@ -44,6 +44,9 @@ class ActivationBytes:
 
     replicated: int  # identical on every tensor-parallel rank
     sharded: int  # split over tensor-parallel ranks
+
+    def __add__(self, other: ActivationBytes) -> ActivationBytes:
+        return ActivationBytes(self.replicated + other.replicated, self.sharded + other.sharded)
 
     def per_rank(self, tp: int, sequence_parallel: bool = False) -> float:
         rep = self.replicated / tp if sequence_parallel else self.replicated
@@ -81,6 +84,10 @@ class ModelProfile:
     act_selective: ActivationBytes  # recompute all but matmul/attention outputs
     act_full: ActivationBytes  # recompute the whole block: keep its input only
     act_frozen: ActivationBytes  # saved per block when its weights are frozen (LoRA base)
+    # More saved per block without recomputation (and with frozen weights) where
+    # grouped-query attention runs with K/V expanded: on devices with no fused kernel
+    # for groups in this dtype (collie_compile.attention). 0 without grouped-query SDPA.
+    act_expanded_kv: ActivationBytes
     act_embed: int  # saved per sample outside the blocks, before them
     act_head: int  # saved per sample by final norm, LM head and loss
     act_fixed: int  # saved once, independent of batch (masks, rotary tables)
@@ -116,10 +123,10 @@ def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
     torch_dtype(dtype)  # a known name
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if max_pos and seq_len > max_pos:
-        raise CollieError(f"seq_len {seq_len} exceeds {model_name(cfg)}'s maximum of {max_pos} "
-                          "positions; use --seq-len <= that")
+        raise CollieError(f"{named('seq_len')} {seq_len} exceeds {model_name(cfg)}'s maximum of "
+                          f"{max_pos} positions; use at most that")
     if seq_len < 2:
-        raise CollieError(f"seq_len must be at least 2, got {seq_len}")
+        raise CollieError(f"{named('seq_len')} must be at least 2, got {seq_len}")
     return _cached_profile(cfg.to_json_string(), model_name(cfg), seq_len, dtype)
 
 
@@ -143,7 +150,8 @@ def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> Model
     path = cache_dir() / f"{key.hexdigest()[:32]}.json"
     try:
         data = json.loads(path.read_text())
-        for k in ("act_none", "act_selective", "act_full", "act_frozen"):
+        for k in ("act_none", "act_selective", "act_full", "act_frozen",
+                  "act_expanded_kv"):
             data[k] = ActivationBytes(**data[k])
         return ModelProfile(**data)
     except (OSError, ValueError, TypeError, KeyError):
@@ -165,7 +173,8 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
     layers = int(cfg.num_hidden_layers)
     probe_layers = min(layers, PROBE_BLOCKS)
     probe = build_model(with_layers(cfg, probe_layers), dtype=DTYPES[dtype])
-    ag = annotate(capture(probe), probe)
+    # sequences up to seq_len only: a sliding window at least that long is then no mask
+    ag = annotate(capture(probe, max_seq=seq_len), probe)
     if not ag.blocks_identical:
         raise CollieError(f"{name}: decoder blocks differ; per-layer planning of "
                           "heterogeneous stacks is not supported yet")
@@ -177,6 +186,12 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
     one_f, two_f = measure_saved(ag, 1, s, frozen=True), measure_saved(ag, 2, s, frozen=True)
     act_frozen = ActivationBytes(two_f.block_replicated - one_f.block_replicated,
                                  two_f.block_sharded - one_f.block_sharded)
+    act_expanded_kv = ActivationBytes(0, 0)
+    if _grouped_query_attention(ag):
+        one_x, two_x = (measure_saved(ag, b, s, expand_kv=True) for b in (1, 2))
+        act_expanded_kv = ActivationBytes(
+            two_x.block_replicated - one_x.block_replicated - act_none.replicated,
+            two_x.block_sharded - one_x.block_sharded - act_none.sharded)
     block_in = _block_input_bytes(ag, s)
     sel_rep, sel_shard = _matmul_output_bytes(ag, s)
     rest_slope = two.rest - one.rest
@@ -200,6 +215,7 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         act_selective=ActivationBytes(block_in + sel_rep, sel_shard),
         act_full=ActivationBytes(block_in, 0),
         act_frozen=act_frozen,
+        act_expanded_kv=act_expanded_kv,
         act_embed=embed_saved, act_head=head_saved,
         act_fixed=max(0, one.rest - rest_slope),
         logits_bytes=s * int(cfg.vocab_size) * 4,
@@ -207,6 +223,13 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
                                   if n.kind == "linear" and not n.sharded),
         block_graph=block_graph(ag, s),
     )
+
+
+def _grouped_query_attention(ag: AnnotatedGraph) -> bool:
+    """Whether block 0 calls SDPA with ``enable_gqa`` (grouped-query attention)."""
+    gm_nodes = {n.name: n for n in ag.gm.graph.nodes}
+    return any(i.kind == "attention" and gm_nodes[i.name].kwargs.get("enable_gqa")
+               for i in ag.block_nodes(0))
 
 
 def _block_input_bytes(ag: AnnotatedGraph, seq: int) -> int:

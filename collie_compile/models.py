@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .attention import IMPLEMENTATION
 from .errors import CollieError
 
 
@@ -156,7 +157,7 @@ def build_model(cfg: PretrainedConfig, device: str | torch.device = "meta",
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation=IMPLEMENTATION)
     except ValueError as e:
         raise CollieError(f"{model_name(cfg)}: not a causal LM transformers can build "
                           f"({str(e).splitlines()[0]})") from None

@@ -2,7 +2,8 @@
 ``parallelize`` and the CPU measurements share.
 
 Every rule here is elementwise per parameter, so a tensor- or data-parallel shard
-updates exactly as the whole tensor would. 16-bit parameters keep an fp32 master copy.
+updates exactly as the whole tensor would. 16-bit parameters keep an fp32 master copy,
+also under torch's AdamW, Adam and SGD rules (which torch itself would run in 16 bits).
 The fused-in-backward LOMO and AdaLomo are in :mod:`collie_compile.fused_backward`.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from .errors import CollieError
 from .kernels.lion import lion_update
@@ -42,6 +45,61 @@ class _MasterWeights(torch.optim.Optimizer):
                 if w is not p:
                     p.copy_(w)
         return loss
+
+
+class AdamW(_MasterWeights):
+    """torch's AdamW rule (its single-tensor functional form) on fp32 masters, for 16-bit
+    weights: torch's own optimizers keep no master copy and their states in the weights'
+    dtype, so an update under half a bf16 ulp of the weight would be lost every step.
+    fp32 weights use ``torch.optim.AdamW`` itself."""
+
+    decoupled = True
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        if "exp_avg" not in state:
+            state.update(exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w),
+                         step_t=torch.zeros((), dtype=torch.float32))
+        b1, b2 = group["betas"]
+        adam([w], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                              [state["step_t"]], foreach=False,
+                              decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=b1,
+                              beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                              eps=group["eps"], maximize=False)
+
+
+class Adam(AdamW):
+    """torch's Adam rule (L2 weight decay) on fp32 masters of 16-bit weights."""
+
+    decoupled = False
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+class SGD(_MasterWeights):
+    """torch's SGD rule on fp32 masters of 16-bit weights."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        buf = [state.get("momentum_buffer")]
+        sgd([w], [g], buf, foreach=False, weight_decay=group["weight_decay"],
+                            momentum=group["momentum"], lr=group["lr"],
+                            dampening=group["dampening"], nesterov=group["nesterov"],
+                            maximize=False)
+        if buf[0] is not None:  # made on the first step with momentum
+            state["momentum_buffer"] = buf[0]
 
 
 class Lion(_MasterWeights):
@@ -144,6 +202,7 @@ REGULAR: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
     "lion": Lion, "adan": Adan, "sophia": SophiaG,
 }
+WITH_MASTERS = {"adamw": AdamW, "adam": Adam, "sgd": SGD}  # for 16-bit weights
 FUSED = ("lomo", "adalomo")
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-3, "lion": 1e-4, "adan": 1e-3,
               "sophia": 1e-4, "lomo": 1e-3, "adalomo": 1e-3}
@@ -166,17 +225,21 @@ def single_process_optimizer(name: str, params: list[torch.nn.Parameter], lr: fl
     reference its parallel runs are checked against."""
     from .fused_backward import LOMO, AdaLomo
 
-    cls = optimizer_class(name)
+    cls = optimizer_class(name, params[0].dtype if params else torch.float32)
     opts = optimizer_options(name, lr, kwargs or {})
     if cls is None:
         return (LOMO if name.lower() == "lomo" else AdaLomo)(params, **opts)
     return cls(params, **opts)
 
 
-def optimizer_class(name: str) -> type[torch.optim.Optimizer] | None:
-    """The class that steps after backward for ``name``; None for the fused-in-backward
+def optimizer_class(name: str, dtype: torch.dtype = torch.float32
+                    ) -> type[torch.optim.Optimizer] | None:
+    """The class that steps after backward for ``name`` on weights of ``dtype`` (16-bit
+    weights get fp32 masters, as the cost model prices them); None for the fused-in-backward
     ones (LOMO, AdaLomo). Unknown names raise a clear error."""
     key = name.lower()
     if key not in OPTIMIZERS:
         raise CollieError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-    return None if key in FUSED else REGULAR[key]
+    if key in FUSED:
+        return None
+    return WITH_MASTERS.get(key, REGULAR[key]) if dtype != torch.float32 else REGULAR[key]

@@ -42,11 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from .errors import CollieError, flag
+from .errors import CollieError, flag, named
 from .estimate import default_seq_len, layout_problem
 from .hardware import GPUSpec, get_gpu
 from .memory import (
     INTERLEAVED_CHUNKS,
+    LORA_TARGETS_WITHOUT_RANK,
     RECOMPUTE,
     SCHEDULES,
     Layout,
@@ -281,36 +282,37 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     """
     start = time.perf_counter()
     if gpus < 1:
-        raise CollieError(f"gpus must be a positive integer, got {gpus}")
+        raise CollieError(f"{named('gpus')} must be a positive integer, got {gpus}")
     if not 0 <= memory_reserve < 1:
-        raise CollieError(f"memory_reserve must be in [0, 1), got {memory_reserve}")
+        raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if top_k < 0:
         raise CollieError(f"top_k (runners-up to show) must be 0 or more, got {top_k}")
     if zero is not None and zero not in (0, 1, 2, 3):
-        raise CollieError(f"zero must be 0, 1, 2 or 3, got {zero}")
+        raise CollieError(f"{named('zero')} must be 0, 1, 2 or 3, got {zero}")
     if gpus_per_node < 1:
-        raise CollieError(f"gpus_per_node must be a positive integer, got {gpus_per_node}")
+        raise CollieError(f"{named('gpus_per_node')} must be a positive integer, got "
+                          f"{gpus_per_node}")
     if lora_targets is not None and lora_rank is None:
-        raise CollieError("lora_targets without lora_rank trains nothing as LoRA; give the "
-                          "adapters' rank too (e.g. --lora-rank 8)")
+        raise CollieError(LORA_TARGETS_WITHOUT_RANK)
     for k, v in dict(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                      seq_len=seq_len).items():
         if v is not None and v < 1:
-            raise CollieError(f"{k} must be a positive integer, got {v}")
+            raise CollieError(f"{named(k)} must be a positive integer, got {v}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = profile_model(model, seq_len=seq_len, dtype=dtype)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     if global_batch_size < 1:
-        raise CollieError(f"global_batch_size must be positive, got {global_batch_size}")
+        raise CollieError(f"{named('global_batch_size')} must be positive, got "
+                          f"{global_batch_size}")
     if recompute is not None and recompute not in RECOMPUTE:
         raise CollieError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
     if schedule is not None and schedule not in SCHEDULES:
         raise CollieError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if virtual_stages is not None and virtual_stages < 2:
-        raise CollieError(f"virtual_stages (model chunks per GPU of the interleaved "
-                          f"schedule) must be 2 or more, got {virtual_stages}")
+        raise CollieError(f"{named('virtual_stages')} (model chunks per GPU of the "
+                          f"interleaved schedule) must be 2 or more, got {virtual_stages}")
     pins = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                 schedule=schedule, virtual_stages=virtual_stages)
     outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
@@ -319,7 +321,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     solver, solver_name = _solver()
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     mm = MemoryModel(prof, opt, (lora.params if lora else prof.num_params) / prof.num_params,
-                     lora)
+                     lora, expanded_kv=not spec.fused_gqa(dtype))
 
     problems = [_problem(o.layout, prof, spec, opt, mm, modes, capacity, gpus_per_node)
                 for o in outers]

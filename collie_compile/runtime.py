@@ -25,16 +25,19 @@ from torch import fx
 from . import checkpoint as ckpt
 from . import distributed as cdist
 from .annotate import annotate
+from .attention import fused_gqa
 from .capture import capture_static
-from .errors import CollieError, flag
+from .errors import CollieError, flag, named
 from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
+from .hardware import local_gpu
 from .kernels.adalomo import adalomo_state
 from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
 from .modelprofile import DTYPES, torch_dtype
 from .models import model_name
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
+from .passes.expand_kv import expand_grouped_kv
 from .passes.lora import lora as lora_pass
 from .passes.move_to_device import move_to_device
 from .passes.outline_blocks import outline_blocks
@@ -59,7 +62,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 plan: str | Plan | Path = "auto", optimizer: str | None = None,
                 lr: float | None = None, optimizer_kwargs: dict | None = None,
                 seq_len: int | None = None, global_batch_size: int | None = None,
-                gpu: str = "a100-80gb", dtype: str | None = None, dp: int | None = None,
+                gpu: str | None = None, dtype: str | None = None, dp: int | None = None,
                 tp: int | None = None, pp: int | None = None, zero: int | None = None,
                 micro_batch_size: int | None = None, schedule: str | None = None,
                 recompute: str | None = None, weights: str | Path | None = None,
@@ -74,7 +77,9 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
     with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute), a
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
-    defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. A model too
+    defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
+    plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
+    runs on, with the memory torch reports, or a100-80gb on a CPU). A model too
     big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
     safetensors checkpoint): each rank reads only the slices it holds.
 
@@ -177,7 +182,7 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
                               "as LoRA; give the adapters' rank too (e.g. lora_rank=8)")
         return None
     if rank < 1:
-        raise CollieError(f"lora_rank must be a positive integer, got {rank}")
+        raise CollieError(f"{named('lora_rank')} must be a positive integer, got {rank}")
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
@@ -225,7 +230,8 @@ def model_dtype(model: torch.nn.Module, asked: str | None) -> str:
     return asked.lower()
 
 
-def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, gpu: str,
+def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
+                  gpu: str | None,
                   optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None) -> Plan:
     from .planner import plan as solve
@@ -234,7 +240,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int, g
     if isinstance(plan, Plan):
         p = plan
     elif str(plan).lower() == "auto":
-        p = solve(cfg, gpus=world, gpu=gpu, gpus_per_node=cdist.local_world_size(),
+        p = solve(cfg, gpus=world, gpu=gpu or local_gpu(),
+                  gpus_per_node=cdist.local_world_size(),
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
@@ -407,8 +414,11 @@ class ParallelModel:
         stages = []
         dp_mesh = self.mesh["dp"] if c.dp > 1 else None
         pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
+        dtype = next(iter(ag.gm.parameters())).dtype
         for k in mine:
             st = move_to_device(parts[k], self.device)
+            if not fused_gqa(self.device, dtype):
+                st = expand_grouped_kv(st)
             if pieces is not None:  # read just this rank's slices
                 cdist.agree(lambda st=st: self._load_weights(st, pieces, weights))
             st = recompute_pass(st.to(self.device), ag.block_prefix, c.layer_modes())
@@ -440,7 +450,7 @@ class ParallelModel:
                         ) -> torch.optim.Optimizer:
         params = [p for st in self.stages for p in st.parameters() if p.requires_grad]
         name = name.lower()
-        cls = optimizer_class(name)
+        cls = optimizer_class(name, params[0].dtype)
         opts = optimizer_options(name, lr, kwargs)
         if self.chosen.zero == 1 and self.chosen.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -867,8 +877,10 @@ class ParallelModel:
             return  # ZeRO-1: another rank owns this parameter's state
         state = {}
         for key in sorted(stored):
-            t = torch.zeros_like(p.detach())
-            ckpt.local_tensor(t).copy_(ckpt.read_box(stored[key], box, f"{name}/{key}"))
+            value = ckpt.read_box(stored[key], box, f"{name}/{key}")
+            # in the dtype saved: fp32 masters and moments of 16-bit weights stay fp32
+            t = torch.zeros_like(p.detach(), dtype=value.dtype)
+            ckpt.local_tensor(t).copy_(value)
             state[key] = t
         for key, v in scalars.items():
             state[key] = torch.tensor(v, dtype=torch.float32)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import distributed as cdist
 from .errors import CollieError, flag
 from .modelprofile import torch_dtype
 from .models import build_model, load_config
@@ -37,7 +38,7 @@ class TrainConfig:
     dtype: str | None = None
     lr: float | None = None
     plan: str = "auto"
-    gpu: str = "a100-80gb"
+    gpu: str | None = None  # the auto plan's hardware: this machine's GPU by default
     tokenizer: str | None = None
     weights: str | None = None
     save: str | None = None
@@ -109,8 +110,9 @@ def train(cfg: TrainConfig) -> list[float]:
 
     from .runtime import parallelize
 
-    cfg = resolve(cfg)
-    model_cfg = load_config(cfg.model)
+    cdist.ensure_initialized()  # so errors in what follows are agreed, reported once
+    cfg = cdist.agree(lambda: resolve(cfg))
+    model_cfg = cdist.agree(lambda: load_config(cfg.model))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg, device="meta" if cfg.weights else "cpu",
                         dtype=torch_dtype(cfg.dtype))
@@ -119,7 +121,7 @@ def train(cfg: TrainConfig) -> list[float]:
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
                      **(cfg.pins or {}))
-    tokens = tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size))
+    tokens = cdist.agree(lambda: tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size)))
     if cfg.save:  # before the training, not after it
         pm.check_save_path(cfg.save)
     # the adapters' random init, for --check's one-process run to start from
@@ -138,8 +140,9 @@ def train(cfg: TrainConfig) -> list[float]:
         start = time.perf_counter()
         loss = pm.train_step({"input_ids": windows(tokens, cfg.global_batch_size,
                                                    cfg.seq_len, gen)})
-        if not math.isfinite(loss):
-            raise CollieError(f"the loss became {loss} at step {len(losses) + 1}; lower --lr")
+        if not math.isfinite(loss):  # the global loss: every rank sees it
+            raise CollieError(f"the loss became {loss} at step {len(losses) + 1}; lower "
+                              "--lr", shared=True)
         losses.append(loss)
         tok_s = tokens_per_step / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")

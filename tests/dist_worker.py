@@ -16,18 +16,20 @@ import torch.distributed as dist
 from collie_compile.distributed import ensure_initialized
 from collie_compile.errors import CollieError
 from collie_compile.measure import LiveBytes
+from collie_compile.modelprofile import torch_dtype
 from collie_compile.models import build_model, load_config, with_layers
 from collie_compile.runtime import parallelize
 
 STEPS, SEQ, BATCH, VOCAB = int(os.environ.get("STEPS", 3)), 16, 8, 256
 
 
-def make_model(name: str, layers: int, heads: int | None = None) -> torch.nn.Module:
+def make_model(name: str, layers: int, heads: int | None = None,
+               dtype: str = "fp32") -> torch.nn.Module:
     cfg = with_layers(load_config(name), layers)
     if heads:  # a variant whose head count tp may not divide
         cfg.num_attention_heads = cfg.num_key_value_heads = heads
     torch.manual_seed(0)
-    return build_model(cfg, device="cpu")
+    return build_model(cfg, device="cpu", dtype=torch_dtype(dtype))
 
 
 def batches(n: int = STEPS) -> list[torch.Tensor]:
@@ -138,7 +140,8 @@ def run_save(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     out_dir = cfg["dir"]
-    pm = parallelize(make_model(cfg["model"], cfg.get("layers", 2)), seq_len=SEQ,
+    pm = parallelize(make_model(cfg["model"], cfg.get("layers", 2),
+                                dtype=cfg.get("dtype", "fp32")), seq_len=SEQ,
                      global_batch_size=BATCH, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
     data = batches(4)
     first = [pm.train_step({"input_ids": b}) for b in data[:2]]
@@ -159,7 +162,7 @@ def run_resume(cfg: dict) -> dict:
     """A differently initialised model under another plan, resumed from the checkpoint,
     trains the last 2 steps."""
     torch.manual_seed(123)
-    m = make_model(cfg["model"], cfg.get("layers", 2))
+    m = make_model(cfg["model"], cfg.get("layers", 2), dtype=cfg.get("dtype", "fp32"))
     for p in m.parameters():  # make sure nothing of the original init survives
         torch.nn.init.normal_(p.data, std=0.5)
     pm = parallelize(m, seq_len=SEQ, global_batch_size=BATCH,

@@ -41,7 +41,22 @@ def test_train_on_the_gpu_matches_one_cpu_process(optimizer: str, extra: list[st
 def test_estimate_matches_the_caching_allocator(optimizer: str, recompute: str) -> None:
     measured = measure_peak("small-llama", optimizer, recompute, "fp32", 4, 256,
                             device="cuda").total_bytes
+    # fp32 grouped-query attention has no fused CUDA kernel: K/V run expanded
     est = MemoryModel(profile_model("small-llama", seq_len=256, dtype="fp32"),
-                      get_optimizer(optimizer)).estimate(
+                      get_optimizer(optimizer), expanded_kv=True).estimate(
         Layout(micro_batch_size=4, seq_len=256, recompute=recompute)).total_bytes
     assert abs(est / measured - 1) < 0.1, (est / 2**20, measured / 2**20)
+
+
+def test_gqa_in_fp32_runs_expanded_and_equals_the_math_path() -> None:
+    """On CUDA, fp32 grouped-query SDPA would take the math path; expanded K/V give the
+    same output on a fused kernel, and local_gpu says so for this device."""
+    from collie_compile.attention import expanded_sdpa, fused_gqa
+    from collie_compile.hardware import local_gpu
+
+    dev = torch.device("cuda")
+    assert not fused_gqa(dev, torch.float32) and not local_gpu().fused_gqa("fp32")
+    q, k, v = (torch.randn(2, h, 128, 64, device=dev) for h in (8, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           enable_gqa=True)
+    torch.testing.assert_close(expanded_sdpa(q, k, v, is_causal=True, enable_gqa=True), ref)

@@ -16,6 +16,7 @@ CASES = [  # optimizer, recompute, dtype, micro-batch, seq
     ("lomo", "full", "fp32", 2, 256),
     ("lomo", "none", "fp32", 8, 256),
     ("lomo", "none", "bf16", 2, 128),
+    ("adamw", "none", "bf16", 2, 128),  # fp32 masters and states of bf16 weights
     ("lion", "selective", "bf16", 2, 128),
     ("adalomo", "full", "fp32", 2, 256),
     ("adalomo", "none", "fp32", 2, 256),

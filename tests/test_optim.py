@@ -1,11 +1,12 @@
-"""Adan and Sophia against their update rules written out by hand; 16-bit parameters
-keep an fp32 master copy; every optimizer name resolves for parallelize."""
+"""Adan and Sophia against their update rules written out by hand; torch's rules on
+masters equal torch's optimizers; 16-bit parameters keep an fp32 master copy; every
+optimizer name resolves for parallelize."""
 
 import pytest
 import torch
 
 from collie_compile.errors import CollieError
-from collie_compile.optim import Adan, SophiaG, optimizer_class
+from collie_compile.optim import SGD, Adam, AdamW, Adan, SophiaG, optimizer_class
 from collie_compile.optimizers import OPTIMIZERS
 
 
@@ -57,8 +58,31 @@ def test_sophia_clips_the_preconditioned_step():
     torch.testing.assert_close(s.state[q]["hessian"], (1 - b2) * torch.ones(3))
 
 
-@pytest.mark.parametrize("cls", [Adan, SophiaG])
+@pytest.mark.parametrize("ours,theirs,kw", [
+    (AdamW, torch.optim.AdamW, dict(lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)),
+    (Adam, torch.optim.Adam, dict(lr=0.1, weight_decay=0.1)),
+    (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)),
+    (SGD, torch.optim.SGD, dict(lr=0.1)),
+])
+def test_torch_rules_on_masters_equal_torch(ours, theirs, kw):
+    """On fp32 weights (no master needed) our classes step exactly as torch's."""
+    torch.manual_seed(0)
+    p0, grads = torch.randn(6), [torch.randn(6) for _ in range(3)]
+    mine, _ = _steps(ours, grads, p0, **kw)
+    ref, _ = _steps(theirs, grads, p0, foreach=False, **kw)
+    torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+
+
+def test_16_bit_weights_get_the_master_copy_versions():
+    assert optimizer_class("adamw", torch.bfloat16) is AdamW
+    assert optimizer_class("sgd", torch.float16) is SGD
+    assert optimizer_class("adamw") is torch.optim.AdamW  # fp32: torch's own (foreach)
+
+
+@pytest.mark.parametrize("cls", [Adan, SophiaG, AdamW, Adam, SGD])
 def test_bf16_parameters_keep_an_fp32_master_copy(cls):
+    """torch's AdamW on bf16 weights would leave a weight of 1 at 1: its step of ~lr is
+    under half of bf16's ulp there (0.0078)."""
     p0 = torch.ones(4, dtype=torch.bfloat16)
     p, opt = _steps(cls, [torch.full((4,), 0.5, dtype=torch.bfloat16)] * 3, p0, lr=1e-4)
     master = next(iter(opt.state.values()))["master"]

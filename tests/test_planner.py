@@ -151,7 +151,7 @@ def test_pins_are_respected_and_bad_pins_explained():
                        r"dp x micro-batch \(4 x 3\) does not divide the global batch 8")]:
         with pytest.raises(CollieError, match=f"no layout of {pins['gpus']} GPUs.*{why}"):
             plan("tiny-llama", seq_len=64, **pins)
-    with pytest.raises(CollieError, match="zero must be 0, 1, 2 or 3"):
+    with pytest.raises(CollieError, match=r"zero \(--zero\) must be 0, 1, 2 or 3"):
         plan("tiny-llama", gpus=4, seq_len=64, zero=4)
     # a pinned micro-batch need not be one of the sizes the search tries on its own
     odd = plan("tiny-llama", gpus=4, seq_len=64, global_batch_size=48, micro_batch_size=3)

@@ -106,6 +106,12 @@ SAVE_FUSED = {"id": "adalomo-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp"
               "optimizer": "adalomo", "lr": 1e-2}
 RESUME_FUSED = {"id": "adalomo-resume", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1,
                 "zero": 3, "optimizer": "adalomo", "lr": 1e-2}
+# bf16 weights with AdamW under ZeRO-1: fp32 master copies and moments, saved and
+# restored as fp32 (they came back in the weights' dtype), so a resumed run continues
+# exactly.
+SAVE_BF16 = {"id": "adamw-bf16-save", "kind": "save", **L4, "dp": 2, "tp": 2, "pp": 1,
+             "zero": 1, "optimizer": "adamw", "lr": 1e-2, "dtype": "bf16"}
+RESUME_BF16 = {**SAVE_BF16, "id": "adamw-bf16-resume", "kind": "resume"}
 CONFIGS_8 = [
     {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
      "recompute": "full"},
@@ -143,6 +149,8 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     ckpts += [{**c, "dir": str(tmp_path_factory.mktemp(c["id"]))} for c in LORA_4]
     fused_dir = str(tmp_path_factory.mktemp("fused-ckpt"))
     ckpts += [{**c, "dir": fused_dir} for c in (SAVE_FUSED, RESUME_FUSED)]
+    bf16_dir = str(tmp_path_factory.mktemp("bf16-ckpt"))
+    ckpts += [{**c, "dir": bf16_dir} for c in (SAVE_BF16, RESUME_BF16)]
     return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4, tmp)
 
 
@@ -202,6 +210,12 @@ def test_save_pretrained_loads_in_transformers(results4: dict, ckpt_dir: Path) -
     assert not list(ckpt_dir.glob("*.tmp"))  # nothing half-written left behind
 
 
+def test_resume_keeps_fp32_masters_of_bf16_weights(results4: dict) -> None:
+    saved, r = results4[SAVE_BF16["id"]], results4[RESUME_BF16["id"]]
+    assert "crash" not in r, r.get("crash")
+    assert r["losses"] == saved["continued"]  # same plan: bit for bit
+
+
 @pytest.mark.parametrize("which", ["4", "8"])
 def test_resume_under_another_plan(results4: dict, results8: dict, which: str) -> None:
     saved = results4[SAVE["id"]]
@@ -240,6 +254,19 @@ def test_train_cli_under_torchrun(tmp_path: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
+
+
+def test_train_cli_error_is_reported_once_under_torchrun() -> None:
+    """Every rank meets the same bad input; rank 0 alone prints it (each rank did)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "collie_compile", "train", "tiny-llama", "--data", str(ROOT / "README.md"),
+           "--steps", "2", "--seq-len", "16", "--lr", "-1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in proc.stderr.splitlines() if "collie-compile: error:" in ln]
+    assert proc.returncode != 0
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].endswith("collie-compile: error: --lr must be a positive number, got -1.0")
 
 
 def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:

@@ -1,0 +1,94 @@
+"""How attention runs: SDPA told the mask is causal, grouped K/V left grouped where it can.
+
+transformers materialises the causal mask when a model is exported (an exported graph
+might later decode one token at a time, where ``is_causal`` would be wrong). A mask keeps
+SDPA off its flash kernel and makes transformers copy K/V once per query group
+(``repeat_kv``). We only train on whole sequences, so the ``collie_sdpa`` implementation,
+registered through transformers' own AttentionInterface and AttentionMaskInterface,
+replaces a plain causal mask by ``is_causal=True`` and hands grouped K/V to SDPA as they
+are (``enable_gqa``). Padding, sliding windows shorter than the sequence and other masks
+are left to transformers.
+
+Where no fused kernel takes grouped-query attention in a dtype (CUDA: flash needs 16 bits
+and sm80+, the memory-efficient kernel takes no groups), SDPA would fall back to its math
+path, which keeps the attention probabilities (heads x seq x seq per sequence) for
+backward; there K/V are expanded first (:func:`expanded_sdpa`) so a fused kernel runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "collie_sdpa"
+
+
+def fused_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA has a fused kernel for grouped-query attention on ``device`` in ``dtype``."""
+    if device.type != "cuda":
+        return True  # the CPU flash kernel takes groups in every dtype; meta only captures
+    return (dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def expanded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,
+                  **kwargs: object) -> torch.Tensor:
+    """SDPA (same arguments) with K/V repeated for every query head instead of
+    ``enable_gqa``: the form fused kernels without group support accept."""
+    kwargs.pop("enable_gqa", None)
+    groups = query.shape[-3] // key.shape[-3]
+    return F.scaled_dot_product_attention(query, key.repeat_interleave(groups, -3),
+                                          value.repeat_interleave(groups, -3), *args, **kwargs)
+
+
+def _mask(*, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+          use_vmap: bool = False, **kwargs: object) -> torch.Tensor | None:
+    """The causal mask is ``is_causal`` when nothing narrows it: no padding mask, no
+    sliding window or chunk (``local_size``) shorter than the sequence, no model-specific
+    mask functions (which transformers evaluates with vmap). Under export transformers
+    also folds in a check for packed sequences, which it cannot evaluate while tracing; a
+    model given only input_ids numbers positions 0..s-1 per row: one sequence per row."""
+    window_covers = local_size is None or statically_known_true(
+        kwargs.get("kv_length", local_size + 1) <= local_size)
+    if attention_mask is None and window_covers and not use_vmap:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, local_size=local_size, use_vmap=use_vmap,
+                     **kwargs)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: object
+               ) -> tuple[torch.Tensor, None]:
+    if (attention_mask is None and key.shape[1] != query.shape[1]
+            and not fused_gqa(query.device, query.dtype)):
+        out = expanded_sdpa(query, key, value, dropout_p=kwargs.get("dropout", 0.0),
+                            scale=kwargs.get("scaling"),
+                            is_causal=query.shape[2] > 1 and getattr(module, "is_causal", True))
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+
+
+@contextlib.contextmanager
+def causal_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run a transformers model that uses SDPA with ``collie_sdpa`` while inside; other
+    implementations (eager, flash-attn) are the user's choice and stay."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
