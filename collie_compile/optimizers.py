@@ -27,7 +27,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {o.name: o for o in [
     OptimizerSpec("adamw", 8, description="Adam with decoupled weight decay: m, v"),
     OptimizerSpec("adam", 8, description="Adam: m, v"),
     OptimizerSpec("sgd", 0, step_temporaries=0, description="plain SGD, no momentum"),
-    OptimizerSpec("lion", 4, description="Lion: one momentum"),
+    OptimizerSpec("lion", 4, step_temporaries=1, description="Lion: one momentum"),
     OptimizerSpec("adan", 16, step_temporaries=3,
                   description="Adan: m, v, n and the previous gradient"),
     OptimizerSpec("sophia", 8, description="Sophia: m and the Hessian estimate h"),
