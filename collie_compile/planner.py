@@ -355,6 +355,11 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                 lora_targets=None if lora_rank is None else canonical_lora_targets(lora_targets),
                 usable_memory_bytes=int(capacity))
     notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]
+    if mm.expanded_kv and prof.act_expanded_kv.sharded:
+        extra = prof.act_expanded_kv.sharded / 2**20
+        notes.append(f"{spec.name} has no fused grouped-query attention kernel in {dtype}: "
+                     f"K/V are expanded to every head, {extra:.1f} MiB more per layer and "
+                     "sequence without recomputation (priced)")
     if not solved:
         if closest is None:
             raise CollieError("no layout to try: every (dp, tp, pp) split was ruled out "

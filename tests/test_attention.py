@@ -114,3 +114,9 @@ def test_gpus_without_fused_gqa_price_expanded_kv():
     g_v100, g_a100 = (estimate("tiny-gpt2", gpu=g, **kw).memory for g in ("v100-32gb",
                                                                            "a100-80gb"))
     assert g_v100.activations_bytes == g_a100.activations_bytes
+    from collie_compile.planner import plan
+
+    notes = {g: plan("tiny-qwen2", gpus=1, gpu=g, dtype="fp16", seq_len=128,
+                     global_batch_size=4).notes for g in ("v100-32gb", "a100-80gb")}
+    assert any("K/V are expanded" in n for n in notes["v100-32gb"])
+    assert not any("K/V are expanded" in n for n in notes["a100-80gb"])
