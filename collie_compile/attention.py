@@ -27,15 +27,18 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .hardware import fused_gqa_dtypes
+
 IMPLEMENTATION = "collie_sdpa"
 
 
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def fused_gqa(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether SDPA has a fused kernel for grouped-query attention on ``device`` in ``dtype``."""
-    if device.type != "cuda":
-        return True  # the CPU flash kernel takes groups in every dtype; meta only captures
-    return (dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(device) >= (8, 0))
+    """Whether SDPA has a fused kernel for grouped-query attention on ``device`` in ``dtype``
+    (meta, which only captures, counts as a CPU)."""
+    return _NAMES.get(dtype) in fused_gqa_dtypes(device)
 
 
 def expanded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,

@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .attention import fused_gqa
 from .compute import allgather_time
-from .hardware import GPUSpec
+from .hardware import GPUSpec, fused_gqa_dtypes
 
 UNMEASURED_LINK = (10e-6, 25e9)  # (s, B/s): PCIe 4.0 x16, for a machine with one GPU
 
@@ -176,8 +175,7 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
                    inter_node_bandwidth=link_bw, inter_node_latency=latency,
                    matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
                    op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0,
-                   fused_gqa_dtypes=tuple(name for name, dt in dtypes.items()
-                                          if fused_gqa(device, dt)))
+                   fused_gqa_dtypes=fused_gqa_dtypes(device))
     if zero3 is None:
         return spec
     ring = 3 * allgather_time(ZERO_UNIT**2 * 4, 2, spec)  # what the ring model says

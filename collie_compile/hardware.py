@@ -164,6 +164,15 @@ def catalog_name(device_name: str, memory_bytes: int) -> str | None:
     return None
 
 
+def fused_gqa_dtypes(device: torch.device) -> tuple[str, ...]:
+    """Dtypes in which SDPA on ``device`` has a fused grouped-query attention kernel: every
+    one on a CPU; on CUDA flash's, bf16 and fp16 from sm80 on (the memory-efficient
+    kernel takes no groups)."""
+    if device.type != "cuda":
+        return DTYPE_NAMES
+    return ("bf16", "fp16") if torch.cuda.get_device_capability(device) >= (8, 0) else ()
+
+
 def local_gpu() -> GPUSpec:
     """The device this process trains on, as a spec. A CUDA GPU: its catalog entry with
     the memory torch reports (A100 figures under its own name if the catalog lacks it;
@@ -172,9 +181,10 @@ def local_gpu() -> GPUSpec:
     so that a CPU run is priced as it runs."""
     if not torch.cuda.is_available():
         return replace(CATALOG["a100-80gb"], fused_gqa_dtypes=DTYPE_NAMES)
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
     entry = catalog_name(props.name, props.total_memory)
-    spec = CATALOG[entry or "a100-80gb"]
-    return replace(spec, name=entry or props.name.lower().replace(" ", "-"),
+    return replace(CATALOG[entry or "a100-80gb"],
+                   name=entry or props.name.lower().replace(" ", "-"),
                    memory_bytes=int(props.total_memory),
-                   fused_gqa_dtypes=spec.fused_gqa_dtypes if props.major >= 8 else ())
+                   fused_gqa_dtypes=fused_gqa_dtypes(device))
