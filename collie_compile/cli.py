@@ -227,7 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
                       weights=args.weights, save=args.save, seed=args.seed, pins=pins,
                       check=args.check, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      lora_targets=args.lora_targets, merge=args.merge)
+                      lora_targets=args.lora_targets, merge=args.merge,
+                      memory_reserve=args.memory_reserve)
     losses = train(cfg)
     if dist.get_rank() == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train LoRA adapters of this rank only; --save writes a PEFT adapter")
     t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default 2*rank)")
     t.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
+    t.add_argument("--memory-reserve", type=float, default=0.05,
+                   help="fraction of each GPU's memory the auto plan keeps free")
     t.add_argument("--merge", action="store_true",
                    help="with LoRA, --save plain HF weights with the adapters folded in")
     for name in ("dp", "tp", "pp"):

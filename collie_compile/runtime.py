@@ -71,7 +71,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
                 max_grad_norm: float | None = None, clip_mode: str = "two-pass",
                 clip_value: float | None = None, loss_scale: str | float | None = None,
-                stochastic_rounding: bool = False) -> ParallelModel:
+                stochastic_rounding: bool = False, memory_reserve: float = 0.05
+                ) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
@@ -79,7 +80,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
     defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
     plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
-    runs on, with the memory torch reports, or a100-80gb on a CPU). A model too
+    runs on, with the memory torch reports, or a100-80gb on a CPU), keeping
+    ``memory_reserve`` of each GPU's memory free (other processes, allocator slack). A model too
     big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
     safetensors checkpoint): each rank reads only the slices it holds.
 
@@ -119,7 +121,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                           global_batch_size, dict(dp=dp, tp=tp, pp=pp, zero=zero,
                                                   micro_batch_size=micro_batch_size,
                                                   schedule=schedule, recompute=recompute),
-                          lora_cfg)
+                          lora_cfg, memory_reserve)
         fused.check(optimizer or p.optimizer)
         return p
 
@@ -233,7 +235,8 @@ def model_dtype(model: torch.nn.Module, asked: str | None) -> str:
 def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   gpu: str | None,
                   optimizer: str | None, dtype: str, seq_len: int | None,
-                  global_batch_size: int | None, pins: dict, lora: object | None) -> Plan:
+                  global_batch_size: int | None, pins: dict, lora: object | None,
+                  memory_reserve: float = 0.05) -> Plan:
     from .planner import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
@@ -245,7 +248,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
-                  lora_targets=lora_targets, **pins)
+                  lora_targets=lora_targets, memory_reserve=memory_reserve, **pins)
         if not p.feasible:
             raise CollieError(f"no plan fits {world} x {p.gpu}: the closest is "
                               f"{p.shortfall_bytes / 2**30:.1f} GiB over; "

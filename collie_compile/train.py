@@ -49,6 +49,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: list[str] | None = None
     merge: bool = False  # with LoRA, save the adapters folded into plain HF weights
+    memory_reserve: float = 0.05  # of each GPU's memory, kept free by the auto plan
 
 
 def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
@@ -120,7 +121,7 @@ def train(cfg: TrainConfig) -> list[float]:
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                     **(cfg.pins or {}))
+                     memory_reserve=cfg.memory_reserve, **(cfg.pins or {}))
     tokens = cdist.agree(lambda: tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size)))
     if cfg.save:  # before the training, not after it
         pm.check_save_path(cfg.save)

@@ -335,6 +335,22 @@ def test_fused_only_options_are_refused_for_other_optimizers() -> None:
     assert FusedOptions(loss_scale=128.0).scaler().backoff == 1.0  # fixed: it stays
 
 
+def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
+    """parallelize / train --memory-reserve reach the planner (it used 5% always)."""
+    from collie_compile.errors import CollieError
+    from collie_compile.hardware import CATALOG
+    from collie_compile.models import load_config
+    from collie_compile.runtime import _resolve_plan
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # what torchrun says; no process group
+    args = (load_config("tiny-llama"), "tiny-llama", 1, "a100-80gb", None, "fp32", 64, 8,
+            {}, None)
+    p = _resolve_plan("auto", *args, memory_reserve=0.5)
+    assert p.usable_memory_bytes == int(0.5 * CATALOG["a100-80gb"].memory_bytes)
+    with pytest.raises(CollieError, match="no plan fits 1 x a100-80gb: the closest is"):
+        _resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
+
+
 def check_lora(r: dict) -> None:
     assert "crash" not in r, r.get("crash")
     for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
