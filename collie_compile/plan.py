@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import CollieError
+from .hardware import CATALOG
 from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets
 
 SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
@@ -172,7 +173,9 @@ class Plan:
     def replan_command(self) -> str:
         """The ``collie-compile plan`` command that pins this plan's chosen layout."""
         c = self.chosen
-        args = [f"collie-compile plan {self.model} --gpus {self.gpus} --gpu {self.gpu}",
+        # a GPU from a spec file is saved by its name, which --gpu does not know
+        gpu = self.gpu if self.gpu in CATALOG else "SPEC.json"
+        args = [f"collie-compile plan {self.model} --gpus {self.gpus} --gpu {gpu}",
                 f"--gpus-per-node {self.gpus_per_node} --seq-len {self.seq_len}",
                 f"--global-batch {self.global_batch_size} --optimizer {self.optimizer}",
                 f"--dtype {self.dtype}"]
@@ -187,6 +190,10 @@ class Plan:
                 args.append(f"--virtual-stages {c.virtual_stages}")
             if len(set(c.recompute)) == 1:
                 args.append(f"--recompute {c.recompute[0]}")
+        if gpu != self.gpu:
+            args.append(f"--out FILE  (SPEC.json: {self.gpu}'s spec file, as `collie-compile "
+                        "calibrate --out SPEC.json` writes it on that GPU)")
+            return " ".join(args)
         return " ".join(args + ["--out FILE"])
 
     def save(self, path: str | Path) -> None:

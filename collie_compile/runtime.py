@@ -30,7 +30,7 @@ from .capture import capture_static
 from .errors import CollieError, flag, named
 from .estimate import check_heads
 from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
-from .hardware import local_gpu
+from .hardware import CATALOG, local_gpu
 from .kernels.adalomo import adalomo_state
 from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
 from .modelprofile import DTYPES, torch_dtype
@@ -243,7 +243,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
     if isinstance(plan, Plan):
         p = plan
     elif str(plan).lower() == "auto":
-        p = solve(cfg, gpus=world, gpu=gpu or local_gpu(),
+        spec = gpu or local_gpu()
+        p = solve(cfg, gpus=world, gpu=spec,
                   gpus_per_node=cdist.local_world_size(),
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
@@ -253,6 +254,11 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
             raise CollieError(f"no plan fits {world} x {p.gpu}: the closest is "
                               f"{p.shortfall_bytes / 2**30:.1f} GiB over; "
                               f"{'; '.join(p.suggestions) or 'use more GPUs'}")
+        if gpu is None and p.gpu not in CATALOG:
+            p.notes.append(f"{p.gpu} is not in the GPU catalog: planned with a100-80gb's "
+                           "rates and the memory torch reports; for its own, run "
+                           "`collie-compile calibrate --out gpu.json` on it and pass "
+                           "gpu='gpu.json' (train --gpu gpu.json)")
     else:
         p = Plan.load(plan)
     if p.model != name:

@@ -132,6 +132,8 @@ def train(cfg: TrainConfig) -> list[float]:
     rank0 = dist.get_rank() == 0
     if rank0:
         print(f"plan: {pm.chosen.layout_str()}", flush=True)
+        for note in pm.plan.notes:
+            print(f"note: {note}", flush=True)
     losses = []
     tty = sys.stderr.isatty()  # a log file gets one line per tenth of the run instead
     bar = tqdm(range(cfg.steps), disable=not (rank0 and tty), unit="step")

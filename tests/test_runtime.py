@@ -351,6 +351,31 @@ def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
         _resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
 
 
+def test_auto_plan_on_a_gpu_the_catalog_lacks_says_so(monkeypatch) -> None:
+    """An unknown CUDA card is planned with A100 rates: the plan says so, and its re-plan
+    command asks for a spec file (--gpu with the card's name would be refused)."""
+    from dataclasses import replace
+
+    from collie_compile import runtime
+    from collie_compile.hardware import CATALOG
+    from collie_compile.models import load_config
+
+    card = replace(CATALOG["a100-80gb"], name="nvidia-rtx-pro-6000", memory_bytes=96 * 2**30)
+    monkeypatch.setattr(runtime, "local_gpu", lambda: card)  # what a CUDA host would find
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    p = runtime._resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, None, None,
+                              "fp32", 64, 8, {}, None)
+    assert p.gpu == "nvidia-rtx-pro-6000"
+    assert any("nvidia-rtx-pro-6000 is not in the GPU catalog" in n for n in p.notes)
+    assert "--gpu SPEC.json" in p.replan_command()
+    assert "calibrate --out SPEC.json" in p.replan_command()
+    # a catalog GPU: no note, and --gpu names it
+    p = runtime._resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, "h100-80gb",
+                              None, "fp32", 64, 8, {}, None)
+    assert not any("catalog" in n for n in p.notes)
+    assert "--gpu h100-80gb " in p.replan_command()
+
+
 def check_lora(r: dict) -> None:
     assert "crash" not in r, r.get("crash")
     for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
