@@ -116,7 +116,9 @@ def main(out: str | None = None, nproc: int | None = None, steps: int = 6) -> No
     rep.add(f"{MODEL}, fp32 AdamW, {where}, global batch {shape['global_batch']} x "
             f"{shape['seq']}; hardware spec: calibrate{rates} "
             f"({spec.fp32_flops / 1e9:.1f} GFLOP/s fp32, {spec.hbm_bandwidth / 1e9:.1f} GB/s, "
-            f"{spec.op_latency * 1e6:.1f} us per op, all-reduce "
+            f"{spec.op_latency * 1e6:.1f} us per op (+{spec.checkpoint_op_overhead * 1e6:.0f}"
+            f" / +{spec.selective_op_overhead * 1e6:.0f} us replayed under full / selective "
+            f"recompute), all-reduce "
             f"{spec.intra_node_bandwidth / 1e9:.2f} GB/s + {spec.intra_node_latency * 1e6:.0f}"
             f" us, overlap {spec.comm_overlap:g}, ZeRO-3 unit at {spec.zero_efficiency:.2f}"
             f" of the ring model)\n\n" + table(

@@ -1,9 +1,10 @@
 """Measure the local device and write a hardware spec the planner accepts.
 
 Matmul throughput per dtype, memory bandwidth (a large copy), the host's overhead per
-operator in an eager training step, collective bandwidth/latency over a real process
-group (gloo on CPU, NCCL on CUDA) of two local processes, and how far a ZeRO-3 unit
-(FSDP2) falls behind the ring model there. On a CPU-only machine it measures the CPU, so
+operator in an eager training step and what activation checkpointing adds to it,
+collective bandwidth/latency over a real process group (gloo on CPU, NCCL on CUDA) of
+two local processes, and how far a ZeRO-3 unit (FSDP2) falls behind the ring model
+there. On a CPU-only machine it measures the CPU, so
 plans can be checked against real runs here. Collectives overlap compute on GPUs (NCCL
 has its own engines), not on a CPU (gloo takes the same cores).
 """
@@ -63,24 +64,40 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> float
     return 2 * nbytes / _best_time(lambda: dst.copy_(src), repeats, sync)
 
 
-def op_latency(device: torch.device, repeats: int = 5) -> float:
-    """Seconds per operator of a training step made of ops too small to take any time:
-    forward and backward of a chain of tiny linears, norms and activations, divided by
-    three times its forward ops (backward runs about two per forward op)."""
+def host_overheads(device: torch.device, repeats: int = 5) -> tuple[float, float, float]:
+    """Host seconds per operator of an eager training step made of ops too small to take
+    any time, and what full and selective recomputation add per forward op beyond
+    replaying it: forward and backward of a chain of tiny linears, norms and activations
+    (op latency: the step over three times its forward ops, as backward runs about two per
+    forward op), then the same chain under each checkpoint mode."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .recompute import checkpoint_kwargs
+
     torch.manual_seed(0)
     layers = [m for _ in range(8) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
                                              torch.nn.SiLU())]
     net = torch.nn.Sequential(*layers).to(device)
     x = torch.randn(2, 8, device=device, requires_grad=True)
-    forward_ops = len(layers) + 1  # and the sum
     steps = 10
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run() -> None:
-        for _ in range(steps):
-            net(x).sum().backward()
+    def seconds(mode: str) -> float:
+        kwargs = checkpoint_kwargs(mode)
 
-    return _best_time(run, repeats, sync) / steps / (3 * forward_ops)
+        def run() -> None:
+            for _ in range(steps):
+                y = net(x) if kwargs is None else checkpoint(net, x, **kwargs)
+                y.sum().backward()
+
+        return _best_time(run, repeats, sync) / steps
+
+    plain = seconds("none")
+    latency = plain / (3 * (len(layers) + 1))  # and the sum
+    # each checkpointed op is replayed (one latency, in the cost model) plus bookkeeping
+    full, selective = ((seconds(m) - plain) / len(layers) - latency
+                       for m in ("full", "selective"))
+    return latency, max(full, 1e-7), max(selective, 1e-7)
 
 
 ZERO_UNIT = 1024  # the calibrated ZeRO-3 unit: a [1024, 1024] fp32 linear, 4 MiB
@@ -162,6 +179,7 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
         latency, link_bw = UNMEASURED_LINK
     else:
         latency, link_bw, zero3 = collective_costs(sizes)
+    op_latency, checkpoint_overhead, selective_overhead = host_overheads(device)
     if cuda:
         memory = torch.cuda.get_device_properties(0).total_memory
         label = torch.cuda.get_device_name(0).lower().replace(" ", "-")
@@ -174,7 +192,9 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
                    intra_node_bandwidth=link_bw, intra_node_latency=latency,
                    inter_node_bandwidth=link_bw, inter_node_latency=latency,
                    matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
-                   op_latency=op_latency(device), comm_overlap=1.0 if cuda else 0.0,
+                   op_latency=op_latency, checkpoint_op_overhead=checkpoint_overhead,
+                   selective_op_overhead=selective_overhead,
+                   comm_overlap=1.0 if cuda else 0.0,
                    fused_gqa_dtypes=fused_gqa_dtypes(device))
     if zero3 is None:
         return spec

@@ -4,8 +4,9 @@ A node takes max(FLOPs / (peak x matmul efficiency), bytes / (HBM bandwidth x me
 efficiency)), and never less than the host's per-op latency (eager dispatch and kernel
 launch). A block's time is the sum over its captured ops. Backward costs twice the
 forward (gradients for inputs and weights); recomputation adds the forward again (full)
-or its non-matmul part (selective). Collectives use ring
-algorithms: all-reduce moves 2(n-1)/n of the bytes per GPU in 2(n-1) latency steps.
+or its non-matmul part (selective), each op at least the host's latency plus what the
+checkpoint's bookkeeping adds per op. Collectives use ring algorithms: all-reduce
+moves 2(n-1)/n of the bytes per GPU in 2(n-1) latency steps.
 """
 
 from __future__ import annotations
@@ -39,25 +40,26 @@ class BlockTime:
         return self.forward + self.backward
 
 
-def op_time(flops: float, nbytes: float, gpu: GPUSpec, dtype: str) -> float:
-    """Seconds of one operator in an eager step: its roofline, but never less than the
-    host's per-op overhead (what small micro-batches pay)."""
-    return max(roofline(flops, nbytes, gpu, dtype), gpu.op_latency)
-
-
 def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
                recompute: str = "none") -> BlockTime:
     """Seconds of one decoder block for one micro-batch on one tensor-parallel rank, op by
     op from the captured block graph (views are free). Recomputation repeats the forward
     (full) or its non-matmul ops (selective: saved matmul outputs are replayed, which
-    costs their dispatch only)."""
+    costs their dispatch only), each op with the checkpoint's host overhead on top of its
+    latency floor."""
     scale = micro_batch / tp
-    times = [(n["kind"] in ("linear", "attention"),
-              op_time(n["flops"] * scale, n["bytes"] * scale, gpu, p.dtype))
-             for n in p.block_graph]
-    fwd = sum(t for _, t in times)
-    selective = sum(gpu.op_latency if matmul else t for matmul, t in times)
-    redo = {"none": 0.0, "selective": selective, "full": fwd}[recompute]
+    ops = [(n["kind"] in ("linear", "attention"),
+            roofline(n["flops"] * scale, n["bytes"] * scale, gpu, p.dtype))
+           for n in p.block_graph]
+    fwd = sum(max(t, gpu.op_latency) for _, t in ops)
+    if recompute == "none":
+        return BlockTime(fwd, 2 * fwd)
+    if recompute == "full":
+        host = gpu.op_latency + gpu.checkpoint_op_overhead
+        redo = sum(max(t, host) for _, t in ops)
+    else:
+        host = gpu.op_latency + gpu.selective_op_overhead
+        redo = sum(host if matmul else max(t, host) for matmul, t in ops)
     return BlockTime(fwd, 2 * fwd + redo)
 
 

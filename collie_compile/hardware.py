@@ -45,6 +45,13 @@ class GPUSpec:
     # Host time per operator in an eager training step (dispatch, autograd, kernel launch):
     # no op is faster than this, which is what small micro-batches run into.
     op_latency: float = 5e-6
+    # Host time per forward op that activation checkpointing adds beyond rerunning it:
+    # non-reentrant checkpoint's saved-tensor hooks (full); the selective policy's dispatch
+    # mode on every op, forward and replay (selective). Like op_latency it shows where ops
+    # are small and hides behind big ones. Defaults: the ratios to op_latency measured on
+    # the host of one H200 (0.7 and 1.6), applied to the default op_latency.
+    checkpoint_op_overhead: float = 3.5e-6
+    selective_op_overhead: float = 8e-6
     # Fraction of communication that hides behind compute when both are pending: 1 where
     # collectives run on their own engines (NCCL), 0 where they take the compute cores (CPU).
     comm_overlap: float = 1.0
