@@ -65,11 +65,10 @@ class AdamW(_MasterWeights):
             state.update(exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w),
                          step_t=torch.zeros((), dtype=torch.float32))
         b1, b2 = group["betas"]
-        adam([w], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [],
-                              [state["step_t"]], foreach=False,
-                              decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=b1,
-                              beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
-                              eps=group["eps"], maximize=False)
+        adam([w], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step_t"]],
+             foreach=False, decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=b1,
+             beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+             maximize=False)
 
 
 class Adam(AdamW):
@@ -95,9 +94,8 @@ class SGD(_MasterWeights):
     def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
         buf = [state.get("momentum_buffer")]
         sgd([w], [g], buf, foreach=False, weight_decay=group["weight_decay"],
-                            momentum=group["momentum"], lr=group["lr"],
-                            dampening=group["dampening"], nesterov=group["nesterov"],
-                            maximize=False)
+            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=False)
         if buf[0] is not None:  # made on the first step with momentum
             state["momentum_buffer"] = buf[0]
 

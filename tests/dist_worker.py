@@ -149,7 +149,10 @@ def run_save(cfg: dict) -> dict:
     pm.save_pretrained(f"{out_dir}/hf")
     logits = pm.forward(data[0])
     rest = [pm.train_step({"input_ids": b}) for b in data[2:]]
-    out = {"layout": pm.chosen.layout_str(), "first": first, "continued": rest}
+    states = pm._inner_optimizer().state.values() if pm.optimizer is not None else []
+    masters = [st["master"] for st in states if "master" in st]  # fused ones update in place
+    out = {"layout": pm.chosen.layout_str(), "first": first, "continued": rest,
+           "masters": len(masters), "master_dtypes": sorted({str(m.dtype) for m in masters})}
     if dist.get_rank() == 0:
         hf = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf")
         with torch.no_grad():

@@ -112,6 +112,8 @@ RESUME_FUSED = {"id": "adalomo-resume", "kind": "resume", **L4, "dp": 2, "tp": 2
 SAVE_BF16 = {"id": "adamw-bf16-save", "kind": "save", **L4, "dp": 2, "tp": 2, "pp": 1,
              "zero": 1, "optimizer": "adamw", "lr": 1e-2, "dtype": "bf16"}
 RESUME_BF16 = {**SAVE_BF16, "id": "adamw-bf16-resume", "kind": "resume"}
+# the same under ZeRO-3: FSDP2's DTensor shards get fp32 masters of their own
+SAVE_BF16_Z3 = {**SAVE_BF16, "id": "adamw-bf16-z3-save", "zero": 3}
 CONFIGS_8 = [
     {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
      "recompute": "full"},
@@ -151,6 +153,7 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     ckpts += [{**c, "dir": fused_dir} for c in (SAVE_FUSED, RESUME_FUSED)]
     bf16_dir = str(tmp_path_factory.mktemp("bf16-ckpt"))
     ckpts += [{**c, "dir": bf16_dir} for c in (SAVE_BF16, RESUME_BF16)]
+    ckpts.append({**SAVE_BF16_Z3, "dir": str(tmp_path_factory.mktemp("bf16-z3-ckpt"))})
     return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4, tmp)
 
 
@@ -214,6 +217,17 @@ def test_resume_keeps_fp32_masters_of_bf16_weights(results4: dict) -> None:
     saved, r = results4[SAVE_BF16["id"]], results4[RESUME_BF16["id"]]
     assert "crash" not in r, r.get("crash")
     assert r["losses"] == saved["continued"]  # same plan: bit for bit
+
+
+def test_bf16_zero3_trains_on_fp32_masters_as_zero1_does(results4: dict) -> None:
+    """bf16 AdamW at dp2 x tp2: ZeRO-3 (FSDP2 shards) and ZeRO-1 keep fp32 masters and
+    give the same losses bit for bit (dp=2 sums the same two bf16 gradients either way);
+    bf16 states without masters drift apart from the second step."""
+    z1, z3 = results4[SAVE_BF16["id"]], results4[SAVE_BF16_Z3["id"]]
+    assert "crash" not in z3, z3.get("crash")
+    assert "zero=3" in z3["layout"] and "zero=1" in z1["layout"]
+    assert z3["masters"] > 0 and z3["master_dtypes"] == z1["master_dtypes"] == ["torch.float32"]
+    assert z3["first"] + z3["continued"] == z1["first"] + z1["continued"]
 
 
 @pytest.mark.parametrize("which", ["4", "8"])
