@@ -57,9 +57,11 @@ def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
     if recompute == "full":
         host = gpu.op_latency + gpu.checkpoint_op_overhead
         redo = sum(max(t, host) for _, t in ops)
-    else:
+    elif recompute == "selective":
         host = gpu.op_latency + gpu.selective_op_overhead
         redo = sum(host if matmul else max(t, host) for matmul, t in ops)
+    else:
+        raise ValueError(f"unknown recompute mode {recompute!r}")
     return BlockTime(fwd, 2 * fwd + redo)
 
 

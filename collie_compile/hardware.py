@@ -20,6 +20,11 @@ GB = 10**9
 TFLOPS = 10**12
 
 
+# Checkpoint overheads per op as multiples of op_latency (full, selective), where a spec
+# does not give them (catalog entries, spec files older than the fields): fitted to one
+# H200's fidelity rows at micro-batch 4 x 512 (full 1.20x, selective 1.41x of a price
+# that counted a replayed op as one plain op), not measured by calibrate on that card.
+CHECKPOINT_RATIOS = (0.7, 1.6)
 # Fields that are fractions of a peak rate (GPUSpec.from_dict checks them).
 FRACTIONS = ("matmul_efficiency", "memory_efficiency", "link_efficiency", "zero_efficiency")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
@@ -48,10 +53,9 @@ class GPUSpec:
     # Host time per forward op that activation checkpointing adds beyond rerunning it:
     # non-reentrant checkpoint's saved-tensor hooks (full); the selective policy's dispatch
     # mode on every op, forward and replay (selective). Like op_latency it shows where ops
-    # are small and hides behind big ones. Defaults: the ratios to op_latency measured on
-    # the host of one H200 (0.7 and 1.6), applied to the default op_latency.
-    checkpoint_op_overhead: float = 3.5e-6
-    selective_op_overhead: float = 8e-6
+    # are small and hides behind big ones. Defaults: CHECKPOINT_RATIOS x op_latency.
+    checkpoint_op_overhead: float = CHECKPOINT_RATIOS[0] * 5e-6
+    selective_op_overhead: float = CHECKPOINT_RATIOS[1] * 5e-6
     # Fraction of communication that hides behind compute when both are pending: 1 where
     # collectives run on their own engines (NCCL), 0 where they take the compute cores (CPU).
     comm_overlap: float = 1.0
@@ -104,6 +108,8 @@ class GPUSpec:
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
             if k == "comm_overlap":  # 0 is meaningful: nothing overlaps
                 ok, what = number and 0 <= v <= 1, "a fraction from 0 to 1"
+            elif k in ("checkpoint_op_overhead", "selective_op_overhead"):  # 0: free
+                ok, what = number and v >= 0, "a number of seconds, 0 or more"
             elif k in FRACTIONS:  # shares of a peak: above 1 is a typo (percent?)
                 ok, what = number and 0 < v <= 1, "a fraction above 0, at most 1"
             else:
@@ -112,6 +118,12 @@ class GPUSpec:
                 raise CollieError(f"{source}: GPU spec field {k!r} must be {what}, got {v!r}")
         if "fused_gqa_dtypes" in data:  # JSON has lists; the dataclass keeps a tuple
             data = {**data, "fused_gqa_dtypes": tuple(data["fused_gqa_dtypes"])}
+        # a spec without the checkpoint overheads (written before them): in proportion to
+        # its own op latency, not the catalog's
+        latency = data.get("op_latency", cls.op_latency)
+        for key, ratio in zip(("checkpoint_op_overhead", "selective_op_overhead"),
+                              CHECKPOINT_RATIOS):
+            data = {key: ratio * latency, **data}
         return cls(**data)
 
 

@@ -190,11 +190,11 @@ class Plan:
                 args.append(f"--virtual-stages {c.virtual_stages}")
             if len(set(c.recompute)) == 1:
                 args.append(f"--recompute {c.recompute[0]}")
-        if gpu != self.gpu:
-            args.append(f"--out FILE  (SPEC.json: {self.gpu}'s spec file, as `collie-compile "
-                        "calibrate --out SPEC.json` writes it on that GPU)")
-            return " ".join(args)
-        return " ".join(args + ["--out FILE"])
+        args.append("--out FILE")
+        if gpu != self.gpu:  # a shell comment: the command still pastes
+            args.append(f"  # SPEC.json: {self.gpu}'s spec, as `collie-compile calibrate "
+                        "--out SPEC.json` writes it on that GPU")
+        return " ".join(args)
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves half a plan file."""

@@ -80,10 +80,11 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
     defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
     plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
-    runs on, with the memory torch reports, or a100-80gb on a CPU), keeping
-    ``memory_reserve`` of each GPU's memory free (other processes, allocator slack). A model too
-    big for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
-    safetensors checkpoint): each rank reads only the slices it holds.
+    runs on, with the memory torch reports, or a100-80gb on a CPU), keeping the fraction
+    ``memory_reserve`` of each GPU's memory free (other processes, allocator slack; a plan
+    given is run as it was priced). A model too big for one device comes on the meta
+    device with ``weights=DIR`` (a Hugging Face safetensors checkpoint): each rank reads
+    only the slices it holds.
 
     LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
     (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
@@ -257,8 +258,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
         if gpu is None and p.gpu not in CATALOG:
             p.notes.append(f"{p.gpu} is not in the GPU catalog: planned with a100-80gb's "
                            "rates and the memory torch reports; for its own, run "
-                           "`collie-compile calibrate --out gpu.json` on it and pass "
-                           "gpu='gpu.json' (train --gpu gpu.json)")
+                           "`collie-compile calibrate --out SPEC.json` on it and pass "
+                           "gpu='SPEC.json' (train --gpu SPEC.json)")
     else:
         p = Plan.load(plan)
     if p.model != name:

@@ -25,6 +25,15 @@ def test_json_spec_round_trip(tmp_path):
     old = {k: v for k, v in asdict(spec).items() if k != "fused_gqa_dtypes"}
     path.write_text(json.dumps(old))
     assert get_gpu(str(path)).fused_gqa_dtypes == ("bf16", "fp16")
+    # ... and one written before the checkpoint overheads gets them in proportion to its
+    # own op latency (a calibrated host is often 5x slower per op than the catalog's)
+    old = {k: v for k, v in asdict(spec).items() if not k.endswith("_op_overhead")}
+    path.write_text(json.dumps({**old, "op_latency": 30e-6}))
+    read = get_gpu(str(path))
+    assert (read.checkpoint_op_overhead, read.selective_op_overhead) == pytest.approx(
+        (0.7 * 30e-6, 1.6 * 30e-6))
+    path.write_text(json.dumps({**asdict(spec), "selective_op_overhead": 0}))
+    assert get_gpu(str(path)).selective_op_overhead == 0  # free: allowed
 
 
 @pytest.mark.parametrize("content,match", [
@@ -34,6 +43,7 @@ def test_json_spec_round_trip(tmp_path):
     (json.dumps({**asdict(CATALOG["l40s"]), "memory_bytes": -5}), "positive number"),
     (json.dumps({**asdict(CATALOG["l40s"]), "comm_overlap": 1.5}), "fraction from 0 to 1"),
     (json.dumps({**asdict(CATALOG["l40s"]), "op_latency": "5us"}), "positive number"),
+    (json.dumps({**asdict(CATALOG["l40s"]), "checkpoint_op_overhead": -1e-6}), "0 or more"),
     (json.dumps({**asdict(CATALOG["l40s"]), "matmul_efficiency": 5.0}), "at most 1"),
     (json.dumps({**asdict(CATALOG["l40s"]), "zero_efficiency": 0}), "fraction above 0"),
     (json.dumps({**asdict(CATALOG["l40s"]), "name": 7}), "non-empty string"),

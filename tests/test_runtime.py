@@ -365,6 +365,24 @@ def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
         _resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
 
 
+def test_train_memory_reserve_reaches_the_auto_plan(tmp_path: Path, capsys) -> None:
+    """`train --memory-reserve` → TrainConfig → parallelize → the planner, in one process
+    (a gloo group of one): keeping all but 1e-6 of the card free, nothing fits."""
+    import torch.distributed as dist
+
+    from collie_compile.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        rc = main(["train", "tiny-llama", "--data", str(ROOT / "README.md"), "--steps", "1",
+                   "--seq-len", "16", "--memory-reserve", "0.999999"])
+    finally:
+        dist.destroy_process_group()
+    err = capsys.readouterr().err
+    assert rc == 2 and "no plan fits 1 x a100-80gb" in err, err
+
+
 def test_auto_plan_on_a_gpu_the_catalog_lacks_says_so(monkeypatch) -> None:
     """An unknown CUDA card is planned with A100 rates: the plan says so, and its re-plan
     command asks for a spec file (--gpu with the card's name would be refused)."""
