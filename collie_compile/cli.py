@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train LoRA adapters of this rank only; --save writes a PEFT adapter")
     t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default 2*rank)")
     t.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
-    t.add_argument("--memory-reserve", type=float, default=0.05,
-                   help="fraction of each GPU's memory the auto plan keeps free")
+    t.add_argument("--memory-reserve", type=float, default=None,
+                   help="fraction of each GPU's memory the auto plan keeps free (default "
+                        "0.05)")
     t.add_argument("--merge", action="store_true",
                    help="with LoRA, --save plain HF weights with the adapters folded in")
     for name in ("dp", "tp", "pp"):

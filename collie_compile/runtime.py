@@ -71,7 +71,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
                 max_grad_norm: float | None = None, clip_mode: str = "two-pass",
                 clip_value: float | None = None, loss_scale: str | float | None = None,
-                stochastic_rounding: bool = False, memory_reserve: float = 0.05
+                stochastic_rounding: bool = False, memory_reserve: float | None = None
                 ) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
@@ -81,10 +81,10 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
     plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
     runs on, with the memory torch reports, or a100-80gb on a CPU), keeping the fraction
-    ``memory_reserve`` of each GPU's memory free (other processes, allocator slack; a plan
-    given is run as it was priced). A model too big for one device comes on the meta
-    device with ``weights=DIR`` (a Hugging Face safetensors checkpoint): each rank reads
-    only the slices it holds.
+    ``memory_reserve`` (default 0.05) of each GPU's memory free for other processes and
+    allocator slack; a plan given keeps the reserve it was priced with. A model too big
+    for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
+    safetensors checkpoint): each rank reads only the slices it holds.
 
     LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
     (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
@@ -237,7 +237,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   gpu: str | None,
                   optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None,
-                  memory_reserve: float = 0.05) -> Plan:
+                  memory_reserve: float | None = None) -> Plan:
     from .planner import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
@@ -250,7 +250,9 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
-                  lora_targets=lora_targets, memory_reserve=memory_reserve, **pins)
+                  lora_targets=lora_targets,
+                  **({} if memory_reserve is None else {"memory_reserve": memory_reserve}),
+                  **pins)
         if not p.feasible:
             raise CollieError(f"no plan fits {world} x {p.gpu}: the closest is "
                               f"{p.shortfall_bytes / 2**30:.1f} GiB over; "
@@ -266,6 +268,11 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
         raise CollieError(f"the plan is for model {p.model!r} but this model is {name!r}; "
                           "plan this model (collie-compile plan) or pass plan='auto'")
     if str(plan).lower() != "auto":
+        if memory_reserve is not None:  # it would be ignored: the plan's memory is priced
+            raise CollieError(f"memory_reserve applies to plan='auto'; this plan was priced "
+                              f"with {p.usable_memory_bytes / 2**30:.2f} GiB usable per GPU. "
+                              "Re-plan with yours: collie-compile plan ... --memory-reserve "
+                              f"{memory_reserve}")
         _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size, pins)
         _check_plan_lora(p, lora_rank, lora_targets)
     c = p.chosen

@@ -49,7 +49,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: list[str] | None = None
     merge: bool = False  # with LoRA, save the adapters folded into plain HF weights
-    memory_reserve: float = 0.05  # of each GPU's memory, kept free by the auto plan
+    memory_reserve: float | None = None  # kept free by the auto plan (None: 0.05)
 
 
 def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:

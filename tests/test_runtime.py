@@ -363,6 +363,11 @@ def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
     assert p.usable_memory_bytes == int(0.5 * CATALOG["a100-80gb"].memory_bytes)
     with pytest.raises(CollieError, match="no plan fits 1 x a100-80gb: the closest is"):
         _resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
+    # a plan given keeps its own reserve: another one asked is refused, not ignored
+    with pytest.raises(CollieError, match=r"memory_reserve applies to plan='auto'; this "
+                                          r"plan was priced with 40.00 GiB usable"):
+        _resolve_plan(p, *args, memory_reserve=0.2)
+    assert _resolve_plan(p, *args) == p
 
 
 def test_train_memory_reserve_reaches_the_auto_plan(tmp_path: Path, capsys) -> None:
