@@ -27,18 +27,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .hardware import fused_gqa_dtypes
+from .hardware import DTYPES, fused_gqa_dtypes
 
 IMPLEMENTATION = "collie_sdpa"
-
-
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def fused_gqa(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether SDPA has a fused kernel for grouped-query attention on ``device`` in ``dtype``
     (meta, which only captures, counts as a CPU)."""
-    return _NAMES.get(dtype) in fused_gqa_dtypes(device)
+    return any(DTYPES[name] == dtype for name in fused_gqa_dtypes(device))
 
 
 def expanded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,

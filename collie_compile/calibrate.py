@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .compute import allgather_time
-from .hardware import GPUSpec, fused_gqa_dtypes
+from .hardware import DTYPES, GPUSpec, fused_gqa_dtypes
 
 UNMEASURED_LINK = (10e-6, 25e9)  # (s, B/s): PCIe 4.0 x16, for a machine with one GPU
 
@@ -170,8 +170,7 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     n = 512 if quick else (8192 if cuda else 2048)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    flops = {name: matmul_flops(dt, device, n) for name, dt in dtypes.items()}
+    flops = {name: matmul_flops(dt, device, n) for name, dt in DTYPES.items()}
     bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
     sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
     zero3 = None

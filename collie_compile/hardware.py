@@ -27,7 +27,9 @@ TFLOPS = 10**12
 CHECKPOINT_RATIOS = (0.7, 1.6)
 # Fields that are fractions of a peak rate (GPUSpec.from_dict checks them).
 FRACTIONS = ("matmul_efficiency", "memory_efficiency", "link_efficiency", "zero_efficiency")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+# The training dtypes by the names plans, specs and the CLI use.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)
 
 
 @dataclass(frozen=True)

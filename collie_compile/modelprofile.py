@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 from .annotate import AnnotatedGraph, annotate, block_graph, measure_saved
 from .capture import capture
 from .errors import CollieError, named
+from .hardware import DTYPES
 from .models import (
     build_model,
     config_from_dict,
@@ -34,7 +35,6 @@ from .models import (
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
 PROFILE_SCHEMA = 5
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BLOCKS = 2
 
 

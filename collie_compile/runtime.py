@@ -244,8 +244,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
     if isinstance(plan, Plan):
         p = plan
     elif str(plan).lower() == "auto":
-        spec = gpu or local_gpu()
-        p = solve(cfg, gpus=world, gpu=spec,
+        p = solve(cfg, gpus=world, gpu=gpu or local_gpu(),
                   gpus_per_node=cdist.local_world_size(),
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",

@@ -13,9 +13,10 @@ def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):
     # eager overhead per op is microseconds; gloo's collectives take the compute cores
     assert 1e-7 < spec.op_latency < 1e-3 and spec.comm_overlap == 0.0
     # checkpointing is not free on the host: hooks per saved tensor (full), a Python
-    # dispatch mode on every op (selective)
-    assert spec.checkpoint_op_overhead > 0.1 * spec.op_latency
-    assert spec.selective_op_overhead > 0.1 * spec.op_latency
+    # dispatch mode on every op (selective); on a CPU each costs more than a plain op
+    # (here 69-177 and 205-259 us against 12-18), which the defaults (0.7x, 1.6x) are not
+    assert spec.checkpoint_op_overhead > spec.op_latency
+    assert spec.selective_op_overhead > spec.op_latency
     # FSDP2 on gloo: copies into fresh pages and a reduce-scatter run as an all-reduce
     # leave a ZeRO-3 unit well behind the ring model
     assert 0 < spec.zero_efficiency < 1
