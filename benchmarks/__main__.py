@@ -3,17 +3,23 @@
 import argparse
 import warnings
 
-from . import estimate, fidelity, optimizer_kernels, plan, train
+from . import estimate, fidelity, optimizer_kernels, plan, train, zoo
 
 SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
-          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main}
+          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main, "zoo": zoo.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))
 parser.add_argument("--out", help="directory for the markdown table and PNG plots")
 parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity)")
+parser.add_argument("--families", help="zoo: comma-separated model_types (default: all)")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
 if args.nproc and args.suite not in ("train", "fidelity"):
     parser.error(f"--nproc applies to train and fidelity, not {args.suite}")
-SUITES[args.suite](args.out, **({"nproc": args.nproc} if args.nproc else {}))
+extra = {"nproc": args.nproc} if args.nproc else {}
+if args.families:
+    if args.suite != "zoo":
+        parser.error("--families applies to zoo")
+    extra["families"] = args.families.split(",")
+SUITES[args.suite](args.out, **extra)

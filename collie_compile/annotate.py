@@ -207,8 +207,9 @@ def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix
     """Mark the nodes between column-parallel and row-parallel linears of each block.
 
     A linear is *row-parallel* when its output reaches one of its block's residual adds
-    (an add owned by the block module itself) through view-like ops only; every other
-    linear in a block is *column-parallel*. The sharded region is everything reachable
+    (an add owned by the block module itself) through view-like ops only, or when its
+    input derives from another linear of the block; every other linear in a block is
+    *column-parallel*. The sharded region is everything reachable
     from a column linear's output without passing a row linear or a residual add.
     """
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -233,7 +234,26 @@ def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix
 
     linears = [by_name[i.name] for i in nodes.values()
                if i.kind == "linear" and i.block is not None]
-    row = {n.name for n in linears if is_row(n)}
+    names = {n.name for n in linears}
+
+    def reads_linear(n: fx.Node) -> bool:
+        """Whether ``n``'s input derives from another linear of its block without
+        passing a residual add: the second linear of a pair (o_proj after q/k/v,
+        down_proj after gate/up), even where a norm follows it (Gemma's sandwich)."""
+        seen, stack = set(), list(n.all_input_nodes)
+        while stack:
+            a = stack.pop()
+            if a.name in seen or a.op != "call_function" or is_residual_add(a):
+                continue
+            seen.add(a.name)
+            if a.name in names:
+                return True
+            info = nodes.get(a.name)
+            if info is not None and info.block is not None:
+                stack.extend(a.all_input_nodes)
+        return False
+
+    row = {n.name for n in linears if is_row(n) or reads_linear(n)}
     for lin in linears:
         if lin.name in row:
             continue

@@ -84,7 +84,9 @@ def causal_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run a transformers model that uses SDPA with ``collie_sdpa`` while inside; other
     implementations (eager, flash-attn) are the user's choice and stay."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    # families with attention classes of their own (Falcon) keep their SDPA path
+    if (getattr(config, "_attn_implementation", None) != "sdpa"
+            or not getattr(model, "_supports_attention_backend", False)):
         yield
         return
     model.set_attn_implementation(IMPLEMENTATION)

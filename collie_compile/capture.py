@@ -11,9 +11,11 @@ materialised mask and per-group K/V copies.
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import os
 import traceback
+from collections.abc import Iterator
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -44,7 +46,7 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        with causal_attention(model):
+        with causal_attention(model), _no_cache(model):
             return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         if "Constraints violated" not in str(e):
@@ -55,7 +57,7 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     # still come out symbolic.
     auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
     try:
-        with causal_attention(model):
+        with causal_attention(model), _no_cache(model):
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
     except Exception:
         raise CaptureError(_explain(model, first)) from first
@@ -70,10 +72,26 @@ def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedP
     """Export ``model(input_ids=...)`` -> logits at this one shape (the runtime's graph:
     pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted)."""
     try:
-        with causal_attention(model):
+        with causal_attention(model), _no_cache(model):
             return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         raise CaptureError(_explain(model, e)) from e
+
+
+@contextlib.contextmanager
+def _no_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Capture the training forward: no KV cache, whatever the config says (transformers'
+    default ``use_cache=True`` returns a ``DynamicCache``, which export cannot output).
+    The user's config gets its value back."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old:
+            config.use_cache = old
 
 
 def _explain(model: torch.nn.Module, err: BaseException) -> str:

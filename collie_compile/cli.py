@@ -15,7 +15,7 @@ from .estimate import estimate, resolve_sizes
 from .hardware import CATALOG, GiB
 from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets, estimate_json
 from .modelprofile import DTYPES
-from .models import PRESETS, build_model, count_params, load_config
+from .models import PRESETS, build_model, count_params, load_config, model_name
 from .optimizers import OPTIMIZERS
 from .planner import plan
 
@@ -236,6 +236,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import LAYOUTS, check_model, report
+
+    pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "schedule", "recompute")
+            if getattr(args, k) is not None}
+    if pins or args.lora:
+        layout = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, **pins}
+        if layout["pp"] > 1:
+            layout.setdefault("schedule", "1f1b")
+        name = "-".join(f"{k}{v}" for k, v in pins.items()) or "single"
+        layouts = {name + ("-lora" if args.lora else ""): {**layout, "lora": args.lora}}
+    else:
+        layouts = {k: v for k, v in LAYOUTS.items() if k != "single"}
+    layers = max(args.layers, max(v["pp"] for v in layouts.values()))
+    cfg = load_config(args.model)
+    print(f"checking {model_name(cfg)} on a {layers}-layer probe against one process "
+          f"({', '.join(layouts)}; CPU processes on gloo)...", flush=True)
+    results = check_model(cfg, layouts, layers=layers, workdir=args.workdir)
+    print(report(results, args.all_tensors))
+    bad = [r for r in results if r.status in ("fail", "crash")]
+    print(f"{len(results) - len(bad)} passed or refused with a reason, {len(bad)} failed")
+    return 1 if bad else 0
+
+
 LORA_TARGETS_HELP = "modules that get adapters, as peft's target_modules (default q_proj v_proj)"
 
 
@@ -358,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, default=None)
     t.add_argument("--recompute", choices=RECOMPUTE, default=None)
     t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("check", help="train a small probe of the model under a layout on CPU "
+                                     "processes and compare every weight with one process")
+    k.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
+    for name in ("dp", "tp", "pp"):
+        k.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
+    k.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3])
+    k.add_argument("--schedule", choices=SCHEDULES, default=None)
+    k.add_argument("--recompute", choices=RECOMPUTE, default=None)
+    k.add_argument("--lora", action="store_true", help="train LoRA adapters (all linears)")
+    k.add_argument("--layers", type=int, default=2, help="decoder blocks of the probe")
+    k.add_argument("--all-tensors", action="store_true", help="print every tensor's error")
+    k.add_argument("--workdir", default=None, help="where checkpoints and results go "
+                                                   "(default: a fresh temporary folder)")
+    k.set_defaults(func=cmd_check)
     return p
 
 

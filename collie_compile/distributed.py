@@ -72,6 +72,22 @@ def subgroups(mesh: DeviceMesh, tp_sets: list[list[int]]) -> dict[tuple[int, ...
     return out
 
 
+def pp_subgroups(mesh: DeviceMesh, pp_sets: list[list[int]]) -> dict[tuple[int, ...], object]:
+    """Groups of pipeline stages (e.g. the stages holding a tied embedding), one per
+    (dp, tp) coordinate; every rank creates every group, in the same order. Returns this
+    rank's group for each set it belongs to."""
+    pp = mesh.mesh.shape[0]
+    columns = mesh.mesh.reshape(pp, -1).T.tolist()  # the pp ranks of each (dp, tp)
+    me = dist.get_rank()
+    out = {}
+    for stage_ranks in columns:
+        for s in pp_sets:
+            group = dist.new_group([stage_ranks[i] for i in s])
+            if me in [stage_ranks[i] for i in s]:
+                out[tuple(s)] = group
+    return out
+
+
 def agree(fn: Callable[[], T], src: int = 0) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise the first rank's error
     everywhere (as a :class:`CollieError`)."""

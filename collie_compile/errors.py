@@ -18,6 +18,12 @@ def named(param: str) -> str:
     return f"{param} ({flag(param)})"
 
 
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: long library messages in one line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 class CollieError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it.
     ``shared``: every rank of a distributed run raises this same error (rank 0 reports it)."""

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .attention import IMPLEMENTATION
-from .errors import CollieError
+from .errors import CollieError, first_line
 
 
 @dataclass(frozen=True)
@@ -151,17 +151,46 @@ def with_layers(cfg: PretrainedConfig, layers: int) -> PretrainedConfig:
     return out
 
 
+# Attention implementations to build a model with, best first: ours (SDPA told the mask
+# is causal), the family's own SDPA path, then its eager attention (the only one some
+# families have: ALiBi biases, logit soft-capping, attention classes of their own).
+ATTENTION_FALLBACKS = (IMPLEMENTATION, "sdpa", "eager")
+
+
 def build_model(cfg: PretrainedConfig, device: str | torch.device = "meta",
                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Instantiate the causal LM for ``cfg`` (on the meta device: no memory, no init cost)."""
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                     attn_implementation=IMPLEMENTATION)
-    except ValueError as e:
-        raise CollieError(f"{model_name(cfg)}: not a causal LM transformers can build "
-                          f"({str(e).splitlines()[0]})") from None
-    return model
+    """Instantiate the causal LM for ``cfg`` (on the meta device: no memory, no init cost),
+    with the first attention implementation of :data:`ATTENTION_FALLBACKS` it supports."""
+    errors = []
+    for impl in ATTENTION_FALLBACKS:
+        try:
+            with torch.device(device):
+                return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                        attn_implementation=impl)
+        except (ValueError, KeyError, ImportError) as e:
+            # transformers says "does not support ... scaled_dot_product_attention"
+            # (ValueError) or, in families with their own class table, KeyError
+            errors.append(f"{impl}: {first_line(e)}")
+        except Exception as e:  # a config the family's constructor rejects
+            raise CollieError(f"{model_name(cfg)}: transformers cannot build this "
+                              f"{cfg.model_type} model ({first_line(e)}); check its "
+                              "config") from None
+    raise CollieError(f"{model_name(cfg)}: not a causal LM transformers can build "
+                      f"({'; '.join(errors)})")
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every name of a parameter that has several (tied input/output embeddings) mapped
+    to its first name, the one Hugging Face checkpoints store."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        out[name] = canonical
+    counts: dict[str, int] = {}
+    for canonical in out.values():
+        counts[canonical] = counts.get(canonical, 0) + 1
+    return {n: c for n, c in out.items() if counts[c] > 1}
 
 
 def count_params(model: torch.nn.Module) -> int:

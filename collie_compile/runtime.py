@@ -34,7 +34,7 @@ from .hardware import CATALOG, local_gpu
 from .kernels.adalomo import adalomo_state
 from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
 from .modelprofile import DTYPES, torch_dtype
-from .models import model_name
+from .models import model_name, tied_names
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
 from .passes.expand_kv import expand_grouped_kv
@@ -359,6 +359,7 @@ class ParallelModel:
         self.global_batch = plan.global_batch_size
         self.device = cdist.device()
         self.fused_rule = optimizer.lower() if optimizer_class(optimizer) is None else None
+        self.tied = tied_names(model)  # alias -> the name checkpoints store
         self.stages, self.stage_ids, self.prefix = self._build(model, weights)
         self.fused: FusedBackward | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -419,14 +420,27 @@ class ParallelModel:
         parts = pipeline_split(gm, ag.block_prefix, chunks)
         mine = [k for k in range(len(parts)) if k % c.pp == self.coords.pp]
         # Every rank knows every parameter's full shape and owning pp rank (for gathers).
-        self.param_dtypes = {n: p.dtype for n, p in ag.gm.named_parameters()}
-        self.param_shapes = {n: self._full_shape(n, p.shape)
-                             for n, p in ag.gm.named_parameters()}
+        every = list(ag.gm.named_parameters(remove_duplicate=False))
+        self.param_dtypes = {n: p.dtype for n, p in every}
+        self.param_shapes = {n: self._full_shape(n, p.shape) for n, p in every}
         self.stage_inputs = [[(tuple(n.meta["val"].shape), n.meta["val"].dtype)
                               for n in part.graph.nodes if n.op == "placeholder"]
                              for part in parts]
         self.owner = {n: k % c.pp for k, part in enumerate(parts)
                       for n, _ in part.named_parameters()}
+        # A tied weight (input and output embedding) used on several pipeline stages is
+        # a copy on each: their gradients are summed over those stages (Megatron's
+        # embedding group), and the copy on the lowest stage counts as the weight.
+        holders: dict[str, set[int]] = {}
+        for k, part in enumerate(parts):
+            for n, _ in part.named_parameters():
+                holders.setdefault(self.tied.get(n, n), set()).add(k % c.pp)
+        self.tied_stages = {n: sorted(holders[self.tied.get(n, n)]) for n in self.owner
+                            if len(holders[self.tied.get(n, n)]) > 1}
+        sets = sorted({tuple(v) for v in self.tied_stages.values()})
+        groups = cdist.pp_subgroups(self.mesh, [list(v) for v in sets]) if sets else {}
+        self.tied_groups = {n: groups[tuple(v)] for n, v in self.tied_stages.items()
+                            if tuple(v) in groups}
         stages = []
         dp_mesh = self.mesh["dp"] if c.dp > 1 else None
         pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
@@ -452,7 +466,7 @@ class ParallelModel:
 
     def _load_weights(self, stage: fx.GraphModule, pieces: dict, source: object) -> None:
         for name, p in list(stage.named_parameters()):
-            key = name if name in pieces else _tied_source(name, self.config, pieces)
+            key = self._stored_name(name, pieces)
             if key is None:
                 raise CollieError(f"{source} has no weight {name!r}; is it a checkpoint of "
                                   f"{self.plan.model}?")
@@ -601,6 +615,7 @@ class ParallelModel:
             self.optimizer.zero_grad(set_to_none=True)
             total = self._forward_backward(ids, targets, tokens)
             self._sum_partial_grads()
+            self._sum_tied_grads()
             if self.max_grad_norm is not None:
                 self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
             self.optimizer.step()
@@ -650,6 +665,23 @@ class ParallelModel:
                 if group is not None and p.grad is not None:
                     g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                     dist.all_reduce(g, group=group)
+
+    def _sum_tied_grads(self) -> None:
+        """Copies of a tied weight on several pipeline stages add up their gradients, so
+        every copy takes the step the one weight would."""
+        for st in self.stages:
+            for name, p in st.named_parameters():
+                group = self.tied_groups.get(name)
+                if group is not None and p.grad is not None:
+                    dist.all_reduce(ckpt.local_tensor(p.grad), group=group)
+
+    def _stored_name(self, name: str, stored: dict) -> str | None:
+        """``name``, or the name a tied weight is stored under in ``stored``."""
+        if name in stored:
+            return name
+        canonical = self.tied.get(name)
+        return next((k for k in stored if canonical is not None
+                     and self.tied.get(k) == canonical), None)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as
@@ -753,6 +785,11 @@ class ParallelModel:
             # a snapshot: a local whole tensor on the CPU would alias the live weight or
             # gradient (a view of a flat bucket buffer), which the next step changes
             out[name] = buf.to("cpu", copy=name in whole)
+        for alias in self.tied:  # a tied weight under all its names
+            if alias not in out:
+                have = self._stored_name(alias, out)
+                if have is not None:
+                    out[alias] = out[have]
         return out
 
     # -- checkpoints --------------------------------------------------------------------
@@ -785,8 +822,8 @@ class ParallelModel:
                 self.lora.save_pretrained(str(tmp))
             else:
                 weights = _merged(weights, self.lora)
-                if getattr(self.config, "tie_word_embeddings", False):
-                    weights.pop("lm_head.weight", None)  # HF re-ties it on load
+                # a tied weight once, under the name HF stores (it re-ties on load)
+                weights = {k: v for k, v in weights.items() if self.tied.get(k, k) == k}
                 save_file({k: v.contiguous() for k, v in weights.items()},
                           str(tmp / "model.safetensors"), metadata={"format": "pt"})
                 self.config.save_pretrained(tmp)
@@ -858,10 +895,11 @@ class ParallelModel:
         def load() -> None:
             for name, p in self.local_parameters().items():
                 box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
-                if name not in pieces:
+                stored = self._stored_name(name, pieces)
+                if stored is None:
                     raise CollieError(f"{directory} has no tensor {name!r}")
                 with torch.no_grad():
-                    ckpt.local_tensor(p).copy_(ckpt.read_box(pieces[name], box, name))
+                    ckpt.local_tensor(p).copy_(ckpt.read_box(pieces[stored], box, name))
                 if p.requires_grad:
                     self._restore_state(name, p, box, pieces, meta["scalars"])
 
@@ -876,8 +914,9 @@ class ParallelModel:
         """The optimizer state of ``p`` from the checkpoint's boxes of it. For AdaLomo
         the row/column statistics (fresh where a checkpoint of another optimizer has
         none); for LOMO nothing; otherwise every p-shaped state and the scalars."""
+        key = self._stored_name(name, pieces) or name  # a tied weight's other name
         stored = {k.split("/", 1)[1]: v for k, v in pieces.items()
-                  if k.startswith(name + "/")}
+                  if k.startswith(key + "/")}
         if self.fused is not None:
             if self.fused_rule == "adalomo":
                 state = adalomo_state(ckpt.local_tensor(p.detach()))
@@ -925,7 +964,9 @@ class ParallelModel:
 
     def _writes(self, name: str, p: torch.Tensor) -> bool:
         """Whether this rank saves ``name``: one copy of every box."""
-        return self._tp_first(name) and (hasattr(p, "to_local") or self.coords.dp == 0)
+        stages = self.tied_stages.get(name)
+        return (self._tp_first(name) and (hasattr(p, "to_local") or self.coords.dp == 0)
+                and (stages is None or self.coords.pp == stages[0]))
 
     def _gather_tp(self, name: str, t: torch.Tensor) -> torch.Tensor:
         shard = self.tp_shards.get(name)
@@ -954,14 +995,6 @@ def _merged(weights: dict[str, torch.Tensor], config: object | None
         b = weights[f"{module}.lora_B.weight"]
         out[f"{module}.weight"] = out[f"{module}.weight"] + scaling * (b @ weights[a_name])
     return out
-
-
-def _tied_source(name: str, config: object, pieces: dict) -> str | None:
-    """Checkpoints of tied-embedding models store the embedding only."""
-    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-        return next((k for k in pieces if k.endswith("embed_tokens.weight")
-                     or k.endswith("wte.weight")), None)
-    return None
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:

@@ -100,14 +100,17 @@ class VocabParallelEmbedding(torch.nn.Module):
     """Embedding of the ids in ``[start, stop)`` from this rank's rows (others give 0),
     summed over the tp group."""
 
-    def __init__(self, group: dist.ProcessGroup, start: int, stop: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, start: int, stop: int,
+                 padding_idx: int = -1) -> None:
         super().__init__()
         self.group, self.start, self.stop = group, start, stop
+        # the padding row gets no gradient, as in the unsharded embedding
+        self.padding_idx = padding_idx - start if start <= padding_idx < stop else None
 
     def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.stop)
         local = torch.where(outside, 0, ids - self.start)
-        out = torch.nn.functional.embedding(local, weight)
+        out = torch.nn.functional.embedding(local, weight, padding_idx=self.padding_idx)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return _ReduceFromTP.apply(out, self.group)
 
@@ -211,8 +214,13 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             s, _ = shard_of(weight.shape[0], weight.shape[0], tp, rank, w_name)
             _set_param(gm, w_name, weight[s.start:s.stop])
             shards[w_name] = s
+            padding_idx, by_freq = _embedding_options(lin)
+            if by_freq:
+                raise CollieError(f"tensor_parallel: {w_name} scales gradients by token "
+                                  "frequency, which a vocabulary split cannot; use tp=1")
             with gm.graph.inserting_after(lin):
-                emb = _module_node(gm, VocabParallelEmbedding(group, s.start, s.stop),
+                emb = _module_node(gm, VocabParallelEmbedding(group, s.start, s.stop,
+                                                              padding_idx),
                                    "tp_embedding", lin.args[0], lin, args=lin.args[:2])
             lin.replace_all_uses_with(emb)
             gm.graph.erase_node(lin)
@@ -224,6 +232,11 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         b_node = lin.args[2] if len(lin.args) > 2 else None
         weight = gm.get_parameter(w_name)
         out_f, in_f = weight.shape
+        if how == "column" and _splits_features(lin):
+            raise CollieError(f"tensor_parallel: {w_name.removesuffix('.weight')} fuses "
+                              "several projections in one linear (its output is split "
+                              "into parts), which this pass cannot shard part by part yet; "
+                              "use tp=1 (dp, pp and ZeRO work)")
         if how in ("column", "vocab"):
             units = (out_f if how == "vocab"
                      else head_units(out_f, num_heads, num_kv_heads, head_dim)[0])
@@ -263,12 +276,50 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
             raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
-    _fix_shapes(gm, tp)
+    for w_name in _fix_shapes(gm, tp):
+        if w_name not in shards and w_name not in partial:
+            # a replicated weight applied to this rank's heads only (per-head q/k norms):
+            # each rank's gradient is its heads' part, summed over the whole group
+            partial[w_name] = [list(range(tp))]
     gm.graph.lint()
     gm.recompile()
     gm.meta["tp_shards"] = {k: v.to_dict() for k, v in shards.items()}
     gm.meta["partial_grads"] = partial
     return gm
+
+
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+           aten.slice.Tensor, aten.unsafe_split.Tensor, aten.narrow.default}
+
+
+def _splits_features(lin: fx.Node) -> bool:
+    """Whether the output features of ``lin`` are cut into parts (q/k/v or gate/up fused
+    in one linear) by a split or slice of its last dim, possibly after views."""
+    width = lin.meta["val"].shape[-1]
+    stack, seen = list(lin.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in _SPLITS:
+            v = n.args[0].meta.get("val")
+            at = 1 if n.target in (aten.slice.Tensor, aten.narrow.default) else 2
+            dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
+            if isinstance(v, torch.Tensor) and dim % v.dim() == v.dim() - 1 \
+                    and v.shape[-1] == width:
+                return True
+        if n.target in _RESHAPES or n.target in (aten.view.default, aten.transpose.int,
+                                                  aten.permute.default):
+            stack.extend(n.users)
+    return False
+
+
+def _embedding_options(node: fx.Node) -> tuple[int, bool]:
+    """(padding_idx, scale_grad_by_freq) of an ``aten.embedding`` node."""
+    defaults = (-1, False)
+    given = tuple(node.args[2:4])
+    return (*given, *defaults[len(given):])
 
 
 def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -292,11 +343,15 @@ def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, arg: fx.No
     return node
 
 
-def _fix_shapes(gm: fx.GraphModule, tp: int) -> None:
+def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:
     """Run the sharded graph on fake tensors, rewriting the shape arguments of reshapes
-    and expands whose input lost a factor to sharding."""
+    and expands whose input lost a factor to sharding. Returns the parameters read by an
+    op that takes sharded activations; refuses a reduction over a sharded feature dim
+    (a norm over all heads' features), which no rank can compute from its slice."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
+    shrunk: set[fx.Node] = set()  # nodes whose value tp sharding made smaller
+    on_shards: set[str] = set()
 
     def val(a: object) -> object:
         return fx.node.map_arg(a, lambda n: env[n])
@@ -330,6 +385,7 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> None:
                     elif n.target == aten.expand.default:
                         n.args = (inp, _expanded(tuple(old.shape), tuple(new.shape),
                                                  list(n.args[1]), tp), *n.args[2:])
+                _check_reduction(n, env)
                 try:
                     env[n] = n.target(*val(n.args), **val(n.kwargs))
                 except Exception as e:
@@ -338,6 +394,45 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> None:
                         f"tensor_parallel: after sharding, {n.name} ({n.target}) in module "
                         f"{mod!r} fails on the local shapes: {str(e).splitlines()[0]}; this "
                         "model's layout is not supported with tp>1") from e
+            if n.op in ("call_function", "call_module") and any(
+                    a in shrunk for a in n.all_input_nodes):
+                on_shards.update(a.target for a in n.all_input_nodes if a.op == "get_attr")
+            new, old = env.get(n), n.meta.get("val")
+            if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)
+                    and tuple(new.shape) != tuple(old.shape)):
+                shrunk.add(n)
+    return {t for t in on_shards if isinstance(_attr(gm, t), torch.nn.Parameter)}
+
+
+# Reductions over a dim: (op, index of its dims argument or None for the last dim).
+_REDUCTIONS = {
+    aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.var_mean.correction: 1,
+    aten.var.correction: 1, aten.amax.default: 1, aten.norm.ScalarOpt_dim: 2,
+    aten.linalg_vector_norm.default: 2, aten.layer_norm.default: None,
+    aten.native_layer_norm.default: None, aten.rms_norm.default: None,
+}
+
+
+def _check_reduction(n: fx.Node, env: dict) -> None:
+    """Refuse a reduction over a dim that lost size to sharding."""
+    inp = n.args[0] if n.args else None
+    if n.target not in _REDUCTIONS or not isinstance(env.get(inp), torch.Tensor):
+        return
+    old, new = tuple(inp.meta["val"].shape), tuple(env[inp].shape)
+    if old == new:
+        return
+    at = _REDUCTIONS[n.target]
+    if at is None:  # layer/RMS norm: over the trailing dims of normalized_shape
+        dims = list(range(len(old) - len(n.args[1]), len(old)))
+    else:
+        given = n.args[at] if len(n.args) > at else n.kwargs.get("dim")
+        dims = (list(range(len(old))) if given is None
+                else [given] if isinstance(given, int) else list(given))
+    if any(old[d] != new[d] for d in dims):
+        raise CollieError(
+            f"tensor_parallel: {n.name} ({n.target}) in module {_module_path(n)!r} reduces "
+            "over features that tp splits between ranks (a norm over all heads together), "
+            "which no rank can compute from its slice; use tp=1 (dp, pp and ZeRO work)")
 
 
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -1,0 +1,332 @@
+"""Translation validation: a layout run on CPU processes against one process, per tensor.
+
+``collie-compile check MODEL`` and the conformance suite (``python -m benchmarks zoo``)
+share this module. A *case* is a model config (a small probe of the user's model, see
+:func:`collie_compile.probe.probe_config`) and a layout. For each case every rank of a
+torchrun job (gloo) loads the same initial weights with ``from_pretrained`` (as users
+do), trains ``STEPS`` AdamW steps with :func:`collie_compile.parallelize`, and writes a
+Hugging Face checkpoint with ``save_pretrained``; rank 0 then trains plain transformers
+in one process on the same batches and compares the losses and *every* saved tensor,
+reloaded with plain transformers (or peft for LoRA), by ‖Δ‖/‖W‖. A loss that agrees
+says little: a wrong gradient on a small tensor (a norm weight) hides behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CollieError, first_line
+
+STEPS, SEQ, BATCH = 3, 16, 8
+# AdamW with eps 1e-6, not 1e-8: an element whose gradient is ~0 would otherwise move by
+# up to ±lr on rounding noise alone, and any reordering of a sum shows as a weight error.
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+# fp32. Losses to 1e-5; every tensor to ‖Δ‖/‖W‖ <= 1e-4: a zero-initialised tensor
+# (biases, Gemma's 1 + w norms) is three AdamW steps of ~lr, where reordered sums show
+# as 2-3e-5; the bugs this catches are 2e-3 (an unsummed norm gradient) and up.
+TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-4
+LORA_RANK = 4
+
+# The layouts a check runs when none is pinned: each parallel mechanism once.
+LAYOUTS: dict[str, dict] = {
+    "single": dict(dp=1, tp=1, pp=1, zero=0),
+    "dp2-zero3": dict(dp=2, tp=1, pp=1, zero=3),
+    "tp2": dict(dp=1, tp=2, pp=1, zero=0),
+    "pp2": dict(dp=1, tp=1, pp=2, zero=0, schedule="1f1b"),
+    "tp2-pp2": dict(dp=1, tp=2, pp=2, zero=0, schedule="1f1b"),
+    "lora-tp2": dict(dp=1, tp=2, pp=1, zero=0, lora=True),
+}
+
+
+@dataclass
+class Case:
+    """One model under one layout: plain data, sent to the workers as JSON."""
+
+    id: str
+    config: dict  # PretrainedConfig.to_dict() of the probe
+    layout: dict  # dp, tp, pp, zero, schedule, recompute, lora
+
+    @property
+    def nproc(self) -> int:
+        return self.layout["dp"] * self.layout["tp"] * self.layout["pp"]
+
+
+@dataclass
+class Result:
+    """What a case gave: ``status`` is "pass", "fail" (numbers disagree), "refused"
+    (a CollieError: a limit named at plan time) or "crash" (a bug)."""
+
+    id: str
+    status: str
+    reason: str = ""
+    loss_err: float = 0.0
+    worst_tensor: str = ""
+    worst_err: float = 0.0
+    tensor_errs: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Result:
+        return cls(**d)
+
+
+def batches(vocab: int, n: int = STEPS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (BATCH, SEQ), generator=g) for _ in range(n)]
+
+
+def tensor_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
+                  ) -> dict[str, float]:
+    """‖got - want‖ / ‖want‖ per tensor (a tensor missing or misshapen counts as 1)."""
+    out = {}
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape:
+            out[name] = 1.0
+            continue
+        out[name] = float((g.double() - w.double()).norm() / max(float(w.double().norm()),
+                                                                  1e-12))
+    return out
+
+
+def _initial_model(config: dict, directory: Path) -> None:
+    """Build the model from its config as users do and save its initial weights."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import config_from_dict
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_from_dict(config, "probe"))
+    model.save_pretrained(directory)
+
+
+def _lora_config() -> object:
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
+                      lora_dropout=0.0)
+
+
+def _lora_init(base: Path, directory: Path) -> None:
+    """A PEFT adapter with random A and B (peft starts B at zero, which would hide a
+    wrong gradient of A for a step)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _lora_config())
+    gen = torch.Generator().manual_seed(7)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    model.save_pretrained(directory)
+
+
+def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None
+               ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Plain transformers (and peft) in one process: losses and final tensors."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+    losses = []
+    for b in data:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=b, labels=b, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _reload(directory: Path, base: Path, lora: bool) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), directory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def run_case(case: Case, workdir: Path) -> Result:
+    """Every rank: train the case with ``parallelize``; rank 0 compares. A collective."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from .distributed import all_strings
+    from .runtime import parallelize
+
+    d = workdir / case.id
+    base, adapter, out = d / "init", d / "adapter-init", d / "trained"
+    lora = bool(case.layout.get("lora"))
+    pins = {k: v for k, v in case.layout.items() if k != "lora"}
+    problem = ""
+    if dist.get_rank() == 0:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            _initial_model(case.config, base)
+            if lora:
+                _lora_init(base, adapter)
+        except Exception as e:  # the model itself does not build: not ours to judge
+            problem = first_line(e)
+    problem = all_strings(problem)[0]
+    if problem:
+        return Result(case.id, "crash", f"transformers cannot build the probe: {problem}")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    data = batches(int(model.config.vocab_size))
+    try:
+        pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH, optimizer="adamw",
+                         lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
+                         lora_adapter=adapter if lora else None, **pins)
+    except CollieError as e:
+        return Result(case.id, "refused", str(e))
+    losses = [pm.train_step({"input_ids": b}) for b in data]
+    pm.save_pretrained(out)
+    if dist.get_rank() != 0:
+        return Result(case.id, "pass")
+    ref_losses, want = _reference(base, data, adapter if lora else None)
+    errs = tensor_errors(_reload(out, base, lora), want)
+    worst = max(errs, key=errs.get)
+    loss_err = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+    ok = loss_err <= TOLERANCE and errs[worst] <= WEIGHT_TOLERANCE
+    return Result(case.id, "pass" if ok else "fail", "" if ok else (
+        f"{worst}: ‖Δ‖/‖W‖ = {errs[worst]:.1e}" if errs[worst] > WEIGHT_TOLERANCE
+        else f"loss off by {loss_err:.1e}"), loss_err, worst, errs[worst], errs)
+
+
+def _worker(cases_file: str, out_file: str, workdir: str) -> None:
+    """Under torchrun: run each case, rank 0 appends its result to ``out_file`` (JSON
+    lines) as soon as it has it, so an interrupted run resumes where it stopped."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # a rank that crashes mid-collective must not leave the others waiting for 30 minutes
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    from .distributed import all_strings
+
+    for raw in json.loads(Path(cases_file).read_text()):
+        case = Case(**raw)
+        try:
+            result = run_case(case, Path(workdir))
+        except Exception as e:  # a bug: record it and go on with the next case
+            traceback.print_exc()
+            result = Result(case.id, "crash", f"{first_line(e)} | "
+                            + traceback.format_exc(limit=-3).replace("\n", " | "))
+        # one verdict per case: a rank that failed makes the case fail everywhere
+        verdicts = [json.loads(t) for t in all_strings(json.dumps(asdict(result)))]
+        worst = next((v for v in verdicts if v["status"] in ("crash", "refused")), verdicts[0])
+        if dist.get_rank() == 0:
+            with open(out_file, "a") as f:
+                f.write(json.dumps(worst if worst["status"] != "pass" else verdicts[0]) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(cases: list[Case], out_file: Path, workdir: Path, timeout: float = 1800,
+           module: str = "collie_compile.check") -> list[Result]:
+    """Run ``cases`` (all of one process count) in one torchrun launch on CPU (gloo);
+    results are appended to ``out_file``; cases already there are skipped. ``module`` is
+    the worker (this one; tests pass one with a pass broken on purpose)."""
+    done = {r.id for r in read_results(out_file)}
+    todo = [c for c in cases if c.id not in done]
+    if todo:
+        nproc = {c.nproc for c in todo}
+        if len(nproc) != 1:
+            raise ValueError(f"one launch runs one process count, got {sorted(nproc)}")
+        spec = workdir / f"cases-{os.getpid()}.json"
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps([asdict(c) for c in todo]))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc.pop()}", "-m", module,
+               "--cases", str(spec), "--out", str(out_file), "--workdir", str(workdir)]
+        log = workdir / f"launch-{os.getpid()}.log"
+        with open(log, "w") as f:
+            subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                           timeout=timeout)
+        got = {r.id for r in read_results(out_file)}
+        for c in todo:  # a launch that died records what it could not finish
+            if c.id not in got:
+                tail = [ln for ln in log.read_text().splitlines() if "Error" in ln][-2:]
+                with open(out_file, "a") as f:
+                    f.write(json.dumps(asdict(Result(c.id, "crash", "the launch died ("
+                                                     + f"{log}): " + " | ".join(tail)))) + "\n")
+    want = {c.id for c in cases}
+    return [r for r in read_results(out_file) if r.id in want]
+
+
+def run_cases(cases: list[Case], out_file: Path, workdir: Path, **kwargs: object
+              ) -> list[Result]:
+    """:func:`launch` once per process count, in the order of ``cases``."""
+    counts = sorted({c.nproc for c in cases})
+    for n in counts:
+        launch([c for c in cases if c.nproc == n], out_file, workdir, **kwargs)
+    by_id = {r.id: r for r in read_results(out_file)}
+    return [by_id[c.id] for c in cases]
+
+
+def check_model(cfg: object, layouts: dict[str, dict], layers: int = 2,
+                workdir: Path | None = None) -> list[Result]:
+    """Check ``cfg`` (a transformers config) under each named layout, on a probe with
+    ``layers`` blocks and narrow widths that keep its head structure, without dropout."""
+    from .probe import probe_config
+
+    probe = probe_config(cfg, layers=layers, no_dropout=True)
+    cases = [Case(name, probe.to_dict(), layout) for name, layout in layouts.items()]
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="collie-check-"))
+    return run_cases(cases, workdir / "results.jsonl", workdir)
+
+
+def report(results: list[Result], all_tensors: bool = False) -> str:
+    """One block per layout: its verdict, loss difference and worst tensors."""
+    lines = []
+    for r in results:
+        verdict = {"pass": "PASS", "fail": "FAIL", "refused": "REFUSED",
+                   "crash": "CRASH"}[r.status]
+        lines.append(f"{r.id:<12} {verdict}" + (f"  loss Δ {r.loss_err:.1e}, worst tensor "
+                                                f"{r.worst_tensor} ‖Δ‖/‖W‖ {r.worst_err:.1e}"
+                                                if r.tensor_errs else "")
+                     + (f"\n    {r.reason}" if r.reason else ""))
+        shown = sorted(r.tensor_errs.items(), key=lambda kv: -kv[1])
+        for name, err in shown if all_tensors else shown[:3]:
+            mark = "  <-- over" if err > WEIGHT_TOLERANCE else ""
+            lines.append(f"    {err:9.1e}  {name}{mark}")
+    return "\n".join(lines)
+
+
+def read_results(path: Path) -> list[Result]:
+    if not Path(path).exists():
+        return []
+    return [Result.from_dict(json.loads(ln)) for ln in Path(path).read_text().splitlines()
+            if ln.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    args = ap.parse_args()
+    _worker(args.cases, args.out, args.workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Models built the way users build them (transformers' own config classes and defaults,
+``from_config``/``from_pretrained``) train under every layout exactly as one process
+does, checked on every saved tensor; what the runtime cannot do exactly is refused with
+the reason. One slice of the conformance matrix (``python -m benchmarks zoo`` runs the
+whole of it), chosen so each mechanism is hit once:
+
+- llama with transformers' defaults: ``use_cache=True`` (a DynamicCache in the output
+  cannot be exported), a padding token whose embedding row takes no gradient;
+- qwen3: per-head q/k RMSNorm weights inside the tp-sharded attention (their gradient
+  must be summed over tp);
+- llama with tied input/output embeddings: across pipeline stages and under ZeRO-3;
+- gemma2: no SDPA path (logit soft-capping: eager attention), norms after o_proj;
+- phi3: q/k/v and gate/up fused in one linear each (tp refused, pp works);
+- olmo2: q/k norms over all heads together (tp refused);
+- LoRA on all linears at tp=2, reloaded by peft.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, LlamaConfig
+
+from collie_compile.check import LAYOUTS, WEIGHT_TOLERANCE, Case, run_cases
+from collie_compile.probe import probe_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _probe(cfg: object) -> dict:
+    return probe_config(cfg, heads=4, kv_heads=2, no_dropout=True).to_dict()
+
+
+LLAMA = _probe(LlamaConfig())
+TIED = _probe(LlamaConfig(tie_word_embeddings=True))
+FAMILY = {t: _probe(AutoConfig.for_model(t)) for t in ("qwen3", "gemma2", "phi3", "olmo2")}
+
+CASES = [
+    Case("llama-single", LLAMA, LAYOUTS["single"]),
+    Case("gemma2-single", FAMILY["gemma2"], LAYOUTS["single"]),
+    Case("llama-tp2", LLAMA, LAYOUTS["tp2"]),
+    Case("qwen3-tp2", FAMILY["qwen3"], LAYOUTS["tp2"]),
+    Case("tied-pp2", TIED, LAYOUTS["pp2"]),
+    Case("tied-dp2-zero3", TIED, LAYOUTS["dp2-zero3"]),
+    Case("gemma2-tp2", FAMILY["gemma2"], LAYOUTS["tp2"]),
+    Case("phi3-tp2", FAMILY["phi3"], LAYOUTS["tp2"]),
+    Case("phi3-pp2", FAMILY["phi3"], LAYOUTS["pp2"]),
+    Case("olmo2-tp2", FAMILY["olmo2"], LAYOUTS["tp2"]),
+    Case("llama-lora-tp2", LLAMA, LAYOUTS["lora-tp2"]),
+    Case("qwen3-tp2-pp2", FAMILY["qwen3"], LAYOUTS["tp2-pp2"]),
+    Case("tied-tp2-pp2", TIED, LAYOUTS["tp2-pp2"]),
+]
+REFUSED = {"phi3-tp2": "fuses several projections in one linear",
+           "olmo2-tp2": "reduces over features that tp splits"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("conformance")
+    return {r.id: r for r in run_cases(CASES, d / "results.jsonl", d)}
+
+
+@pytest.mark.parametrize("case", [c.id for c in CASES if c.id not in REFUSED])
+def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> None:
+    r = results[case]
+    assert r.status == "pass", f"{r.status}: {r.reason}"
+    assert r.tensor_errs and max(r.tensor_errs.values()) <= WEIGHT_TOLERANCE
+    if "lora" in case:  # the adapters are compared, and there are some
+        assert any(".lora_A" in k for k in r.tensor_errs)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_with_the_reason(results: dict, case: str) -> None:
+    r = results[case]
+    assert r.status == "refused", f"{r.status}: {r.reason}"
+    assert REFUSED[case] in r.reason and "use tp=1" in r.reason
+
+
+def test_broken_tp_gradient_sum_is_caught(tmp_path: Path) -> None:
+    """The check fails, naming a q/k norm weight, when the tp gradient sum is disabled."""
+    case = Case("qwen3-tp2-broken", FAMILY["qwen3"], LAYOUTS["tp2"])
+    [r] = run_cases([case], tmp_path / "results.jsonl", tmp_path,
+                    module="tests.broken_check_worker")
+    assert r.status == "fail"
+    assert "_norm.weight" in r.worst_tensor and r.worst_err > 10 * WEIGHT_TOLERANCE
