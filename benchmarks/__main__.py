@@ -6,7 +6,8 @@ import warnings
 from . import estimate, fidelity, optimizer_kernels, plan, train, zoo
 
 SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
-          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main, "zoo": zoo.main}
+          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main,
+          "zoo": zoo.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))

@@ -53,6 +53,7 @@ class NodeInfo:
     dtype: torch.dtype | None
     kind: str  # "linear", "attention", "view", "other"
     sharded: bool = False
+    residual: bool = False  # an add onto the block's residual stream
     flops: object = 0  # sympy expression in (batch, seq)
     bytes: object = 0
 
@@ -195,29 +196,65 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
         nodes[node.name] = info
 
     num_blocks = 1 + max((n.block for n in nodes.values() if n.block is not None), default=-1)
+    _mark_residual_adds(gm, nodes)
     _mark_sharded_regions(gm, nodes, prefix)
-    sigs = [tuple((n.op, n.kind, n.sharded, str(n.shape)) for n in nodes.values() if n.block == i)
-            for i in range(num_blocks)]
+    # tensors only: size arithmetic (batch x heads) is computed once and reused by blocks
+    sigs = [tuple((n.op, n.kind, n.sharded, str(n.shape)) for n in nodes.values()
+                  if n.block == i and n.shape is not None) for i in range(num_blocks)]
     return AnnotatedGraph(ep, gm, nodes, prefix, num_blocks, len(set(sigs)) <= 1,
                           batch_sym, seq_sym, {k: tuple(p.shape) for k, p in params.items()},
                           aliases)
+
+
+# Ops that pass a value on unchanged (in training, up to dropout's noise): the residual
+# stream may run through them before its add.
+_SAME_VALUE = {aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.clone.default,
+               aten.contiguous.default, aten.alias.default, aten.detach.default}
+
+
+def _mark_residual_adds(gm: fx.GraphModule, nodes: dict[str, NodeInfo]) -> None:
+    """Mark the adds onto each block's residual stream: adds with an operand that is the
+    block's input (a value from outside the block, of the block's hidden shape) or an
+    earlier such add, possibly through dropout and views. Found by data flow, not by
+    which module owns the add (Bloom adds the residual inside its attention and MLP)."""
+    stream: set[str] = set()
+
+    def source(a: fx.Node, block: int) -> fx.Node:
+        while (a.op == "call_function" and a.args and isinstance(a.args[0], fx.Node)
+               and (a.target in _SAME_VALUE or (
+                   a.name in nodes and nodes[a.name].kind == "view"))
+               and nodes[a.name].block == block):
+            a = a.args[0]
+        return a
+
+    for n in gm.graph.nodes:
+        info = nodes.get(n.name)
+        if info is None or info.block is None or n.target not in _ADD_OPS:
+            continue
+        for a in n.all_input_nodes:
+            src = source(a, info.block)
+            other = nodes.get(src.name)
+            outside = src.op == "placeholder" or (other is not None
+                                                  and other.block != info.block)
+            if src.name in stream or (outside and _val_shape(src) == info.shape):
+                stream.add(n.name)
+                info.residual = True
+                break
 
 
 def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix: str) -> None:
     """Mark the nodes between column-parallel and row-parallel linears of each block.
 
     A linear is *row-parallel* when its output reaches one of its block's residual adds
-    (an add owned by the block module itself) through view-like ops only, or when its
-    input derives from another linear of the block; every other linear in a block is
+    (:func:`_mark_residual_adds`) through view-like ops only, or when its input derives
+    from another linear of the block; every other linear in a block is
     *column-parallel*. The sharded region is everything reachable
     from a column linear's output without passing a row linear or a residual add.
     """
     by_name = {n.name: n for n in gm.graph.nodes}
 
     def is_residual_add(n: fx.Node) -> bool:
-        info = nodes.get(n.name)
-        return (info is not None and n.target in _ADD_OPS and info.block is not None
-                and info.module == f"{prefix}{info.block}")
+        return n.name in nodes and nodes[n.name].residual
 
     def is_row(n: fx.Node) -> bool:
         frontier = list(n.users)
@@ -240,6 +277,7 @@ def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix
         """Whether ``n``'s input derives from another linear of its block without
         passing a residual add: the second linear of a pair (o_proj after q/k/v,
         down_proj after gate/up), even where a norm follows it (Gemma's sandwich)."""
+        block = nodes[n.name].block
         seen, stack = set(), list(n.all_input_nodes)
         while stack:
             a = stack.pop()
@@ -249,7 +287,7 @@ def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix
             if a.name in names:
                 return True
             info = nodes.get(a.name)
-            if info is not None and info.block is not None:
+            if info is not None and info.block == block:
                 stack.extend(a.all_input_nodes)
         return False
 
@@ -424,7 +462,7 @@ def block_graph(ag: AnnotatedGraph, seq: int, block: int = 0) -> list[dict]:
             flops=ag.subs(info.flops, 1, seq), bytes=ag.subs(info.bytes, 1, seq),
             out_bytes=ag.subs(_numel(info.shape), 1, seq) * itemsize,
             inputs=sorted(inputs), reads_input=reads_input,
-            residual=node.target in _ADD_OPS and info.module == f"{ag.block_prefix}{block}",
+            residual=info.residual,
             whole_features=(node.target in _FEATURE_REDUCTIONS
                             or ag.subs(info.shape[-1], 1, seq) == 1),
             sharded=info.sharded))

@@ -88,7 +88,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    recompute=args.recompute, optimizer=args.optimizer, dtype=args.dtype,
                    schedule=args.schedule, lora_rank=args.lora_rank,
                    lora_targets=args.lora_targets, memory_reserve=args.memory_reserve,
-                   virtual_stages=args.virtual_stages)
+                   virtual_stages=args.virtual_stages,
+                   tp_refusal=_tp_refusal(args.model) if args.tp > 1 else None)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
@@ -130,6 +131,12 @@ def _check_writable(path: str) -> None:
         raise CollieError(f"--out {path}: folder {folder} is not writable")
 
 
+def _tp_refusal(model: str) -> str | None:
+    from .runtime import tp_refusal  # the tp pass's dry run: only when tp may be > 1
+
+    return tp_refusal(load_config(model))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         _check_writable(args.out)
@@ -140,7 +147,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   micro_batch_size=args.micro_batch, schedule=args.schedule,
                   recompute=args.recompute, memory_reserve=args.memory_reserve,
                   top_k=args.top, lora_targets=args.lora_targets,
-                  virtual_stages=args.virtual_stages)
+                  virtual_stages=args.virtual_stages,
+                  tp_refusal=_tp_refusal(args.model) if args.gpus > 1 and args.tp != 1
+                  else None)
     if args.out:
         result.save(args.out)
     if args.json:

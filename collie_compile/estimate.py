@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import CollieError, named
 from .hardware import GPUSpec, get_gpu
@@ -84,12 +84,14 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
              dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
              lora_targets: str | list[str] | None = None, memory_reserve: float = 0.05,
-             virtual_stages: int | None = None) -> Estimate:
+             virtual_stages: int | None = None, tp_refusal: str | None = None
+             ) -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
     ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train. It
     fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
-    planner prices it)."""
+    planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
+    (:func:`collie_compile.runtime.tp_refusal`)."""
     if not 0 <= memory_reserve < 1:
         raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if lora_targets is not None and lora_rank is None:
@@ -104,7 +106,7 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
                     virtual_stages=virtual_stages or (
                         INTERLEAVED_CHUNKS if schedule == "interleaved" and pp > 1 else 1))
     layout.validate()
-    prof = profile_model(model, seq_len=seq_len, dtype=dtype)
+    prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     check_tp(prof, tp)
     problem = layout_problem(layout, prof, gpus_per_node=tp,
                              global_batch=dp * micro_batch_size * layout.num_microbatches)
@@ -132,6 +134,7 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
         ("node", lay.tp > gpus_per_node, f"tp={lay.tp} would span nodes of {gpus_per_node} "
                                          "GPUs"),
         ("heads", heads, heads),
+        ("tp-support", lay.tp > 1 and prof.tp_refusal, prof.tp_refusal),
         ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
          f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
                            else "") + f" needs {lay.pp * lay.virtual_stages} layers, "

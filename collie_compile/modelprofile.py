@@ -94,6 +94,9 @@ class ModelProfile:
     logits_bytes: int  # one sample's logits [seq, vocab] in fp32
     row_linears_per_block: int  # all-reduces per block forward under tensor parallelism
     block_graph: list[dict]  # one block's nodes, per sample (see annotate.block_graph)
+    # why tp > 1 cannot run this model exactly (None: it can, or nobody asked); set by
+    # the front (runtime.tp_refusal dry-runs the tensor_parallel pass), not measured here
+    tp_refusal: str | None = None
 
     @property
     def itemsize(self) -> int:

@@ -37,7 +37,7 @@ import itertools
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pulp
@@ -269,7 +269,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          schedule: str | None = None, recompute: str | None = None,
          memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False,
          lora_targets: str | list[str] | None = None,
-         virtual_stages: int | None = None) -> Plan:
+         virtual_stages: int | None = None, tp_refusal: str | None = None) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
@@ -278,7 +278,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     ``lora_targets`` (peft's ``target_modules``; default q_proj, v_proj) train.
     ``memory_reserve`` is the fraction of each GPU's memory kept free (CUDA context,
     allocator fragmentation). ``quick`` stops at the first plan that fits and skips
-    suggestions: a feasibility check.
+    suggestions: a feasibility check. ``tp_refusal`` says why tp > 1 cannot run this model
+    (:func:`collie_compile.runtime.tp_refusal`): then only tp = 1 is planned.
     """
     start = time.perf_counter()
     if gpus < 1:
@@ -300,7 +301,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
             raise CollieError(f"{named(k)} must be a positive integer, got {v}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
-    prof = profile_model(model, seq_len=seq_len, dtype=dtype)
+    prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     if global_batch_size < 1:
@@ -360,6 +361,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         notes.append(f"{spec.name} has no fused grouped-query attention kernel in {dtype}: "
                      f"K/V are expanded to every head, {extra:.1f} MiB more per layer and "
                      "sequence without recomputation (priced)")
+    if tp_refusal and tp != 1:
+        notes.append(tp_refusal)
     if not solved:
         if closest is None:
             raise CollieError("no layout to try: every (dp, tp, pp) split was ruled out "

@@ -13,6 +13,7 @@ loss and gradients equal those of one process on the whole batch with HF's mean 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,11 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     if adapter is not None and lora_cfg is None:
         lora_cfg = adapter[0]
 
+    refusal = None
+    if str(plan).lower() == "auto" and world > 1 and tp != 1:  # can tp run this model?
+        refusal = cdist.broadcast_text(cdist.agree(
+            lambda: (tp_refusal(cfg) or "") if dist.get_rank() == 0 else "")) or None
+
     def resolve() -> Plan:
         if optimizer is not None:
             fused.check(optimizer)
@@ -122,7 +128,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                           global_batch_size, dict(dp=dp, tp=tp, pp=pp, zero=zero,
                                                   micro_batch_size=micro_batch_size,
                                                   schedule=schedule, recompute=recompute),
-                          lora_cfg, memory_reserve)
+                          lora_cfg, memory_reserve, refusal)
         fused.check(optimizer or p.optimizer)
         return p
 
@@ -237,7 +243,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   gpu: str | None,
                   optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None,
-                  memory_reserve: float | None = None) -> Plan:
+                  memory_reserve: float | None = None, refusal: str | None = None) -> Plan:
     from .planner import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
@@ -249,7 +255,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   seq_len=seq_len,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
-                  lora_targets=lora_targets,
+                  lora_targets=lora_targets, tp_refusal=refusal,
                   **({} if memory_reserve is None else {"memory_reserve": memory_reserve}),
                   **pins)
         if not p.feasible:
@@ -364,6 +370,7 @@ class ParallelModel:
         self.fused: FusedBackward | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if self.fused_rule:
+            cdist.agree(self._refuse_split_ties)
             self.fused = self._make_fused(lr, optimizer_kwargs)
         else:
             self.optimizer = self._make_optimizer(optimizer, lr, optimizer_kwargs)
@@ -390,21 +397,10 @@ class ParallelModel:
         for n in list(gm.graph.nodes):  # shape guards of a static capture: not needed
             if n.op == "call_module" and n.target == "_guards_fn":
                 gm.graph.erase_node(n)
-        layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
-                  if i.kind == "linear" and i.block is not None}
-        cfg = self.config
-        vocab = int(cfg.vocab_size)
-        if vocab_parallel(vocab, bool(getattr(cfg, "tie_word_embeddings", False)), c.tp):
-            # Vocabulary-parallel embedding and head: the logits stay split over tp.
-            for i in ag.nodes.values():
-                if i.block is None and (i.kind == "linear" or i.op == "aten.embedding.default") \
-                        and any(ag.param_shapes[p][0] == vocab for p in i.params):
-                    layout[i.name] = "vocab"
-        heads = int(cfg.num_attention_heads)
-        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        layout = tp_layout(ag, self.config, c.tp, bool(self.tied))
         gm = cdist.agree(lambda: tensor_parallel(
-            gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp, heads, kv, head_dim))
+            gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp,
+            *head_layout(self.config)))
         if self.lora is not None:
             adapter = self.lora_init
             gm = cdist.agree(lambda: lora_pass(gm, self.lora, c.tp, adapter))
@@ -487,6 +483,16 @@ class ParallelModel:
             return ZeroRedundancyOptimizer(params, optimizer_class=cls,
                                            process_group=self.mesh.get_group("dp"), **opts)
         return cls(params, **opts)
+
+    def _refuse_split_ties(self) -> None:
+        """A weight updated inside backward cannot wait for its tied copy's gradient on
+        another pipeline stage."""
+        if self.fused_rule and self.tied_stages:
+            raise CollieError(f"{self.fused_rule} updates each weight inside backward, but "
+                              f"{min(self.tied_stages)} is tied across pipeline stages "
+                              "(embedding and LM head), whose copies must first sum their "
+                              "gradients; use pp=1, or an optimizer that steps after backward "
+                              "(adamw, lion, ...)")
 
     def _make_fused(self, lr: float | None, kwargs: dict) -> FusedBackward:
         """LOMO/AdaLomo inside backward: after each gradient's dp reduction (the stage's
@@ -982,6 +988,65 @@ class ParallelModel:
                 pieces.append((start, piece))
         return torch.cat([x for _, x in sorted(pieces, key=lambda kv: kv[0])],
                          dim=shard["dim"])
+
+
+def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
+    """How each linear of the blocks splits under tp ("column" in the sharded region,
+    else "row"), and the embedding and LM head ("vocab") where the vocabulary splits."""
+    layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
+              if i.kind == "linear" and i.block is not None}
+    vocab = int(cfg.vocab_size)
+    if vocab_parallel(vocab, tied, tp):
+        # Vocabulary-parallel embedding and head: the logits stay split over tp.
+        for i in ag.nodes.values():
+            if i.block is None and (i.kind == "linear" or i.op == "aten.embedding.default") \
+                    and any(ag.param_shapes[p][0] == vocab for p in i.params):
+                layout[i.name] = "vocab"
+    return layout
+
+
+def head_layout(cfg: object) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of a transformers config."""
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return heads, kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def tp_refusal(cfg: object) -> str | None:
+    """Why tensor parallelism cannot run ``cfg``'s model exactly (fused projections, norms
+    over all heads' features, ...), found by running the tensor_parallel pass for tp=2 on
+    a two-block probe on the meta device; None if it can. Cached with the profiles."""
+    import hashlib
+
+    from .modelprofile import cache_dir
+    from .models import build_model, with_layers
+
+    key = hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:16]
+    path = cache_dir() / f"tp-refusal-{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["refusal"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry: work it out again
+    model = build_model(with_layers(cfg, min(2, int(cfg.num_hidden_layers))))
+    ag = annotate(capture_static(model, torch.zeros(2, 16, dtype=torch.long,
+                                                     device="meta")), model)
+    gm = ag.gm
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            gm.graph.erase_node(n)
+    refusal = None
+    try:
+        tensor_parallel(gm, tp_layout(ag, cfg, 2, bool(tied_names(model))), None, 0, 2,
+                        *head_layout(cfg))
+    except CollieError as e:
+        reason = str(e).removeprefix("tensor_parallel: ").split("; use tp=1")[0]
+        refusal = f"tp>1 unsupported for {model_name(cfg)}: {reason}; dp, pp and ZeRO work"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"refusal": refusal}))
+    tmp.replace(path)
+    return refusal
 
 
 def _merged(weights: dict[str, torch.Tensor], config: object | None

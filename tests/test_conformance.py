@@ -23,18 +23,23 @@ import pytest
 from transformers import AutoConfig, LlamaConfig
 
 from collie_compile.check import LAYOUTS, WEIGHT_TOLERANCE, Case, run_cases
+from collie_compile.errors import CollieError
+from collie_compile.planner import plan
 from collie_compile.probe import probe_config
+from collie_compile.runtime import tp_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _probe(cfg: object) -> dict:
-    return probe_config(cfg, heads=4, kv_heads=2, no_dropout=True).to_dict()
+def _probe(cfg: object) -> object:
+    return probe_config(cfg, heads=4, kv_heads=2, no_dropout=True)
 
 
-LLAMA = _probe(LlamaConfig())
-TIED = _probe(LlamaConfig(tie_word_embeddings=True))
-FAMILY = {t: _probe(AutoConfig.for_model(t)) for t in ("qwen3", "gemma2", "phi3", "olmo2")}
+CONFIGS = {"llama": _probe(LlamaConfig()),
+           "tied": _probe(LlamaConfig(tie_word_embeddings=True)),
+           **{t: _probe(AutoConfig.for_model(t)) for t in ("qwen3", "gemma2", "phi3", "olmo2")}}
+LLAMA, TIED = CONFIGS["llama"].to_dict(), CONFIGS["tied"].to_dict()
+FAMILY = {t: CONFIGS[t].to_dict() for t in ("qwen3", "gemma2", "phi3", "olmo2")}
 
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
@@ -74,7 +79,7 @@ def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> No
 def test_refused_with_the_reason(results: dict, case: str) -> None:
     r = results[case]
     assert r.status == "refused", f"{r.status}: {r.reason}"
-    assert REFUSED[case] in r.reason and "use tp=1" in r.reason
+    assert REFUSED[case] in r.reason and "dp, pp and ZeRO work" in r.reason
 
 
 def test_broken_tp_gradient_sum_is_caught(tmp_path: Path) -> None:
@@ -84,3 +89,26 @@ def test_broken_tp_gradient_sum_is_caught(tmp_path: Path) -> None:
                     module="tests.broken_check_worker")
     assert r.status == "fail"
     assert "_norm.weight" in r.worst_tensor and r.worst_err > 10 * WEIGHT_TOLERANCE
+
+
+def test_check_command_passes_on_a_preset(capsys: pytest.CaptureFixture) -> None:
+    """``collie-compile check`` as a user runs it: one pinned layout, PASS and exit 0."""
+    from collie_compile.cli import main
+
+    assert main(["check", "tiny-llama", "--pp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "0 failed" in out
+
+
+def test_planner_plans_without_tp_where_tp_is_refused() -> None:
+    """The refusal is known at plan time: the auto plan keeps tp = 1 and says why, a tp
+    pin is refused with the reason; models tp can run get no refusal."""
+    assert tp_refusal(CONFIGS["llama"]) is None and tp_refusal(CONFIGS["qwen3"]) is None
+    assert "reduces over features" in tp_refusal(CONFIGS["olmo2"])
+    why = tp_refusal(CONFIGS["phi3"])
+    assert "qkv_proj fuses several projections" in why and "dp, pp and ZeRO work" in why
+    common = dict(gpus=4, seq_len=16, global_batch_size=8, dtype="fp32", tp_refusal=why)
+    p = plan(CONFIGS["phi3"], **common)
+    assert p.chosen.tp == 1 and why in p.notes
+    with pytest.raises(CollieError, match="fuses several projections"):
+        plan(CONFIGS["phi3"], tp=2, **common)
