@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from collie_compile.check import LAYOUTS, Case, Result, read_results, run_cases
@@ -57,10 +58,10 @@ def main(out: str | None = None, families: list[str] | None = None) -> None:
 
     from collie_compile.probe import causal_lm_families, family_kind, probe_config
 
-    folder = Path(out or "benchmarks/results/zoo")
+    folder = Path(out or "benchmarks/results/cpu-2core/zoo")
     folder.mkdir(parents=True, exist_ok=True)
     store = folder / "zoo.jsonl"
-    work = folder / "work"
+    work = Path(tempfile.mkdtemp(prefix="collie-zoo-"))  # checkpoints: scratch only
     rows: dict[str, dict[str, Result]] = {}
     kinds: dict[str, str] = {}
     fronts = folder / "front.jsonl"

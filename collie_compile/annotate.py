@@ -198,9 +198,12 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
     num_blocks = 1 + max((n.block for n in nodes.values() if n.block is not None), default=-1)
     _mark_residual_adds(gm, nodes)
     _mark_sharded_regions(gm, nodes, prefix)
-    # tensors only: size arithmetic (batch x heads) is computed once and reused by blocks
+    # computing tensor ops only: size arithmetic (batch x heads) is computed once and
+    # reused, and views differ between sliding-window and full-attention layers (K/V
+    # expanded beside a mask, grouped without), which cost no FLOPs
     sigs = [tuple((n.op, n.kind, n.sharded, str(n.shape)) for n in nodes.values()
-                  if n.block == i and n.shape is not None) for i in range(num_blocks)]
+                  if n.block == i and n.shape is not None and n.kind != "view")
+            for i in range(num_blocks)]
     return AnnotatedGraph(ep, gm, nodes, prefix, num_blocks, len(set(sigs)) <= 1,
                           batch_sym, seq_sym, {k: tuple(p.shape) for k, p in params.items()},
                           aliases)

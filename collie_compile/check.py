@@ -291,8 +291,10 @@ def check_model(cfg: object, layouts: dict[str, dict], layers: int = 2,
 
     probe = probe_config(cfg, layers=layers, no_dropout=True)
     cases = [Case(name, probe.to_dict(), layout) for name, layout in layouts.items()]
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="collie-check-"))
-    return run_cases(cases, workdir / "results.jsonl", workdir)
+    if workdir is not None:  # kept: the checkpoints and results stay for a look
+        return run_cases(cases, Path(workdir) / "results.jsonl", Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="collie-check-") as tmp:
+        return run_cases(cases, Path(tmp) / "results.jsonl", Path(tmp))
 
 
 def report(results: list[Result], all_tensors: bool = False) -> str:

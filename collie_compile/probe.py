@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+__all__ = ["KINDS", "attention_heads", "causal_lm_class", "causal_lm_families", "family_kind",
+           "probe_config"]
+
 KINDS = ("decoder", "moe", "ssm", "hybrid", "encoder-decoder", "encoder", "multimodal", "other")
 
 EXPERTS = 4  # experts per MoE layer in a probe
@@ -86,7 +89,6 @@ _SSM_GROUPS = re.compile(r"^(n_groups|mamba_n_groups|mamba_ngroups)$")
 _WINDOW = re.compile(r"window|chunk|^block_size$|^index_block_size$|index_topk|^local_attention$")
 _NOT_WINDOW = re.compile(r"feed_forward|audio|^use_|layers|num_chunks|chunks_(before|after)")
 _DROPOUT = re.compile(r"dropout|pdrop|drop_prob|layerdrop|drop_path|jitter")
-_KERNELS = re.compile(r"^use_\w*kernels?$|^use_mem_eff_path$")
 _INDEX_LIST = re.compile(r"(layers|layer_ids|layer_idxs|_idxs|layer_indices)$")
 _PATTERN_LIST = re.compile(r"(types|pattern)$")
 
@@ -266,6 +268,8 @@ def _scope(cfg: PretrainedConfig, d: dict[str, Any], args: dict[str, Any], token
     head_dim = args["head_dim"]
     if old_heads is not None:
         heads = args["heads"] or old_heads
+        if args["kv_heads"] and heads % args["kv_heads"]:
+            raise ValueError(f"{heads} heads are not a multiple of kv_heads={args['kv_heads']}")
         kv = args["kv_heads"] or max(1, heads * (old_kv or old_heads) // old_heads)
         if old_kv == old_heads and args["kv_heads"] is None:
             kv = heads
@@ -324,7 +328,7 @@ def _shrink_value(name: str, v: Any, s: _Scope, done: dict[str, Any]) -> Any:
     if name in _NOT_SHRUNK or v is None or isinstance(v, str | dict):
         return v
     if isinstance(v, bool):
-        return False if _KERNELS.search(name) else v
+        return v
     if isinstance(v, float):
         return 0.0 if s.no_dropout and _DROPOUT.search(name) else v
     if _TOKEN.search(name):
@@ -422,25 +426,6 @@ def _shrink_lists(d: dict[str, Any], s: _Scope) -> None:
 # --- families no generic rule can read ---------------------------------------------------
 # Each entry says why; it runs after the generic rules on the config dict.
 
-def _fix_gpt_neo(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
-    # attention_layers is rebuilt from the run-length form attention_types in __post_init__
-    d["attention_types"] = [[[t], 1] for t in d["attention_layers"]]
-
-
-def _fix_mamba2(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
-    # Mamba2 has no attention: its num_heads * head_dim must equal expand * hidden_size
-    d["hidden_size"] = d["num_heads"] * d["head_dim"] // d.get("expand", 2)
-    d["n_groups"] = math.gcd(d["n_groups"], d["num_heads"])
-
-
-def _fix_reformer(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
-    # axial position embeddings: the shape multiplies to the padded length (a multiple of the
-    # chunk length), and the embedding widths add up to hidden_size
-    d["axial_pos_shape"] = [WINDOW, MAX_POSITIONS // WINDOW]
-    d["max_position_embeddings"] = MAX_POSITIONS
-    d["axial_pos_embds_dim"] = [d["hidden_size"] // 4, d["hidden_size"] - d["hidden_size"] // 4]
-
-
 def _fix_dory(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
     # to_dict() writes each layer as an (attention, "mlp") block pair and doubles the layer
     # counts; the stack is input + recurrent (looped) + output layers: keep one recurrent
@@ -463,12 +448,32 @@ def _fix_falcon_h1(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
     d["mamba_d_head"] = width // d["mamba_n_heads"]
 
 
+def _fix_gpt_neo(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
+    # __post_init__ rebuilds attention_layers from the run-length attention_types and wants
+    # one entry per layer
+    d["attention_types"] = [[[t], 1] for t in d["attention_layers"]]
+
+
 def _fix_inkling2_loop(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
     # the looped span [start, end) must align with attention-residual blocks: blocks of one
     # layer, the last layer looped
     n = d["num_hidden_layers"]
     d["n_layers_per_attn_res_block"] = 1
     d["loop_layer_index_start"], d["loop_layer_index_end"] = max(n - 1, 0), n
+
+
+def _fix_mamba2(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
+    # Mamba2 has no attention: its num_heads * head_dim must equal expand * hidden_size
+    d["hidden_size"] = d["num_heads"] * d["head_dim"] // d.get("expand", 2)
+    d["n_groups"] = math.gcd(d["n_groups"], d["num_heads"])
+
+
+def _fix_reformer(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
+    # axial position embeddings: the widths add up to hidden_size and the shape multiplies to
+    # the max length (in training, to the sequence length itself: probe it at 64 tokens)
+    d["axial_pos_shape"] = [WINDOW, MIN_POSITIONS // WINDOW]
+    d["max_position_embeddings"] = MIN_POSITIONS
+    d["axial_pos_embds_dim"] = [d["hidden_size"] // 4, d["hidden_size"] - d["hidden_size"] // 4]
 
 
 def _fix_zamba(d: dict[str, Any], old: dict[str, Any], s: _Scope) -> None:
