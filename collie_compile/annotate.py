@@ -467,6 +467,6 @@ def block_graph(ag: AnnotatedGraph, seq: int, block: int = 0) -> list[dict]:
             inputs=sorted(inputs), reads_input=reads_input,
             residual=info.residual,
             whole_features=(node.target in _FEATURE_REDUCTIONS
-                            or ag.subs(info.shape[-1], 1, seq) == 1),
+                            or not info.shape or ag.subs(info.shape[-1], 1, seq) == 1),
             sharded=info.sharded))
     return rows

@@ -57,15 +57,30 @@ def _mask(*, attention_mask: torch.Tensor | None = None, local_size: int | None 
     model given only input_ids numbers positions 0..s-1 per row: one sequence per row."""
     window_covers = local_size is None or statically_known_true(
         kwargs.get("kv_length", local_size + 1) <= local_size)
-    if attention_mask is None and window_covers and not use_vmap:
+    _STATE["causal_dropped"] = attention_mask is None and window_covers and not use_vmap
+    if _STATE["causal_dropped"]:
         return None
     return sdpa_mask(attention_mask=attention_mask, local_size=local_size, use_vmap=use_vmap,
                      **kwargs)
 
 
+# Whether the last causal mask was handed on as None (to become is_causal).
+_STATE = {"causal_dropped": False}
+
+
+class MaskRewrittenError(RuntimeError):
+    """A model changed the causal mask it was handed as None."""
+
+
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: object
                ) -> tuple[torch.Tensor, None]:
+    if attention_mask is not None and _STATE["causal_dropped"]:
+        # The model made a mask of its own where we handed it None for the causal one
+        # (Doge ranks keys on its dynamic mask): it needs the causal mask itself, so this
+        # capture must fail, and capture falls back to the family's own SDPA path.
+        raise MaskRewrittenError(f"{type(module).__name__} builds its own attention mask "
+                                 "from the causal one; collie_sdpa cannot hand it is_causal")
     if (attention_mask is None and key.shape[1] != query.shape[1]
             and not fused_gqa(query.device, query.dtype)):
         out = expanded_sdpa(query, key, value, dropout_p=kwargs.get("dropout", 0.0),
@@ -80,12 +95,13 @@ AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 
 
 @contextlib.contextmanager
-def causal_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run a transformers model that uses SDPA with ``collie_sdpa`` while inside; other
-    implementations (eager, flash-attn) are the user's choice and stay."""
+def causal_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run a transformers model that uses SDPA with ``collie_sdpa`` while inside (if
+    ``enabled``); other implementations (eager, flash-attn) are the user's choice and
+    stay."""
     config = getattr(model, "config", None)
     # families with attention classes of their own (Falcon) keep their SDPA path
-    if (getattr(config, "_attn_implementation", None) != "sdpa"
+    if (not enabled or getattr(config, "_attn_implementation", None) != "sdpa"
             or not getattr(model, "_supports_attention_backend", False)):
         yield
         return

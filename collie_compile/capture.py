@@ -15,7 +15,7 @@ import contextlib
 import linecache
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -36,6 +36,11 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
 
     Raises :class:`CaptureError` naming the module and source line where export failed.
     """
+    return _with_fallbacks(model, lambda swap: _capture(model, batch, seq, max_seq, swap))
+
+
+def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
+             swap: bool) -> ExportedProgram:
     device = next(iter(model.parameters())).device
     # Distinct tensors: export would treat one tensor passed twice as an alias.
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -46,7 +51,7 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        with causal_attention(model), _no_cache(model):
+        with causal_attention(model, swap), _no_cache(model):
             return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         if "Constraints violated" not in str(e):
@@ -57,7 +62,7 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
     # still come out symbolic.
     auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
     try:
-        with causal_attention(model), _no_cache(model):
+        with causal_attention(model, swap), _no_cache(model):
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
     except Exception:
         raise CaptureError(_explain(model, first)) from first
@@ -71,11 +76,45 @@ def capture(model: torch.nn.Module, batch: int = EXAMPLE_BATCH,
 def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedProgram:
     """Export ``model(input_ids=...)`` -> logits at this one shape (the runtime's graph:
     pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted)."""
+    def export(swap: bool) -> ExportedProgram:
+        try:
+            with causal_attention(model, swap), _no_cache(model):
+                return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
+        except Exception as e:  # export raises many types; all mean "cannot capture"
+            raise CaptureError(_explain(model, e)) from e
+
+    return _with_fallbacks(model, export)
+
+
+# Where a model does not capture with its attention as built, the family's own SDPA path
+# and then its eager attention are tried (e.g. attention with value heads narrower than
+# query/key heads, which our causal SDPA path does not take under export).
+FALLBACKS = ("sdpa", "eager")
+
+
+def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedProgram]
+                    ) -> ExportedProgram:
+    """``export(swap)`` with the model's attention as it is (``swap``: SDPA may become
+    ours), else with each of :data:`FALLBACKS`; the first error if none captures. The
+    model gets its own attention implementation back."""
+    config = getattr(model, "config", None)
+    start = getattr(config, "_attn_implementation", None)
+    first: CaptureError | None = None
     try:
-        with causal_attention(model), _no_cache(model):
-            return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
-    except Exception as e:  # export raises many types; all mean "cannot capture"
-        raise CaptureError(_explain(model, e)) from e
+        for impl in (start, *(f for f in FALLBACKS if f != start and start is not None)):
+            if impl != start:
+                try:
+                    model.set_attn_implementation(impl)
+                except Exception:  # the family does not offer it
+                    continue
+            try:
+                return export(impl == start)
+            except CaptureError as e:
+                first = first or e
+        raise first
+    finally:
+        if start is not None and config._attn_implementation != start:
+            model.set_attn_implementation(start)
 
 
 @contextlib.contextmanager

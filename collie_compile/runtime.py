@@ -367,6 +367,11 @@ class ParallelModel:
         self.fused_rule = optimizer.lower() if optimizer_class(optimizer) is None else None
         self.tied = tied_names(model)  # alias -> the name checkpoints store
         self.stages, self.stage_ids, self.prefix = self._build(model, weights)
+        # Persistent buffers a checkpoint holds beside the weights (an activation's eps,
+        # a frozen table): training leaves them alone, saving writes them back.
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.buffers = {n: b.detach().to("cpu", copy=True) for n, b in model.state_dict().items()
+                        if n not in params and not b.is_meta}
         self.fused: FusedBackward | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if self.fused_rule:
@@ -830,6 +835,7 @@ class ParallelModel:
                 weights = _merged(weights, self.lora)
                 # a tied weight once, under the name HF stores (it re-ties on load)
                 weights = {k: v for k, v in weights.items() if self.tied.get(k, k) == k}
+                weights.update({k: v for k, v in self.buffers.items() if k not in weights})
                 save_file({k: v.contiguous() for k, v in weights.items()},
                           str(tmp / "model.safetensors"), metadata={"format": "pt"})
                 self.config.save_pretrained(tmp)

@@ -11,6 +11,8 @@ whole of it), chosen so each mechanism is hit once:
 - llama with tied input/output embeddings: across pipeline stages and under ZeRO-3;
 - gemma2: no SDPA path (logit soft-capping: eager attention), norms after o_proj;
 - phi3: q/k/v and gate/up fused in one linear each (tp refused, pp works);
+- doge: builds its own mask from the causal one (captured on transformers' SDPA path);
+- apertus: a persistent buffer (xIELU's eps) that save_pretrained must write;
 - olmo2: q/k norms over all heads together (tp refused);
 - LoRA on all linears at tp=2, reloaded by peft.
 """
@@ -37,13 +39,17 @@ def _probe(cfg: object) -> object:
 
 CONFIGS = {"llama": _probe(LlamaConfig()),
            "tied": _probe(LlamaConfig(tie_word_embeddings=True)),
-           **{t: _probe(AutoConfig.for_model(t)) for t in ("qwen3", "gemma2", "phi3", "olmo2")}}
+           **{t: _probe(AutoConfig.for_model(t))
+              for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus")}}
 LLAMA, TIED = CONFIGS["llama"].to_dict(), CONFIGS["tied"].to_dict()
-FAMILY = {t: CONFIGS[t].to_dict() for t in ("qwen3", "gemma2", "phi3", "olmo2")}
+FAMILY = {t: CONFIGS[t].to_dict()
+          for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus")}
 
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
     Case("gemma2-single", FAMILY["gemma2"], LAYOUTS["single"]),
+    Case("doge-single", FAMILY["doge"], LAYOUTS["single"]),
+    Case("apertus-single", FAMILY["apertus"], LAYOUTS["single"]),
     Case("llama-tp2", LLAMA, LAYOUTS["tp2"]),
     Case("qwen3-tp2", FAMILY["qwen3"], LAYOUTS["tp2"]),
     Case("tied-pp2", TIED, LAYOUTS["pp2"]),
