@@ -86,13 +86,14 @@ def main(out: str | None = None, families: list[str] | None = None) -> None:
             print(f"{t}: {entry['kind']}, " + ", ".join(
                 f"{k} {v['status']}" for k, v in entry["front"].items()), flush=True)
         entry = done[t]
-        kinds[t] = entry["kind"]
-        rows[t] = {k: Result.from_dict(v) for k, v in entry["front"].items()}
-        if rows[t].get("capture") and rows[t]["capture"].status == "pass":
+        if entry["front"].get("capture", {}).get("status") == "pass":
             cases += [Case(f"{t}/{name}", entry["config"], layout)
                       for name, layout in LAYOUTS.items()]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     run_cases(cases, store, work, timeout=4 * 3600)
+    for t, entry in done.items():  # the matrix: every family recorded so far
+        kinds[t] = entry["kind"]
+        rows[t] = {k: Result.from_dict(v) for k, v in entry["front"].items()}
     for r in read_results(store):
         family, _, column = r.id.partition("/")
         if family in rows:

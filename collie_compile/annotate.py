@@ -196,7 +196,7 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
         nodes[node.name] = info
 
     num_blocks = 1 + max((n.block for n in nodes.values() if n.block is not None), default=-1)
-    _mark_residual_adds(gm, nodes)
+    _mark_residual_adds(gm, nodes, prefix)
     _mark_sharded_regions(gm, nodes, prefix)
     # computing tensor ops only: size arithmetic (batch x heads) is computed once and
     # reused, and views differ between sliding-window and full-attention layers (K/V
@@ -215,11 +215,12 @@ _SAME_VALUE = {aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.
                aten.contiguous.default, aten.alias.default, aten.detach.default}
 
 
-def _mark_residual_adds(gm: fx.GraphModule, nodes: dict[str, NodeInfo]) -> None:
-    """Mark the adds onto each block's residual stream: adds with an operand that is the
+def _mark_residual_adds(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix: str) -> None:
+    """Mark the adds onto each block's residual stream: adds owned by the block module
+    itself (GPT-NeoX's attention + MLP sum too), and adds with an operand that is the
     block's input (a value from outside the block, of the block's hidden shape) or an
-    earlier such add, possibly through dropout and views. Found by data flow, not by
-    which module owns the add (Bloom adds the residual inside its attention and MLP)."""
+    earlier such add, possibly through dropout and views: data flow finds them where
+    another module owns them (Bloom adds the residual inside its attention and MLP)."""
     stream: set[str] = set()
 
     def source(a: fx.Node, block: int) -> fx.Node:
@@ -233,6 +234,10 @@ def _mark_residual_adds(gm: fx.GraphModule, nodes: dict[str, NodeInfo]) -> None:
     for n in gm.graph.nodes:
         info = nodes.get(n.name)
         if info is None or info.block is None or n.target not in _ADD_OPS:
+            continue
+        if info.module == f"{prefix}{info.block}":
+            stream.add(n.name)
+            info.residual = True
             continue
         for a in n.all_input_nodes:
             src = source(a, info.block)
