@@ -14,6 +14,7 @@ parser.add_argument("suite", choices=sorted(SUITES))
 parser.add_argument("--out", help="directory for the markdown table and PNG plots")
 parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity)")
 parser.add_argument("--families", help="zoo: comma-separated model_types (default: all)")
+parser.add_argument("--front-only", action="store_true", help="zoo: capture and estimate only")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
 if args.nproc and args.suite not in ("train", "fidelity"):
@@ -23,4 +24,6 @@ if args.families:
     if args.suite != "zoo":
         parser.error("--families applies to zoo")
     extra["families"] = args.families.split(",")
+if args.front_only:
+    extra["layouts"] = False
 SUITES[args.suite](args.out, **extra)
