@@ -57,33 +57,20 @@ def build_mesh(pp: int, dp: int, tp: int) -> DeviceMesh:
     return init_device_mesh(device().type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
-def subgroups(mesh: DeviceMesh, tp_sets: list[list[int]]) -> dict[tuple[int, ...], object]:
-    """Groups of tp-local ranks (e.g. ranks sharing a GQA KV head), one per (pp, dp)
-    coordinate; every rank creates every group, in the same order, as torch requires.
-    Returns this rank's group for each set it belongs to."""
-    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+def subgroups(mesh: DeviceMesh, sets: list[list[int]], dim: str = "tp"
+              ) -> dict[tuple[int, ...], object]:
+    """Groups of ranks along one mesh dim, by their index in it (tp: ranks sharing a GQA
+    KV head; pp: the stages holding a tied embedding), one per coordinate of the other
+    dims; every rank creates every group, in the same order, as torch requires. Returns
+    this rank's group for each set it belongs to."""
+    axis = mesh.mesh_dim_names.index(dim)
+    lines = mesh.mesh.movedim(axis, -1).reshape(-1, mesh.mesh.shape[axis]).tolist()
     me = dist.get_rank()
     out = {}
-    for tp_ranks in ranks:
-        for s in tp_sets:
-            group = dist.new_group([tp_ranks[i] for i in s])
-            if me in [tp_ranks[i] for i in s]:
-                out[tuple(s)] = group
-    return out
-
-
-def pp_subgroups(mesh: DeviceMesh, pp_sets: list[list[int]]) -> dict[tuple[int, ...], object]:
-    """Groups of pipeline stages (e.g. the stages holding a tied embedding), one per
-    (dp, tp) coordinate; every rank creates every group, in the same order. Returns this
-    rank's group for each set it belongs to."""
-    pp = mesh.mesh.shape[0]
-    columns = mesh.mesh.reshape(pp, -1).T.tolist()  # the pp ranks of each (dp, tp)
-    me = dist.get_rank()
-    out = {}
-    for stage_ranks in columns:
-        for s in pp_sets:
-            group = dist.new_group([stage_ranks[i] for i in s])
-            if me in [stage_ranks[i] for i in s]:
+    for line in lines:
+        for s in sets:
+            group = dist.new_group([line[i] for i in s])
+            if me in [line[i] for i in s]:
                 out[tuple(s)] = group
     return out
 

@@ -439,7 +439,7 @@ class ParallelModel:
         self.tied_stages = {n: sorted(holders[self.tied.get(n, n)]) for n in self.owner
                             if len(holders[self.tied.get(n, n)]) > 1}
         sets = sorted({tuple(v) for v in self.tied_stages.values()})
-        groups = cdist.pp_subgroups(self.mesh, [list(v) for v in sets]) if sets else {}
+        groups = cdist.subgroups(self.mesh, [list(v) for v in sets], "pp") if sets else {}
         self.tied_groups = {n: groups[tuple(v)] for n, v in self.tied_stages.items()
                             if tuple(v) in groups}
         stages = []
