@@ -399,9 +399,7 @@ class ParallelModel:
         ep = cdist.agree(lambda: capture_static(model, ids))
         ag = annotate(ep, model)
         gm = ag.gm
-        for n in list(gm.graph.nodes):  # shape guards of a static capture: not needed
-            if n.op == "call_module" and n.target == "_guards_fn":
-                gm.graph.erase_node(n)
+        _drop_guards(gm)
         layout = tp_layout(ag, self.config, c.tp, bool(self.tied))
         gm = cdist.agree(lambda: tensor_parallel(
             gm, layout, self.mesh.get_group("tp"), self.coords.tp, c.tp,
@@ -996,6 +994,15 @@ class ParallelModel:
                          dim=shard["dim"])
 
 
+def _drop_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove the input-shape guards of a static capture: the rank program runs at the
+    captured shape only."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            gm.graph.erase_node(n)
+    return gm
+
+
 def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
     """How each linear of the blocks splits under tp ("column" in the sharded region,
     else "row"), and the embedding and LM head ("vocab") where the vocabulary splits."""
@@ -1037,10 +1044,7 @@ def tp_refusal(cfg: object) -> str | None:
     model = build_model(with_layers(cfg, min(2, int(cfg.num_hidden_layers))))
     ag = annotate(capture_static(model, torch.zeros(2, 16, dtype=torch.long,
                                                      device="meta")), model)
-    gm = ag.gm
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target == "_guards_fn":
-            gm.graph.erase_node(n)
+    gm = _drop_guards(ag.gm)
     refusal = None
     try:
         tensor_parallel(gm, tp_layout(ag, cfg, 2, bool(tied_names(model))), None, 0, 2,
