@@ -20,12 +20,16 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CollieError
+
+if TYPE_CHECKING:
+    from .passes.tensor_parallel import Shard
 
 FORMAT = "collie-compile-checkpoint"
 VERSION = 1
@@ -50,34 +54,61 @@ class Piece:
     shape: tuple[int, ...]
 
 
-def local_box(t: torch.Tensor, tp_shard: dict | None, full_shape: tuple[int, ...]) -> Box:
-    """The box of ``t`` (a parameter or state of one) in the global tensor of
-    ``full_shape``: the tp slice, then the FSDP chunk of it when ``t`` is a DTensor."""
-    offset = [0] * len(full_shape)
-    shape = list(full_shape)
-    if tp_shard is not None:
-        offset[tp_shard["dim"]] = tp_shard["start"]
-        shape[tp_shard["dim"]] = tp_shard["stop"] - tp_shard["start"]
+def local_boxes(t: torch.Tensor, tp_shard: Shard | None, tp_rank: int,
+                full_shape: tuple[int, ...]) -> list[tuple[Box, tuple[slice, ...]]]:
+    """The boxes of ``t`` (a parameter or state of one, on tp rank ``tp_rank``) in the
+    global tensor of ``full_shape``, each with the index of its part of the local tensor:
+    the FSDP chunk when ``t`` is a DTensor, placed through the tp slice (one box per
+    contiguous run: a fused projection's slice has one per part)."""
+    offset, shape = [0] * len(full_shape), list(t.shape)
     if hasattr(t, "to_local"):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         local_shape, local_off = compute_local_shape_and_global_offset(
             t.shape, t.device_mesh, t.placements)
-        offset = [o + lo for o, lo in zip(offset, local_off, strict=True)]
-        shape = list(local_shape)
-    return Box(tuple(offset), tuple(shape), tuple(full_shape))
+        offset, shape = list(local_off), list(local_shape)
+    whole = tuple(slice(None) for _ in shape)
+    if tp_shard is None:
+        return [(Box(tuple(offset), tuple(shape), tuple(full_shape)), whole)]
+    d = tp_shard.dim
+    out = []
+    for start, at, length in tp_shard.global_ranges(tp_rank, offset[d], offset[d] + shape[d]):
+        o, sh, idx = list(offset), list(shape), list(whole)
+        o[d], sh[d] = start, length
+        idx[d] = slice(at - offset[d], at - offset[d] + length)
+        out.append((Box(tuple(o), tuple(sh), tuple(full_shape)), tuple(idx)))
+    return out
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def write_rank_file(path: Path, tensors: dict[str, tuple[torch.Tensor, Box]]) -> dict:
-    """Save this rank's boxes; return their index entries."""
-    data = {k: local_tensor(t).detach().contiguous().cpu() for k, (t, _) in tensors.items()}
+def read_local(pieces: list[Piece], boxes: list[tuple[Box, tuple[slice, ...]]],
+               shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """A local tensor of ``shape`` assembled from its :func:`local_boxes`."""
+    out = None
+    for box, idx in boxes:
+        part = read_box(pieces, box, name)
+        if out is None:
+            out = torch.empty(shape, dtype=part.dtype)
+        out[idx] = part
+    return out if out is not None else torch.empty(shape)
+
+
+def write_rank_file(path: Path, tensors: dict[str, list[tuple[torch.Tensor, Box]]]) -> dict:
+    """Save this rank's boxes (several per name where its slice is not contiguous);
+    return their index entries."""
+    data, entries = {}, {}
+    for name, boxes in tensors.items():
+        for i, (t, b) in enumerate(boxes):
+            key = name if i == 0 else f"{name}#{i}"
+            data[key] = local_tensor(t).detach().contiguous().cpu()
+            entries.setdefault(name, []).append(
+                {"file": path.name, "key": key, "offset": list(b.offset),
+                 "shape": list(b.shape), "global_shape": list(b.global_shape)})
     save_file(data, str(path))
-    return {k: {"file": path.name, "offset": list(b.offset), "shape": list(b.shape),
-                "global_shape": list(b.global_shape)} for k, (_, b) in tensors.items()}
+    return entries
 
 
 def read_index(directory: Path) -> tuple[dict, dict[str, list[Piece]]]:
@@ -93,7 +124,8 @@ def read_index(directory: Path) -> tuple[dict, dict[str, list[Piece]]]:
     pieces: dict[str, list[Piece]] = {}
     try:
         for name, entries in meta["tensors"].items():
-            pieces[name] = [Piece(Path(directory) / e["file"], name, tuple(e["offset"]),
+            pieces[name] = [Piece(Path(directory) / e["file"], e.get("key", name),
+                                  tuple(e["offset"]),
                                   tuple(e["shape"])) for e in entries]
     except (KeyError, TypeError) as e:
         raise CollieError(f"{index} is corrupted ({e}); re-save the checkpoint") from None

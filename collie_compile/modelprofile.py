@@ -32,9 +32,10 @@ from .models import (
     model_name,
     with_layers,
 )
+from .probe import attention_heads
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 5
+PROFILE_SCHEMA = 6
 PROBE_BLOCKS = 2
 
 
@@ -200,12 +201,12 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
     rest_slope = two.rest - one.rest
     embed_saved, head_saved = _split_rest(ag, two.by_node, one.by_node)
     params = _param_groups(full, ag)
-    head_dim_heads = int(getattr(cfg, "num_attention_heads", 0) or cfg.n_head)
+    head_dim_heads, kv_heads = attention_heads(cfg)
     return ModelProfile(
         name=name, model_type=cfg.model_type, seq_len=s, dtype=dtype, num_layers=layers,
         hidden_size=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
         num_heads=head_dim_heads,
-        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or head_dim_heads),
+        num_kv_heads=kv_heads,
         num_params=count_params(full), **params,
         block_flops=ag.flops(1, s, 0), block_bytes=ag.bytes_moved(1, s, 0),
         block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(0)

@@ -46,6 +46,7 @@ from .passes.pipeline_split import pipeline_split
 from .passes.recompute import recompute as recompute_pass
 from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
 from .plan import Plan, lora_flags
+from .probe import attention_heads
 
 IGNORE_INDEX = -100
 
@@ -287,8 +288,8 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
     if c.dp * c.tp * c.pp != world:
         raise CollieError(f"the plan is for {c.dp * c.tp * c.pp} GPUs (dp={c.dp} tp={c.tp} "
                           f"pp={c.pp}) but this job has {world} processes")
-    heads = int(cfg.num_attention_heads)
-    check_heads(name, heads, int(getattr(cfg, "num_key_value_heads", None) or heads), c.tp)
+    heads, kv, _ = head_layout(cfg)
+    check_heads(name, heads, kv, c.tp)
     local = cdist.local_world_size()
     if c.tp > local or local % c.tp:  # tp groups are consecutive ranks: keep them on a node
         raise CollieError(f"the plan's tp={c.tp} would span nodes of {local} processes; "
@@ -406,7 +407,8 @@ class ParallelModel:
             *head_layout(self.config)))
         if self.lora is not None:
             adapter = self.lora_init
-            gm = cdist.agree(lambda: lora_pass(gm, self.lora, c.tp, adapter))
+            gm = cdist.agree(lambda: lora_pass(gm, self.lora, c.tp, adapter,
+                                                   tp_rank=self.coords.tp))
         self.tp_shards = dict(gm.meta["tp_shards"])
         self.vocab_slice = gm.meta.get("vocab_slice")
         partial = dict(gm.meta["partial_grads"])
@@ -460,8 +462,36 @@ class ParallelModel:
     def _full_shape(self, name: str, local: torch.Size) -> tuple[int, ...]:
         shape, shard = list(local), self.tp_shards.get(name)
         if shard is not None:
-            shape[shard["dim"]] = shard["size"]
+            shape[shard.dim] = shard.size
         return tuple(shape)
+
+    def _boxes(self, name: str, p: torch.Tensor) -> list[tuple[ckpt.Box, tuple]]:
+        """The checkpoint boxes of this rank's ``p``, each with its index in the local
+        tensor."""
+        return ckpt.local_boxes(p, self.tp_shards.get(name), self.coords.tp,
+                                self.param_shapes[name])
+
+    def _cut(self, name: str, p: torch.Tensor, v: torch.Tensor, dim: int | None = None
+             ) -> list[tuple[torch.Tensor, ckpt.Box]]:
+        """``v`` (``p`` or a state of it; with ``dim``, a 1-D statistic along that dim of
+        the weight) cut into ``p``'s boxes, each box once."""
+        out, seen = [], set()
+        for box, idx in self._boxes(name, p):
+            if dim is not None:
+                box, idx = _dim_box(box, dim), (idx[dim],)
+            if box not in seen:
+                seen.add(box)
+                out.append((ckpt.local_tensor(v)[idx], box))
+        return out
+
+    def _read(self, name: str, p: torch.Tensor, stored: list, what: str,
+              dim: int | None = None) -> torch.Tensor:
+        """This rank's part of ``p`` (with ``dim``, of a 1-D statistic along that dim)
+        from a checkpoint's pieces."""
+        boxes, shape = self._boxes(name, p), tuple(ckpt.local_tensor(p).shape)
+        if dim is not None:
+            boxes, shape = [(_dim_box(b, dim), (i[dim],)) for b, i in boxes], (shape[dim],)
+        return ckpt.read_local(stored, boxes, shape, what)
 
     def _load_weights(self, stage: fx.GraphModule, pieces: dict, source: object) -> None:
         for name, p in list(stage.named_parameters()):
@@ -469,9 +499,8 @@ class ParallelModel:
             if key is None:
                 raise CollieError(f"{source} has no weight {name!r}; is it a checkpoint of "
                                   f"{self.plan.model}?")
-            box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
             owner, _, leaf = name.rpartition(".")
-            value = ckpt.read_box(pieces[key], box, key).to(p.dtype)
+            value = self._read(name, p, pieces[key], key).to(p.dtype)
             setattr(stage.get_submodule(owner), leaf,
                     torch.nn.Parameter(value, requires_grad=p.requires_grad))
 
@@ -539,7 +568,7 @@ class ParallelModel:
         splits = []
         shard = self.tp_shards.get(name)
         if shard is not None:
-            splits.append((shard["dim"], self.mesh.get_group("tp")))
+            splits.append((shard.dim, self.mesh.get_group("tp")))
         for placement in getattr(p, "placements", ()):
             if placement.is_shard():
                 splits.append((placement.dim, self.mesh.get_group("dp")))
@@ -855,8 +884,7 @@ class ParallelModel:
         for name, p in self.local_parameters().items():
             if not self._writes(name, p):
                 continue
-            box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
-            tensors[name] = (p.detach(), box)
+            tensors[name] = self._cut(name, p, p.detach())
             for key, v in states.get(name, {}).items():
                 if not torch.is_tensor(v) or v.dim() == 0:
                     scalars[key] = float(v)
@@ -864,13 +892,12 @@ class ParallelModel:
                     dim = FACTORED[key]
                     # FSDP splits rows only: every dp rank holds the same column statistics
                     if dim == 0 or not hasattr(p, "to_local") or self.coords.dp == 0:
-                        tensors[f"{name}/{key}"] = (v, _dim_box(box, dim))
+                        tensors[f"{name}/{key}"] = self._cut(name, p, v, dim)
                 elif v.shape == p.shape:
-                    tensors[f"{name}/{key}"] = (v, box)
+                    tensors[f"{name}/{key}"] = self._cut(name, p, v)
         if not self._writes_states():  # ZeRO-1: states live on their owner only
             tensors = {k: v for k, v in tensors.items() if "/" not in k}
-            tensors.update({f"{n}/{k}": (v, ckpt.local_box(p, self.tp_shards.get(n),
-                                                            self.param_shapes[n]))
+            tensors.update({f"{n}/{k}": self._cut(n, p, v)
                             for n, p in self.local_parameters().items() if self._tp_first(n)
                             for k, v in states.get(n, {}).items()
                             if torch.is_tensor(v) and v.shape == p.shape})
@@ -885,7 +912,7 @@ class ParallelModel:
                 part = json.loads(text)
                 index["scalars"].update(part["scalars"])
                 for k, e in part["tensors"].items():
-                    index["tensors"].setdefault(k, []).append(e)
+                    index["tensors"].setdefault(k, []).extend(e)
             (tmp / "index.json").write_text(json.dumps(index, indent=1))
             ckpt.replace_dir(tmp, final)
         dist.barrier()
@@ -904,14 +931,13 @@ class ParallelModel:
 
         def load() -> None:
             for name, p in self.local_parameters().items():
-                box = ckpt.local_box(p, self.tp_shards.get(name), self.param_shapes[name])
                 stored = self._stored_name(name, pieces)
                 if stored is None:
                     raise CollieError(f"{directory} has no tensor {name!r}")
                 with torch.no_grad():
-                    ckpt.local_tensor(p).copy_(ckpt.read_box(pieces[stored], box, name))
+                    ckpt.local_tensor(p).copy_(self._read(name, p, pieces[stored], name))
                 if p.requires_grad:
-                    self._restore_state(name, p, box, pieces, meta["scalars"])
+                    self._restore_state(name, p, pieces, meta["scalars"])
 
         cdist.agree(load)
         self.step_count = int(meta["step"])
@@ -919,8 +945,8 @@ class ParallelModel:
             self.fused.step_count = self.step_count
         dist.barrier()
 
-    def _restore_state(self, name: str, p: torch.Tensor, box: ckpt.Box, pieces: dict,
-                       scalars: dict) -> None:
+    def _restore_state(self, name: str, p: torch.Tensor, pieces: dict, scalars: dict
+                       ) -> None:
         """The optimizer state of ``p`` from the checkpoint's boxes of it. For AdaLomo
         the row/column statistics (fresh where a checkpoint of another optimizer has
         none); for LOMO nothing; otherwise every p-shaped state and the scalars."""
@@ -932,8 +958,8 @@ class ParallelModel:
                 state = adalomo_state(ckpt.local_tensor(p.detach()))
                 for key, t in state.items():
                     if key in stored and torch.is_tensor(t):
-                        sbox = _dim_box(box, FACTORED[key]) if key in FACTORED else box
-                        t.copy_(ckpt.read_box(stored[key], sbox, f"{name}/{key}"))
+                        t.copy_(self._read(name, p, stored[key], f"{name}/{key}",
+                                           FACTORED.get(key)))
                 state["step"] = int(scalars.get("step", 0))
                 self.fused.state[name] = state
             return
@@ -942,7 +968,7 @@ class ParallelModel:
             return  # ZeRO-1: another rank owns this parameter's state
         state = {}
         for key in sorted(stored):
-            value = ckpt.read_box(stored[key], box, f"{name}/{key}")
+            value = self._read(name, p, stored[key], f"{name}/{key}")
             # in the dtype saved: fp32 masters and moments of 16-bit weights stay fp32
             t = torch.zeros_like(p.detach(), dtype=value.dtype)
             ckpt.local_tensor(t).copy_(value)
@@ -968,9 +994,7 @@ class ParallelModel:
         """False on a tp rank that holds the same slice as a lower one (GQA KV heads)."""
         shard = self.tp_shards.get(name)
         r = self.coords.tp
-        return (shard is None and r == 0) or (shard is not None and (
-            r == 0 or _slice_start(shard, r, self.chosen.tp)
-            != _slice_start(shard, r - 1, self.chosen.tp)))
+        return shard.first(r) if shard is not None else r == 0
 
     def _writes(self, name: str, p: torch.Tensor) -> bool:
         """Whether this rank saves ``name``: one copy of every box."""
@@ -984,14 +1008,7 @@ class ParallelModel:
             return t
         parts = [torch.empty_like(t) for _ in range(self.chosen.tp)]
         dist.all_gather(parts, t.contiguous(), group=self.mesh.get_group("tp"))
-        starts, pieces = set(), []
-        for k, piece in enumerate(parts):  # ranks sharing a slice (GQA) count once
-            start = _slice_start(shard, k, self.chosen.tp)
-            if start not in starts:
-                starts.add(start)
-                pieces.append((start, piece))
-        return torch.cat([x for _, x in sorted(pieces, key=lambda kv: kv[0])],
-                         dim=shard["dim"])
+        return shard.assemble(parts)
 
 
 def _drop_guards(gm: fx.GraphModule) -> fx.GraphModule:
@@ -1019,9 +1036,9 @@ def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
 
 
 def head_layout(cfg: object) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head width) of a transformers config."""
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    """(query heads, key/value heads, head width) of a transformers config (whatever
+    the family calls them; multi-query models have one key/value head)."""
+    heads, kv = attention_heads(cfg)
     return heads, kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
 
 
@@ -1031,10 +1048,18 @@ def tp_refusal(cfg: object) -> str | None:
     a two-block probe on the meta device; None if it can. Cached with the profiles."""
     import hashlib
 
+    import transformers
+
+    from . import annotate as annotate_module
     from .modelprofile import cache_dir
     from .models import build_model, with_layers
+    from .passes import tensor_parallel as tp_pass
 
-    key = hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:16]
+    # the verdict depends on the config, the libraries and the code that decides it
+    code = [Path(m.__file__).read_text() for m in (tp_pass, annotate_module)]
+    key = hashlib.sha256("\0".join([
+        cfg.to_json_string(), torch.__version__, transformers.__version__,
+        Path(__file__).read_text(), *code]).encode()).hexdigest()[:16]
     path = cache_dir() / f"tp-refusal-{key}.json"
     if path.exists():
         try:
@@ -1086,13 +1111,6 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
                               f"off the meta device: {e}; load the model on the CPU") from None
         for name, buf in fresh.named_buffers(recurse=False):
             mod.register_buffer(name, buf, persistent=name in mod.state_dict())
-
-
-def _slice_start(shard: dict, rank: int, tp: int) -> int:
-    """Where tp rank ``rank``'s slice starts, from this rank's slice of the same split."""
-    width = shard["stop"] - shard["start"]
-    units = shard["size"] // width
-    return (rank * units // tp) * width
 
 
 def _first(out: object) -> torch.Tensor:

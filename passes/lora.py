@@ -35,7 +35,8 @@ def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Gene
 
 
 def lora(gm: fx.GraphModule, config: object, tp: int = 1,
-         init: dict[str, torch.Tensor] | None = None, seed: int = 0) -> fx.GraphModule:
+         init: dict[str, torch.Tensor] | None = None, seed: int = 0, tp_rank: int = 0
+         ) -> fx.GraphModule:
     """Insert LoRA branches for ``config`` (a ``peft.LoraConfig``). ``init`` maps adapter
     names (``<module>.lora_A.weight``) to full tensors, e.g. from a saved PEFT adapter;
     missing ones get peft's default init. Records ``gm.meta["lora"]`` (adapter name ->
@@ -61,8 +62,8 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         shard = shards.get(w_name)
         full_out, full_in = weight.shape
         if shard is not None:
-            full_out, full_in = ((shard["size"], full_in) if shard["dim"] == 0
-                                 else (full_out, shard["size"]))
+            full_out, full_in = ((shard.size, full_in) if shard.dim == 0
+                                 else (full_out, shard.size))
         a_full, b_full = init_adapter(full_in, full_out, r, gen)
         a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
         a_full = (init or {}).get(a_name, a_full)
@@ -73,13 +74,13 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
                               f"[{full_out}, {r}]: is it for this model and rank?")
         a, b = a_full, b_full
         everyone = [list(range(tp))]
-        if shard is not None and shard["dim"] == 0:  # column-parallel base
-            b = b_full[shard["start"]:shard["stop"]]
-            shards[b_name] = dict(shard)
+        if shard is not None and shard.dim == 0:  # column-parallel base
+            b = shard.take(b_full, tp_rank)
+            shards[b_name] = shard
             partial[a_name] = everyone
         elif shard is not None:  # row-parallel base
-            a = a_full[:, shard["start"]:shard["stop"]]
-            shards[a_name] = dict(shard, dim=1)
+            a = shard.take(a_full, tp_rank)
+            shards[a_name] = shard
             partial[b_name] = everyone
         mod = gm.get_submodule(module)
         for name, t in (("lora_A", a), ("lora_B", b)):

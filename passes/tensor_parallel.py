@@ -22,7 +22,7 @@ over tp, and the head produces this rank's slice of the logits, which
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,16 +37,90 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 @dataclass(frozen=True)
 class Shard:
-    """The slice of a global parameter one tp rank holds: ``[start, stop)`` along ``dim``
-    of a tensor whose full size along it is ``size``."""
+    """What every tp rank holds of a global parameter along ``dim`` (full size ``size``):
+    rank r holds ``ranges[r]``, ``[start, stop)`` ranges of the global tensor concatenated
+    in order. One range for a plain split; one per part for a fused projection (q|k|v or
+    gate|up in one weight), so each rank's parts line up with its heads."""
 
     dim: int
-    start: int
-    stop: int
     size: int
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def width(self) -> int:
+        """The local size along ``dim`` (the same on every rank)."""
+        return sum(b - a for a, b in self.ranges[0])
+
+    def along(self, dim: int) -> Shard:
+        return Shard(dim, self.size, self.ranges)
+
+    def take(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slice of the global tensor ``full``."""
+        return torch.cat([full.narrow(self.dim, a, b - a) for a, b in self.ranges[rank]],
+                         dim=self.dim)
+
+    def assemble(self, local: list[torch.Tensor]) -> torch.Tensor:
+        """The global tensor from every rank's slice (ranks sharing a slice agree)."""
+        shape = list(local[0].shape)
+        shape[self.dim] = self.size
+        out = local[0].new_empty(shape)
+        for rank, t in enumerate(local):
+            at = 0
+            for a, b in self.ranges[rank]:
+                out.narrow(self.dim, a, b - a).copy_(t.narrow(self.dim, at, b - a))
+                at += b - a
+        return out
+
+    def holders(self) -> list[list[int]]:
+        """The sets of tp ranks holding the same slice, a partition of the group (sets
+        of more than one only for GQA KV heads fewer than the ranks)."""
+        sets: dict[tuple, list[int]] = {}
+        for rank, r in enumerate(self.ranges):
+            sets.setdefault(r, []).append(rank)
+        return list(sets.values())
+
+    def first(self, rank: int) -> bool:
+        """Whether no lower rank holds the same slice."""
+        return self.ranges.index(self.ranges[rank]) == rank
+
+    def global_ranges(self, rank: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Where ``[lo, hi)`` of rank ``rank``'s local slice lies in the global tensor:
+        (global start, local start, length) per contiguous run."""
+        out, at = [], 0
+        for a, b in self.ranges[rank]:
+            s, e = max(lo, at), min(hi, at + b - a)
+            if s < e:
+                out.append((a + s - at, s, e - s))
+            at += b - a
+        return out
+
+    @staticmethod
+    def even(size: int, units: int, tp: int, what: str) -> Shard:
+        """``size`` features in ``units`` equal units (heads, or single features) split
+        over ``tp`` ranks along dim 0; with fewer units than ranks (GQA KV heads) each
+        unit goes whole to ``tp // units`` ranks."""
+        unit = size // units
+        if units % tp == 0:
+            per = units // tp
+            ranges = [((r * per * unit, (r + 1) * per * unit),) for r in range(tp)]
+        elif tp % units == 0:
+            share = tp // units
+            ranges = [(((r // share) * unit, (r // share + 1) * unit),) for r in range(tp)]
+        else:
+            raise CollieError(f"tp={tp} does not divide the {units} heads/features of {what} "
+                              "(nor the other way round); pick a tp that divides them")
+        return Shard(0, size, tuple(ranges))
+
+    @staticmethod
+    def fused(parts: list[Shard]) -> Shard:
+        """The shard of a weight whose dim 0 is ``parts`` one after another, each split on
+        its own."""
+        ranges, base = [[] for _ in parts[0].ranges], 0
+        for part in parts:
+            for rank, r in enumerate(part.ranges):
+                ranges[rank] += [(base + a, base + b) for a, b in r]
+            base += part.size
+        return Shard(0, base, tuple(tuple(r) for r in ranges))
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -166,33 +240,16 @@ def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int
     return features, 1
 
 
-def shard_of(size: int, units: int, tp: int, rank: int, what: str
-             ) -> tuple[Shard, list[list[int]]]:
-    """This rank's slice of ``size`` features split in ``units`` equal units, and the sets
-    of tp ranks holding the same slice (the same on every rank; sets of more than one
-    only when units < tp: GQA KV heads)."""
-    unit = size // units
-    if units % tp == 0:
-        per = units // tp
-        return (Shard(0, rank * per * unit, (rank + 1) * per * unit, size),
-                [[r] for r in range(tp)])
-    if tp % units == 0:
-        share = tp // units
-        u = rank // share
-        return (Shard(0, u * unit, (u + 1) * unit, size),
-                [list(range(v * share, (v + 1) * share)) for v in range(units)])
-    raise CollieError(f"tp={tp} does not divide the {units} heads/features of {what} "
-                      "(nor the other way round); pick a tp that divides them")
-
-
 def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.ProcessGroup,
                     rank: int, tp: int, num_heads: int, num_kv_heads: int, head_dim: int
                     ) -> fx.GraphModule:
     """Shard ``gm`` (a captured, static-shape training graph) for tp rank ``rank``.
 
     ``layout`` maps linear node names to ``"column"`` or ``"row"``, and the embedding
-    and LM head nodes optionally to ``"vocab"``; other nodes run replicated. Records
-    ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard` as a dict),
+    and LM head nodes optionally to ``"vocab"``; other nodes run replicated. A column
+    linear whose output is cut into parts (q|k|v or gate|up fused in one weight) is split
+    part by part, and the cuts are rewritten to the local part sizes. Records
+    ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard`),
     ``gm.meta["partial_grads"]`` (parameter name -> the sets of tp ranks that must sum its
     gradient, a partition of the tp group, the same on every rank) and, with a vocabulary-
     parallel head, ``gm.meta["vocab_slice"]``. Assumes the linears are ``aten.linear`` on
@@ -203,7 +260,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         gm.meta.setdefault("partial_grads", {})
         return gm
     shards: dict[str, Shard] = {}
-    partial: dict[str, list[int]] = {}
+    partial: dict[str, list[list[int]]] = {}
     copies: dict[fx.Node, fx.Node] = {}
     by_name = {n.name: n for n in gm.graph.nodes}
     for name, how in layout.items():
@@ -211,43 +268,52 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         if how == "vocab" and lin.target == aten.embedding.default:
             w_name = lin.args[0].target
             weight = gm.get_parameter(w_name)
-            s, _ = shard_of(weight.shape[0], weight.shape[0], tp, rank, w_name)
-            _set_param(gm, w_name, weight[s.start:s.stop])
+            s = Shard.even(weight.shape[0], weight.shape[0], tp, w_name)
+            _set_param(gm, w_name, s.take(weight, rank))
             shards[w_name] = s
             padding_idx, by_freq = _embedding_options(lin)
             if by_freq:
                 raise CollieError(f"tensor_parallel: {w_name} scales gradients by token "
                                   "frequency, which a vocabulary split cannot; use tp=1")
+            (start, stop), = s.ranges[rank]
             with gm.graph.inserting_after(lin):
-                emb = _module_node(gm, VocabParallelEmbedding(group, s.start, s.stop,
+                emb = _module_node(gm, VocabParallelEmbedding(group, start, stop,
                                                               padding_idx),
                                    "tp_embedding", lin.args[0], lin, args=lin.args[:2])
             lin.replace_all_uses_with(emb)
             gm.graph.erase_node(lin)
             continue
         if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
-            raise CollieError(f"tensor_parallel: {name} ({lin.target}) is not an aten.linear on "
-                              "a weight; fused projections are not supported, use tp=1")
+            raise CollieError(f"tensor_parallel: {name} ({lin.target}) in module "
+                              f"{_module_path(lin)!r} is not an aten.linear on a weight "
+                              "(e.g. a Conv1D projection), which this pass cannot shard; "
+                              "use tp=1")
         w_name = lin.args[1].target
         b_node = lin.args[2] if len(lin.args) > 2 else None
         weight = gm.get_parameter(w_name)
         out_f, in_f = weight.shape
-        if how == "column" and _splits_features(lin):
-            raise CollieError(f"tensor_parallel: {w_name.removesuffix('.weight')} fuses "
-                              "several projections in one linear (its output is split "
-                              "into parts), which this pass cannot shard part by part yet; "
-                              "use tp=1 (dp, pp and ZeRO work)")
         if how in ("column", "vocab"):
-            units = (out_f if how == "vocab"
-                     else head_units(out_f, num_heads, num_kv_heads, head_dim)[0])
-            s, sharers = shard_of(out_f, units, tp, rank, w_name)
-            _set_param(gm, w_name, weight[s.start:s.stop])
+            cuts = _feature_cuts(lin) if how == "column" else []
+            bounds = sorted({0, out_f, *(c for n in cuts for c in _cut_points(n, out_f))})
+            if how == "vocab":
+                s = Shard.even(out_f, out_f, tp, w_name)
+            else:
+                s = Shard.fused([Shard.even(b - a, head_units(b - a, num_heads, num_kv_heads,
+                                                              head_dim)[0], tp, w_name)
+                                 for a, b in zip(bounds, bounds[1:], strict=False)])
+            _check_fused(s, bounds, w_name)
+            _set_param(gm, w_name, s.take(weight, rank))
             shards[w_name] = s
             if b_node is not None:
-                _set_param(gm, b_node.target, gm.get_parameter(b_node.target)[s.start:s.stop])
+                _set_param(gm, b_node.target, s.take(gm.get_parameter(b_node.target), rank))
                 shards[b_node.target] = s
             if how == "vocab":
-                gm.meta["vocab_slice"] = (s.start, s.stop)
+                (start, stop), = s.ranges[rank]
+                gm.meta["vocab_slice"] = (start, stop)
+            local = _local_bounds(s, bounds, rank)
+            for n in cuts:
+                _recut(n, dict(zip(bounds, local, strict=True)))
+            sharers = s.holders()
             if len(sharers[0]) > 1:
                 partial[w_name] = sharers
                 if b_node is not None:
@@ -259,12 +325,12 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             lin.replace_input_with(x, copies[x])
         elif how == "row":
             units, _ = head_units(in_f, num_heads, num_kv_heads, head_dim)
-            s, sharers = shard_of(in_f, units, tp, rank, w_name)
-            if len(sharers[0]) > 1:
+            s = Shard.even(in_f, units, tp, w_name).along(1)
+            if len(s.holders()[0]) > 1:
                 raise CollieError(f"tensor_parallel: row-parallel {w_name} cannot be split "
                                   f"{tp} ways")
-            _set_param(gm, w_name, weight[:, s.start:s.stop])
-            shards[w_name] = Shard(1, s.start, s.stop, in_f)
+            _set_param(gm, w_name, s.take(weight, rank))
+            shards[w_name] = s
             with gm.graph.inserting_after(lin):
                 red = _module_node(gm, ReduceFromTP(group), "tp_reduce", lin, lin)
             lin.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
@@ -283,36 +349,104 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             partial[w_name] = [list(range(tp))]
     gm.graph.lint()
     gm.recompile()
-    gm.meta["tp_shards"] = {k: v.to_dict() for k, v in shards.items()}
+    gm.meta["tp_shards"] = shards
     gm.meta["partial_grads"] = partial
     return gm
 
 
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
            aten.slice.Tensor, aten.unsafe_split.Tensor, aten.narrow.default}
+_VIEWS = _RESHAPES | {aten.transpose.int, aten.permute.default, aten.unsqueeze.default,
+                      aten.squeeze.dim, aten.contiguous.default}
 
 
-def _splits_features(lin: fx.Node) -> bool:
-    """Whether the output features of ``lin`` are cut into parts (q/k/v or gate/up fused
-    in one linear) by a split or slice of its last dim, possibly after views."""
+def _cut_dim(n: fx.Node) -> int:
+    at = 1 if n.target in (aten.slice.Tensor, aten.narrow.default) else 2
+    return n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
+
+
+def _feature_cuts(lin: fx.Node) -> list[fx.Node]:
+    """The splits and slices that cut the output features of ``lin`` into parts (q/k/v or
+    gate/up fused in one linear): ops on its last dim at full width, possibly after views
+    that keep that dim."""
     width = lin.meta["val"].shape[-1]
-    stack, seen = list(lin.users), set()
+    stack, seen, cuts = list(lin.users), set(), []
     while stack:
         n = stack.pop()
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in _SPLITS:
-            v = n.args[0].meta.get("val")
-            at = 1 if n.target in (aten.slice.Tensor, aten.narrow.default) else 2
-            dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
-            if isinstance(v, torch.Tensor) and dim % v.dim() == v.dim() - 1 \
-                    and v.shape[-1] == width:
-                return True
-        if n.target in _RESHAPES or n.target in (aten.view.default, aten.transpose.int,
-                                                  aten.permute.default):
+        v = n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.shape[-1] != width:
+            continue
+        if n.target in _SPLITS and _cut_dim(n) % v.dim() == v.dim() - 1:
+            cuts.append(n)
+        elif n.target in _VIEWS:
             stack.extend(n.users)
-    return False
+    return cuts
+
+
+def _cut_points(n: fx.Node, width: int) -> list[int]:
+    """The feature offsets at which the split/slice ``n`` cuts a last dim of ``width``."""
+    if n.target == aten.chunk.default:
+        k = n.args[1]
+        step = -(-width // k)
+        return list(range(0, width, step))
+    if n.target in (aten.split.Tensor, aten.unsafe_split.Tensor):
+        return list(range(0, width, n.args[1]))
+    if n.target == aten.split_with_sizes.default:
+        return [sum(n.args[1][:i]) for i in range(len(n.args[1]))]
+    if n.target == aten.narrow.default:
+        return [n.args[2], n.args[2] + n.args[3]]
+    start = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
+    end = n.args[3] if len(n.args) > 3 and n.args[3] is not None else width
+    if (n.args[4] if len(n.args) > 4 else 1) != 1:
+        raise CollieError(f"tensor_parallel: {n.name} in module {_module_path(n)!r} takes "
+                          "every other feature of a fused projection; use tp=1")
+    return [min(max(start + width if start < 0 else start, 0), width),
+            min(max(end + width if end < 0 else end, 0), width)]
+
+
+def _check_fused(s: Shard, bounds: list[int], w_name: str) -> None:
+    """Refuse a fused weight whose parts are shared by different sets of ranks (a GQA
+    K/V part with fewer heads than ranks next to a query part): its rows would need
+    different gradient sums."""
+    if len(bounds) == 2:
+        return
+    parts = [Shard(0, s.size, tuple(tuple(r for r in rs if a <= r[0] < b) for rs in s.ranges))
+             for a, b in zip(bounds, bounds[1:], strict=False)]
+    if any(sorted(p.holders()) != sorted(s.holders()) for p in parts):
+        raise CollieError(f"tensor_parallel: {w_name.removesuffix('.weight')} fuses "
+                          "projections that tp would split differently (fewer K/V heads "
+                          "than tp ranks next to the query heads); use a tp that divides "
+                          "the K/V heads")
+
+
+def _local_bounds(s: Shard, bounds: list[int], rank: int) -> list[int]:
+    """Where each global part boundary falls in rank ``rank``'s slice."""
+    out = []
+    for b in bounds:
+        out.append(sum(min(e, b) - a for a, e in s.ranges[rank] if a < b))
+    return out
+
+
+def _recut(n: fx.Node, local: dict[int, int]) -> None:
+    """Rewrite the split/slice ``n`` of a fused projection's output for this rank's
+    slice, ``local`` mapping each global part boundary to the local one."""
+    width = max(local)
+    points = _cut_points(n, width)
+    if n.target == aten.slice.Tensor or n.target == aten.narrow.default:
+        start, end = local[points[0]], local[points[1]]
+        if n.target == aten.narrow.default:
+            n.args = (n.args[0], n.args[1], start, end - start)
+        else:
+            n.args = (n.args[0], n.args[1], start, end, *n.args[4:])
+        return
+    cuts = [*points, width]
+    sizes = [local[b] - local[a] for a, b in zip(cuts, cuts[1:], strict=False)]
+    n.target = aten.split_with_sizes.default
+    n.args = (n.args[0], sizes, _cut_dim(n))
+    n.kwargs = {}
 
 
 def _embedding_options(node: fx.Node) -> tuple[int, bool]:

@@ -10,7 +10,9 @@ whole of it), chosen so each mechanism is hit once:
   must be summed over tp);
 - llama with tied input/output embeddings: across pipeline stages and under ZeRO-3;
 - gemma2: no SDPA path (logit soft-capping: eager attention), norms after o_proj;
-- phi3: q/k/v and gate/up fused in one linear each (tp refused, pp works);
+- phi3: q/k/v and gate/up fused in one linear each (sharded part by part under tp,
+  with LoRA on them);
+- gpt_bigcode: one fused q|k|v with a single K/V head (tp refused at plan time);
 - doge: builds its own mask from the causal one (captured on transformers' SDPA path);
 - apertus: a persistent buffer (xIELU's eps) that save_pretrained must write;
 - olmo2: q/k norms over all heads together (tp refused);
@@ -40,7 +42,7 @@ def _probe(cfg: object) -> object:
 CONFIGS = {"llama": _probe(LlamaConfig()),
            "tied": _probe(LlamaConfig(tie_word_embeddings=True)),
            **{t: _probe(AutoConfig.for_model(t))
-              for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus")}}
+              for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt_bigcode")}}
 LLAMA, TIED = CONFIGS["llama"].to_dict(), CONFIGS["tied"].to_dict()
 FAMILY = {t: CONFIGS[t].to_dict()
           for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus")}
@@ -56,14 +58,14 @@ CASES = [
     Case("tied-dp2-zero3", TIED, LAYOUTS["dp2-zero3"]),
     Case("gemma2-tp2", FAMILY["gemma2"], LAYOUTS["tp2"]),
     Case("phi3-tp2", FAMILY["phi3"], LAYOUTS["tp2"]),
-    Case("phi3-pp2", FAMILY["phi3"], LAYOUTS["pp2"]),
+    Case("phi3-lora-tp2", FAMILY["phi3"], LAYOUTS["lora-tp2"]),
     Case("olmo2-tp2", FAMILY["olmo2"], LAYOUTS["tp2"]),
     Case("llama-lora-tp2", LLAMA, LAYOUTS["lora-tp2"]),
     Case("qwen3-tp2-pp2", FAMILY["qwen3"], LAYOUTS["tp2-pp2"]),
     Case("tied-tp2-pp2", TIED, LAYOUTS["tp2-pp2"]),
+    Case("phi3-tp2-pp2", FAMILY["phi3"], LAYOUTS["tp2-pp2"]),
 ]
-REFUSED = {"phi3-tp2": "fuses several projections in one linear",
-           "olmo2-tp2": "reduces over features that tp splits"}
+REFUSED = {"olmo2-tp2": "reduces over features that tp splits"}
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +113,13 @@ def test_planner_plans_without_tp_where_tp_is_refused() -> None:
     pin is refused with the reason; models tp can run get no refusal."""
     assert tp_refusal(CONFIGS["llama"]) is None and tp_refusal(CONFIGS["qwen3"]) is None
     assert "reduces over features" in tp_refusal(CONFIGS["olmo2"])
-    why = tp_refusal(CONFIGS["phi3"])
-    assert "qkv_proj fuses several projections" in why and "dp, pp and ZeRO work" in why
+    assert tp_refusal(CONFIGS["phi3"]) is None  # fused projections, sharded by parts
+    mqa = CONFIGS["gpt_bigcode"]
+    why = tp_refusal(mqa)
+    assert "c_attn fuses projections that tp would split differently" in why
+    assert "dp, pp and ZeRO work" in why
     common = dict(gpus=4, seq_len=16, global_batch_size=8, dtype="fp32", tp_refusal=why)
-    p = plan(CONFIGS["phi3"], **common)
+    p = plan(mqa, **common)
     assert p.chosen.tp == 1 and why in p.notes
-    with pytest.raises(CollieError, match="fuses several projections"):
-        plan(CONFIGS["phi3"], tp=2, **common)
+    with pytest.raises(CollieError, match="fuses projections that tp would split"):
+        plan(mqa, tp=2, **common)
