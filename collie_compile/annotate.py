@@ -36,6 +36,16 @@ _VIEW_OPS = {
     aten.sym_size.int, aten._assert_tensor_metadata.default, aten.lift_fresh_copy.default,
 }
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+# a weight read through one of these is still the linear's weight (x @ W.T, Falcon)
+TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def weight_of(a: fx.Node) -> fx.Node:
+    """The ``get_attr`` node behind ``a`` when ``a`` transposes one, else ``a``."""
+    if a.op == "call_function" and a.target in TRANSPOSES and isinstance(a.args[0], fx.Node) \
+            and a.args[0].op == "get_attr":
+        return a.args[0]
+    return a
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 _ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 
@@ -179,6 +189,9 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
         if node.op != "call_function":
             continue
         used = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
+        if node.target in _LINEAR_OPS:
+            used += [w.target for a in node.all_input_nodes
+                     if (w := weight_of(a)) is not a and w.target in params]
         if node.target in _VIEW_OPS or node.target is operator.getitem:
             kind = "view"
         elif node.target in _LINEAR_OPS and any(len(params[p].shape) == 2 for p in used):

@@ -35,7 +35,7 @@ from .models import (
 from .probe import attention_heads
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 6
+PROFILE_SCHEMA = 7
 PROBE_BLOCKS = 2
 
 

@@ -367,6 +367,10 @@ class ParallelModel:
         self.device = cdist.device()
         self.fused_rule = optimizer.lower() if optimizer_class(optimizer) is None else None
         self.tied = tied_names(model)  # alias -> the name checkpoints store
+        from transformers.pytorch_utils import Conv1D
+
+        # weights stored [in, out] (GPT-2's Conv1D): a merged adapter goes in transposed
+        self.fan_in_fan_out = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
         self.stages, self.stage_ids, self.prefix = self._build(model, weights)
         # Persistent buffers a checkpoint holds beside the weights (an activation's eps,
         # a frozen table): training leaves them alone, saving writes them back.
@@ -859,7 +863,7 @@ class ParallelModel:
                           str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
                 self.lora.save_pretrained(str(tmp))
             else:
-                weights = _merged(weights, self.lora)
+                weights = _merged(weights, self.lora, self.fan_in_fan_out)
                 # a tied weight once, under the name HF stores (it re-ties on load)
                 weights = {k: v for k, v in weights.items() if self.tied.get(k, k) == k}
                 weights.update({k: v for k, v in self.buffers.items() if k not in weights})
@@ -1084,16 +1088,19 @@ def tp_refusal(cfg: object) -> str | None:
     return refusal
 
 
-def _merged(weights: dict[str, torch.Tensor], config: object | None
-            ) -> dict[str, torch.Tensor]:
-    """Base weights with each adapter folded in (W + scaling·B·A), adapters dropped."""
+def _merged(weights: dict[str, torch.Tensor], config: object | None,
+            fan_in_fan_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Base weights with each adapter folded in (W + scaling·B·A, transposed for the
+    modules in ``fan_in_fan_out`` that store W as [in, out]), adapters dropped."""
     out = {k: v for k, v in weights.items() if ".lora_" not in k}
     for a_name in [k for k in weights if k.endswith(".lora_A.weight")]:
         module = a_name.removesuffix(".lora_A.weight")
         r = weights[a_name].shape[0]
         scaling = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
         b = weights[f"{module}.lora_B.weight"]
-        out[f"{module}.weight"] = out[f"{module}.weight"] + scaling * (b @ weights[a_name])
+        delta = scaling * (b @ weights[a_name])
+        out[f"{module}.weight"] = out[f"{module}.weight"] + (
+            delta.T if module in fan_in_fan_out else delta)
     return out
 
 

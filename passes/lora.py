@@ -23,6 +23,8 @@ from torch import fx
 
 from collie_compile.errors import CollieError
 
+from .tensor_parallel import linear_operands
+
 aten = torch.ops.aten
 
 
@@ -52,17 +54,18 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     r = int(config.r)
     scaling = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
     for lin in list(gm.graph.nodes):
-        if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
+        operands = linear_operands(lin)
+        if operands is None:
             continue
-        w_name = lin.args[1].target
+        x, w_name, out_dim, _ = operands
         module = w_name.rpartition(".")[0]
         if not check_target_module_exists(config, module):
             continue
         weight = gm.get_parameter(w_name)
         shard = shards.get(w_name)
-        full_out, full_in = weight.shape
+        full_out, full_in = weight.shape[out_dim], weight.shape[1 - out_dim]
         if shard is not None:
-            full_out, full_in = ((shard.size, full_in) if shard.dim == 0
+            full_out, full_in = ((shard.size, full_in) if shard.dim == out_dim
                                  else (full_out, shard.size))
         a_full, b_full = init_adapter(full_in, full_out, r, gen)
         a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
@@ -74,13 +77,13 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
                               f"[{full_out}, {r}]: is it for this model and rank?")
         a, b = a_full, b_full
         everyone = [list(range(tp))]
-        if shard is not None and shard.dim == 0:  # column-parallel base
-            b = shard.take(b_full, tp_rank)
-            shards[b_name] = shard
+        if shard is not None and shard.dim == out_dim:  # column-parallel base
+            shards[b_name] = shard.along(0)
+            b = shards[b_name].take(b_full, tp_rank)
             partial[a_name] = everyone
         elif shard is not None:  # row-parallel base
-            a = shard.take(a_full, tp_rank)
-            shards[a_name] = shard
+            shards[a_name] = shard.along(1)
+            a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
         mod = gm.get_submodule(module)
         for name, t in (("lora_A", a), ("lora_B", b)):
@@ -88,7 +91,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(weight.device).clone())
             mod.add_module(name, holder)
         weight.requires_grad_(False)
-        _insert_branch(gm, lin, a_name, b_name, scaling, float(config.lora_dropout))
+        _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout))
         adapters[a_name] = adapters[b_name] = w_name
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
@@ -101,13 +104,13 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     return gm
 
 
-def _insert_branch(gm: fx.GraphModule, lin: fx.Node, a_name: str, b_name: str,
-                   scaling: float, dropout: float) -> None:
-    """``lin + scaling * B(A(dropout(x)))``; every user of ``lin`` (a tp all-reduce
-    included) reads the sum instead."""
+def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
+                   b_name: str, scaling: float, dropout: float) -> None:
+    """``lin + scaling * B(A(dropout(x)))`` for ``lin`` reading ``x``; every user of
+    ``lin`` (a tp all-reduce included) reads the sum instead."""
     g = gm.graph
+    inp = x
     with g.inserting_before(lin.next):
-        x = lin.args[0]
         if dropout:
             x = g.call_function(aten.dropout.default, (x, dropout, True))
         a = g.get_attr(a_name)
@@ -117,7 +120,7 @@ def _insert_branch(gm: fx.GraphModule, lin: fx.Node, a_name: str, b_name: str,
         y = g.call_function(aten.mul.Tensor, (low, scaling))
         out = g.call_function(aten.add.Tensor, (lin, y))
     for n in (x, h, low, y, out):
-        if isinstance(n, fx.Node) and n is not lin.args[0]:
+        if isinstance(n, fx.Node) and n is not inp:
             n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     out.meta["val"] = lin.meta.get("val")
     lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from collie_compile.annotate import weight_of
 from collie_compile.errors import CollieError
 
 aten = torch.ops.aten
@@ -252,8 +253,9 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
     ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard`),
     ``gm.meta["partial_grads"]`` (parameter name -> the sets of tp ranks that must sum its
     gradient, a partition of the tp group, the same on every rank) and, with a vocabulary-
-    parallel head, ``gm.meta["vocab_slice"]``. Assumes the linears are ``aten.linear`` on
-    2-D weights read by ``get_attr``.
+    parallel head, ``gm.meta["vocab_slice"]``. Assumes the linears are ``aten.linear``,
+    ``aten.addmm`` (Conv1D) or ``aten.matmul`` on 2-D weights read by ``get_attr``,
+    possibly transposed.
     """
     if tp == 1:
         gm.meta.setdefault("tp_shards", {})
@@ -279,19 +281,18 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             with gm.graph.inserting_after(lin):
                 emb = _module_node(gm, VocabParallelEmbedding(group, start, stop,
                                                               padding_idx),
-                                   "tp_embedding", lin.args[0], lin, args=lin.args[:2])
+                                   "tp_embedding", lin.args[:2], lin, w_name)
             lin.replace_all_uses_with(emb)
             gm.graph.erase_node(lin)
             continue
-        if lin.target != aten.linear.default or lin.args[1].op != "get_attr":
+        operands = linear_operands(lin)
+        if operands is None:
             raise CollieError(f"tensor_parallel: {name} ({lin.target}) in module "
-                              f"{_module_path(lin)!r} is not an aten.linear on a weight "
-                              "(e.g. a Conv1D projection), which this pass cannot shard; "
-                              "use tp=1")
-        w_name = lin.args[1].target
-        b_node = lin.args[2] if len(lin.args) > 2 else None
+                              f"{_module_path(lin)!r} is not a linear on a weight this pass "
+                              "can shard; use tp=1")
+        x, w_name, out_dim, b_node = operands
         weight = gm.get_parameter(w_name)
-        out_f, in_f = weight.shape
+        out_f, in_f = weight.shape[out_dim], weight.shape[1 - out_dim]
         if how in ("column", "vocab"):
             cuts = _feature_cuts(lin) if how == "column" else []
             bounds = sorted({0, out_f, *(c for n in cuts for c in _cut_points(n, out_f))})
@@ -302,8 +303,8 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                                                               head_dim)[0], tp, w_name)
                                  for a, b in zip(bounds, bounds[1:], strict=False)])
             _check_fused(s, bounds, w_name)
-            _set_param(gm, w_name, s.take(weight, rank))
-            shards[w_name] = s
+            _set_param(gm, w_name, s.along(out_dim).take(weight, rank))
+            shards[w_name] = s.along(out_dim)
             if b_node is not None:
                 _set_param(gm, b_node.target, s.take(gm.get_parameter(b_node.target), rank))
                 shards[b_node.target] = s
@@ -318,24 +319,27 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 partial[w_name] = sharers
                 if b_node is not None:
                     partial[b_node.target] = sharers
-            x = lin.args[0]
             if x not in copies:
                 with gm.graph.inserting_after(x):
-                    copies[x] = _module_node(gm, CopyToTP(group), "tp_copy", x, lin)
+                    copies[x] = _module_node(gm, CopyToTP(group), "tp_copy", (x,), lin,
+                                             w_name)
             lin.replace_input_with(x, copies[x])
         elif how == "row":
             units, _ = head_units(in_f, num_heads, num_kv_heads, head_dim)
-            s = Shard.even(in_f, units, tp, w_name).along(1)
+            s = Shard.even(in_f, units, tp, w_name).along(1 - out_dim)
             if len(s.holders()[0]) > 1:
                 raise CollieError(f"tensor_parallel: row-parallel {w_name} cannot be split "
                                   f"{tp} ways")
             _set_param(gm, w_name, s.take(weight, rank))
             shards[w_name] = s
             with gm.graph.inserting_after(lin):
-                red = _module_node(gm, ReduceFromTP(group), "tp_reduce", lin, lin)
+                red = _module_node(gm, ReduceFromTP(group), "tp_reduce", (lin,), lin, w_name)
             lin.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
             if b_node is not None:  # add the bias once, after the sum
-                lin.args = lin.args[:2]
+                if lin.target == aten.addmm.default:
+                    lin.target, lin.args = aten.mm.default, lin.args[1:]
+                else:
+                    lin.args = lin.args[:2]
                 with gm.graph.inserting_after(red):
                     add = gm.graph.call_function(aten.add.Tensor, (red, b_node))
                     add.meta = dict(lin.meta)
@@ -463,18 +467,33 @@ def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
                                           requires_grad=getattr(mod, leaf).requires_grad))
 
 
-def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, arg: fx.Node,
-                 like: fx.Node, args: tuple | None = None) -> fx.Node:
-    """Call ``mod`` on ``arg`` (or ``args``), registered beside the weight ``like`` reads
-    (so it belongs to the same block)."""
-    weight = next(a for a in like.args if isinstance(a, fx.Node) and a.op == "get_attr")
-    path = f"{weight.target.rpartition('.')[0]}.{stem}"
+def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, args: tuple,
+                 like: fx.Node, w_name: str) -> fx.Node:
+    """Call ``mod`` on ``args``, registered beside the weight ``w_name`` that ``like``
+    reads (so it belongs to the same block)."""
+    path = f"{w_name.rpartition('.')[0]}.{stem}"
     gm.add_submodule(path, mod)
-    node = gm.graph.call_module(path, args if args is not None else (arg,))
+    node = gm.graph.call_module(path, args)
     node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "val")}
     if stem == "tp_copy":
-        node.meta["val"] = arg.meta.get("val")
+        node.meta["val"] = args[0].meta.get("val")
     return node
+
+
+def linear_operands(n: fx.Node) -> tuple[fx.Node, str, int, fx.Node | None] | None:
+    """(input, weight name, the weight's output-feature dim, bias node) of a linear
+    written as ``aten.linear``, ``addmm(b, x, W)`` (GPT-2's Conv1D, W is [in, out]) or
+    ``x @ W`` / ``x @ W.T`` (Falcon); None for anything else."""
+    if n.target == aten.linear.default and n.args[1].op == "get_attr":
+        return n.args[0], n.args[1].target, 0, n.args[2] if len(n.args) > 2 else None
+    if n.target == aten.addmm.default and n.args[2].op == "get_attr" and len(n.args) == 3 \
+            and not n.kwargs:
+        return n.args[1], n.args[2].target, 1, n.args[0]
+    if n.target in (aten.mm.default, aten.matmul.default):
+        w = weight_of(n.args[1])
+        if w.op == "get_attr":
+            return n.args[0], w.target, 0 if w is not n.args[1] else 1, None
+    return None
 
 
 def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:

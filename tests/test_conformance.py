@@ -12,6 +12,8 @@ whole of it), chosen so each mechanism is hit once:
 - gemma2: no SDPA path (logit soft-capping: eager attention), norms after o_proj;
 - phi3: q/k/v and gate/up fused in one linear each (sharded part by part under tp,
   with LoRA on them);
+- gpt2: Conv1D projections (``addmm`` on [in, out] weights, c_attn fused q|k|v), LoRA
+  on them at tp=2;
 - gpt_bigcode: one fused q|k|v with a single K/V head (tp refused at plan time);
 - doge: builds its own mask from the causal one (captured on transformers' SDPA path);
 - apertus: a persistent buffer (xIELU's eps) that save_pretrained must write;
@@ -42,10 +44,11 @@ def _probe(cfg: object) -> object:
 CONFIGS = {"llama": _probe(LlamaConfig()),
            "tied": _probe(LlamaConfig(tie_word_embeddings=True)),
            **{t: _probe(AutoConfig.for_model(t))
-              for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt_bigcode")}}
+              for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt_bigcode",
+                        "gpt2")}}
 LLAMA, TIED = CONFIGS["llama"].to_dict(), CONFIGS["tied"].to_dict()
 FAMILY = {t: CONFIGS[t].to_dict()
-          for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus")}
+          for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt2")}
 
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
@@ -59,6 +62,7 @@ CASES = [
     Case("gemma2-tp2", FAMILY["gemma2"], LAYOUTS["tp2"]),
     Case("phi3-tp2", FAMILY["phi3"], LAYOUTS["tp2"]),
     Case("phi3-lora-tp2", FAMILY["phi3"], LAYOUTS["lora-tp2"]),
+    Case("gpt2-lora-tp2", FAMILY["gpt2"], LAYOUTS["lora-tp2"]),
     Case("olmo2-tp2", FAMILY["olmo2"], LAYOUTS["tp2"]),
     Case("llama-lora-tp2", LLAMA, LAYOUTS["lora-tp2"]),
     Case("qwen3-tp2-pp2", FAMILY["qwen3"], LAYOUTS["tp2-pp2"]),

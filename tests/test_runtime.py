@@ -477,3 +477,34 @@ def test_adalomo_resumes_under_another_plan(results4: dict) -> None:
     assert resumed["step"] == 4
     for a, b in zip(resumed["losses"], saved["continued"], strict=True):
         assert abs(a - b) <= TOL * abs(b)
+
+
+def test_merged_adapter_matches_peft_on_conv1d_and_linear() -> None:
+    """save_pretrained(merge=True) folds adapters in as peft's merge does, transposed
+    for GPT-2's Conv1D ([in, out] weights, square ones included)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers.pytorch_utils import Conv1D
+
+    from collie_compile.runtime import _merged
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2,
+                                                       vocab_size=64, n_positions=16,
+                                                       tie_word_embeddings=False))
+    conv = {n for n, m in base.named_modules() if isinstance(m, Conv1D)}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "lm_head"],
+                     fan_in_fan_out=True)
+    peft_model = get_peft_model(base, cfg)
+    weights = {}
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+        weights[n.removeprefix("base_model.model.").replace(".default", "")
+                .replace(".base_layer", "")] = p.detach().clone()
+    ours = _merged(weights, cfg, conv)
+    want = peft_model.merge_and_unload().state_dict()
+    assert {"transformer.h.0.attn.c_proj.weight", "lm_head.weight"} <= set(ours)
+    for k, v in ours.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6)
