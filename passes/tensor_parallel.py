@@ -515,7 +515,13 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:
                 v = n.meta["val"]
                 env[n] = torch.empty(v.shape, dtype=v.dtype, device=v.device)
             elif n.op == "get_attr":
-                env[n] = mode.from_tensor(_attr(gm, n.target))
+                obj = _attr(gm, n.target)
+                if not isinstance(obj, torch.Tensor):
+                    users = ", ".join(sorted({_module_path(u) for u in n.users}))
+                    raise CollieError(f"tensor_parallel: {n.target} is a subgraph (control "
+                                      f"flow) run by {users!r}, which this pass cannot "
+                                      "shard; use tp=1")
+                env[n] = mode.from_tensor(obj)
             elif n.op == "call_module":
                 sub = gm.get_submodule(n.target)
                 if isinstance(sub, (CopyToTP, ReduceFromTP)):
