@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import os
+import re
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -92,11 +93,31 @@ def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedP
 FALLBACKS = ("sdpa", "eager")
 
 
+# Mixture-of-experts layers, by their class names in transformers (experts banks, routers,
+# gates, sparse MoE blocks); no dense decoder family has such a module.
+EXPERT_MODULES = re.compile(r"(Experts|Router|Gating|SparseMoeBlock|MoE|Moe)$")
+
+
+def refuse_experts(model: torch.nn.Module) -> None:
+    """Refuse a mixture-of-experts model: its token routing has data-dependent shapes
+    (transformers' expert kernels do not export on the meta device, the loop over experts
+    not at all), and neither the cost model nor the passes know experts yet."""
+    for name, mod in model.named_modules():
+        if EXPERT_MODULES.search(type(mod).__name__):
+            raise CaptureError(
+                f"{type(model).__name__} is a mixture-of-experts model ({name}: "
+                f"{type(mod).__name__}): collie-compile cannot yet capture, price or shard "
+                "routed experts (data-dependent token routing, no expert parallelism); it "
+                "trains dense decoder-only models")
+
+
 def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedProgram]
                     ) -> ExportedProgram:
     """``export(swap)`` with the model's attention as it is (``swap``: SDPA may become
     ours), else with each of :data:`FALLBACKS`; the first error if none captures. The
-    model gets its own attention implementation back."""
+    model gets its own attention implementation back. Refuses mixture-of-experts models
+    first."""
+    refuse_experts(model)
     config = getattr(model, "config", None)
     start = getattr(config, "_attn_implementation", None)
     first: CaptureError | None = None

@@ -59,3 +59,21 @@ def test_uncapturable_model_names_module_and_line():
     assert "module 'gate' (_Gate)" in msg
     assert "if x.sum() > 0" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_mixture_of_experts_refused_with_the_layer(model_type, tmp_path, capsys):
+    """Routed experts are refused before export, naming the layer, from the Python API
+    and from the CLI (a config directory as users have it), not a crash inside export."""
+    from transformers import AutoConfig
+
+    from collie_compile.cli import main
+    from collie_compile.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model(model_type), heads=4, kv_heads=2)
+    with pytest.raises(CaptureError, match=r"mixture-of-experts model \(model\.layers\.0\.mlp"):
+        capture(build_model(cfg))
+    cfg.save_pretrained(tmp_path)
+    assert main(["estimate", str(tmp_path), "--gpus", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixture-of-experts" in err[0]
