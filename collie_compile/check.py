@@ -42,8 +42,9 @@ LAYOUTS: dict[str, dict] = {
     "single": dict(dp=1, tp=1, pp=1, zero=0),
     "dp2-zero3": dict(dp=2, tp=1, pp=1, zero=3),
     "tp2": dict(dp=1, tp=2, pp=1, zero=0),
-    "pp2": dict(dp=1, tp=1, pp=2, zero=0, schedule="1f1b"),
-    "tp2-pp2": dict(dp=1, tp=2, pp=2, zero=0, schedule="1f1b"),
+    # four micro-batches of 2: the 1F1B schedule's steady state, not only warm-up/drain
+    "pp2": dict(dp=1, tp=1, pp=2, zero=0, schedule="1f1b", micro_batch_size=2),
+    "tp2-pp2": dict(dp=1, tp=2, pp=2, zero=0, schedule="1f1b", micro_batch_size=2),
     "lora-tp2": dict(dp=1, tp=2, pp=1, zero=0, lora=True),
 }
 

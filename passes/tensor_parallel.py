@@ -346,7 +346,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
             raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
-    for w_name in _fix_shapes(gm, tp):
+    for w_name in _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads)):
         if w_name not in shards and w_name not in partial:
             # a replicated weight applied to this rank's heads only (per-head q/k norms):
             # each rank's gradient is its heads' part, summed over the whole group
@@ -496,11 +496,14 @@ def linear_operands(n: fx.Node) -> tuple[fx.Node, str, int, fx.Node | None] | No
     return None
 
 
-def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:
+def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
+                ) -> set[str]:
     """Run the sharded graph on fake tensors, rewriting the shape arguments of reshapes
-    and expands whose input lost a factor to sharding. Returns the parameters read by an
-    op that takes sharded activations; refuses a reduction over a sharded feature dim
-    (a norm over all heads' features), which no rank can compute from its slice."""
+    and expands whose input lost a factor to sharding, and giving a per-head input
+    computed outside the heads (ALiBi biases) to a sharded op as this rank's heads only.
+    Returns the parameters read by an op that takes sharded activations; refuses a
+    reduction over a sharded feature dim (a norm over all heads' features), which no
+    rank can compute from its slice."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
     shrunk: set[fx.Node] = set()  # nodes whose value tp sharding made smaller
@@ -539,14 +542,19 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:
                         and tuple(old.shape) != tuple(new.shape)):
                     if n.target in _RESHAPES:
                         n.args = (inp, _reshaped(tuple(old.shape), tuple(new.shape),
-                                                 tuple(n.meta["val"].shape), list(n.args[1])),
-                                  *n.args[2:])
+                                                 tuple(n.meta["val"].shape), list(n.args[1]),
+                                                 heads), *n.args[2:])
                     elif n.target == aten.expand.default:
                         n.args = (inp, _expanded(tuple(old.shape), tuple(new.shape),
                                                  list(n.args[1]), tp), *n.args[2:])
                 _check_reduction(n, env)
                 try:
-                    env[n] = n.target(*val(n.args), **val(n.kwargs))
+                    try:
+                        env[n] = n.target(*val(n.args), **val(n.kwargs))
+                    except Exception:
+                        if not _take_heads(gm, n, env, shrunk, tp, rank, heads[0]):
+                            raise
+                        env[n] = n.target(*val(n.args), **val(n.kwargs))
                 except Exception as e:
                     mod = _module_path(n)
                     raise CollieError(
@@ -561,6 +569,71 @@ def _fix_shapes(gm: fx.GraphModule, tp: int) -> set[str]:
                     and tuple(new.shape) != tuple(old.shape)):
                 shrunk.add(n)
     return {t for t in on_shards if isinstance(_attr(gm, t), torch.nn.Parameter)}
+
+
+def _take_heads(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
+                rank: int, num_heads: int) -> bool:
+    """Where ``n`` meets a sharded tensor with a replicated one that has all
+    ``num_heads`` heads on a dim where the sharded one has this rank's share (ALiBi's
+    per-head bias added to sharded attention scores), read only this rank's heads of the
+    replicated one (heads are split in contiguous blocks). Only for replicated inputs
+    computed from no trainable parameter: a parameter's gradient would then come from
+    this rank's heads alone. Returns whether it rewrote an input."""
+    tensors = [a for a in n.args if isinstance(a, fx.Node)
+               and isinstance(env.get(a), torch.Tensor)]
+    sharded = [env[a] for a in tensors if a in shrunk]
+    if not sharded or num_heads % tp:
+        return False
+    local = num_heads // tp
+    done = False
+    for a in tensors:
+        if a in shrunk or _reads_trainable(gm, a):
+            continue
+        v = env[a]
+        for k in range(1, v.dim() + 1):
+            size = v.shape[-k]
+            if size % num_heads or not any(t.dim() >= k and t.shape[-k] == size // tp
+                                           for t in sharded):
+                continue
+            # [outer * heads] (outer = 1, or a batch merged before the heads, BLOOM's
+            # [b*h, 1, s] ALiBi): view the heads apart, take this rank's, merge back
+            d, outer = v.dim() - k, size // num_heads
+            shape = list(v.shape)
+            split = [*shape[:d], outer, num_heads, *shape[d + 1:]]
+            merged = [*shape[:d], outer * local, *shape[d + 1:]]
+            g = gm.graph
+            with g.inserting_before(n):
+                parts = g.call_function(aten.reshape.default, (a, split))
+                mine = g.call_function(aten.narrow.default, (parts, d + 1, rank * local,
+                                                             local))
+                cut = g.call_function(aten.reshape.default, (mine, merged))
+            value = v.reshape(split).narrow(d + 1, rank * local, local).reshape(merged)
+            env[parts], env[mine], env[cut] = (v.reshape(split),
+                                               v.reshape(split).narrow(d + 1, rank * local,
+                                                                       local), value)
+            for m in (parts, mine, cut):
+                m.meta = {"nn_module_stack": n.meta.get("nn_module_stack", {}),
+                          "val": env[m]}
+            n.replace_input_with(a, cut)
+            done = True
+            break
+    return done
+
+
+def _reads_trainable(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is computed from a parameter that requires a gradient."""
+    stack, seen = [node], set()
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "get_attr":
+            t = _attr(gm, m.target)
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                return True
+        stack.extend(m.all_input_nodes)
+    return False
 
 
 # Reductions over a dim: (op, index of its dims argument or None for the last dim).
@@ -606,10 +679,12 @@ def _module_path(n: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _reshaped(old_in: tuple, new_in: tuple, old_out: tuple, arg: list) -> list:
+def _reshaped(old_in: tuple, new_in: tuple, old_out: tuple, arg: list,
+              heads: tuple[int, ...] = ()) -> list:
     """Shape argument of a reshape whose input shrank from ``old_in`` to ``new_in``: each
-    output dim takes the factor its input dims lost (the outermost one of a split dim,
-    which is the head count since shards are whole heads)."""
+    output dim takes the factor its input dims lost. Where a dim splits in several, the
+    one that is a head count (``heads``) takes it, else the outermost that divides (shards
+    are whole heads; a batch dim merged before the heads, as in [b*h, s, d], is not one)."""
     groups, i, j = [], 0, 0
     while i < len(old_in) and j < len(old_out):
         gi, go, pi, po = [i], [j], old_in[i], old_out[j]
@@ -627,7 +702,14 @@ def _reshaped(old_in: tuple, new_in: tuple, old_out: tuple, arg: list) -> list:
         lost = math.prod(old_in[k] for k in gi) // math.prod(new_in[k] for k in gi)
         if lost == 1:
             continue
-        d = next(k for k in go if out[k] % lost == 0 and out[k] > 1)
+        fits = [k for k in go if out[k] % lost == 0 and out[k] > 1]
+        named = [k for k in fits if out[k] in heads]
+        if len(named) > 1 and len(old_in) - 1 not in gi:
+            # [b*h] split into [b, h] with b equal to a head count: no telling them apart
+            raise CollieError(f"tensor_parallel: a reshape to {list(old_out)} splits a "
+                              "batch-and-heads dim whose batch size equals the head "
+                              "count; use a micro-batch size other than the head count")
+        d = (named or fits)[0]
         out[d] //= lost
     return [-1 if a == -1 else o for a, o in zip(arg, out, strict=True)]
 

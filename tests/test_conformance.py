@@ -15,6 +15,8 @@ whole of it), chosen so each mechanism is hit once:
 - gpt2: Conv1D projections (``addmm`` on [in, out] weights, c_attn fused q|k|v), LoRA
   on them at tp=2;
 - gpt_bigcode: one fused q|k|v with a single K/V head (tp refused at plan time);
+- bloom: ALiBi biases for all heads built outside the blocks, as [batch*heads, 1, s]
+  (each tp rank takes its heads' rows), q|k|v fused and interleaved per head;
 - doge: builds its own mask from the causal one (captured on transformers' SDPA path);
 - apertus: a persistent buffer (xIELU's eps) that save_pretrained must write;
 - olmo2: q/k norms over all heads together (tp refused);
@@ -45,10 +47,10 @@ CONFIGS = {"llama": _probe(LlamaConfig()),
            "tied": _probe(LlamaConfig(tie_word_embeddings=True)),
            **{t: _probe(AutoConfig.for_model(t))
               for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt_bigcode",
-                        "gpt2")}}
+                        "gpt2", "bloom")}}
 LLAMA, TIED = CONFIGS["llama"].to_dict(), CONFIGS["tied"].to_dict()
 FAMILY = {t: CONFIGS[t].to_dict()
-          for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt2")}
+          for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt2", "bloom")}
 
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
@@ -63,6 +65,7 @@ CASES = [
     Case("phi3-tp2", FAMILY["phi3"], LAYOUTS["tp2"]),
     Case("phi3-lora-tp2", FAMILY["phi3"], LAYOUTS["lora-tp2"]),
     Case("gpt2-lora-tp2", FAMILY["gpt2"], LAYOUTS["lora-tp2"]),
+    Case("bloom-tp2", FAMILY["bloom"], LAYOUTS["tp2"]),
     Case("olmo2-tp2", FAMILY["olmo2"], LAYOUTS["tp2"]),
     Case("llama-lora-tp2", LLAMA, LAYOUTS["lora-tp2"]),
     Case("qwen3-tp2-pp2", FAMILY["qwen3"], LAYOUTS["tp2-pp2"]),
@@ -127,3 +130,29 @@ def test_planner_plans_without_tp_where_tp_is_refused() -> None:
     assert p.chosen.tp == 1 and why in p.notes
     with pytest.raises(CollieError, match="fuses projections that tp would split"):
         plan(mqa, tp=2, **common)
+
+
+def test_batch_merged_with_heads_is_refused_when_it_is_ambiguous() -> None:
+    """A reshape of [batch*heads] back to [batch, heads] cannot tell which dim the tp
+    split belongs to when the micro-batch equals the head count: refused, not guessed
+    (other micro-batch sizes shard exactly, see bloom-tp2)."""
+    import torch
+
+    from collie_compile.annotate import annotate
+    from collie_compile.capture import capture_static
+    from collie_compile.models import build_model
+    from collie_compile.passes.tensor_parallel import tensor_parallel
+    from collie_compile.runtime import _drop_guards, head_layout, tp_layout
+
+    cfg = CONFIGS["bloom"]
+    model = build_model(cfg)
+    heads = head_layout(cfg)
+    for batch, ok in ((2, True), (heads[0], False)):
+        ids = torch.zeros(batch, 16, dtype=torch.long, device="meta")
+        ag = annotate(capture_static(model, ids), model)
+        gm, layout = _drop_guards(ag.gm), tp_layout(ag, cfg, 2, False)
+        if ok:
+            tensor_parallel(gm, layout, None, 0, 2, *heads)
+        else:
+            with pytest.raises(CollieError, match="batch size equals the head count"):
+                tensor_parallel(gm, layout, None, 0, 2, *heads)
