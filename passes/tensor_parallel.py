@@ -346,11 +346,11 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
             raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
-    for w_name in _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads)):
-        if w_name not in shards and w_name not in partial:
-            # a replicated weight applied to this rank's heads only (per-head q/k norms):
-            # each rank's gradient is its heads' part, summed over the whole group
-            partial[w_name] = [list(range(tp))]
+    consumers = _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads))
+    for w_name in _on_heads_only(gm, consumers, set(shards) | set(partial)):
+        # a replicated weight applied to this rank's heads only (per-head q/k norms):
+        # each rank's gradient is its heads' part, summed over the whole group
+        partial[w_name] = [list(range(tp))]
     gm.graph.lint()
     gm.recompile()
     gm.meta["tp_shards"] = shards
@@ -497,17 +497,17 @@ def linear_operands(n: fx.Node) -> tuple[fx.Node, str, int, fx.Node | None] | No
 
 
 def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
-                ) -> set[str]:
+                ) -> set[fx.Node]:
     """Run the sharded graph on fake tensors, rewriting the shape arguments of reshapes
     and expands whose input lost a factor to sharding, and giving a per-head input
     computed outside the heads (ALiBi biases) to a sharded op as this rank's heads only.
-    Returns the parameters read by an op that takes sharded activations; refuses a
-    reduction over a sharded feature dim (a norm over all heads' features), which no
-    rank can compute from its slice."""
+    Returns the ops that take a sharded input; refuses a reduction over a sharded
+    feature dim (a norm over all heads' features), which no rank can compute from its
+    slice."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
     shrunk: set[fx.Node] = set()  # nodes whose value tp sharding made smaller
-    on_shards: set[str] = set()
+    consumers: set[fx.Node] = set()  # ops with a sharded input
 
     def val(a: object) -> object:
         return fx.node.map_arg(a, lambda n: env[n])
@@ -563,12 +563,50 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
                         "model's layout is not supported with tp>1") from e
             if n.op in ("call_function", "call_module") and any(
                     a in shrunk for a in n.all_input_nodes):
-                on_shards.update(a.target for a in n.all_input_nodes if a.op == "get_attr")
+                consumers.add(n)
             new, old = env.get(n), n.meta.get("val")
             if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)
                     and tuple(new.shape) != tuple(old.shape)):
                 shrunk.add(n)
-    return {t for t in on_shards if isinstance(_attr(gm, t), torch.nn.Parameter)}
+    return consumers
+
+
+def _on_heads_only(gm: fx.GraphModule, consumers: set[fx.Node], sharded: set[str]
+                   ) -> set[str]:
+    """The replicated trainable parameters whose every use reaches an op with a sharded
+    input (``consumers``) through replicated ops only (a per-head norm weight, also as
+    ``1 + w``): their gradient on each rank is its heads' part. Refuses one that also
+    reaches the output or a tp collective another way, whose gradient would be part
+    complete, part partial."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in sharded:
+            continue
+        p = _attr(gm, node.target)
+        if not isinstance(p, torch.nn.Parameter) or not p.requires_grad:
+            continue
+        ends, stack, seen = set(), [node], set()
+        while stack:
+            m = stack.pop()
+            for u in m.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in consumers:
+                    ends.add("heads")
+                elif u.op == "output" or (u.op == "call_module" and isinstance(
+                        gm.get_submodule(u.target), (CopyToTP, ReduceFromTP))):
+                    ends.add("whole")
+                else:
+                    stack.append(u)
+        if ends == {"heads"}:
+            out.add(node.target)
+        elif ends == {"heads", "whole"}:
+            uses = ", ".join(sorted({_module_path(u) for u in node.users}))
+            raise CollieError(f"tensor_parallel: {node.target} (used in {uses!r}) feeds "
+                              "both this rank's heads and replicated computations, whose "
+                              "gradients tp cannot combine; use tp=1")
+    return out
 
 
 def _take_heads(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
