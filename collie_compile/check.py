@@ -343,7 +343,8 @@ def report(results: list[Result], all_tensors: bool = False) -> str:
             lines.append(f"    not judged (zero gradient up to rounding): "
                          f"{', '.join(r.noise_only)}")
         if r.noise_elements:
-            lines.append(f"    {r.noise_elements} elements of other tensors not judged "
+            many = "s" if r.noise_elements > 1 else ""
+            lines.append(f"    {r.noise_elements} element{many} of other tensors not judged "
                          "(zero gradient up to rounding)")
         shown = sorted(((k, v) for k, v in r.tensor_errs.items() if k not in r.noise_only),
                        key=lambda kv: -kv[1])
