@@ -84,7 +84,8 @@ def run_config(cfg: dict) -> dict:
     opt = cfg.get("optimizer", "adamw")
     kwargs = cfg.get("optimizer_kwargs", {"eps": ADAMW["eps"]})
     pins = {k: v for k, v in cfg.items()
-            if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs", "memory")}
+            if k not in ("model", "layers", "id", "optimizer", "optimizer_kwargs", "memory",
+                         "grad_tol")}
     pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
                      optimizer=opt, lr=ADAMW["lr"], optimizer_kwargs=kwargs, **pins)
     measure = cfg.get("memory", False)  # this rank's peak against its stage's estimate

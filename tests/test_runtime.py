@@ -55,8 +55,12 @@ CONFIGS_4 = [
     {"id": "llama-tp2pp2-clip", **L4, "dp": 1, "tp": 2, "pp": 2, "max_grad_norm": 0.5},
     # the other step-after-backward optimizers, elementwise, so shards update as a whole
     {"id": "adan-dp2tp2-z3", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3, "optimizer": "adan"},
+    # Sophia's clipped ratio update turns reordered sums (tp partials, micro-batches)
+    # into 1.7e-5 last-step gradient differences while weights agree to 1.1e-6
+    # (measured the same at ff1adfa, before this tolerance existed; fresh-clone CI failed
+    # it at 1e-5 on 2026-12-02)
     {"id": "sophia-tp2pp2", **L4, "dp": 1, "tp": 2, "pp": 2, "optimizer": "sophia",
-     "optimizer_kwargs": {"bs": 128, "hessian_interval": 2}},
+     "optimizer_kwargs": {"bs": 128, "hessian_interval": 2}, "grad_tol": 3e-5},
     {"id": "lion-dp2pp2-z1", **L4, "dp": 2, "tp": 1, "pp": 2, "zero": 1, "optimizer": "lion",
      "optimizer_kwargs": {}},
 ]
@@ -185,7 +189,7 @@ def check(r: dict, cfg: dict) -> None:
         assert abs(ours - ref) <= TOL * abs(ref)
     assert max(r["losses_all_ranks"]) == 0.0  # every rank returns the same loss
     assert r["names_match"]
-    assert r["grad_err"] <= TOL, r["grad_err"]
+    assert r["grad_err"] <= cfg.get("grad_tol", TOL), r["grad_err"]
     assert r["weight_err"] <= TOL, r["weight_err"]
     if cfg.get("dp", 1) > 1 and cfg.get("zero", 0) <= 1:  # gradients in flat buffers
         assert r["grad_storages"] == r["reducer_buckets"] > 0
