@@ -36,6 +36,8 @@ _VIEW_OPS = {
     aten.sym_size.int, aten._assert_tensor_metadata.default, aten.lift_fresh_copy.default,
 }
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+_ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+_ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 # a weight read through one of these is still the linear's weight (x @ W.T, Falcon)
 TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 
@@ -46,8 +48,6 @@ def weight_of(a: fx.Node) -> fx.Node:
             and a.args[0].op == "get_attr":
         return a.args[0]
     return a
-_ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-_ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 
 
 @dataclass

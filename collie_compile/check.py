@@ -142,8 +142,9 @@ def _lora_init(base: Path, directory: Path) -> None:
 
 
 def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None
-               ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Plain transformers (and peft) in one process: losses and final tensors."""
+               ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Plain transformers (and peft) in one process: losses, final tensors, and masks of
+    the elements whose gradient is rounding noise (by parameter name)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)

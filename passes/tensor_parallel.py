@@ -645,10 +645,9 @@ def _take_heads(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
                 mine = g.call_function(aten.narrow.default, (parts, d + 1, rank * local,
                                                              local))
                 cut = g.call_function(aten.reshape.default, (mine, merged))
-            value = v.reshape(split).narrow(d + 1, rank * local, local).reshape(merged)
-            env[parts], env[mine], env[cut] = (v.reshape(split),
-                                               v.reshape(split).narrow(d + 1, rank * local,
-                                                                       local), value)
+            env[parts] = v.reshape(split)
+            env[mine] = env[parts].narrow(d + 1, rank * local, local)
+            env[cut] = env[mine].reshape(merged)
             for m in (parts, mine, cut):
                 m.meta = {"nn_module_stack": n.meta.get("nn_module_stack", {}),
                           "val": env[m]}
