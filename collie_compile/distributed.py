@@ -77,14 +77,22 @@ def subgroups(mesh: DeviceMesh, sets: list[list[int]], dim: str = "tp"
 
 def agree(fn: Callable[[], T], src: int = 0) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise the first rank's error
-    everywhere (as a :class:`CollieError`)."""
-    err, result = "", None
+    everywhere: a :class:`CollieError` as one, any other exception (a bug) as itself on
+    its rank and as a RuntimeError naming it on the others, so that no rank goes on to
+    the next collective alone."""
+    err, bug, result = "", None, None
     try:
         result = fn()
     except CollieError as e:
         err = str(e)
+    except Exception as e:  # noqa: BLE001 - shared below, then re-raised
+        bug, err = e, f"\0{type(e).__name__}: {e}"
     messages = all_strings(err)
-    bad = next((m for m in messages if m), "")
+    rank, bad = next(((r, m) for r, m in enumerate(messages) if m), (None, ""))
+    if bug is not None:
+        raise bug
+    if bad.startswith("\0"):
+        raise RuntimeError(f"rank {rank} failed: {bad[1:]}")
     if bad:
         raise CollieError(bad, shared=True)
     return result

@@ -381,8 +381,8 @@ def _feature_cuts(lin: fx.Node) -> list[fx.Node]:
             continue
         seen.add(n)
         v = n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
-        if not isinstance(v, torch.Tensor) or v.shape[-1] != width:
-            continue
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[-1] != width:
+            continue  # not a view of the features (a scalar: xIELU's alpha)
         if n.target in _SPLITS and _cut_dim(n) % v.dim() == v.dim() - 1:
             cuts.append(n)
         elif n.target in _VIEWS:

@@ -19,7 +19,8 @@ whole of it), chosen so each mechanism is hit once:
 - bloom: ALiBi biases for all heads built outside the blocks, as [batch*heads, 1, s]
   (each tp rank takes its heads' rows), q|k|v fused and interleaved per head;
 - doge: builds its own mask from the causal one (captured on transformers' SDPA path);
-- apertus: a persistent buffer (xIELU's eps) that save_pretrained must write;
+- apertus: a persistent buffer (xIELU's eps) that save_pretrained must write, and
+  scalar weights (xIELU's alphas) inside the tp-sharded MLP;
 - olmo2: q/k norms over all heads together (tp refused);
 - LoRA on all linears at tp=2, reloaded by peft.
 """
@@ -124,6 +125,7 @@ def test_planner_plans_without_tp_where_tp_is_refused() -> None:
     assert tp_refusal(CONFIGS["llama"]) is None and tp_refusal(CONFIGS["qwen3"]) is None
     assert "reduces over features" in tp_refusal(CONFIGS["olmo2"])
     assert tp_refusal(CONFIGS["phi3"]) is None  # fused projections, sharded by parts
+    assert tp_refusal(CONFIGS["apertus"]) is None  # xIELU's scalars in the sharded MLP
     mqa = CONFIGS["gpt_bigcode"]
     why = tp_refusal(mqa)
     assert "c_attn fuses projections that tp would split differently" in why
