@@ -369,7 +369,13 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
 
         class _Run(fx.Interpreter):
             def fetch_attr(self, target: str) -> object:
-                return fake_attrs[target] if target in fake_attrs else super().fetch_attr(target)
+                if target not in fake_attrs:
+                    v = super().fetch_attr(target)
+                    if not isinstance(v, torch.Tensor) or v.device.type != "meta":
+                        return v
+                    # a tensor constant made on meta (GPT-Neo's mask value): CPU too
+                    fake_attrs[target] = torch.zeros(v.shape, dtype=v.dtype, device="cpu")
+                return fake_attrs[target]
 
             def call_function(self, target: object, args: tuple, kwargs: dict) -> object:
                 # The graph was captured on meta; run it as CPU so SDPA picks a fused kernel.
