@@ -1,9 +1,10 @@
 """Summarise a model into the plain numbers the cost model needs.
 
 A :class:`ModelProfile` is built from a *probe*: the model with two decoder blocks,
-captured and annotated (:mod:`collie_compile.annotate`). Blocks are identical, so one
-block's parameters, FLOPs and saved-for-backward bytes stand for all of them, and the
-probe costs the same to capture for a 7B and a 405B model. Everything per sample is
+captured and annotated (:mod:`collie_compile.annotate`). One block's parameters, FLOPs
+and saved-for-backward bytes stand for all of them (the costlier of the two where they
+differ: see :func:`_priced_block`), and the probe costs the same to capture for a 7B and
+a 405B model. Everything per sample is
 exactly linear in the micro-batch size (measured at two sizes to separate the part that
 does not grow with batch, such as the causal mask and rotary tables).
 """
@@ -35,7 +36,7 @@ from .models import (
 from .probe import attention_heads
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
-PROFILE_SCHEMA = 7
+PROFILE_SCHEMA = 8
 PROBE_BLOCKS = 2
 
 
@@ -179,28 +180,26 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
     probe = build_model(with_layers(cfg, probe_layers), dtype=DTYPES[dtype])
     # sequences up to seq_len only: a sliding window at least that long is then no mask
     ag = annotate(capture(probe, max_seq=seq_len), probe)
-    if not ag.blocks_identical:
-        raise CollieError(f"{name}: decoder blocks differ; per-layer planning of "
-                          "heterogeneous stacks is not supported yet")
+    b = _priced_block(ag, probe_layers)
     s = seq_len
-    one, two = measure_saved(ag, 1, s), measure_saved(ag, 2, s)
+    one, two = measure_saved(ag, 1, s, b), measure_saved(ag, 2, s, b)
 
     act_none = ActivationBytes(two.block_replicated - one.block_replicated,
                                two.block_sharded - one.block_sharded)
-    one_f, two_f = measure_saved(ag, 1, s, frozen=True), measure_saved(ag, 2, s, frozen=True)
+    one_f, two_f = (measure_saved(ag, n, s, b, frozen=True) for n in (1, 2))
     act_frozen = ActivationBytes(two_f.block_replicated - one_f.block_replicated,
                                  two_f.block_sharded - one_f.block_sharded)
     act_expanded_kv = ActivationBytes(0, 0)
-    if _grouped_query_attention(ag):
-        one_x, two_x = (measure_saved(ag, b, s, expand_kv=True) for b in (1, 2))
+    if _grouped_query_attention(ag, b):
+        one_x, two_x = (measure_saved(ag, n, s, b, expand_kv=True) for n in (1, 2))
         act_expanded_kv = ActivationBytes(
             two_x.block_replicated - one_x.block_replicated - act_none.replicated,
             two_x.block_sharded - one_x.block_sharded - act_none.sharded)
-    block_in = _block_input_bytes(ag, s)
-    sel_rep, sel_shard = _matmul_output_bytes(ag, s)
+    block_in = _block_input_bytes(ag, s, b)
+    sel_rep, sel_shard = _matmul_output_bytes(ag, s, b)
     rest_slope = two.rest - one.rest
     embed_saved, head_saved = _split_rest(ag, two.by_node, one.by_node)
-    params = _param_groups(full, ag)
+    params = _param_groups(full, ag, b)
     head_dim_heads, kv_heads = attention_heads(cfg)
     return ModelProfile(
         name=name, model_type=cfg.model_type, seq_len=s, dtype=dtype, num_layers=layers,
@@ -208,10 +207,10 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         num_heads=head_dim_heads,
         num_kv_heads=kv_heads,
         num_params=count_params(full), **params,
-        block_flops=ag.flops(1, s, 0), block_bytes=ag.bytes_moved(1, s, 0),
-        block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(0)
+        block_flops=ag.flops(1, s, b), block_bytes=ag.bytes_moved(1, s, b),
+        block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(b)
                                if n.kind in ("linear", "attention")),
-        block_other_bytes=sum(ag.subs(n.bytes, 1, s) for n in ag.block_nodes(0)
+        block_other_bytes=sum(ag.subs(n.bytes, 1, s) for n in ag.block_nodes(b)
                               if n.kind not in ("linear", "attention")),
         embed_flops=_rest_sum(ag, s, embed=True, what="flops"),
         head_flops=_rest_sum(ag, s, embed=False, what="flops"),
@@ -223,30 +222,42 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         act_embed=embed_saved, act_head=head_saved,
         act_fixed=max(0, one.rest - rest_slope),
         logits_bytes=s * int(cfg.vocab_size) * 4,
-        row_linears_per_block=sum(1 for n in ag.block_nodes(0)
+        row_linears_per_block=sum(1 for n in ag.block_nodes(b)
                                   if n.kind == "linear" and not n.sharded),
-        block_graph=block_graph(ag, s),
+        block_graph=block_graph(ag, s, b),
     )
 
 
-def _grouped_query_attention(ag: AnnotatedGraph) -> bool:
-    """Whether block 0 calls SDPA with ``enable_gqa`` (grouped-query attention)."""
+def _priced_block(ag: AnnotatedGraph, probe_layers: int) -> int:
+    """The probe block that stands for every block: block 0 where all are alike; where
+    they differ (layers without RoPE, sliding-window beside full attention, a norm or bias
+    on some layers only), the costliest in parameters, then FLOPs, then traffic, so that
+    every block is priced at most at what it costs and a plan that fits does fit."""
+    if ag.blocks_identical:
+        return 0
+    return max(range(probe_layers), key=lambda i: (
+        sum(_prod(ag.param_shapes[p]) for p in {p for n in ag.block_nodes(i) for p in n.params}),
+        ag.flops(1, 1024, i), ag.bytes_moved(1, 1024, i)))
+
+
+def _grouped_query_attention(ag: AnnotatedGraph, block: int) -> bool:
+    """Whether ``block`` calls SDPA with ``enable_gqa`` (grouped-query attention)."""
     gm_nodes = {n.name: n for n in ag.gm.graph.nodes}
     return any(i.kind == "attention" and gm_nodes[i.name].kwargs.get("enable_gqa")
-               for i in ag.block_nodes(0))
+               for i in ag.block_nodes(block))
 
 
-def _block_input_bytes(ag: AnnotatedGraph, seq: int) -> int:
+def _block_input_bytes(ag: AnnotatedGraph, seq: int, block: int) -> int:
     """Bytes of one sample's hidden state entering a block (what full recompute keeps)."""
-    last = [n for n in ag.block_nodes(0) if n.shape is not None][-1]
+    last = [n for n in ag.block_nodes(block) if n.shape is not None][-1]
     itemsize = torch.tensor([], dtype=last.dtype).element_size()
     return ag.subs(_prod(last.shape), 1, seq) * itemsize
 
 
-def _matmul_output_bytes(ag: AnnotatedGraph, seq: int) -> tuple[int, int]:
-    """Per-sample bytes of matmul and attention outputs in block 0: what selective keeps."""
+def _matmul_output_bytes(ag: AnnotatedGraph, seq: int, block: int) -> tuple[int, int]:
+    """Per-sample bytes of matmul and attention outputs in ``block``: what selective keeps."""
     rep = shard = 0
-    for n in ag.block_nodes(0):
+    for n in ag.block_nodes(block):
         if n.kind in ("linear", "attention") and n.shape is not None:
             b = ag.subs(_prod(n.shape), 1, seq) * torch.tensor([], dtype=n.dtype).element_size()
             if n.sharded:
@@ -296,13 +307,13 @@ def _rest_sum(ag: AnnotatedGraph, seq: int, embed: bool, what: str) -> int:
     return total
 
 
-def _param_groups(full: torch.nn.Module, ag: AnnotatedGraph) -> dict[str, int]:
+def _param_groups(full: torch.nn.Module, ag: AnnotatedGraph, b: int) -> dict[str, int]:
     """Parameter counts per part of the model, from which nodes use which parameters."""
     names = list(ag.nodes)
     first = _first_block_index(ag)
     numel = {k: _prod(v) for k, v in ag.param_shapes.items()}
-    block = {p for n in ag.block_nodes(0) for p in n.params}
-    sharded = {p for n in ag.block_nodes(0) if n.kind == "linear" for p in n.params
+    block = {p for n in ag.block_nodes(b) for p in n.params}
+    sharded = {p for n in ag.block_nodes(b) if n.kind == "linear" for p in n.params
                if len(ag.param_shapes[p]) == 2}
     embed, head = set(), set()
     for i, name in enumerate(names):

@@ -12,6 +12,7 @@ loss and gradients equal those of one process on the whole batch with HF's mean 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -113,6 +114,9 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     if adapter is not None and lora_cfg is None:
         lora_cfg = adapter[0]
 
+    why = cdist.agree(lambda: loss_refusal(cfg))
+    if why:
+        raise CollieError(why)
     refusal = None
     if str(plan).lower() == "auto" and world > 1 and tp != 1:  # can tp run this model?
         refusal = cdist.broadcast_text(cdist.agree(
@@ -1044,6 +1048,41 @@ def head_layout(cfg: object) -> tuple[int, int, int]:
     the family calls them; multi-query models have one key/value head)."""
     heads, kv = attention_heads(cfg)
     return heads, kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+@functools.lru_cache(maxsize=16)
+def _loss_refusal(cfg_json: str, name: str) -> str | None:
+    from .models import build_model, config_from_dict
+    from .probe import probe_config
+
+    try:
+        probe = probe_config(config_from_dict(json.loads(cfg_json), name), layers=1,
+                             no_dropout=True)
+        torch.manual_seed(0)
+        model = build_model(probe, device="cpu").eval()
+        ids = torch.randint(0, int(probe.vocab_size), (2, 16),
+                            generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+    except Exception:  # noqa: BLE001 - a probe that does not run says nothing of the loss
+        return None
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, :-1] = ids[:, 1:]
+    ours = float(token_loss(out.logits, targets)) / int((targets != IGNORE_INDEX).sum())
+    theirs = float(out.loss)
+    if abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs)):
+        return None
+    return (f"{name}: its own loss is not next-token cross-entropy on its logits "
+            f"({theirs:.4f} against {ours:.4f} on a probe), which is what collie-compile "
+            "trains (as transformers' ForCausalLMLoss: labels shifted by one, -100 "
+            "ignored); train it with its own training code")
+
+
+def loss_refusal(cfg: object) -> str | None:
+    """Why the runtime's loss would not be this model's own (CPM-Ant's does not shift the
+    labels): both computed on a one-block CPU probe with random weights; None where they
+    agree (or the probe cannot run: capture then says why)."""
+    return _loss_refusal(cfg.to_json_string(), model_name(cfg))
 
 
 def tp_refusal(cfg: object) -> str | None:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -80,3 +82,25 @@ def test_profile_cached_on_disk_and_corruption_ignored(tmp_path, monkeypatch):
     files[0].write_text("{garbage")
     modelprofile._cached_profile.cache_clear()
     assert profile_model("tiny-gpt2", seq_len=48, dtype="fp32") == first  # measured again
+
+
+@pytest.mark.parametrize("model_type", ["smollm3", "modernbert-decoder", "gpt_neox_japanese"])
+def test_heterogeneous_stack_priced_by_its_costliest_block(model_type):
+    """Blocks that differ (layers without RoPE, a norm or a bias on some layers only)
+    are profiled, not refused: the parameter count is the real model's and the priced
+    block costs at least as much as each block of the probe."""
+    from transformers import AutoConfig
+
+    from collie_compile.models import count_params
+    from collie_compile.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model(model_type), heads=4, kv_heads=2)
+    prof = profile_model(cfg, seq_len=16, dtype="fp32")
+    assert prof.num_params == count_params(build_model(cfg))
+    probe = build_model(cfg)
+    ag = annotate(capture(probe, max_seq=16), probe)
+    assert not ag.blocks_identical
+    for i in range(ag.num_blocks):
+        params = {p for n in ag.block_nodes(i) for p in n.params}
+        assert prof.block_params >= sum(math.prod(ag.param_shapes[p]) for p in params)
+        assert prof.block_flops >= ag.flops(1, 16, i)

@@ -77,3 +77,17 @@ def test_mixture_of_experts_refused_with_the_layer(model_type, tmp_path, capsys)
     assert main(["estimate", str(tmp_path), "--gpus", "2"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mixture-of-experts" in err[0]
+
+
+def test_tensor_constants_made_on_meta_are_measured():
+    """GPT-Neo builds its mask value as a tensor constant on the model's (meta) device;
+    measuring saved bytes runs it as CPU, as everything else (was a device mismatch)."""
+    from transformers import AutoConfig
+
+    from collie_compile.modelprofile import profile_model
+    from collie_compile.models import count_params
+    from collie_compile.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model("gpt_neo"), heads=4, kv_heads=2)
+    prof = profile_model(cfg, seq_len=16, dtype="fp32")
+    assert prof.num_params == count_params(build_model(cfg)) and prof.act_none.sharded > 0

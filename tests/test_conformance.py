@@ -161,3 +161,14 @@ def test_batch_merged_with_heads_is_refused_when_it_is_ambiguous() -> None:
         else:
             with pytest.raises(CollieError, match="batch size equals the head count"):
                 tensor_parallel(gm, layout, None, 0, 2, *heads)
+
+
+def test_a_family_whose_own_loss_differs_is_refused() -> None:
+    """CPM-Ant's loss does not shift its labels: training it with next-token
+    cross-entropy would not be its own training (one process disagreed with it by 1.8 in
+    loss). parallelize refuses it with the reason; families with the usual loss pass."""
+    from collie_compile.runtime import loss_refusal
+
+    why = loss_refusal(_probe(AutoConfig.for_model("cpmant")))
+    assert why and "not next-token cross-entropy" in why
+    assert loss_refusal(CONFIGS["llama"]) is None and loss_refusal(CONFIGS["gpt2"]) is None
