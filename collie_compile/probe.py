@@ -273,6 +273,8 @@ def _scope(cfg: PretrainedConfig, d: dict[str, Any], args: dict[str, Any], token
         kv = args["kv_heads"] or max(1, heads * (old_kv or old_heads) // old_heads)
         if old_kv == old_heads and args["kv_heads"] is None:
             kv = heads
+        if d.get("kv_lora_rank") and old_kv == old_heads:
+            kv = heads  # latent attention (MLA) expands K/V to every query head: no groups
         while heads % kv:
             kv -= 1
         hidden: int | None = heads * head_dim
@@ -583,7 +585,8 @@ def probe_config(cfg: PretrainedConfig, *, layers: int = 2, heads: int | None = 
       (``mlp_only_layers``, ``moe_layers``) are renumbered; periods and "first k dense" counts
       are capped so each kind of layer still appears.
     - ``heads`` query heads (default: the config's own) of width ``head_dim``; key/value heads
-      ``kv_heads`` or the config's heads/kv ratio; ``hidden_size = heads * head_dim``. Other head
+      ``kv_heads`` or the config's heads/kv ratio (latent attention keeps one per query
+      head); ``hidden_size = heads * head_dim``. Other head
       counts and head widths (MLA, linear attention, Mamba heads, rotary_dim) scale by the
       same factors, so the equalities between them hold; ``partial_rotary_factor`` stays.
     - MLP widths (``intermediate_size``, ``n_inner``, ``ffn_dim``, ``moe_intermediate_size``, ...)

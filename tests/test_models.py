@@ -54,3 +54,18 @@ def test_unknown_model_and_bad_config(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(CollieError, match="no 'model_type'"):
         load_config(str(bad))
+
+
+def test_latent_attention_probe_keeps_a_kv_head_per_query_head():
+    """Multi-head latent attention (MiniCPM3) expands K/V to every query head: its probe
+    keeps kv heads = heads whatever kv_heads asks, so it builds and trains (with 2 K/V
+    heads for 4 query heads it failed in the forward)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from collie_compile.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model("minicpm3"), heads=4, kv_heads=2)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads == 4
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    assert torch.isfinite(AutoModelForCausalLM.from_config(cfg)(input_ids=ids, labels=ids).loss)
