@@ -91,7 +91,7 @@ def preset_names() -> list[str]:
 def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
     """Resolve a preset name, a directory with config.json, or a config.json path."""
     if isinstance(model, PretrainedConfig):
-        return model
+        return _one_stack(model)
     if model in PRESETS:
         p = PRESETS[model]
         cfg = AutoConfig.for_model(p.model_type, **p.config)
@@ -114,6 +114,17 @@ def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
             raise CollieError(f"{path} has no 'model_type'; is it a Hugging Face config.json?")
         cfg = config_from_dict(data, str(path.parent))
     cfg.use_cache = False  # training: no KV cache in the captured graph
+    return _one_stack(cfg)
+
+
+def _one_stack(cfg: PretrainedConfig) -> PretrainedConfig:
+    """``cfg``, if its model is one stack of decoder blocks (the stack collie-compile
+    prices, splits into pipeline stages and shards)."""
+    if getattr(cfg, "num_hidden_layers", None) is None:
+        raise CollieError(f"{model_name(cfg)}: the {cfg.model_type} config has no "
+                          "num_hidden_layers: its model is not one stack of decoder blocks "
+                          "(e.g. BLT: byte encoder, global and byte decoder stacks), and "
+                          "collie-compile trains a single stack")
     return cfg
 
 

@@ -69,3 +69,16 @@ def test_latent_attention_probe_keeps_a_kv_head_per_query_head():
     assert cfg.num_key_value_heads == cfg.num_attention_heads == 4
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     assert torch.isfinite(AutoModelForCausalLM.from_config(cfg)(input_ids=ids, labels=ids).loss)
+
+
+def test_a_model_that_is_not_one_stack_is_refused():
+    """BLT's config has no num_hidden_layers (three stacks): refused with the reason
+    where it was an AttributeError from deep in the profile."""
+    from transformers import AutoConfig
+
+    from collie_compile.modelprofile import profile_model
+    from collie_compile.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model("blt"), heads=4, kv_heads=2)
+    with pytest.raises(CollieError, match="not one stack of decoder blocks"):
+        profile_model(cfg, seq_len=16, dtype="fp32")
