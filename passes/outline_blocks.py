@@ -35,7 +35,8 @@ def node_block(node: fx.Node, prefix: str) -> int | None:
 def outline_blocks(gm: fx.GraphModule, prefix: str) -> fx.GraphModule:
     """Replace the nodes of each block ``prefix + i`` by one call of a submodule at that
     path. Assumes each block's nodes are contiguous in graph order (true for captured
-    decoder stacks) and that the blocks' parameters live under their path."""
+    decoder stacks, after :func:`_gather` moves what runs in between but does not belong)
+    and that the blocks' parameters live under their path."""
     runs: dict[int, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op in ("call_function", "call_method", "call_module"):
@@ -43,12 +44,20 @@ def outline_blocks(gm: fx.GraphModule, prefix: str) -> fx.GraphModule:
             if b is not None:
                 runs.setdefault(b, []).append(n)
     for b, nodes in runs.items():
+        calls = {k for n in nodes for k, (path, _) in (n.meta.get("nn_module_stack") or
+                                                      {}).items() if path == f"{prefix}{b}"}
+        if len(calls) > 1:  # export names a module's second call "path@1"
+            raise CollieError(f"the model runs block {prefix}{b} {len(calls)} times a step "
+                              "(looped depth, weights reused), which one submodule per block "
+                              "cannot express")
+        _gather(nodes)
         inside, n = set(nodes), nodes[0]
         while n is not nodes[-1]:
             n = n.next
             if n not in inside and n.op != "get_attr":
                 raise CollieError(f"block {prefix}{b} is not contiguous in the captured "
-                                  f"graph ({n.name} runs in between)")
+                                  f"graph ({n.name} runs in between, reading the block "
+                                  "and read by it)")
         path = f"{prefix}{b}"
         ins, outs = live_in(nodes), live_out(nodes)
         sub = extract(gm, nodes, ins, tuple(outs), name="Block")
@@ -69,6 +78,31 @@ def outline_blocks(gm: fx.GraphModule, prefix: str) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _gather(nodes: list[fx.Node]) -> None:
+    """Move the nodes that run between a block's first and last node without belonging to
+    it (a mask's ``arange`` built on first use, a shape assert on a block's output): one
+    that reads nothing made in between goes before the block, one that nothing in
+    between reads goes after it. Others stay (the block is then refused as interleaved)."""
+    first, last, inside = nodes[0], nodes[-1], set(nodes)
+    between: set[fx.Node] = set()  # nodes still in the span, in graph order
+    n = first.next
+    while n is not last:
+        between.add(n)
+        n = n.next
+    after, n = last, first.next
+    while n is not last:
+        nxt = n.next
+        if n not in inside and n.op != "get_attr":
+            if not any(a in between or a in inside for a in n.all_input_nodes):
+                first.prepend(n)
+                between.discard(n)
+            elif not any(u in between or u in inside for u in n.users):
+                after.append(n)
+                after = n
+                between.discard(n)
+        n = nxt
 
 
 def _rebase(sub: fx.GraphModule, path: str) -> fx.GraphModule:

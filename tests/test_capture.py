@@ -91,3 +91,39 @@ def test_tensor_constants_made_on_meta_are_measured():
     cfg = probe_config(AutoConfig.for_model("gpt_neo"), heads=4, kv_heads=2)
     prof = profile_model(cfg, seq_len=16, dtype="fp32")
     assert prof.num_params == count_params(build_model(cfg)) and prof.act_none.sharded > 0
+
+
+def test_outline_moves_foreign_nodes_out_of_a_block_and_refuses_looped_depth():
+    """Nodes that run inside a block's span without belonging to it (a mask's arange
+    built on first use: Exaone-4 and ModernBERT under tp) are moved before or after it;
+    the outlined graph computes the same logits. A block run twice (Dory's looped
+    layers) is refused with that reason."""
+    from transformers import AutoConfig
+
+    from collie_compile.capture import capture_static
+    from collie_compile.errors import CollieError
+    from collie_compile.passes.outline_blocks import node_block, outline_blocks
+    from collie_compile.probe import probe_config
+
+    aten = torch.ops.aten
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny-llama"), device="cpu").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    from collie_compile.runtime import _drop_guards
+
+    gm = _drop_guards(annotate(capture_static(model, ids), model).gm)
+    want = gm(input_ids=ids)
+    block0 = [n for n in gm.graph.nodes if node_block(n, "model.layers.") == 0]
+    mid = block0[len(block0) // 2]
+    with gm.graph.inserting_before(mid):  # reads nothing of the block
+        gm.graph.call_function(aten.arange.default, (16,))
+    with gm.graph.inserting_after(mid):  # reads the block, read by nothing of it
+        gm.graph.call_function(aten.sum.default, (mid,))
+    gm.recompile()
+    torch.testing.assert_close(outline_blocks(gm, "model.layers.")(input_ids=ids), want)
+
+    cfg = probe_config(AutoConfig.for_model("dory"), heads=4, kv_heads=2)
+    dory = build_model(cfg)
+    looped = capture_static(dory, torch.zeros(2, 16, dtype=torch.long, device="meta"))
+    with pytest.raises(CollieError, match="runs block model.layers.1 2 times a step"):
+        outline_blocks(annotate(looped, dory).gm, "model.layers.")
