@@ -21,7 +21,10 @@ over tp, and the head produces this rank's slice of the logits, which
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +150,34 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, g: torch.Tensor) -> tuple:
         return g, None
+
+
+class _SumOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple:
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class SumOverTP(torch.nn.Module):
+    """All-reduce (sum) over the tp group forward and backward: a statistic of features
+    split between ranks (an RMS norm's sum of squares over all heads), which every rank
+    then applies to its own features, so each rank's gradient of it is a part too."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SumOverTP.apply(x, self.group)
 
 
 class CopyToTP(torch.nn.Module):
@@ -346,7 +377,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
             raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
-    consumers = _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads))
+    consumers = _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads, head_dim), group, shards)
     for w_name in _on_heads_only(gm, consumers, set(shards) | set(partial)):
         # a replicated weight applied to this rank's heads only (per-head q/k norms):
         # each rank's gradient is its heads' part, summed over the whole group
@@ -496,23 +527,25 @@ def linear_operands(n: fx.Node) -> tuple[fx.Node, str, int, fx.Node | None] | No
     return None
 
 
-def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
-                ) -> set[fx.Node]:
+def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int, int],
+                group: dist.ProcessGroup, shards: dict[str, Shard]) -> set[fx.Node]:
     """Run the sharded graph on fake tensors, rewriting the shape arguments of reshapes
     and expands whose input lost a factor to sharding, and giving a per-head input
     computed outside the heads (ALiBi biases) to a sharded op as this rank's heads only.
-    Returns the ops that take a sharded input; refuses a reduction over a sharded
-    feature dim (a norm over all heads' features), which no rank can compute from its
-    slice."""
+    A sum or mean over features split between ranks (an RMS norm over all heads) becomes
+    a local sum, summed over tp, and its per-feature weight is sharded with the features
+    (recorded in ``shards``). Returns the ops that take a sharded input; refuses any
+    other reduction over a sharded dim, which no rank can compute from its slice."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
     shrunk: set[fx.Node] = set()  # nodes whose value tp sharding made smaller
     consumers: set[fx.Node] = set()  # ops with a sharded input
+    taken: list[str] = []  # per-feature weights sharded with the features they scale
 
     def val(a: object) -> object:
         return fx.node.map_arg(a, lambda n: env[n])
 
-    with mode:
+    with _quiet_fake_failures(), mode:
         for n in gm.graph.nodes:
             if n.op == "placeholder":
                 v = n.meta["val"]
@@ -527,7 +560,7 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
                 env[n] = mode.from_tensor(obj)
             elif n.op == "call_module":
                 sub = gm.get_submodule(n.target)
-                if isinstance(sub, (CopyToTP, ReduceFromTP)):
+                if isinstance(sub, (CopyToTP, ReduceFromTP, SumOverTP)):
                     env[n] = env[n.args[0]]
                 elif isinstance(n.meta.get("val"), torch.Tensor):  # shape unchanged
                     v = n.meta["val"]
@@ -547,12 +580,15 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
                     elif n.target == aten.expand.default:
                         n.args = (inp, _expanded(tuple(old.shape), tuple(new.shape),
                                                  list(n.args[1]), tp), *n.args[2:])
-                _check_reduction(n, env)
+                if not _spread_reduction(gm, n, env, tp, group):
+                    _check_reduction(n, env)
                 try:
                     try:
                         env[n] = n.target(*val(n.args), **val(n.kwargs))
                     except Exception:
-                        if not _take_heads(gm, n, env, shrunk, tp, rank, heads[0]):
+                        if not (_take_heads(gm, n, env, shrunk, tp, rank, heads[0])
+                                or _shard_feature_weight(gm, n, env, shrunk, tp, heads,
+                                                         shards, taken)):
                             raise
                         env[n] = n.target(*val(n.args), **val(n.kwargs))
                 except Exception as e:
@@ -568,7 +604,80 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int]
             if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)
                     and tuple(new.shape) != tuple(old.shape)):
                 shrunk.add(n)
+    for name in taken:
+        _set_param(gm, name, shards[name].take(gm.get_parameter(name).detach(), rank))
     return consumers
+
+
+@contextlib.contextmanager
+def _quiet_fake_failures() -> Iterator[None]:
+    """Ops are tried on the local shapes first and fixed where they fail; fake tensors log
+    each failure at error level, which here is expected, not news."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _spread_reduction(gm: fx.GraphModule, n: fx.Node, env: dict, tp: int,
+                      group: dist.ProcessGroup) -> bool:
+    """Rewrite ``n``, a sum or mean over dims that tp splits evenly between ranks (each
+    feature on one rank), as the local sum, summed over tp (and divided by the global
+    count for a mean). Returns whether it did."""
+    inp = n.args[0] if n.args else None
+    if n.target not in (aten.mean.dim, aten.sum.dim_IntList) or not isinstance(
+            env.get(inp), torch.Tensor):
+        return False
+    old, new = tuple(inp.meta["val"].shape), tuple(env[inp].shape)
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    dims = list(range(len(old))) if dims is None else [dims] if isinstance(dims, int) \
+        else list(dims)
+    split = [d for d in dims if old[d] != new[d]]
+    if not split or any(old[d] != new[d] * tp for d in split):
+        return False  # nothing split, or features held by several ranks
+    count = 1
+    for d in dims:
+        count *= old[d]
+    mean = n.target == aten.mean.dim
+    n.target = aten.sum.dim_IntList
+    g = gm.graph
+    with g.inserting_after(n):
+        total = _module_node(gm, SumOverTP(group), f"tp_sum_{n.name}", (n,), n,
+                             f"{_module_path(n)}.{n.name}")
+    last = total
+    if mean:
+        with g.inserting_after(total):
+            last = g.call_function(aten.div.Tensor, (total, count))
+        last.meta = dict(n.meta)
+    n.replace_all_uses_with(last, delete_user_cb=lambda u: u is not total)
+    return True
+
+
+def _shard_feature_weight(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set,
+                          tp: int, heads: tuple[int, int, int], shards: dict[str, Shard],
+                          taken: list[str]) -> bool:
+    """Where ``n`` applies a replicated per-feature weight (read by ``n`` only) to features
+    tp split between ranks (the weight of an RMS norm over all heads), shard it as a
+    column linear splits that many features (into ``shards``, its name onto ``taken``).
+    Returns whether it did."""
+    sharded = [env[a] for a in n.all_input_nodes if a in shrunk]
+    done = False
+    for a in n.args:
+        if not isinstance(a, fx.Node) or a.op != "get_attr" or len(a.users) != 1:
+            continue
+        w = _attr(gm, a.target)
+        if not isinstance(w, torch.nn.Parameter) or w.dim() != 1 or not any(
+                t.dim() and t.shape[-1] * tp == w.shape[0] for t in sharded):
+            continue
+        units, _ = head_units(w.shape[0], *heads)
+        s = shards[a.target] = Shard.even(w.shape[0], units, tp, a.target)
+        taken.append(a.target)  # cut outside the fake mode, by _fix_shapes
+        env[a] = torch.empty(s.width, dtype=w.dtype, device=env[a].device)
+        done = True
+    return done
 
 
 def _on_heads_only(gm: fx.GraphModule, consumers: set[fx.Node], sharded: set[str]
