@@ -586,7 +586,7 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int, i
                     try:
                         env[n] = n.target(*val(n.args), **val(n.kwargs))
                     except Exception:
-                        if not (_take_heads(gm, n, env, shrunk, tp, rank, heads[0])
+                        if not (_take_share(gm, n, env, shrunk, tp, rank, heads[0], group)
                                 or _shard_feature_weight(gm, n, env, shrunk, tp, heads,
                                                          shards, taken)):
                             raise
@@ -718,46 +718,65 @@ def _on_heads_only(gm: fx.GraphModule, consumers: set[fx.Node], sharded: set[str
     return out
 
 
-def _take_heads(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
-                rank: int, num_heads: int) -> bool:
-    """Where ``n`` meets a sharded tensor with a replicated one that has all
-    ``num_heads`` heads on a dim where the sharded one has this rank's share (ALiBi's
-    per-head bias added to sharded attention scores), read only this rank's heads of the
-    replicated one (heads are split in contiguous blocks). Only for replicated inputs
-    computed from no trainable parameter: a parameter's gradient would then come from
-    this rank's heads alone. Returns whether it rewrote an input."""
+def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
+                rank: int, num_heads: int, group: dist.ProcessGroup) -> bool:
+    """Where ``n`` meets a sharded tensor with a replicated one that is whole on a dim
+    where the sharded one has this rank's share, read this rank's share of the
+    replicated one: on the last dim (features), the contiguous slice a column linear
+    gives the rank (Gemma-4's per-layer inputs gating a sharded projection); on another
+    dim holding all ``num_heads`` heads, the rank's block of heads (ALiBi's per-head
+    bias added to sharded attention scores, also merged with the batch as [b*h]). A
+    replicated input computed from trainable weights (Doge's dynamic mask, per-head
+    learned scalars) first passes a CopyToTP: each rank's gradient of it covers its
+    share only, and is summed over tp there. Returns whether it rewrote an input."""
     tensors = [a for a in n.args if isinstance(a, fx.Node)
                and isinstance(env.get(a), torch.Tensor)]
     sharded = [env[a] for a in tensors if a in shrunk]
-    if not sharded or num_heads % tp:
+    if not sharded:
         return False
-    local = num_heads // tp
     done = False
+    g = gm.graph
     for a in tensors:
-        if a in shrunk or _reads_trainable(gm, a):
+        if a in shrunk:
             continue
         v = env[a]
         for k in range(1, v.dim() + 1):
             size = v.shape[-k]
-            if size % num_heads or not any(t.dim() >= k and t.shape[-k] == size // tp
-                                           for t in sharded):
+            if size % tp or not any(t.dim() >= k and t.shape[-k] == size // tp
+                                    for t in sharded):
                 continue
-            # [outer * heads] (outer = 1, or a batch merged before the heads, BLOOM's
-            # [b*h, 1, s] ALiBi): view the heads apart, take this rank's, merge back
-            d, outer = v.dim() - k, size // num_heads
-            shape = list(v.shape)
-            split = [*shape[:d], outer, num_heads, *shape[d + 1:]]
-            merged = [*shape[:d], outer * local, *shape[d + 1:]]
-            g = gm.graph
+            d = v.dim() - k
+            if k == 1:  # features: one contiguous slice per rank
+                split, at, width, merged = None, d, size // tp, None
+            elif size % num_heads == 0 and num_heads % tp == 0:
+                # [outer * heads] (outer = 1, or a batch merged before the heads, BLOOM's
+                # [b*h, 1, s] ALiBi): view the heads apart, take this rank's, merge back
+                outer, shape = size // num_heads, list(v.shape)
+                split = [*shape[:d], outer, num_heads, *shape[d + 1:]]
+                at, width = d + 1, num_heads // tp
+                merged = [*shape[:d], outer * width, *shape[d + 1:]]
+            else:
+                continue
+            src, made = a, []
             with g.inserting_before(n):
-                parts = g.call_function(aten.reshape.default, (a, split))
-                mine = g.call_function(aten.narrow.default, (parts, d + 1, rank * local,
-                                                             local))
-                cut = g.call_function(aten.reshape.default, (mine, merged))
-            env[parts] = v.reshape(split)
-            env[mine] = env[parts].narrow(d + 1, rank * local, local)
-            env[cut] = env[mine].reshape(merged)
-            for m in (parts, mine, cut):
+                if _reads_trainable(gm, a):
+                    src = _module_node(gm, CopyToTP(group), f"tp_copy_{a.name}", (a,), n,
+                                       f"{_module_path(n)}.{a.name}")
+                    src.meta["val"], env[src] = a.meta.get("val"), v
+                parts = src
+                if split is not None:
+                    parts = g.call_function(aten.reshape.default, (src, split))
+                    env[parts] = v.reshape(split)
+                    made.append(parts)
+                mine = g.call_function(aten.narrow.default, (parts, at, rank * width, width))
+                made.append(mine)
+                env[mine] = env[parts].narrow(at, rank * width, width)
+                cut = mine
+                if merged is not None:
+                    cut = g.call_function(aten.reshape.default, (mine, merged))
+                    env[cut] = env[mine].reshape(merged)
+                    made.append(cut)
+            for m in made:
                 m.meta = {"nn_module_stack": n.meta.get("nn_module_stack", {}),
                           "val": env[m]}
             n.replace_input_with(a, cut)
