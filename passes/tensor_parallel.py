@@ -396,7 +396,7 @@ _VIEWS = _RESHAPES | {aten.transpose.int, aten.permute.default, aten.unsqueeze.d
 
 
 def _cut_dim(n: fx.Node) -> int:
-    at = 1 if n.target in (aten.slice.Tensor, aten.narrow.default) else 2
+    at = 1 if n.target in (aten.slice.Tensor, aten.narrow.default, aten.select.int) else 2
     return n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
 
 
@@ -476,12 +476,14 @@ def _recut(n: fx.Node, local: dict[int, int]) -> None:
             n.args = (n.args[0], n.args[1], start, end - start)
         else:
             n.args = (n.args[0], n.args[1], start, end, *n.args[4:])
+        n.meta["tp_recut"] = True
         return
     cuts = [*points, width]
     sizes = [local[b] - local[a] for a, b in zip(cuts, cuts[1:], strict=False)]
     n.target = aten.split_with_sizes.default
     n.args = (n.args[0], sizes, _cut_dim(n))
     n.kwargs = {}
+    n.meta["tp_recut"] = True
 
 
 def _embedding_options(node: fx.Node) -> tuple[int, bool]:
@@ -582,6 +584,7 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int, i
                                                  list(n.args[1]), tp), *n.args[2:])
                 if not _spread_reduction(gm, n, env, tp, group):
                     _check_reduction(n, env)
+                _check_split(n, env)
                 try:
                     try:
                         env[n] = n.target(*val(n.args), **val(n.kwargs))
@@ -808,6 +811,28 @@ _REDUCTIONS = {
     aten.linalg_vector_norm.default: 2, aten.layer_norm.default: None,
     aten.native_layer_norm.default: None, aten.rms_norm.default: None,
 }
+
+
+def _check_split(n: fx.Node, env: dict) -> None:
+    """Refuse a split, chunk, slice or select along a dim that lost size to sharding,
+    other than the cuts of a fused projection (rewritten to the local part sizes): on a
+    rank's block of heads it would make groups of the rank's heads, not the model's
+    (DiffLlama chunks all heads into two halves)."""
+    inp = n.args[0] if n.args else None
+    if (n.target not in _SPLITS | {aten.select.int} or n.meta.get("tp_recut")
+            or not isinstance(env.get(inp), torch.Tensor)):
+        return
+    old, new = tuple(inp.meta["val"].shape), tuple(env[inp].shape)
+    d = _cut_dim(n) % len(old)
+    if old[d] == new[d]:
+        return
+    if n.target == aten.slice.Tensor and _cut_points(n, old[d]) == [0, old[d]] and (
+            len(n.args) < 5 or n.args[4] == 1):
+        return  # the whole dim: nothing is cut
+    raise CollieError(
+        f"tensor_parallel: {n.name} ({n.target}) in module {_module_path(n)!r} cuts a dim "
+        "that tp splits between ranks (heads grouped across the whole model), which a "
+        "rank's block of heads does not line up with; use tp=1 (dp, pp and ZeRO work)")
 
 
 def _check_reduction(n: fx.Node, env: dict) -> None:

@@ -152,6 +152,11 @@ def test_planner_plans_without_tp_where_tp_is_refused() -> None:
     assert tp_refusal(CONFIGS["olmo2"]) is None  # norms over all heads: summed over tp
     assert tp_refusal(CONFIGS["phi3"]) is None  # fused projections, sharded by parts
     assert tp_refusal(CONFIGS["apertus"]) is None  # xIELU's scalars in the sharded MLP
+    # heads grouped across the whole model: DiffLlama's two halves, Falcon-7B's
+    # multi-query q|k|v viewed as [heads + 2] (each would take the rank's own heads)
+    for family in ("diffllama", "falcon"):
+        why = tp_refusal(_probe(AutoConfig.for_model(family)))
+        assert why and "cuts a dim that tp splits" in why, why
     mqa = CONFIGS["gpt_bigcode"]
     why = tp_refusal(mqa)
     assert "c_attn fuses projections that tp would split differently" in why
