@@ -36,7 +36,7 @@ from .hardware import CATALOG, local_gpu
 from .kernels.adalomo import adalomo_state
 from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
 from .modelprofile import DTYPES, torch_dtype
-from .models import model_name, tied_names
+from .models import load_config, model_name, tied_names
 from .optim import DEFAULT_LR, optimizer_class, optimizer_options
 from .passes.data_parallel import data_parallel
 from .passes.expand_kv import expand_grouped_kv
@@ -102,7 +102,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     """
     cdist.ensure_initialized()
     world = dist.get_world_size()
-    cfg = model.config
+    cfg = cdist.agree(lambda: load_config(model.config))  # one stack of blocks, or why not
     name = model_name(cfg)
     dtype = model_dtype(model, dtype)
 
