@@ -254,14 +254,13 @@ def run_case(case: Case, workdir: Path) -> Result:
         limit = {k: max(WEIGHT_TOLERANCE, SENSITIVITY_MARGIN * floor[k]) for k in judged}
         ok = (loss_err <= max(TOLERANCE, SENSITIVITY_MARGIN * floor["loss"])
               and all(judged[k] <= limit[k] for k in judged))
-        near = max(judged, key=lambda k: judged[k] / limit[k])
         if ok:
             return Result(case.id, "pass", (
                 f"within the model's own sensitivity: a {PERTURBATION:.0e} change of the "
                 f"one-process initial weights moves {worst} by {floor[worst]:.1e} "
                 f"(here {errs[worst]:.1e}) and the loss by {floor['loss']:.1e} (here "
                 f"{loss_err:.1e})"), loss_err, worst, errs[worst], errs, whole, partly, floor)
-        worst = near
+        worst = max(judged, key=lambda k: judged[k] / limit[k])  # nearest its limit
     return Result(case.id, "pass" if ok else "fail", "" if ok else (
         f"{worst}: ‖Δ‖/‖W‖ = {errs[worst]:.1e}" + (
             f", {errs[worst] / floor[worst]:.0f}x the model's own sensitivity"

@@ -153,18 +153,15 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 class _SumOverTP(torch.autograd.Function):
+    """The forward of _ReduceFromTP with the backward of _CopyToTP: a sum over tp both
+    ways."""
+
     @staticmethod
     def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return _ReduceFromTP.forward(ctx, x, group)
 
-    @staticmethod
-    def backward(ctx: object, g: torch.Tensor) -> tuple:
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+    backward = staticmethod(_CopyToTP.backward)
 
 
 class SumOverTP(torch.nn.Module):
@@ -504,7 +501,8 @@ def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, args: tupl
                  like: fx.Node, w_name: str) -> fx.Node:
     """Call ``mod`` on ``args``, registered beside the weight ``w_name`` that ``like``
     reads (so it belongs to the same block)."""
-    path = f"{w_name.rpartition('.')[0]}.{stem}"
+    owner = w_name.rpartition(".")[0]
+    path = f"{owner}.{stem}" if owner else stem  # an op outside every module: at the root
     gm.add_submodule(path, mod)
     node = gm.graph.call_module(path, args)
     node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "val")}
@@ -641,9 +639,7 @@ def _spread_reduction(gm: fx.GraphModule, n: fx.Node, env: dict, tp: int,
     split = [d for d in dims if old[d] != new[d]]
     if not split or any(old[d] != new[d] * tp for d in split):
         return False  # nothing split, or features held by several ranks
-    count = 1
-    for d in dims:
-        count *= old[d]
+    count = math.prod(old[d] for d in dims)
     mean = n.target == aten.mean.dim
     n.target = aten.sum.dim_IntList
     g = gm.graph
