@@ -14,11 +14,12 @@ import json
 import torch
 from tqdm import tqdm
 
-from collie_compile.attention import fused_gqa
-from collie_compile.measure import measure_peak
-from collie_compile.memory import Layout, MemoryModel
-from collie_compile.modelprofile import profile_model, torch_dtype
-from collie_compile.optimizers import get_optimizer
+from collie_compile.cost.measure import measure_peak
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
+from collie_compile.dtypes import torch_dtype
+from collie_compile.models.attention import fused_gqa
+from collie_compile.optim.specs import get_optimizer
 
 from .report import Report, launch, table
 

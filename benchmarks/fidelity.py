@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from collie_compile.calibrate import calibrate
-from collie_compile.planner import plan
+from collie_compile.cost.calibrate import calibrate
+from collie_compile.planner.search import plan
 
 from .report import Report, launch, table
 from .train_worker import MODEL, SHAPE

@@ -2,7 +2,7 @@
 (used by ``python -m benchmarks estimate``; launched as a script under torchrun).
 
 For every plan: build it with ``parallelize``, then run two training steps under
-:class:`collie_compile.measure.LiveBytes` (MemTracker refuses a module run several
+:class:`collie_compile.cost.measure.LiveBytes` (MemTracker refuses a module run several
 times in a step, as micro-batches do), told of every stage's weights so that what was
 made before it started counts too. Rank 0 writes, per plan, every rank's peak and the
 estimate of the fullest GPU and of each pipeline stage.
@@ -21,8 +21,8 @@ STEPS = 2
 
 
 def tracked_peak(pins: dict, data: list[torch.Tensor]) -> dict:
-    from collie_compile.measure import LiveBytes
-    from collie_compile.runtime import parallelize
+    from collie_compile.cost.measure import LiveBytes
+    from collie_compile.runtime.parallel_model import parallelize
 
     pm = parallelize(model(), seq_len=SHAPE["seq"], global_batch_size=SHAPE["global_batch"],
                      optimizer="adamw", lr=ADAMW["lr"], **pins)
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--plans", required=True, help="JSON list of plan pins")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from collie_compile.distributed import ensure_initialized
+    from collie_compile.runtime.distributed import ensure_initialized
 
     ensure_initialized()
     data = batches(STEPS, 8192)

@@ -18,9 +18,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from collie_compile.measure import make_optimizer, measure_peak
-from collie_compile.models import build_model, load_config, with_layers
-from collie_compile.recompute import enable_on_hf_model
+from collie_compile.cost.measure import make_optimizer, measure_peak
+from collie_compile.models.registry import build_model, load_config, with_layers
+from collie_compile.recompute_policy import enable_on_hf_model
 
 from .report import Report, table
 

@@ -10,8 +10,8 @@ import time
 
 from tqdm import tqdm
 
-from collie_compile.modelprofile import profile_model
-from collie_compile.planner import plan
+from collie_compile.cost.profile import profile_model
+from collie_compile.planner.search import plan
 
 from .report import Report, table
 

@@ -77,14 +77,14 @@ def batches(n: int, vocab: int) -> list[torch.Tensor]:
 
 
 def model(device: torch.device | str = "cpu") -> torch.nn.Module:
-    from collie_compile.models import build_model, load_config
+    from collie_compile.models.registry import build_model, load_config
 
     torch.manual_seed(0)
     return build_model(load_config(MODEL), device="cpu").to(device)
 
 
 def local_rows(ids: torch.Tensor) -> torch.Tensor:
-    from collie_compile.distributed import device
+    from collie_compile.runtime.distributed import device
 
     share = SHAPE["global_batch"] // dist.get_world_size()
     return ids[dist.get_rank() * share:(dist.get_rank() + 1) * share].to(device())
@@ -102,7 +102,7 @@ def build(framework: str) -> tuple[Step, str]:
 def collie_step(plan: str, pins: dict | None = None) -> tuple[Step, str]:
     """A training step of collie-compile's ``plan`` ("dp": dp-only, ZeRO-0; or the auto
     plan, or ``pins``), and the layout it runs."""
-    from collie_compile.runtime import parallelize
+    from collie_compile.runtime.parallel_model import parallelize
 
     world, batch = dist.get_world_size(), SHAPE["global_batch"]
     if pins is None:
@@ -115,7 +115,7 @@ def collie_step(plan: str, pins: dict | None = None) -> tuple[Step, str]:
 
 def torch_step(kind: str) -> Step:
     """A training step of DDP or FSDP2 (``kind``) on the model."""
-    from collie_compile.distributed import device
+    from collie_compile.runtime.distributed import device
 
     m = model(device())
     if kind == "ddp":
@@ -201,10 +201,10 @@ def round_robin(steps: dict[str, Step], data: list[torch.Tensor]) -> dict[str, l
 
 
 def _import_for(framework: str) -> None:
-    import collie_compile.models  # noqa: F401  (transformers' model classes)
+    import collie_compile.models.registry  # noqa: F401  (transformers' model classes)
 
     if framework.startswith("collie"):
-        import collie_compile.runtime  # noqa: F401
+        import collie_compile.runtime.parallel_model  # noqa: F401
     elif framework.startswith("deepspeed"):
         import deepspeed  # noqa: F401
     else:
@@ -234,7 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     SHAPE.update(seq=args.seq, global_batch=args.global_batch)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from collie_compile.distributed import ensure_initialized
+    from collie_compile.runtime.distributed import ensure_initialized
 
     ensure_initialized()
     frameworks = args.framework.split(",")

@@ -1,7 +1,7 @@
 """The conformance matrix: every family in transformers' causal-LM auto mapping, built from
 a tiny probe of its default config, through capture, estimate, one process and each
 parallel layout against one process (every saved tensor compared, see
-:mod:`collie_compile.check`).
+:mod:`collie_compile.runtime.check`).
 
 Resumable: results go to ``zoo.jsonl`` in the output folder as they come, one torchrun
 launch per layout runs every family, and a rerun skips what is there. ``--families``
@@ -17,8 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from collie_compile.check import LAYOUTS, Case, Result, read_results, run_cases
 from collie_compile.errors import CollieError, first_line
+from collie_compile.runtime.check import LAYOUTS, Case, Result, read_results, run_cases
 
 COLUMNS = ["capture", "estimate", *LAYOUTS]
 TARGET_KINDS = ("decoder", "moe")  # dense decoder-only transformers, and MoE ones
@@ -29,8 +29,8 @@ def _front(model_type: str, cfg: object) -> dict[str, Result]:
     the real transformers model's."""
     from transformers import AutoModelForCausalLM
 
-    from collie_compile.modelprofile import profile_model
-    from collie_compile.models import count_params
+    from collie_compile.cost.profile import profile_model
+    from collie_compile.models.registry import count_params
 
     out: dict[str, Result] = {}
     try:
@@ -59,7 +59,7 @@ def main(out: str | None = None, families: list[str] | None = None,
     capture and estimate only. The matrix covers every family recorded so far."""
     from transformers import AutoConfig
 
-    from collie_compile.probe import causal_lm_families, family_kind, probe_config
+    from collie_compile.models.probe import causal_lm_families, family_kind, probe_config
 
     folder = Path(out or "benchmarks/results/cpu-2core/zoo")
     folder.mkdir(parents=True, exist_ok=True)

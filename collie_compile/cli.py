@@ -10,14 +10,21 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from .errors import CollieError
-from .estimate import estimate, resolve_sizes
-from .hardware import CATALOG, GiB
-from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets, estimate_json
-from .modelprofile import DTYPES
-from .models import PRESETS, build_model, count_params, load_config, model_name
-from .optimizers import OPTIMIZERS
-from .planner import plan
+from collie_compile.cost.estimate import estimate, resolve_sizes
+from collie_compile.cost.hardware import CATALOG, GiB
+from collie_compile.cost.memory import estimate_json
+from collie_compile.dtypes import DTYPE_NAMES
+from collie_compile.errors import CollieError
+from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
+from collie_compile.models.registry import (
+    PRESETS,
+    build_model,
+    count_params,
+    load_config,
+    model_name,
+)
+from collie_compile.optim.specs import OPTIMIZERS
+from collie_compile.planner.search import plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +139,9 @@ def _check_writable(path: str) -> None:
 
 
 def _tp_refusal(model: str) -> str | None:
-    from .runtime import tp_refusal  # the tp pass's dry run: only when tp may be > 1
+    from collie_compile.runtime.parallel_model import (
+        tp_refusal,  # the tp pass's dry run: only when tp may be > 1
+    )
 
     return tp_refusal(load_config(model))
 
@@ -206,7 +215,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate  # spawns processes: import only when asked
+    from collie_compile.cost.calibrate import calibrate  # spawns processes: import only when asked
 
     if args.out:
         _check_writable(args.out)
@@ -225,7 +234,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .train import TrainConfig, train
+    from collie_compile.runtime.train import TrainConfig, train
 
     pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "micro_batch_size",
                                           "schedule", "recompute")
@@ -246,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import LAYOUTS, check_model, report
+    from collie_compile.runtime.check import LAYOUTS, check_model, report
 
     pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "schedule", "recompute")
             if getattr(args, k) is not None}
@@ -305,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model chunks per GPU of the interleaved schedule (default 2)")
     e.add_argument("--optimizer", default="adamw", type=str.lower,
                    help=f"one of {', '.join(OPTIMIZERS)}")
-    e.add_argument("--dtype", default="bf16", type=str.lower, help=f"one of {', '.join(DTYPES)}")
+    e.add_argument("--dtype", default="bf16", type=str.lower,
+                   help=f"one of {', '.join(DTYPE_NAMES)}")
     e.add_argument("--lora-rank", type=int, default=None,
                    help="train LoRA adapters of this rank only (base weights frozen)")
     e.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
@@ -361,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default=None, type=str.lower,
                    help="default: the plan file's, or adamw")
     t.add_argument("--dtype", default=None, type=str.lower,
-                   help=f"weights' dtype, one of {', '.join(DTYPES)} (default: the plan "
+                   help=f"weights' dtype, one of {', '.join(DTYPE_NAMES)} (default: the plan "
                         "file's, or fp32)")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--plan", default="auto", help="'auto' or a plan JSON file")

@@ -1,10 +1,10 @@
 """Expand grouped K/V for devices with no fused grouped-query attention kernel.
 
 Rewrites each ``scaled_dot_product_attention(..., enable_gqa=True)`` into a call of
-:func:`collie_compile.attention.expanded_sdpa` with the same arguments, which repeats K/V
+:func:`collie_compile.models.attention.expanded_sdpa` with the same arguments, which repeats K/V
 for every query head and calls SDPA without groups. Assumes nothing else about the
 graph; calls without ``enable_gqa`` are left alone. Apply it where
-:func:`collie_compile.attention.fused_gqa` is false for the run's device and dtype, so
+:func:`collie_compile.models.attention.fused_gqa` is false for the run's device and dtype, so
 SDPA takes a fused kernel instead of its math path.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from collie_compile.attention import expanded_sdpa
+from collie_compile.models.attention import expanded_sdpa
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

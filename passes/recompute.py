@@ -3,7 +3,7 @@
 Rewrites each call of an outlined block (see :mod:`.outline_blocks`) whose mode is
 ``full`` or ``selective`` into a call through :func:`torch.utils.checkpoint.checkpoint`
 (non-reentrant; ``selective`` keeps matmul and attention outputs, as the cost model
-counts in :mod:`collie_compile.recompute`). Blocks marked ``none`` are left alone.
+counts in :mod:`collie_compile.recompute_policy`). Blocks marked ``none`` are left alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import fx
 from torch.utils.checkpoint import checkpoint
 
 from collie_compile.errors import CollieError
-from collie_compile.recompute import checkpoint_kwargs
+from collie_compile.recompute_policy import checkpoint_kwargs
 
 from .outline_blocks import node_block
 

@@ -2,7 +2,7 @@
 
 Every linear of a decoder block is column-parallel (output features split over the tp
 ranks) or row-parallel (input features split, partial outputs summed), as the layout
-says; the layout is what the cost model priced (:mod:`collie_compile.annotate` marks the
+says; the layout is what the cost model priced (:mod:`collie_compile.capture.annotate` marks the
 region between a column linear and the row linear that closes it). The pass
 
 - replaces each sharded weight (and bias) by this rank's slice, in whole attention heads
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from collie_compile.annotate import weight_of
+from collie_compile.capture.annotate import weight_of
 from collie_compile.errors import CollieError
 
 aten = torch.ops.aten

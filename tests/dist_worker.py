@@ -13,12 +13,12 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from collie_compile.distributed import ensure_initialized
+from collie_compile.cost.measure import LiveBytes
+from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError
-from collie_compile.measure import LiveBytes
-from collie_compile.modelprofile import torch_dtype
-from collie_compile.models import build_model, load_config, with_layers
-from collie_compile.runtime import parallelize
+from collie_compile.models.registry import build_model, load_config, with_layers
+from collie_compile.runtime.distributed import ensure_initialized
+from collie_compile.runtime.parallel_model import parallelize
 
 STEPS, SEQ, BATCH, VOCAB = int(os.environ.get("STEPS", 3)), 16, 8, 256
 
@@ -48,7 +48,7 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 def reference(name: str, layers: int, clip: float | None = None, optimizer: str = "adamw",
               kwargs: dict | None = None) -> tuple[list[float], dict, dict]:
     """Losses, final weights and last-step gradients of plain single-process training."""
-    from collie_compile.optim import optimizer_class
+    from collie_compile.optim.optimizers import optimizer_class
 
     m = make_model(name, layers)
     opts = dict(ADAMW) if optimizer == "adamw" else {"lr": ADAMW["lr"]}

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from collie_compile.annotate import annotate, measure_saved
-from collie_compile.capture import capture
-from collie_compile.modelprofile import profile_model
-from collie_compile.models import build_model, load_config
+from collie_compile.capture.annotate import annotate, measure_saved
+from collie_compile.capture.export import capture
+from collie_compile.cost.profile import profile_model
+from collie_compile.models.registry import build_model, load_config
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_recompute_modes_keep_less():
 
 
 def test_profile_cached_on_disk_and_corruption_ignored(tmp_path, monkeypatch):
-    from collie_compile import modelprofile
+    from collie_compile.cost import profile as modelprofile
 
     monkeypatch.setenv("COLLIE_COMPILE_CACHE", str(tmp_path))
     modelprofile._cached_profile.cache_clear()
@@ -91,8 +91,8 @@ def test_heterogeneous_stack_priced_by_its_costliest_block(model_type):
     block costs at least as much as each block of the probe."""
     from transformers import AutoConfig
 
-    from collie_compile.models import count_params
-    from collie_compile.probe import probe_config
+    from collie_compile.models.probe import probe_config
+    from collie_compile.models.registry import count_params
 
     cfg = probe_config(AutoConfig.for_model(model_type), heads=4, kv_heads=2)
     prof = profile_model(cfg, seq_len=16, dtype="fp32")

@@ -6,14 +6,14 @@ import copy
 import pytest
 import torch
 
-import collie_compile.attention as attention
-from collie_compile.capture import capture
-from collie_compile.estimate import estimate
-from collie_compile.measure import measure_peak
-from collie_compile.memory import Layout, MemoryModel
-from collie_compile.modelprofile import profile_model
-from collie_compile.models import build_model, load_config
-from collie_compile.optimizers import get_optimizer
+import collie_compile.models.attention as attention
+from collie_compile.capture.export import capture
+from collie_compile.cost.estimate import estimate
+from collie_compile.cost.measure import measure_peak
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
+from collie_compile.models.registry import build_model, load_config
+from collie_compile.optim.specs import get_optimizer
 from collie_compile.passes.expand_kv import expand_grouped_kv
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -114,7 +114,7 @@ def test_gpus_without_fused_gqa_price_expanded_kv():
     g_v100, g_a100 = (estimate("tiny-gpt2", gpu=g, **kw).memory for g in ("v100-32gb",
                                                                            "a100-80gb"))
     assert g_v100.activations_bytes == g_a100.activations_bytes
-    from collie_compile.planner import plan
+    from collie_compile.planner.search import plan
 
     notes = {g: plan("tiny-qwen2", gpus=1, gpu=g, dtype="fp16", seq_len=128,
                      global_batch_size=4).notes for g in ("v100-32gb", "a100-80gb")}

@@ -1,6 +1,6 @@
 from collie_compile.cli import main
-from collie_compile.hardware import get_gpu
-from collie_compile.planner import plan
+from collie_compile.cost.hardware import get_gpu
+from collie_compile.planner.search import plan
 
 
 def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from collie_compile.annotate import annotate
-from collie_compile.capture import capture
+from collie_compile.capture.annotate import annotate
+from collie_compile.capture.export import capture
 from collie_compile.errors import CaptureError
-from collie_compile.models import build_model, load_config
+from collie_compile.models.registry import build_model, load_config
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"]
 
@@ -68,7 +68,7 @@ def test_mixture_of_experts_refused_with_the_layer(model_type, tmp_path, capsys)
     from transformers import AutoConfig
 
     from collie_compile.cli import main
-    from collie_compile.probe import probe_config
+    from collie_compile.models.probe import probe_config
 
     cfg = probe_config(AutoConfig.for_model(model_type), heads=4, kv_heads=2)
     with pytest.raises(CaptureError, match=r"mixture-of-experts model \(model\.layers\.0\.mlp"):
@@ -84,9 +84,9 @@ def test_tensor_constants_made_on_meta_are_measured():
     measuring saved bytes runs it as CPU, as everything else (was a device mismatch)."""
     from transformers import AutoConfig
 
-    from collie_compile.modelprofile import profile_model
-    from collie_compile.models import count_params
-    from collie_compile.probe import probe_config
+    from collie_compile.cost.profile import profile_model
+    from collie_compile.models.probe import probe_config
+    from collie_compile.models.registry import count_params
 
     cfg = probe_config(AutoConfig.for_model("gpt_neo"), heads=4, kv_heads=2)
     prof = profile_model(cfg, seq_len=16, dtype="fp32")
@@ -100,16 +100,16 @@ def test_outline_moves_foreign_nodes_out_of_a_block_and_refuses_looped_depth():
     layers) is refused with that reason."""
     from transformers import AutoConfig
 
-    from collie_compile.capture import capture_static
+    from collie_compile.capture.export import capture_static
     from collie_compile.errors import CollieError
+    from collie_compile.models.probe import probe_config
     from collie_compile.passes.outline_blocks import node_block, outline_blocks
-    from collie_compile.probe import probe_config
 
     aten = torch.ops.aten
     torch.manual_seed(0)
     model = build_model(load_config("tiny-llama"), device="cpu").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    from collie_compile.runtime import _drop_guards
+    from collie_compile.runtime.parallel_model import _drop_guards
 
     gm = _drop_guards(annotate(capture_static(model, ids), model).gm)
     want = gm(input_ids=ids)

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 
 from collie_compile.cli import main
-from collie_compile.hardware import CATALOG
+from collie_compile.cost.hardware import CATALOG
 
 
 def run(capsys, *argv):
@@ -138,8 +138,8 @@ def test_console_script_exit_code_without_traceback():
 def test_estimate_prices_interleaved_as_the_planner_does(capsys):
     """estimate used to price an interleaved layout with one chunk per GPU while plan
     priced (and the runtime built) two."""
-    from collie_compile.estimate import estimate
-    from collie_compile.planner import plan
+    from collie_compile.cost.estimate import estimate
+    from collie_compile.planner.search import plan
 
     p = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=4096, global_batch_size=64,
              schedule="interleaved", pp=4, dp=2, zero=1, recompute="full")

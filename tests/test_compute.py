@@ -3,13 +3,19 @@ import dataclasses
 import pytest
 import torch
 
-from collie_compile.annotate import annotate
-from collie_compile.capture import capture
-from collie_compile.compute import allgather_time, allreduce_time, block_time, node_time, roofline
-from collie_compile.hardware import get_gpu
-from collie_compile.modelprofile import profile_model
-from collie_compile.models import build_model, load_config, with_layers
-from collie_compile.steptime import StageTime
+from collie_compile.capture.annotate import annotate
+from collie_compile.capture.export import capture
+from collie_compile.cost.compute import (
+    allgather_time,
+    allreduce_time,
+    block_time,
+    node_time,
+    roofline,
+)
+from collie_compile.cost.hardware import get_gpu
+from collie_compile.cost.profile import profile_model
+from collie_compile.cost.step_time import StageTime
+from collie_compile.models.registry import build_model, load_config, with_layers
 
 H100 = get_gpu("h100-80gb")
 
@@ -106,9 +112,9 @@ def test_zero_efficiency_prices_what_goes_through_fsdp():
     """ZeRO-2/3 traffic (FSDP2's gathers and reduce-scatters, with their copies) costs
     1/zero_efficiency times the ring model; ZeRO-0/1's gradient sync (collie-compile's own
     reducer) does not."""
-    from collie_compile.memory import Layout
-    from collie_compile.optimizers import get_optimizer
-    from collie_compile.steptime import stage_time
+    from collie_compile.cost.memory import Layout
+    from collie_compile.cost.step_time import stage_time
+    from collie_compile.optim.specs import get_optimizer
 
     prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
     slow = dataclasses.replace(H100, zero_efficiency=0.25)
@@ -132,9 +138,9 @@ def test_pipelined_zero3_reduce_scatters_once_a_step():
     """Under pp, torch.distributed.pipelining syncs FSDP2 once after the last backward:
     two gathers per micro-batch and one reduce-scatter a step, where without pp every
     micro-batch also reduce-scatters."""
-    from collie_compile.memory import Layout
-    from collie_compile.optimizers import get_optimizer
-    from collie_compile.steptime import stage_time
+    from collie_compile.cost.memory import Layout
+    from collie_compile.cost.step_time import stage_time
+    from collie_compile.optim.specs import get_optimizer
 
     prof = profile_model("tiny-llama", seq_len=64, dtype="fp32")
 

@@ -37,17 +37,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, LlamaConfig
 
-from collie_compile.check import (
+from collie_compile.errors import CollieError
+from collie_compile.models.probe import probe_config
+from collie_compile.planner.search import plan
+from collie_compile.runtime.check import (
     LAYOUTS,
     SENSITIVITY_MARGIN,
     WEIGHT_TOLERANCE,
     Case,
     run_cases,
 )
-from collie_compile.errors import CollieError
-from collie_compile.planner import plan
-from collie_compile.probe import probe_config
-from collie_compile.runtime import tp_refusal
+from collie_compile.runtime.parallel_model import tp_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,11 +174,11 @@ def test_batch_merged_with_heads_is_refused_when_it_is_ambiguous() -> None:
     (other micro-batch sizes shard exactly, see bloom-tp2)."""
     import torch
 
-    from collie_compile.annotate import annotate
-    from collie_compile.capture import capture_static
-    from collie_compile.models import build_model
+    from collie_compile.capture.annotate import annotate
+    from collie_compile.capture.export import capture_static
+    from collie_compile.models.registry import build_model
     from collie_compile.passes.tensor_parallel import tensor_parallel
-    from collie_compile.runtime import _drop_guards, head_layout, tp_layout
+    from collie_compile.runtime.parallel_model import _drop_guards, head_layout, tp_layout
 
     cfg = CONFIGS["bloom"]
     model = build_model(cfg)
@@ -198,7 +198,7 @@ def test_a_family_whose_own_loss_differs_is_refused() -> None:
     """CPM-Ant's loss does not shift its labels: training it with next-token
     cross-entropy would not be its own training (one process disagreed with it by 1.8 in
     loss). parallelize refuses it with the reason; families with the usual loss pass."""
-    from collie_compile.runtime import loss_refusal
+    from collie_compile.runtime.parallel_model import loss_refusal
 
     why = loss_refusal(_probe(AutoConfig.for_model("cpmant")))
     assert why and "not next-token cross-entropy" in why

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from collie_compile.measure import measure_peak
-from collie_compile.memory import Layout, MemoryModel
-from collie_compile.modelprofile import profile_model
-from collie_compile.optimizers import get_optimizer
+from collie_compile.cost.measure import measure_peak
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
+from collie_compile.optim.specs import get_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,8 +51,8 @@ def test_estimate_matches_the_caching_allocator(optimizer: str, recompute: str) 
 def test_gqa_in_fp32_runs_expanded_and_equals_the_math_path() -> None:
     """On CUDA, fp32 grouped-query SDPA would take the math path; expanded K/V give the
     same output on a fused kernel, and local_gpu says so for this device."""
-    from collie_compile.attention import expanded_sdpa, fused_gqa
-    from collie_compile.hardware import local_gpu
+    from collie_compile.cost.hardware import local_gpu
+    from collie_compile.models.attention import expanded_sdpa, fused_gqa
 
     dev = torch.device("cuda")
     assert not fused_gqa(dev, torch.float32) and not local_gpu().fused_gqa("fp32")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from collie_compile.measure import measure_peak
-from collie_compile.memory import Layout, MemoryModel
-from collie_compile.modelprofile import profile_model
-from collie_compile.optimizers import get_optimizer
+from collie_compile.cost.measure import measure_peak
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
+from collie_compile.optim.specs import get_optimizer
 
 MODEL = "small-llama"  # ~16M parameters: model states and activations both matter
 CASES = [  # optimizer, recompute, dtype, micro-batch, seq
@@ -62,8 +62,8 @@ def test_lora_estimate_counts_peft_adapters_and_drops_states():
     measured on peft's model."""
     from peft import LoraConfig, get_peft_model
 
-    from collie_compile.estimate import estimate
-    from collie_compile.models import build_model, load_config
+    from collie_compile.cost.estimate import estimate
+    from collie_compile.models.registry import build_model, load_config
 
     seq, batch = 256, 2
     lora = estimate(MODEL, gpus=1, micro_batch_size=batch, seq_len=seq, dtype="fp32",
@@ -87,8 +87,8 @@ def test_live_bytes_equals_memtracker_on_one_process():
     """LiveBytes (the per-rank tracker of the estimate suite) sees what MemTracker sees."""
     import torch
 
-    from collie_compile.measure import LiveBytes, make_optimizer
-    from collie_compile.models import build_model, load_config
+    from collie_compile.cost.measure import LiveBytes, make_optimizer
+    from collie_compile.models.registry import build_model, load_config
 
     torch.manual_seed(0)
     net = build_model(load_config("tiny-llama"), device="cpu")

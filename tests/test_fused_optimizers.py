@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from collie_compile.errors import CollieError
-from collie_compile.fused_backward import LOMO, AdaLomo, LossScaler
 from collie_compile.kernels.adalomo import adalomo_state, adalomo_update_reference
 from collie_compile.kernels.lomo import lomo_update_reference
-from collie_compile.models import build_model, load_config
+from collie_compile.models.registry import build_model, load_config
+from collie_compile.optim.in_backward import LOMO, AdaLomo, LossScaler
 
 LR, WD = 1e-2, 0.1
 

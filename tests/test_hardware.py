@@ -4,8 +4,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from collie_compile.cost.hardware import CATALOG, GPUSpec, catalog_name, get_gpu, local_gpu
 from collie_compile.errors import CollieError
-from collie_compile.hardware import CATALOG, GPUSpec, catalog_name, get_gpu, local_gpu
 
 
 def test_catalog_has_required_gpus():

@@ -1,10 +1,11 @@
 import pytest
 
-from collie_compile.estimate import estimate
-from collie_compile.hardware import GiB
-from collie_compile.memory import Layout, MemoryModel, backward_grads, even_split
-from collie_compile.modelprofile import profile_model
-from collie_compile.optimizers import get_optimizer
+from collie_compile.cost.estimate import estimate
+from collie_compile.cost.hardware import GiB
+from collie_compile.cost.memory import Layout, MemoryModel, backward_grads
+from collie_compile.cost.profile import profile_model
+from collie_compile.layout import even_split
+from collie_compile.optim.specs import get_optimizer
 
 
 def _states(mem):

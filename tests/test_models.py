@@ -3,7 +3,7 @@ import json
 import pytest
 
 from collie_compile.errors import CollieError
-from collie_compile.models import PRESETS, build_model, count_params, load_config
+from collie_compile.models.registry import PRESETS, build_model, count_params, load_config
 
 # Published parameter counts of the Hugging Face models (DESIGN.md; the LLaMA-1 ones are
 # the same formula the HF checkpoints give).
@@ -63,7 +63,7 @@ def test_latent_attention_probe_keeps_a_kv_head_per_query_head():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from collie_compile.probe import probe_config
+    from collie_compile.models.probe import probe_config
 
     cfg = probe_config(AutoConfig.for_model("minicpm3"), heads=4, kv_heads=2)
     assert cfg.num_key_value_heads == cfg.num_attention_heads == 4
@@ -76,8 +76,8 @@ def test_a_model_that_is_not_one_stack_is_refused():
     where it was an AttributeError from deep in the profile."""
     from transformers import AutoConfig
 
-    from collie_compile.modelprofile import profile_model
-    from collie_compile.probe import probe_config
+    from collie_compile.cost.profile import profile_model
+    from collie_compile.models.probe import probe_config
 
     cfg = probe_config(AutoConfig.for_model("blt"), heads=4, kv_heads=2)
     with pytest.raises(CollieError, match="not one stack of decoder blocks"):

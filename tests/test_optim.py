@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from collie_compile.errors import CollieError
-from collie_compile.optim import SGD, Adam, AdamW, Adan, SophiaG, optimizer_class
-from collie_compile.optimizers import OPTIMIZERS
+from collie_compile.optim.optimizers import SGD, Adam, AdamW, Adan, SophiaG, optimizer_class
+from collie_compile.optim.specs import OPTIMIZERS
 
 
 def _steps(opt_cls, grads, p0, **kw):

@@ -5,14 +5,15 @@ import pulp
 import pytest
 
 from collie_compile.cli import main
+from collie_compile.cost.hardware import get_gpu
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
 from collie_compile.errors import CollieError
-from collie_compile.hardware import get_gpu
-from collie_compile.memory import RECOMPUTE, Layout, MemoryModel
-from collie_compile.modelprofile import profile_model
-from collie_compile.models import load_config, with_layers
-from collie_compile.optimizers import get_optimizer
-from collie_compile.plan import Plan
-from collie_compile.planner import _problem, plan, solve_brute, solve_ilp
+from collie_compile.layout import RECOMPUTE
+from collie_compile.models.registry import load_config, with_layers
+from collie_compile.optim.specs import get_optimizer
+from collie_compile.planner.result import Plan
+from collie_compile.planner.search import _problem, plan, solve_brute, solve_ilp
 
 EXACT = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=0)
 
@@ -163,7 +164,7 @@ def test_a_given_plan_runs_as_priced_or_says_what_differs():
     """parallelize(plan=file) used to override the plan's optimizer and pins silently."""
     from dataclasses import replace
 
-    from collie_compile.runtime import _check_given_plan
+    from collie_compile.runtime.parallel_model import _check_given_plan
 
     p = plan("tiny-llama", gpus=4, seq_len=64, global_batch_size=8, dtype="fp32", zero=1)
     same = dict(optimizer="adamw", dtype="fp32", seq_len=64, global_batch_size=8)
@@ -227,7 +228,7 @@ def test_lora_targets_are_priced_and_checked(tmp_path):
 def test_a_given_plan_must_train_what_it_priced():
     """A LoRA plan run as full training would underestimate memory by gradients and
     optimizer states of every weight; parallelize used to plan LoRA runs as full ones."""
-    from collie_compile.runtime import _check_plan_lora, lora_config, lora_plan_args
+    from collie_compile.runtime.parallel_model import _check_plan_lora, lora_config, lora_plan_args
 
     p = plan("tiny-llama", gpus=2, seq_len=64, global_batch_size=4, lora_rank=4)
     _check_plan_lora(p, 4, ["v_proj", "q_proj"])  # the default targets, in any order
@@ -245,7 +246,7 @@ def test_interleaved_ranks_hold_what_their_stage_was_priced_for():
     """Interleaved, rank k's chunks take stage k's block count and recompute modes (the
     runtime used to cut pp x v even chunks and read modes by layer index, so a rank could
     hold a mix the planner never priced: 44 GiB where 37 GiB was planned)."""
-    from collie_compile.plan import Candidate
+    from collie_compile.planner.result import Candidate
 
     c = Candidate(dp=1, tp=1, pp=2, zero=0, micro_batch_size=1, num_microbatches=4,
                   schedule="interleaved", virtual_stages=2,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from collie_compile.probe import probe_config
+from collie_compile.models.probe import probe_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -154,7 +154,7 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
-    from collie_compile.planner import plan
+    from collie_compile.planner.search import plan
 
     tmp = tmp_path_factory.mktemp("run4")
     qwen_plan = tmp / "qwen.json"
@@ -327,7 +327,7 @@ def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from collie_compile.models import build_model, load_config
+    from collie_compile.models.registry import build_model, load_config
 
     assert len(load_file(out / "adapter_model.safetensors")) == 2 * 3 * 2  # layers x targets x A,B
     PeftModel.from_pretrained(build_model(load_config("tiny-llama"), device="cpu"), out)
@@ -336,8 +336,8 @@ def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
 def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
     """Saving replaces the whole folder: it used to delete whatever was in it (and a
     file given as the folder was moved aside, then a traceback)."""
-    from collie_compile.checkpoint import check_replaceable
     from collie_compile.errors import CollieError
+    from collie_compile.runtime.state import check_replaceable
 
     check_replaceable(tmp_path / "new")  # nothing there yet
     (tmp_path / "empty").mkdir()
@@ -361,7 +361,7 @@ def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
 
 def test_fused_only_options_are_refused_for_other_optimizers() -> None:
     from collie_compile.errors import CollieError
-    from collie_compile.runtime import FusedOptions
+    from collie_compile.runtime.parallel_model import FusedOptions
 
     with pytest.raises(CollieError, match="clip_value applies to the fused optimizers"):
         FusedOptions(clip_value=1.0).check("adamw")
@@ -377,10 +377,10 @@ def test_fused_only_options_are_refused_for_other_optimizers() -> None:
 
 def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
     """parallelize / train --memory-reserve reach the planner (it used 5% always)."""
+    from collie_compile.cost.hardware import CATALOG
     from collie_compile.errors import CollieError
-    from collie_compile.hardware import CATALOG
-    from collie_compile.models import load_config
-    from collie_compile.runtime import _resolve_plan
+    from collie_compile.models.registry import load_config
+    from collie_compile.runtime.parallel_model import _resolve_plan
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # what torchrun says; no process group
     args = (load_config("tiny-llama"), "tiny-llama", 1, "a100-80gb", None, "fp32", 64, 8,
@@ -419,9 +419,9 @@ def test_auto_plan_on_a_gpu_the_catalog_lacks_says_so(monkeypatch) -> None:
     command asks for a spec file (--gpu with the card's name would be refused)."""
     from dataclasses import replace
 
-    from collie_compile import runtime
-    from collie_compile.hardware import CATALOG
-    from collie_compile.models import load_config
+    from collie_compile.cost.hardware import CATALOG
+    from collie_compile.models.registry import load_config
+    from collie_compile.runtime import parallel_model as runtime
 
     card = replace(CATALOG["a100-80gb"], name="nvidia-rtx-pro-6000", memory_bytes=96 * 2**30)
     monkeypatch.setattr(runtime, "local_gpu", lambda: card)  # what a CUDA host would find
@@ -491,7 +491,7 @@ def test_merged_adapter_matches_peft_on_conv1d_and_linear() -> None:
     from transformers import AutoModelForCausalLM, GPT2Config
     from transformers.pytorch_utils import Conv1D
 
-    from collie_compile.runtime import _merged
+    from collie_compile.runtime.parallel_model import _merged
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2,

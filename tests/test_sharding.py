@@ -1,9 +1,9 @@
 import pytest
 
-from collie_compile.hardware import get_gpu
-from collie_compile.modelprofile import profile_model
-from collie_compile.planner import plan
-from collie_compile.sharding import linear_layout, solve_block_sharding
+from collie_compile.cost.hardware import get_gpu
+from collie_compile.cost.profile import profile_model
+from collie_compile.planner.search import plan
+from collie_compile.planner.sharding import linear_layout, solve_block_sharding
 
 H100 = get_gpu("h100-80gb")
 MEGATRON = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row",

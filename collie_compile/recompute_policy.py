@@ -3,7 +3,7 @@
 ``full`` checkpoints each decoder block: only its input is kept, the rest recomputed in
 backward. ``selective`` keeps the outputs of matmuls and attention (expensive to redo)
 and recomputes everything else (norms, activations, rotary, casts: cheap, memory-heavy).
-The cost model counts exactly these tensors (:mod:`collie_compile.modelprofile`).
+The cost model counts exactly these tensors (:mod:`collie_compile.cost.profile`).
 """
 
 from __future__ import annotations

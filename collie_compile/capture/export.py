@@ -3,9 +3,9 @@
 Non-strict export with dynamic batch and sequence dims, so one graph serves every
 micro-batch size and sequence length the planner tries. On the meta device the capture
 needs no memory; for planning we capture a probe of the model with a few decoder blocks
-(all blocks are identical, see :mod:`collie_compile.annotate`), which keeps capture time
+(all blocks are identical, see :mod:`collie_compile.capture.annotate`), which keeps capture time
 independent of depth. Attention is captured as SDPA told the mask is causal, with
-grouped K/V left grouped (:mod:`collie_compile.attention`), not transformers' export-time
+grouped K/V left grouped (:mod:`collie_compile.models.attention`), not transformers' export-time
 materialised mask and per-group K/V copies.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.export import Dim, ExportedProgram
 
-from .attention import causal_attention
-from .errors import CaptureError
+from collie_compile.errors import CaptureError
+from collie_compile.models.attention import causal_attention
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .compute import allgather_time, allreduce_time, block_time, head_time, p2p_time
-from .hardware import GPUSpec
-from .memory import RECOMPUTE, Layout, vocab_shards
-from .modelprofile import ModelProfile
-from .optimizers import OptimizerSpec
+from collie_compile.cost.compute import (
+    allgather_time,
+    allreduce_time,
+    block_time,
+    head_time,
+    p2p_time,
+)
+from collie_compile.cost.hardware import GPUSpec
+from collie_compile.cost.memory import Layout, vocab_shards
+from collie_compile.cost.profile import ModelProfile
+from collie_compile.layout import RECOMPUTE
+from collie_compile.optim.specs import OptimizerSpec
 
 # Bytes an update reads and writes per trainable element (memory-bound step).
 _UPDATE_BYTES = {"adamw": 28, "adam": 28, "sgd": 12, "lion": 20, "adan": 44, "sophia": 28,

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .errors import CollieError, named
-from .hardware import GPUSpec, get_gpu
-from .memory import (
-    INTERLEAVED_CHUNKS,
-    LORA_TARGETS_WITHOUT_RANK,
-    Layout,
-    MemoryBreakdown,
-    MemoryModel,
-    lora_cost,
-)
-from .modelprofile import ModelProfile, profile_model
-from .models import load_config
-from .optimizers import get_optimizer
+from collie_compile.cost.hardware import GPUSpec, get_gpu
+from collie_compile.cost.memory import Layout, MemoryBreakdown, MemoryModel, lora_cost
+from collie_compile.cost.profile import ModelProfile, profile_model
+from collie_compile.errors import CollieError, named
+from collie_compile.layout import INTERLEAVED_CHUNKS, LORA_TARGETS_WITHOUT_RANK
+from collie_compile.models.registry import load_config
+from collie_compile.optim.specs import get_optimizer
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
-    (:func:`collie_compile.runtime.tp_refusal`)."""
+    (:func:`collie_compile.runtime.parallel_model.tp_refusal`)."""
     if not 0 <= memory_reserve < 1:
         raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if lora_targets is not None and lora_rank is None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .annotate import AnnotatedGraph, NodeInfo
-from .hardware import GPUSpec
-from .modelprofile import ModelProfile
+from collie_compile.capture.annotate import AnnotatedGraph, NodeInfo
+from collie_compile.cost.hardware import GPUSpec
+from collie_compile.cost.profile import ModelProfile
 
 
 def roofline(flops: float, nbytes: float, gpu: GPUSpec, dtype: str) -> float:

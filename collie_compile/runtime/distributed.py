@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .errors import CollieError
+from collie_compile.errors import CollieError
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .attention import IMPLEMENTATION
-from .errors import CollieError, first_line
+from collie_compile.errors import CollieError, first_line
+from collie_compile.models.attention import IMPLEMENTATION
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import distributed as cdist
-from .errors import CollieError, flag
-from .modelprofile import torch_dtype
-from .models import build_model, load_config
-from .plan import Plan
+from collie_compile.dtypes import torch_dtype
+from collie_compile.errors import CollieError, flag
+from collie_compile.models.registry import build_model, load_config
+from collie_compile.planner.result import Plan
+from collie_compile.runtime import distributed as cdist
 
 
 @dataclass
@@ -109,7 +109,7 @@ def train(cfg: TrainConfig) -> list[float]:
     """Train and return the loss of every step (on every rank)."""
     from tqdm import tqdm
 
-    from .runtime import parallelize
+    from collie_compile.runtime.parallel_model import parallelize
 
     cdist.ensure_initialized()  # so errors in what follows are agreed, reported once
     cfg = cdist.agree(lambda: resolve(cfg))
@@ -171,8 +171,8 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
     """Train the same initial model on the same batches in this one process, with plain
     transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
     the same optimizer; print how far the parallel losses are."""
-    from .optim import single_process_optimizer
-    from .runtime import ADAPTER_PREFIX
+    from collie_compile.optim.optimizers import single_process_optimizer
+    from collie_compile.runtime.parallel_model import ADAPTER_PREFIX
 
     torch.manual_seed(cfg.seed)
     model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))

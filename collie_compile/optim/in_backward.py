@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CollieError
-from .kernels.adalomo import Allsum, adalomo_state, adalomo_update
-from .kernels.lomo import lomo_update
+from collie_compile.errors import CollieError
+from collie_compile.kernels.adalomo import Allsum, adalomo_state, adalomo_update
+from collie_compile.kernels.lomo import lomo_update
 
 RULES = ("lomo", "adalomo")
 CLIP_MODES = ("two-pass", "stale")

@@ -1,7 +1,7 @@
 """Summarise a model into the plain numbers the cost model needs.
 
 A :class:`ModelProfile` is built from a *probe*: the model with two decoder blocks,
-captured and annotated (:mod:`collie_compile.annotate`). One block's parameters, FLOPs
+captured and annotated (:mod:`collie_compile.capture.annotate`). One block's parameters, FLOPs
 and saved-for-backward bytes stand for all of them (the costlier of the two where they
 differ: see :func:`_priced_block`), and the probe costs the same to capture for a 7B and
 a 405B model. Everything per sample is
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .annotate import AnnotatedGraph, annotate, block_graph, measure_saved
-from .capture import capture
-from .errors import CollieError, named
-from .hardware import DTYPES
-from .models import (
+from collie_compile.capture.annotate import AnnotatedGraph, annotate, block_graph, measure_saved
+from collie_compile.capture.export import capture
+from collie_compile.dtypes import DTYPE_BYTES, torch_dtype
+from collie_compile.errors import CollieError, named
+from collie_compile.models.probe import attention_heads
+from collie_compile.models.registry import (
     build_model,
     config_from_dict,
     count_params,
@@ -33,7 +34,6 @@ from .models import (
     model_name,
     with_layers,
 )
-from .probe import attention_heads
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
 PROFILE_SCHEMA = 8
@@ -88,7 +88,7 @@ class ModelProfile:
     act_frozen: ActivationBytes  # saved per block when its weights are frozen (LoRA base)
     # More saved per block without recomputation (and with frozen weights) where
     # grouped-query attention runs with K/V expanded: on devices with no fused kernel
-    # for groups in this dtype (collie_compile.attention). 0 without grouped-query SDPA.
+    # for groups in this dtype (collie_compile.models.attention). 0 without grouped-query SDPA.
     act_expanded_kv: ActivationBytes
     act_embed: int  # saved per sample outside the blocks, before them
     act_head: int  # saved per sample by final norm, LM head and loss
@@ -102,7 +102,7 @@ class ModelProfile:
 
     @property
     def itemsize(self) -> int:
-        return torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
+        return DTYPE_BYTES[self.dtype]
 
     def activations(self, recompute: str) -> ActivationBytes:
         try:
@@ -111,14 +111,6 @@ class ModelProfile:
         except KeyError:
             raise CollieError(f"unknown recompute {recompute!r}; use none, selective or "
                               "full") from None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a dtype name (fp32, bf16, fp16; any case)."""
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise CollieError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
@@ -147,7 +139,7 @@ def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> Model
     torch, transformers and this package: keep it on disk (JSON) keyed by all of them."""
     import transformers
 
-    from . import __version__
+    from collie_compile import __version__
 
     key = hashlib.sha256("\0".join([cfg_json, name, str(seq_len), dtype, torch.__version__,
                                      transformers.__version__, __version__,
@@ -174,10 +166,10 @@ def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> Model
 
 def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
     cfg = config_from_dict(json.loads(cfg_json), name)
-    full = build_model(cfg, dtype=DTYPES[dtype])
+    full = build_model(cfg, dtype=torch_dtype(dtype))
     layers = int(cfg.num_hidden_layers)
     probe_layers = min(layers, PROBE_BLOCKS)
-    probe = build_model(with_layers(cfg, probe_layers), dtype=DTYPES[dtype])
+    probe = build_model(with_layers(cfg, probe_layers), dtype=torch_dtype(dtype))
     # sequences up to seq_len only: a sliding window at least that long is then no mask
     ag = annotate(capture(probe, max_seq=seq_len), probe)
     b = _priced_block(ag, probe_layers)

@@ -26,10 +26,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CollieError
+from collie_compile.errors import CollieError
 
 if TYPE_CHECKING:
-    from .passes.tensor_parallel import Shard
+    from collie_compile.passes.tensor_parallel import Shard
 
 FORMAT = "collie-compile-checkpoint"
 VERSION = 1

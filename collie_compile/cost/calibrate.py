@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .compute import allgather_time
-from .hardware import DTYPES, GPUSpec, fused_gqa_dtypes
+from collie_compile.cost.compute import allgather_time
+from collie_compile.cost.hardware import GPUSpec
+from collie_compile.dtypes import DTYPE_NAMES, fused_gqa_dtypes, torch_dtype
 
 UNMEASURED_LINK = (10e-6, 25e9)  # (s, B/s): PCIe 4.0 x16, for a machine with one GPU
 
@@ -73,7 +74,7 @@ def host_overheads(device: torch.device, repeats: int = 5) -> tuple[float, float
     call (RNG state, frames) is spread over the chain's 24 ops, about a block's worth."""
     from torch.utils.checkpoint import checkpoint
 
-    from .recompute import checkpoint_kwargs
+    from collie_compile.recompute_policy import checkpoint_kwargs
 
     torch.manual_seed(0)
     layers = [m for _ in range(8) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
@@ -170,7 +171,7 @@ def calibrate(name: str | None = None, quick: bool = False) -> GPUSpec:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     n = 512 if quick else (8192 if cuda else 2048)
-    flops = {name: matmul_flops(dt, device, n) for name, dt in DTYPES.items()}
+    flops = {name: matmul_flops(torch_dtype(name), device, n) for name in DTYPE_NAMES}
     bw = copy_bandwidth(device, (8 << 20) if quick else (1 << 30 if cuda else 256 << 20))
     sizes = [1 << 12, 1 << 16, 1 << 20] if quick else [1 << 12, 1 << 16, 1 << 20, 1 << 24]
     zero3 = None

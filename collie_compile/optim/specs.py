@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CollieError
+from collie_compile.errors import CollieError
 
 
 @dataclass(frozen=True)

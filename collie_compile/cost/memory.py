@@ -3,7 +3,7 @@
 Model states follow the ZeRO paper (Ψ trainable parameters per rank before data
 parallelism, d = dp): stage 1 shards optimizer states and fp32 master weights over d,
 stage 2 also gradients, stage 3 also the 16-bit weights. Activations are the bytes the
-graph saves for backward (measured per block, :mod:`collie_compile.modelprofile`),
+graph saves for backward (measured per block, :mod:`collie_compile.cost.profile`),
 times the micro-batches in flight on a pipeline stage (1F1B: stage k of p holds
 min(p - k, m); GPipe: all m).
 
@@ -27,13 +27,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import CollieError, named
-from .modelprofile import ActivationBytes, ModelProfile
-from .optimizers import OptimizerSpec
-
-RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "gpipe", "interleaved")
-INTERLEAVED_CHUNKS = 2  # model chunks per GPU of an interleaved schedule, unless given
+from collie_compile.cost.profile import ActivationBytes, ModelProfile
+from collie_compile.errors import CollieError, named
+from collie_compile.layout import (
+    DEFAULT_LORA_TARGETS,
+    RECOMPUTE,
+    SCHEDULES,
+    even_split,
+    vocab_parallel,
+)
+from collie_compile.optim.specs import OptimizerSpec
 
 
 @dataclass(frozen=True)
@@ -190,20 +193,6 @@ class StageTerms:
 
 def _lin(part: tuple[float, float], n: int | np.ndarray) -> float | np.ndarray:
     return part[0] + n * part[1]
-
-
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
-LORA_TARGETS_WITHOUT_RANK = ("lora_targets (--lora-targets) without lora_rank trains nothing "
-                             "as LoRA; give the adapters' rank too (e.g. --lora-rank 8)")
-
-
-def canonical_lora_targets(targets: str | list[str] | tuple[str, ...] | None
-                           ) -> str | list[str]:
-    """LoRA targets as plans record and compare them: a regex string as given, module
-    names sorted (None: the default q_proj, v_proj)."""
-    if isinstance(targets, str):
-        return targets
-    return sorted(DEFAULT_LORA_TARGETS if targets is None else targets)
 
 
 @dataclass(frozen=True)
@@ -436,22 +425,6 @@ class MemoryModel:
             fused_tmp=fused_tmp,
             gather_tmp=gather_tmp, step_tmp=step_tmp,
             has_step_moment=not fused or pipelined_fsdp)
-
-
-def even_split(layers: int, parts: int) -> list[int]:
-    """Blocks per pipeline stage, as even as possible, extra blocks on the later stages
-    (the first stage also holds the most in-flight activations)."""
-    if parts > layers:
-        raise CollieError(f"pp={parts} exceeds the model's {layers} layers; use pp <= {layers}")
-    base, extra = divmod(layers, parts)
-    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
-
-
-def vocab_parallel(vocab_size: int, tied: bool, tp: int) -> bool:
-    """Whether tensor parallelism splits the embedding, LM head and logits over the
-    vocabulary: the runtime's rule, priced here. Not where tp does not divide the
-    vocabulary, nor where the head is tied to the embedding (both stay whole)."""
-    return tp > 1 and vocab_size % tp == 0 and not tied
 
 
 def vocab_shards(profile: ModelProfile, tp: int) -> int:

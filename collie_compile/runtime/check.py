@@ -2,7 +2,7 @@
 
 ``collie-compile check MODEL`` and the conformance suite (``python -m benchmarks zoo``)
 share this module. A *case* is a model config (a small probe of the user's model, see
-:func:`collie_compile.probe.probe_config`) and a layout. For each case every rank of a
+:func:`collie_compile.models.probe.probe_config`) and a layout. For each case every rank of a
 torchrun job (gloo) loads the same initial weights with ``from_pretrained`` (as users
 do), trains ``STEPS`` AdamW steps with :func:`collie_compile.parallelize`, and writes a
 Hugging Face checkpoint with ``save_pretrained``; rank 0 then trains plain transformers
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CollieError, first_line
+from collie_compile.errors import CollieError, first_line
 
 STEPS, SEQ, BATCH = 3, 16, 8
 # AdamW with eps 1e-6, not 1e-8: an element whose gradient is ~0 would otherwise move by
@@ -119,7 +119,7 @@ def _initial_model(config: dict, directory: Path) -> None:
     """Build the model from its config as users do and save its initial weights."""
     from transformers import AutoModelForCausalLM
 
-    from .models import config_from_dict
+    from collie_compile.models.registry import config_from_dict
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config_from_dict(config, "probe"))
@@ -205,8 +205,8 @@ def run_case(case: Case, workdir: Path) -> Result:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from .distributed import all_strings
-    from .runtime import parallelize
+    from collie_compile.runtime.distributed import all_strings
+    from collie_compile.runtime.parallel_model import parallelize
 
     d = workdir / case.id
     base, adapter, out = d / "init", d / "adapter-init", d / "trained"
@@ -284,7 +284,7 @@ def _worker(cases_file: str, out_file: str, workdir: str) -> None:
 
     # a rank that crashes mid-collective must not leave the others waiting for 30 minutes
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    from .distributed import all_strings
+    from collie_compile.runtime.distributed import all_strings
 
     for raw in json.loads(Path(cases_file).read_text()):
         case = Case(**raw)
@@ -305,7 +305,7 @@ def _worker(cases_file: str, out_file: str, workdir: str) -> None:
 
 
 def launch(cases: list[Case], out_file: Path, workdir: Path, timeout: float = 1800,
-           module: str = "collie_compile.check") -> list[Result]:
+           module: str = "collie_compile.runtime.check") -> list[Result]:
     """Run ``cases`` (all of one process count) in one torchrun launch on CPU (gloo);
     results are appended to ``out_file``; cases already there are skipped. ``module`` is
     the worker (this one; tests pass one with a pass broken on purpose)."""
@@ -353,7 +353,7 @@ def check_model(cfg: object, layouts: dict[str, dict], layers: int = 2,
                 workdir: Path | None = None) -> list[Result]:
     """Check ``cfg`` (a transformers config) under each named layout, on a probe with
     ``layers`` blocks and narrow widths that keep its head structure, without dropout."""
-    from .probe import probe_config
+    from collie_compile.models.probe import probe_config
 
     probe = probe_config(cfg, layers=layers, no_dropout=True)
     cases = [Case(name, probe.to_dict(), layout) for name, layout in layouts.items()]

@@ -31,9 +31,9 @@ import warnings
 
 import pulp
 
-from .compute import allgather_time, allreduce_time, roofline
-from .hardware import GPUSpec
-from .modelprofile import ModelProfile
+from collie_compile.cost.compute import allgather_time, allreduce_time, roofline
+from collie_compile.cost.hardware import GPUSpec
+from collie_compile.cost.profile import ModelProfile
 
 STRATEGIES = {"linear": ("column", "row", "replicate"), "attention": ("split", "replicate"),
               "other": ("split", "replicate")}

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .hardware import DTYPES, fused_gqa_dtypes
+from collie_compile.dtypes import fused_gqa_dtypes, torch_dtype
 
 IMPLEMENTATION = "collie_sdpa"
 
@@ -35,7 +35,7 @@ IMPLEMENTATION = "collie_sdpa"
 def fused_gqa(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether SDPA has a fused kernel for grouped-query attention on ``device`` in ``dtype``
     (meta, which only captures, counts as a CPU)."""
-    return any(DTYPES[name] == dtype for name in fused_gqa_dtypes(device))
+    return any(torch_dtype(name) == dtype for name in fused_gqa_dtypes(device))
 
 
 def expanded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,

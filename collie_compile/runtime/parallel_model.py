@@ -24,30 +24,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx
 
-from . import checkpoint as ckpt
-from . import distributed as cdist
-from .annotate import annotate
-from .attention import fused_gqa
-from .capture import capture_static
-from .errors import CollieError, flag, named
-from .estimate import check_heads
-from .fused_backward import CLIP_MODES, FusedBackward, LossScaler
-from .hardware import CATALOG, local_gpu
-from .kernels.adalomo import adalomo_state
-from .memory import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
-from .modelprofile import DTYPES, torch_dtype
-from .models import load_config, model_name, tied_names
-from .optim import DEFAULT_LR, optimizer_class, optimizer_options
-from .passes.data_parallel import data_parallel
-from .passes.expand_kv import expand_grouped_kv
-from .passes.lora import lora as lora_pass
-from .passes.move_to_device import move_to_device
-from .passes.outline_blocks import outline_blocks
-from .passes.pipeline_split import pipeline_split
-from .passes.recompute import recompute as recompute_pass
-from .passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
-from .plan import Plan, lora_flags
-from .probe import attention_heads
+from collie_compile.capture.annotate import annotate
+from collie_compile.capture.export import capture_static
+from collie_compile.cost.estimate import check_heads
+from collie_compile.cost.hardware import CATALOG, local_gpu
+from collie_compile.dtypes import dtype_name, torch_dtype
+from collie_compile.errors import CollieError, flag, named
+from collie_compile.kernels.adalomo import adalomo_state
+from collie_compile.layout import DEFAULT_LORA_TARGETS, canonical_lora_targets, vocab_parallel
+from collie_compile.models.attention import fused_gqa
+from collie_compile.models.probe import attention_heads
+from collie_compile.models.registry import load_config, model_name, tied_names
+from collie_compile.optim.in_backward import CLIP_MODES, FusedBackward, LossScaler
+from collie_compile.optim.optimizers import DEFAULT_LR, optimizer_class, optimizer_options
+from collie_compile.passes.data_parallel import data_parallel
+from collie_compile.passes.expand_kv import expand_grouped_kv
+from collie_compile.passes.lora import lora as lora_pass
+from collie_compile.passes.move_to_device import move_to_device
+from collie_compile.passes.outline_blocks import outline_blocks
+from collie_compile.passes.pipeline_split import pipeline_split
+from collie_compile.passes.recompute import recompute as recompute_pass
+from collie_compile.passes.tensor_parallel import tensor_parallel, vocab_parallel_cross_entropy
+from collie_compile.planner.result import Plan, lora_flags
+from collie_compile.runtime import distributed as cdist
+from collie_compile.runtime import state as ckpt
 
 IGNORE_INDEX = -100
 
@@ -95,7 +95,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ``max_grad_norm`` clips the whole model's gradient norm before each step.
 
     ``optimizer="lomo"`` or ``"adalomo"`` update each parameter inside backward (see
-    :mod:`collie_compile.fused_backward`): ``clip_mode`` ("two-pass" or "stale") says how
+    :mod:`collie_compile.optim.in_backward`): ``clip_mode`` ("two-pass" or "stale") says how
     they clip to ``max_grad_norm``, ``clip_value`` clips elementwise, ``loss_scale``
     ("dynamic" or a fixed number) scales the loss for fp16 and skips a step that
     overflows, and ``stochastic_rounding`` rounds updates into 16-bit weights randomly.
@@ -233,7 +233,7 @@ def model_dtype(model: torch.nn.Module, asked: str | None) -> str:
     """The dtype name of ``model``'s weights; ``asked``, if given, must be it (the plan
     prices the dtype the weights really have)."""
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    have = {v: k for k, v in DTYPES.items()}.get(first.dtype) if first is not None else None
+    have = dtype_name(first.dtype) if first is not None else None
     if asked is None:
         return have or "fp32"
     cast = torch_dtype(asked)
@@ -249,7 +249,7 @@ def _resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None,
                   memory_reserve: float | None = None, refusal: str | None = None) -> Plan:
-    from .planner import plan as solve
+    from collie_compile.planner.search import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
     if isinstance(plan, Plan):
@@ -352,7 +352,7 @@ def _dim_box(box: ckpt.Box, dim: int) -> ckpt.Box:
 
 class ParallelModel:
     """The per-rank program: ``train_step`` over the global batch, ``forward`` for logits,
-    and checkpointing (see :mod:`collie_compile.checkpoint`)."""
+    and checkpointing (see :mod:`collie_compile.runtime.state`)."""
 
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
                  lr: float | None, optimizer_kwargs: dict,
@@ -1052,8 +1052,8 @@ def head_layout(cfg: object) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=16)
 def _loss_refusal(cfg_json: str, name: str) -> str | None:
-    from .models import build_model, config_from_dict
-    from .probe import probe_config
+    from collie_compile.models.probe import probe_config
+    from collie_compile.models.registry import build_model, config_from_dict
 
     try:
         probe = probe_config(config_from_dict(json.loads(cfg_json), name), layers=1,
@@ -1093,10 +1093,10 @@ def tp_refusal(cfg: object) -> str | None:
 
     import transformers
 
-    from . import annotate as annotate_module
-    from .modelprofile import cache_dir
-    from .models import build_model, with_layers
-    from .passes import tensor_parallel as tp_pass
+    from collie_compile.capture import annotate as annotate_module
+    from collie_compile.cost.profile import cache_dir
+    from collie_compile.models.registry import build_model, with_layers
+    from collie_compile.passes import tensor_parallel as tp_pass
 
     # the verdict depends on the config, the libraries and the code that decides it
     code = [Path(m.__file__).read_text() for m in (tp_pass, annotate_module)]

@@ -5,8 +5,8 @@ recomputation): on the CPU under torch's ``MemTracker``, which follows every ten
 allocation by category; on a CUDA device by the caching allocator's
 ``max_memory_allocated`` from the second step on, less what was allocated before the
 model (cuBLAS's workspace, warmed first). Attention runs as the runtime runs it
-(:mod:`collie_compile.attention`: ``is_causal``, K/V expanded where the device has no
-fused grouped-query kernel). The steady-state peak is what :mod:`collie_compile.memory`
+(:mod:`collie_compile.models.attention`: ``is_causal``, K/V expanded where the device has no
+fused grouped-query kernel). The steady-state peak is what :mod:`collie_compile.cost.memory`
 predicts for a layout of one GPU.
 """
 
@@ -21,10 +21,10 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from .modelprofile import DTYPES
-from .models import build_model, load_config
-from .optim import optimizer_class, single_process_optimizer
-from .recompute import enable_on_hf_model
+from collie_compile.dtypes import torch_dtype
+from collie_compile.models.registry import build_model, load_config
+from collie_compile.optim.optimizers import optimizer_class, single_process_optimizer
+from collie_compile.recompute_policy import enable_on_hf_model
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
     ``device`` the categories are not known (``by_category`` is empty)."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        base = _cuda_baseline(dev, DTYPES[dtype])
+        base = _cuda_baseline(dev, torch_dtype(dtype))
     torch.manual_seed(seed)
     cfg = load_config(model)
-    net = build_model(cfg, device=dev, dtype=DTYPES[dtype])
+    net = build_model(cfg, device=dev, dtype=torch_dtype(dtype))
     net.train()
     enable_on_hf_model(net, recompute)
     if lora_rank is not None:

@@ -4,7 +4,7 @@
 Every rule here is elementwise per parameter, so a tensor- or data-parallel shard
 updates exactly as the whole tensor would. 16-bit parameters keep an fp32 master copy,
 also under torch's AdamW, Adam and SGD rules (which torch itself would run in 16 bits).
-The fused-in-backward LOMO and AdaLomo are in :mod:`collie_compile.fused_backward`.
+The fused-in-backward LOMO and AdaLomo are in :mod:`collie_compile.optim.in_backward`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from .errors import CollieError
-from .kernels.lion import lion_update
-from .optimizers import OPTIMIZERS
+from collie_compile.errors import CollieError
+from collie_compile.kernels.lion import lion_update
+from collie_compile.optim.specs import OPTIMIZERS
 
 
 class _MasterWeights(torch.optim.Optimizer):
@@ -221,7 +221,7 @@ def single_process_optimizer(name: str, params: list[torch.nn.Parameter], lr: fl
                              kwargs: dict | None = None) -> torch.optim.Optimizer:
     """What ``parallelize(optimizer=name)`` runs, for one process on one module: the
     reference its parallel runs are checked against."""
-    from .fused_backward import LOMO, AdaLomo
+    from collie_compile.optim.in_backward import LOMO, AdaLomo
 
     cls = optimizer_class(name, params[0].dtype if params else torch.float32)
     opts = optimizer_options(name, lr, kwargs or {})

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CollieError
+from collie_compile.dtypes import DTYPE_NAMES, fused_gqa_dtypes
+from collie_compile.errors import CollieError
 
 GiB = 1 << 30
 GB = 10**9
@@ -28,8 +29,6 @@ CHECKPOINT_RATIOS = (0.7, 1.6)
 # Fields that are fractions of a peak rate (GPUSpec.from_dict checks them).
 FRACTIONS = ("matmul_efficiency", "memory_efficiency", "link_efficiency", "zero_efficiency")
 # The training dtypes by the names plans, specs and the CLI use.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = tuple(DTYPES)
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class GPUSpec:
     zero_efficiency: float = 1.0
     # Dtypes in which SDPA has a fused kernel for grouped-query attention: flash, in 16
     # bits on sm80 and later; the CPU's in all. Elsewhere K/V are expanded to every head
-    # first, which costs activation memory (collie_compile.attention).
+    # first, which costs activation memory (collie_compile.models.attention).
     fused_gqa_dtypes: tuple[str, ...] = ("bf16", "fp16")
 
     def peak_flops(self, dtype: str) -> float:
@@ -183,15 +182,6 @@ def catalog_name(device_name: str, memory_bytes: int) -> str | None:
         if part in name:
             return entry
     return None
-
-
-def fused_gqa_dtypes(device: torch.device) -> tuple[str, ...]:
-    """Dtypes in which SDPA on ``device`` has a fused grouped-query attention kernel: every
-    one on a CPU; on CUDA flash's, bf16 and fp16 from sm80 on (the memory-efficient
-    kernel takes no groups)."""
-    if device.type != "cuda":
-        return DTYPE_NAMES
-    return ("bf16", "fp16") if torch.cuda.get_device_capability(device) >= (8, 0) else ()
 
 
 def local_gpu() -> GPUSpec:

@@ -12,9 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import CollieError
-from .hardware import CATALOG
-from .memory import RECOMPUTE, SCHEDULES, canonical_lora_targets
+from collie_compile.cost.hardware import CATALOG
+from collie_compile.errors import CollieError
+from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
 
 SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
                 "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",

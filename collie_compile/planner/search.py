@@ -25,8 +25,8 @@ Inside an outer point the work splits in two, exactly:
               U >= sum_n x[k,n] u[k,n]            optimizer step
   (memory is in the tables: x[k,n] exists only where some mix of n blocks fits on stage k)
 
-All coefficients come from :mod:`collie_compile.memory` and
-:mod:`collie_compile.steptime`, which also evaluate a concrete split, so the ILP's optimum
+All coefficients come from :mod:`collie_compile.cost.memory` and
+:mod:`collie_compile.cost.step_time`, which also evaluate a concrete split, so the ILP's optimum
 is checked against brute force over the same model in the tests.
 """
 
@@ -42,25 +42,29 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pulp
 
-from .errors import CollieError, flag, named
-from .estimate import default_seq_len, layout_problem
-from .hardware import GPUSpec, get_gpu
-from .memory import (
+from collie_compile.cost.estimate import default_seq_len, layout_problem
+from collie_compile.cost.hardware import GPUSpec, get_gpu
+from collie_compile.cost.memory import Layout, MemoryModel, StageTerms, lora_cost
+from collie_compile.cost.profile import ModelProfile, profile_model
+from collie_compile.cost.step_time import (
+    StageTime,
+    bubble_factor,
+    model_flops_per_step,
+    stage_time,
+    step_time,
+)
+from collie_compile.errors import CollieError, flag, named
+from collie_compile.layout import (
     INTERLEAVED_CHUNKS,
     LORA_TARGETS_WITHOUT_RANK,
     RECOMPUTE,
     SCHEDULES,
-    Layout,
-    MemoryModel,
-    StageTerms,
     canonical_lora_targets,
-    lora_cost,
+    even_split,
 )
-from .modelprofile import ModelProfile, profile_model
-from .optimizers import OptimizerSpec, get_optimizer
-from .plan import Candidate, Plan
-from .sharding import linear_layout, solve_block_sharding
-from .steptime import StageTime, bubble_factor, model_flops_per_step, stage_time, step_time
+from collie_compile.optim.specs import OptimizerSpec, get_optimizer
+from collie_compile.planner.result import Candidate, Plan
+from collie_compile.planner.sharding import linear_layout, solve_block_sharding
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 ILP_TIME_LIMIT_S = 20  # per inner ILP, a safety net: these solve in milliseconds
@@ -121,13 +125,8 @@ class Problem:
     def min_peak(self) -> float:
         """The lowest peak any split reaches: most memory-frugal mode, balanced split."""
         frugal = self.memory[0].frugal_mode(self.modes)
-        split = _balanced(self.layers, self.stages)
+        split = even_split(self.layers, self.stages)
         return self.peak([{frugal: n} for n in split])
-
-
-def _balanced(layers: int, parts: int) -> list[int]:
-    base, extra = divmod(layers, parts)
-    return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
 
 @dataclass
@@ -279,7 +278,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     ``memory_reserve`` is the fraction of each GPU's memory kept free (CUDA context,
     allocator fragmentation). ``quick`` stops at the first plan that fits and skips
     suggestions: a feasibility check. ``tp_refusal`` says why tp > 1 cannot run this model
-    (:func:`collie_compile.runtime.tp_refusal`): then only tp = 1 is planned.
+    (:func:`collie_compile.runtime.parallel_model.tp_refusal`): then only tp = 1 is planned.
     """
     start = time.perf_counter()
     if gpus < 1:
@@ -369,7 +368,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                               "by the pins or the model's head count")
         short, prob = closest
         frugal = prob.memory[0].frugal_mode(prob.modes)
-        counts = [{frugal: n} for n in _balanced(prob.layers, prob.stages)]
+        counts = [{frugal: n} for n in even_split(prob.layers, prob.stages)]
         near = _candidate(prob, counts, prof, spec, global_batch_size, gpus, fits=False)
         return Plan(**base, feasible=False, solve_time_s=round(elapsed, 3), chosen=near,
                     shortfall_bytes=int(short),

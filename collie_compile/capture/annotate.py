@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 
-from .attention import expanded_sdpa
+from collie_compile.models.attention import expanded_sdpa
 
 aten = torch.ops.aten
 
@@ -173,7 +173,8 @@ def _node_cost(node: fx.Node, kind: str, shape: tuple | None) -> tuple[object, o
 
 
 def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
-    """Annotate ``ep`` (captured from ``model`` by :func:`collie_compile.capture.capture`)."""
+    """Annotate ``ep`` (captured from ``model`` by
+    :func:`collie_compile.capture.export.capture`)."""
     gm = ep.module()
     prefix = _find_block_prefix(model)
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -346,7 +347,7 @@ def measure_saved(ag: AnnotatedGraph, batch: int, seq: int, block: int = 0,
     ``frozen`` only the token embedding requires grad, as the residual stream of a LoRA
     model does: blocks then save just what their input gradients need. With
     ``expand_kv`` grouped-query SDPA calls run with K/V expanded, as they do on devices
-    with no fused kernel for groups (:func:`collie_compile.attention.expanded_sdpa`).
+    with no fused kernel for groups (:func:`collie_compile.models.attention.expanded_sdpa`).
     """
     gm = ag.gm
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -1,0 +1,1 @@
+"""Hugging Face models: presets, configs, building, probing, attention."""

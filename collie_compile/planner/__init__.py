@@ -1,0 +1,1 @@
+"""The planner: the ILP search over layouts, per-op sharding, and the Plan it returns."""

@@ -1,0 +1,1 @@
+"""The runtime: a plan applied to a model on each rank, stepping, state, training."""
