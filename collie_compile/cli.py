@@ -16,13 +16,7 @@ from collie_compile.cost.memory import estimate_json
 from collie_compile.dtypes import DTYPE_NAMES
 from collie_compile.errors import CollieError
 from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
-from collie_compile.models.registry import (
-    PRESETS,
-    build_model,
-    count_params,
-    load_config,
-    model_name,
-)
+from collie_compile.models.presets import PRESETS
 from collie_compile.optim.specs import OPTIMIZERS
 from collie_compile.planner.search import plan
 
@@ -45,6 +39,8 @@ def _count(n: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from collie_compile.models.registry import build_model, count_params, load_config
+
     rows = []
     for name, preset in PRESETS.items():
         cfg = load_config(name)
@@ -139,11 +135,9 @@ def _check_writable(path: str) -> None:
 
 
 def _tp_refusal(model: str) -> str | None:
-    from collie_compile.runtime.parallel_model import (
-        tp_refusal,  # the tp pass's dry run: only when tp may be > 1
-    )
+    from collie_compile.runtime.refusals import tp_refusal  # cached; a dry run when not
 
-    return tp_refusal(load_config(model))
+    return tp_refusal(model)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -255,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from collie_compile.models.registry import load_config, model_name
     from collie_compile.runtime.check import LAYOUTS, check_model, report
 
     pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "schedule", "recompute")
@@ -419,11 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from transformers.utils import logging as hf_logging
+def _quiet_libraries() -> None:
+    """Keep the libraries' advice to their own users (deprecations, export and
+    checkpointing notes) out of a command's output; our own warnings still show."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when it is imported
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category,
+                                module=r"(torch|transformers|peft|pulp)(\.|$)")
 
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()  # its advice is for its own users, not ours
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -151,11 +151,20 @@ class GradReducer:
         self.reset()
 
 
+_REDUCER = "collie_grad_reducer"
+
+
+def grad_reducer(gm: torch.nn.Module) -> GradReducer | None:
+    """The :class:`GradReducer` :func:`data_parallel` attached to ``gm`` (ZeRO 0/1 over
+    more than one rank), else None."""
+    return getattr(gm, "meta", {}).get(_REDUCER)
+
+
 def data_parallel(gm: fx.GraphModule, mesh: DeviceMesh | None, zero: int, prefix: str,
                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
     """Make ``gm`` (one pipeline stage) data-parallel over the 1-D ``mesh``.
 
-    ZeRO 0/1 attach a :class:`GradReducer` as ``gm.meta["grad_reducer"]``; ZeRO 2/3
+    ZeRO 0/1 attach a :class:`GradReducer` (see :func:`grad_reducer`); ZeRO 2/3
     apply FSDP2 to each block submodule under ``prefix`` and to ``gm``. A mesh of size 1
     (or None) leaves ``gm`` as it is. Gradients are summed, not averaged: the runtime
     scales the loss by the global token count.
@@ -163,7 +172,7 @@ def data_parallel(gm: fx.GraphModule, mesh: DeviceMesh | None, zero: int, prefix
     if mesh is None or mesh.size() == 1:
         return gm
     if zero in (0, 1):
-        gm.meta["grad_reducer"] = GradReducer(list(gm.parameters()), mesh.get_group(),
+        gm.meta[_REDUCER] = GradReducer(list(gm.parameters()), mesh.get_group(),
                                               bucket_bytes)
         return gm
     from torch.distributed.fsdp import fully_shard

@@ -23,7 +23,7 @@ from torch import fx
 
 from collie_compile.errors import CollieError
 
-from .tensor_parallel import linear_operands
+from .tensor_parallel import linear_operands, tp_record
 
 aten = torch.ops.aten
 
@@ -41,14 +41,14 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
          ) -> fx.GraphModule:
     """Insert LoRA branches for ``config`` (a ``peft.LoraConfig``). ``init`` maps adapter
     names (``<module>.lora_A.weight``) to full tensors, e.g. from a saved PEFT adapter;
-    missing ones get peft's default init. Records ``gm.meta["lora"]`` (adapter name ->
-    base weight name) and extends ``gm.meta["tp_shards"]`` / ``["partial_grads"]``."""
+    missing ones get peft's default init. Adds the adapters' shards and partial
+    gradients to the graph's :func:`~collie_compile.passes.tensor_parallel.tp_record`."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
         raise CollieError("DoRA and LoRA biases are not supported; use plain LoRA")
-    shards: dict = gm.meta.setdefault("tp_shards", {})
-    partial: dict = gm.meta.setdefault("partial_grads", {})
+    record = tp_record(gm)
+    shards, partial = record.shards, record.partial_grads
     adapters: dict[str, str] = {}
     gen = torch.Generator().manual_seed(seed)
     r = int(config.r)
@@ -98,7 +98,6 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
                           "name modules as they appear in the model (e.g. q_proj, v_proj)")
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
-    gm.meta["lora"] = adapters
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -269,6 +269,24 @@ def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int
     return features, 1
 
 
+@dataclass
+class TPRecord:
+    """What tensor parallelism did to a graph, for the runtime: each sharded parameter's
+    :class:`Shard`, the parameters whose gradient tp peers must sum (name -> a partition
+    of the tp group into rank sets, the same on every rank), and this rank's slice of
+    the vocabulary when the LM head is vocabulary-parallel."""
+
+    shards: dict[str, Shard] = field(default_factory=dict)
+    partial_grads: dict[str, list[list[int]]] = field(default_factory=dict)
+    vocab_slice: tuple[int, int] | None = None
+
+
+def tp_record(gm: fx.GraphModule) -> TPRecord:
+    """The record :func:`tensor_parallel` (and :func:`~collie_compile.passes.lora.lora`)
+    keep with ``gm``; an empty one for a graph tp never touched."""
+    return gm.meta.setdefault("collie_tensor_parallel", TPRecord())
+
+
 def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.ProcessGroup,
                     rank: int, tp: int, num_heads: int, num_kv_heads: int, head_dim: int
                     ) -> fx.GraphModule:
@@ -277,17 +295,13 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
     ``layout`` maps linear node names to ``"column"`` or ``"row"``, and the embedding
     and LM head nodes optionally to ``"vocab"``; other nodes run replicated. A column
     linear whose output is cut into parts (q|k|v or gate|up fused in one weight) is split
-    part by part, and the cuts are rewritten to the local part sizes. Records
-    ``gm.meta["tp_shards"]`` (parameter name -> :class:`Shard`),
-    ``gm.meta["partial_grads"]`` (parameter name -> the sets of tp ranks that must sum its
-    gradient, a partition of the tp group, the same on every rank) and, with a vocabulary-
-    parallel head, ``gm.meta["vocab_slice"]``. Assumes the linears are ``aten.linear``,
+    part by part, and the cuts are rewritten to the local part sizes. What it
+    sharded is kept in :func:`tp_record`. Assumes the linears are ``aten.linear``,
     ``aten.addmm`` (Conv1D) or ``aten.matmul`` on 2-D weights read by ``get_attr``,
     possibly transposed.
     """
+    record = tp_record(gm)
     if tp == 1:
-        gm.meta.setdefault("tp_shards", {})
-        gm.meta.setdefault("partial_grads", {})
         return gm
     shards: dict[str, Shard] = {}
     partial: dict[str, list[list[int]]] = {}
@@ -338,7 +352,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                 shards[b_node.target] = s
             if how == "vocab":
                 (start, stop), = s.ranges[rank]
-                gm.meta["vocab_slice"] = (start, stop)
+                record.vocab_slice = (start, stop)
             local = _local_bounds(s, bounds, rank)
             for n in cuts:
                 _recut(n, dict(zip(bounds, local, strict=True)))
@@ -381,8 +395,8 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
         partial[w_name] = [list(range(tp))]
     gm.graph.lint()
     gm.recompile()
-    gm.meta["tp_shards"] = shards
-    gm.meta["partial_grads"] = partial
+    record.shards.update(shards)
+    record.partial_grads.update(partial)
     return gm
 
 

@@ -17,6 +17,7 @@ from collie_compile.cost.measure import LiveBytes
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import build_model, load_config, with_layers
+from collie_compile.passes.data_parallel import grad_reducer
 from collie_compile.runtime.distributed import ensure_initialized
 from collie_compile.runtime.parallel_model import parallelize
 
@@ -103,7 +104,7 @@ def run_config(cfg: dict) -> dict:
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
-    reducers = [st.meta["grad_reducer"] for st in pm.stages if "grad_reducer" in st.meta]
+    reducers = [r for r in map(grad_reducer, pm.stages) if r is not None]
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
            "vocab_slice": pm.vocab_slice, "memory_errors": memory_errors,
            # ZeRO 0/1: every gradient a view of its bucket's flat buffer

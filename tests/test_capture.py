@@ -109,9 +109,9 @@ def test_outline_moves_foreign_nodes_out_of_a_block_and_refuses_looped_depth():
     torch.manual_seed(0)
     model = build_model(load_config("tiny-llama"), device="cpu").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    from collie_compile.runtime.parallel_model import _drop_guards
+    from collie_compile.runtime.program import drop_guards
 
-    gm = _drop_guards(annotate(capture_static(model, ids), model).gm)
+    gm = drop_guards(annotate(capture_static(model, ids), model).gm)
     want = gm(input_ids=ids)
     block0 = [n for n in gm.graph.nodes if node_block(n, "model.layers.") == 0]
     mid = block0[len(block0) // 2]

@@ -47,7 +47,7 @@ from collie_compile.runtime.check import (
     Case,
     run_cases,
 )
-from collie_compile.runtime.parallel_model import tp_refusal
+from collie_compile.runtime.refusals import tp_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ def test_batch_merged_with_heads_is_refused_when_it_is_ambiguous() -> None:
     from collie_compile.capture.export import capture_static
     from collie_compile.models.registry import build_model
     from collie_compile.passes.tensor_parallel import tensor_parallel
-    from collie_compile.runtime.parallel_model import _drop_guards, head_layout, tp_layout
+    from collie_compile.runtime.program import drop_guards, head_layout, tp_layout
 
     cfg = CONFIGS["bloom"]
     model = build_model(cfg)
@@ -186,7 +186,7 @@ def test_batch_merged_with_heads_is_refused_when_it_is_ambiguous() -> None:
     for batch, ok in ((2, True), (heads[0], False)):
         ids = torch.zeros(batch, 16, dtype=torch.long, device="meta")
         ag = annotate(capture_static(model, ids), model)
-        gm, layout = _drop_guards(ag.gm), tp_layout(ag, cfg, 2, False)
+        gm, layout = drop_guards(ag.gm), tp_layout(ag, cfg, 2, False)
         if ok:
             tensor_parallel(gm, layout, None, 0, 2, *heads)
         else:
@@ -198,7 +198,7 @@ def test_a_family_whose_own_loss_differs_is_refused() -> None:
     """CPM-Ant's loss does not shift its labels: training it with next-token
     cross-entropy would not be its own training (one process disagreed with it by 1.8 in
     loss). parallelize refuses it with the reason; families with the usual loss pass."""
-    from collie_compile.runtime.parallel_model import loss_refusal
+    from collie_compile.runtime.refusals import loss_refusal
 
     why = loss_refusal(_probe(AutoConfig.for_model("cpmant")))
     assert why and "not next-token cross-entropy" in why

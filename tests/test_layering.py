@@ -10,7 +10,7 @@ ROOT = PACKAGE.parent
 # Shared vocabulary first, then the stages in the order data flows through them.
 ORDER = ["leaf", "kernels", "models", "capture", "optim", "cost", "planner", "passes",
          "runtime", "entry"]
-LEAVES = {"errors", "dtypes", "layout", "recompute_policy", "config"}
+LEAVES = {"errors", "dtypes", "dtensor", "layout", "recompute_policy", "config", "disk_cache"}
 ENTRIES = {"__init__", "__main__", "cli"}
 
 

@@ -164,7 +164,7 @@ def test_a_given_plan_runs_as_priced_or_says_what_differs():
     """parallelize(plan=file) used to override the plan's optimizer and pins silently."""
     from dataclasses import replace
 
-    from collie_compile.runtime.parallel_model import _check_given_plan
+    from collie_compile.runtime.resolve import _check_given_plan
 
     p = plan("tiny-llama", gpus=4, seq_len=64, global_batch_size=8, dtype="fp32", zero=1)
     same = dict(optimizer="adamw", dtype="fp32", seq_len=64, global_batch_size=8)
@@ -228,7 +228,8 @@ def test_lora_targets_are_priced_and_checked(tmp_path):
 def test_a_given_plan_must_train_what_it_priced():
     """A LoRA plan run as full training would underestimate memory by gradients and
     optimizer states of every weight; parallelize used to plan LoRA runs as full ones."""
-    from collie_compile.runtime.parallel_model import _check_plan_lora, lora_config, lora_plan_args
+    from collie_compile.runtime.options import lora_config, lora_plan_args
+    from collie_compile.runtime.resolve import _check_plan_lora
 
     p = plan("tiny-llama", gpus=2, seq_len=64, global_batch_size=4, lora_rank=4)
     _check_plan_lora(p, 4, ["v_proj", "q_proj"])  # the default targets, in any order

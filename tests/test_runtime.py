@@ -361,7 +361,7 @@ def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
 
 def test_fused_only_options_are_refused_for_other_optimizers() -> None:
     from collie_compile.errors import CollieError
-    from collie_compile.runtime.parallel_model import FusedOptions
+    from collie_compile.runtime.options import FusedOptions
 
     with pytest.raises(CollieError, match="clip_value applies to the fused optimizers"):
         FusedOptions(clip_value=1.0).check("adamw")
@@ -380,20 +380,20 @@ def test_auto_plan_keeps_the_memory_reserve_asked(monkeypatch) -> None:
     from collie_compile.cost.hardware import CATALOG
     from collie_compile.errors import CollieError
     from collie_compile.models.registry import load_config
-    from collie_compile.runtime.parallel_model import _resolve_plan
+    from collie_compile.runtime.resolve import resolve_plan
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # what torchrun says; no process group
     args = (load_config("tiny-llama"), "tiny-llama", 1, "a100-80gb", None, "fp32", 64, 8,
             {}, None)
-    p = _resolve_plan("auto", *args, memory_reserve=0.5)
+    p = resolve_plan("auto", *args, memory_reserve=0.5)
     assert p.usable_memory_bytes == int(0.5 * CATALOG["a100-80gb"].memory_bytes)
     with pytest.raises(CollieError, match="no plan fits 1 x a100-80gb: the closest is"):
-        _resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
+        resolve_plan("auto", *args, memory_reserve=1 - 1e-6)
     # a plan given keeps its own reserve: another one asked is refused, not ignored
     with pytest.raises(CollieError, match=r"memory_reserve applies to plan='auto'; this "
                                           r"plan was priced with 40.00 GiB usable"):
-        _resolve_plan(p, *args, memory_reserve=0.2)
-    assert _resolve_plan(p, *args) == p
+        resolve_plan(p, *args, memory_reserve=0.2)
+    assert resolve_plan(p, *args) == p
 
 
 def test_train_memory_reserve_reaches_the_auto_plan(tmp_path: Path, capsys) -> None:
@@ -426,14 +426,14 @@ def test_auto_plan_on_a_gpu_the_catalog_lacks_says_so(monkeypatch) -> None:
     card = replace(CATALOG["a100-80gb"], name="nvidia-rtx-pro-6000", memory_bytes=96 * 2**30)
     monkeypatch.setattr(runtime, "local_gpu", lambda: card)  # what a CUDA host would find
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    p = runtime._resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, None, None,
+    p = runtime.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, None, None,
                               "fp32", 64, 8, {}, None)
     assert p.gpu == "nvidia-rtx-pro-6000"
     assert any("nvidia-rtx-pro-6000 is not in the GPU catalog" in n for n in p.notes)
     assert "--gpu SPEC.json" in p.replan_command()
     assert "calibrate --out SPEC.json" in p.replan_command()
     # a catalog GPU: no note, and --gpu names it
-    p = runtime._resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, "h100-80gb",
+    p = runtime.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, "h100-80gb",
                               None, "fp32", 64, 8, {}, None)
     assert not any("catalog" in n for n in p.notes)
     assert "--gpu h100-80gb " in p.replan_command()
@@ -491,7 +491,7 @@ def test_merged_adapter_matches_peft_on_conv1d_and_linear() -> None:
     from transformers import AutoModelForCausalLM, GPT2Config
     from transformers.pytorch_utils import Conv1D
 
-    from collie_compile.runtime.parallel_model import _merged
+    from collie_compile.runtime.saving import merged
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2,
@@ -507,7 +507,7 @@ def test_merged_adapter_matches_peft_on_conv1d_and_linear() -> None:
             torch.nn.init.normal_(p)
         weights[n.removeprefix("base_model.model.").replace(".default", "")
                 .replace(".base_layer", "")] = p.detach().clone()
-    ours = _merged(weights, cfg, conv)
+    ours = merged(weights, cfg, conv)
     want = peft_model.merge_and_unload().state_dict()
     assert {"transformer.h.0.attn.c_proj.weight", "lm_head.weight"} <= set(ours)
     for k, v in ours.items():

@@ -12,10 +12,13 @@ moves 2(n-1)/n of the bytes per GPU in 2(n-1) latency steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from collie_compile.capture.annotate import AnnotatedGraph, NodeInfo
 from collie_compile.cost.hardware import GPUSpec
 from collie_compile.cost.profile import ModelProfile
+
+if TYPE_CHECKING:
+    from collie_compile.capture.annotate import AnnotatedGraph, NodeInfo
 
 
 def roofline(flops: float, nbytes: float, gpu: GPUSpec, dtype: str) -> float:

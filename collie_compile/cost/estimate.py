@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from collie_compile import disk_cache
 from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryBreakdown, MemoryModel, lora_cost
 from collie_compile.cost.profile import ModelProfile, profile_model
 from collie_compile.errors import CollieError, named
 from collie_compile.layout import INTERLEAVED_CHUNKS, LORA_TARGETS_WITHOUT_RANK
-from collie_compile.models.registry import load_config
+from collie_compile.models.presets import config_identity
 from collie_compile.optim.specs import get_optimizer
 
 
@@ -52,10 +53,19 @@ def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[i
 
 
 def default_seq_len(model: str) -> int:
-    """2048, or the model's context length if shorter."""
-    cfg = load_config(model)
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return min(2048, int(max_pos or 2048))
+    """2048, or the model's context length if shorter (kept on disk with the profiles)."""
+    identity = config_identity(model)
+    path = disk_cache.entry("context", [model, identity]) if identity else None
+    known = disk_cache.read(path) if path else None
+    if not isinstance(known, dict) or "max_pos" not in known:
+        from collie_compile.models.registry import load_config
+
+        cfg = load_config(model)
+        known = {"max_pos": getattr(cfg, "max_position_embeddings", None)
+                 or getattr(cfg, "n_positions", None)}
+        if path:
+            disk_cache.write(path, known)
+    return min(2048, int(known["max_pos"] or 2048))
 
 
 def check_tp(profile: ModelProfile, tp: int) -> None:

@@ -11,8 +11,6 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from collie_compile.dtypes import DTYPE_NAMES, fused_gqa_dtypes
 from collie_compile.errors import CollieError
 
@@ -190,6 +188,8 @@ def local_gpu() -> GPUSpec:
     ``collie-compile calibrate`` measures the real ones). A CPU: a100-80gb's figures,
     with the CPU's attention kernels (fused for grouped-query attention in every dtype),
     so that a CPU run is priced as it runs."""
+    import torch
+
     if not torch.cuda.is_available():
         return replace(CATALOG["a100-80gb"], fused_gqa_dtypes=DTYPE_NAMES)
     device = torch.device("cuda", torch.cuda.current_device())

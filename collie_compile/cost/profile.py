@@ -12,28 +12,16 @@ does not grow with batch, such as the causal mask and rotary tables).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PretrainedConfig
-
-from collie_compile.capture.annotate import AnnotatedGraph, annotate, block_graph, measure_saved
-from collie_compile.capture.export import capture
-from collie_compile.dtypes import DTYPE_BYTES, torch_dtype
+from collie_compile import disk_cache
+from collie_compile.dtypes import DTYPE_BYTES, check_dtype
 from collie_compile.errors import CollieError, named
-from collie_compile.models.probe import attention_heads
-from collie_compile.models.registry import (
-    build_model,
-    config_from_dict,
-    count_params,
-    load_config,
-    model_name,
-    with_layers,
-)
+from collie_compile.models.presets import config_identity
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
 PROFILE_SCHEMA = 8
@@ -115,216 +103,47 @@ class ModelProfile:
 
 def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
                   dtype: str = "bf16") -> ModelProfile:
-    """Capture a two-block probe of ``model`` and summarise it (cached per arguments)."""
-    cfg = load_config(model)
-    torch_dtype(dtype)  # a known name
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if max_pos and seq_len > max_pos:
-        raise CollieError(f"{named('seq_len')} {seq_len} exceeds {model_name(cfg)}'s maximum of "
-                          f"{max_pos} positions; use at most that")
+    """Capture a two-block probe of ``model`` and summarise it (cached per arguments).
+
+    A profile depends only on the config, sequence length, dtype and the versions of torch,
+    transformers and this package: it is kept on disk (JSON) keyed by all of them. A
+    preset or config.json already profiled is read back without importing torch or
+    transformers (the planner CLI's quick path)."""
+    dtype = check_dtype(dtype)
     if seq_len < 2:
         raise CollieError(f"{named('seq_len')} must be at least 2, got {seq_len}")
-    return _cached_profile(cfg.to_json_string(), model_name(cfg), seq_len, dtype)
+    if isinstance(model, str):
+        return _cached_profile("model", model, config_identity(model) or "", seq_len, dtype)
+    from collie_compile.models.registry import model_name
 
-
-def cache_dir() -> Path:
-    """Where profiles are kept between runs ($COLLIE_COMPILE_CACHE, or ~/.cache)."""
-    root = os.environ.get("COLLIE_COMPILE_CACHE") or Path.home() / ".cache" / "collie-compile"
-    return Path(root) / "profiles"
+    return _cached_profile("config", model_name(model), model.to_json_string(), seq_len, dtype)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
-    """A profile depends only on the config, sequence length, dtype and the versions of
-    torch, transformers and this package: keep it on disk (JSON) keyed by all of them."""
-    import transformers
+def _cached_profile(kind: str, ref: str, fingerprint: str, seq_len: int,
+                    dtype: str) -> ModelProfile:
+    """``kind`` "model": ``ref`` is a MODEL argument, ``fingerprint`` its config's identity
+    ("" when it names none: measuring then says why); "config": ``ref`` is the model's
+    name and ``fingerprint`` its config as JSON."""
+    path = (disk_cache.entry("profile", [kind, ref, fingerprint, str(seq_len), dtype,
+                                         str(PROFILE_SCHEMA)]) if fingerprint else None)
+    hit = _from_json(disk_cache.read(path)) if path else None
+    if hit is not None:
+        return hit
+    from collie_compile.cost.measure_profile import measure_profile
 
-    from collie_compile import __version__
-
-    key = hashlib.sha256("\0".join([cfg_json, name, str(seq_len), dtype, torch.__version__,
-                                     transformers.__version__, __version__,
-                                     str(PROFILE_SCHEMA)]).encode())
-    path = cache_dir() / f"{key.hexdigest()[:32]}.json"
-    try:
-        data = json.loads(path.read_text())
-        for k in ("act_none", "act_selective", "act_full", "act_frozen",
-                  "act_expanded_kv"):
-            data[k] = ActivationBytes(**data[k])
-        return ModelProfile(**data)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass  # absent or unreadable: measure again
-    prof = _profile(cfg_json, name, seq_len, dtype)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(prof)))
-        tmp.replace(path)  # atomic: a reader never sees half a file
-    except OSError:
-        pass  # a read-only home is no reason to fail planning
+    prof = measure_profile(kind, ref, fingerprint, seq_len, dtype)
+    if path:
+        disk_cache.write(path, asdict(prof))
     return prof
 
 
-def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile:
-    cfg = config_from_dict(json.loads(cfg_json), name)
-    full = build_model(cfg, dtype=torch_dtype(dtype))
-    layers = int(cfg.num_hidden_layers)
-    probe_layers = min(layers, PROBE_BLOCKS)
-    probe = build_model(with_layers(cfg, probe_layers), dtype=torch_dtype(dtype))
-    # sequences up to seq_len only: a sliding window at least that long is then no mask
-    ag = annotate(capture(probe, max_seq=seq_len), probe)
-    b = _priced_block(ag, probe_layers)
-    s = seq_len
-    one, two = measure_saved(ag, 1, s, b), measure_saved(ag, 2, s, b)
-
-    act_none = ActivationBytes(two.block_replicated - one.block_replicated,
-                               two.block_sharded - one.block_sharded)
-    one_f, two_f = (measure_saved(ag, n, s, b, frozen=True) for n in (1, 2))
-    act_frozen = ActivationBytes(two_f.block_replicated - one_f.block_replicated,
-                                 two_f.block_sharded - one_f.block_sharded)
-    act_expanded_kv = ActivationBytes(0, 0)
-    if _grouped_query_attention(ag, b):
-        one_x, two_x = (measure_saved(ag, n, s, b, expand_kv=True) for n in (1, 2))
-        act_expanded_kv = ActivationBytes(
-            two_x.block_replicated - one_x.block_replicated - act_none.replicated,
-            two_x.block_sharded - one_x.block_sharded - act_none.sharded)
-    block_in = _block_input_bytes(ag, s, b)
-    sel_rep, sel_shard = _matmul_output_bytes(ag, s, b)
-    rest_slope = two.rest - one.rest
-    embed_saved, head_saved = _split_rest(ag, two.by_node, one.by_node)
-    params = _param_groups(full, ag, b)
-    head_dim_heads, kv_heads = attention_heads(cfg)
-    return ModelProfile(
-        name=name, model_type=cfg.model_type, seq_len=s, dtype=dtype, num_layers=layers,
-        hidden_size=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
-        num_heads=head_dim_heads,
-        num_kv_heads=kv_heads,
-        num_params=count_params(full), **params,
-        block_flops=ag.flops(1, s, b), block_bytes=ag.bytes_moved(1, s, b),
-        block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(b)
-                               if n.kind in ("linear", "attention")),
-        block_other_bytes=sum(ag.subs(n.bytes, 1, s) for n in ag.block_nodes(b)
-                              if n.kind not in ("linear", "attention")),
-        embed_flops=_rest_sum(ag, s, embed=True, what="flops"),
-        head_flops=_rest_sum(ag, s, embed=False, what="flops"),
-        act_none=act_none,
-        act_selective=ActivationBytes(block_in + sel_rep, sel_shard),
-        act_full=ActivationBytes(block_in, 0),
-        act_frozen=act_frozen,
-        act_expanded_kv=act_expanded_kv,
-        act_embed=embed_saved, act_head=head_saved,
-        act_fixed=max(0, one.rest - rest_slope),
-        logits_bytes=s * int(cfg.vocab_size) * 4,
-        row_linears_per_block=sum(1 for n in ag.block_nodes(b)
-                                  if n.kind == "linear" and not n.sharded),
-        block_graph=block_graph(ag, s, b),
-    )
-
-
-def _priced_block(ag: AnnotatedGraph, probe_layers: int) -> int:
-    """The probe block that stands for every block: block 0 where all are alike; where
-    they differ (layers without RoPE, sliding-window beside full attention, a norm or bias
-    on some layers only), the costliest in parameters, then FLOPs, then traffic, so that
-    every block is priced at most at what it costs and a plan that fits does fit."""
-    if ag.blocks_identical:
-        return 0
-    return max(range(probe_layers), key=lambda i: (
-        sum(_prod(ag.param_shapes[p]) for p in {p for n in ag.block_nodes(i) for p in n.params}),
-        ag.flops(1, 1024, i), ag.bytes_moved(1, 1024, i)))
-
-
-def _grouped_query_attention(ag: AnnotatedGraph, block: int) -> bool:
-    """Whether ``block`` calls SDPA with ``enable_gqa`` (grouped-query attention)."""
-    gm_nodes = {n.name: n for n in ag.gm.graph.nodes}
-    return any(i.kind == "attention" and gm_nodes[i.name].kwargs.get("enable_gqa")
-               for i in ag.block_nodes(block))
-
-
-def _block_input_bytes(ag: AnnotatedGraph, seq: int, block: int) -> int:
-    """Bytes of one sample's hidden state entering a block (what full recompute keeps)."""
-    last = [n for n in ag.block_nodes(block) if n.shape is not None][-1]
-    itemsize = torch.tensor([], dtype=last.dtype).element_size()
-    return ag.subs(_prod(last.shape), 1, seq) * itemsize
-
-
-def _matmul_output_bytes(ag: AnnotatedGraph, seq: int, block: int) -> tuple[int, int]:
-    """Per-sample bytes of matmul and attention outputs in ``block``: what selective keeps."""
-    rep = shard = 0
-    for n in ag.block_nodes(block):
-        if n.kind in ("linear", "attention") and n.shape is not None:
-            b = ag.subs(_prod(n.shape), 1, seq) * torch.tensor([], dtype=n.dtype).element_size()
-            if n.sharded:
-                shard += b
-            else:
-                rep += b
-    return rep, shard
-
-
-def _prod(shape: tuple) -> object:
-    out = 1
-    for d in shape:
-        out = out * d
-    return out
-
-
-def _first_block_index(ag: AnnotatedGraph) -> int:
-    names = list(ag.nodes)
-    return next(i for i, n in enumerate(names) if ag.nodes[n].block is not None)
-
-
-def _split_rest(ag: AnnotatedGraph, two: dict[str, int], one: dict[str, int]) -> tuple[int, int]:
-    """Per-sample saved bytes outside the blocks, split into before and after them."""
-    names = list(ag.nodes)
-    first = _first_block_index(ag)
-    embed = head = 0
-    for name in set(two) | set(one):
-        info = ag.nodes.get(name)
-        if info is not None and info.block is not None:
-            continue
-        per_sample = two.get(name, 0) - one.get(name, 0)
-        if name in ag.nodes and names.index(name) < first:
-            embed += per_sample
-        else:
-            head += per_sample
-    return embed, head
-
-
-def _rest_sum(ag: AnnotatedGraph, seq: int, embed: bool, what: str) -> int:
-    names = list(ag.nodes)
-    first = _first_block_index(ag)
-    total = 0
-    for i, name in enumerate(names):
-        info = ag.nodes[name]
-        if info.block is None and (i < first) == embed:
-            total += ag.subs(getattr(info, what), 1, seq)
-    return total
-
-
-def _param_groups(full: torch.nn.Module, ag: AnnotatedGraph, b: int) -> dict[str, int]:
-    """Parameter counts per part of the model, from which nodes use which parameters."""
-    names = list(ag.nodes)
-    first = _first_block_index(ag)
-    numel = {k: _prod(v) for k, v in ag.param_shapes.items()}
-    block = {p for n in ag.block_nodes(b) for p in n.params}
-    sharded = {p for n in ag.block_nodes(b) if n.kind == "linear" for p in n.params
-               if len(ag.param_shapes[p]) == 2}
-    embed, head = set(), set()
-    for i, name in enumerate(names):
-        info = ag.nodes[name]
-        if info.block is None:
-            (embed if i < first else head).update(info.params)
-    # Tied LM head: the same tensor under two names; count it once, with the embedding.
-    probe_ids = {}
-    for k, p in ag.gm.named_parameters(remove_duplicate=False):
-        probe_ids.setdefault(id(p), []).append(k)
-    tied = 0
-    for aliases in probe_ids.values():
-        if len(aliases) > 1 and any(a in head for a in aliases):
-            tied = numel[aliases[0]]
-            head -= set(aliases)
-    largest = max(p.numel() for p in full.parameters())
-    factored = sum(sum(p.shape) if p.dim() == 2 else p.numel() for p in full.parameters())
-    return dict(block_params=sum(numel[p] for p in block),
-                block_params_sharded=sum(numel[p] for p in sharded),
-                embed_params=sum(numel[p] for p in embed),
-                head_params=sum(numel[p] for p in head),
-                tied_params=tied, largest_param=largest, factored_state_elems=factored)
+def _from_json(data: object) -> ModelProfile | None:
+    """A profile read back from the cache, None if the entry is not one (damaged, old)."""
+    try:
+        data = dict(data)
+        for k in ("act_none", "act_selective", "act_full", "act_frozen", "act_expanded_kv"):
+            data[k] = ActivationBytes(**data[k])
+        return ModelProfile(**data)
+    except (TypeError, KeyError, ValueError):
+        return None

@@ -9,8 +9,6 @@ meta device unless told otherwise: planning never needs real weights.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,74 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from collie_compile.errors import CollieError, first_line
 from collie_compile.models.attention import IMPLEMENTATION
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model: its HF ``model_type``, config fields and where they come from."""
-
-    model_type: str
-    config: dict[str, Any]
-    source: str
-
-
-def _llama(h: int, inter: int, layers: int, heads: int, kv: int | None = None, vocab: int = 32000,
-           max_pos: int = 2048, eps: float = 1e-6, **extra: Any) -> dict[str, Any]:
-    return dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv or heads, vocab_size=vocab,
-                max_position_embeddings=max_pos, rms_norm_eps=eps, tie_word_embeddings=False,
-                **extra)
-
-
-_LLAMA3 = dict(vocab=128256, max_pos=8192, eps=1e-5, rope_theta=500000.0,
-               bos_token_id=128000, eos_token_id=128001)
-
-PRESETS: dict[str, Preset] = {
-    "gpt2": Preset("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
-                                n_head=12), "openai-community/gpt2"),
-    "llama-7b": Preset("llama", _llama(4096, 11008, 32, 32), "huggyllama/llama-7b"),
-    "llama-13b": Preset("llama", _llama(5120, 13824, 40, 40), "huggyllama/llama-13b"),
-    "llama-30b": Preset("llama", _llama(6656, 17920, 60, 52), "huggyllama/llama-30b"),
-    "llama-65b": Preset("llama", _llama(8192, 22016, 80, 64), "huggyllama/llama-65b"),
-    "llama-2-7b": Preset("llama", _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5),
-                         "meta-llama/Llama-2-7b-hf"),
-    "llama-2-13b": Preset("llama", _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5),
-                          "meta-llama/Llama-2-13b-hf"),
-    "llama-2-70b": Preset("llama", _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5),
-                          "meta-llama/Llama-2-70b-hf"),
-    "llama-3-8b": Preset("llama", _llama(4096, 14336, 32, 32, kv=8, **_LLAMA3),
-                         "meta-llama/Meta-Llama-3-8B"),
-    "llama-3-70b": Preset("llama", _llama(8192, 28672, 80, 64, kv=8, **_LLAMA3),
-                          "meta-llama/Meta-Llama-3-70B"),
-    "llama-3.1-405b": Preset("llama", _llama(
-        16384, 53248, 126, 128, kv=8, **{**_LLAMA3, "max_pos": 131072},
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
-        "meta-llama/Llama-3.1-405B"),
-    "mistral-7b": Preset("mistral", _llama(4096, 14336, 32, 32, kv=8, max_pos=32768, eps=1e-5,
-                                           rope_theta=10000.0, sliding_window=4096),
-                         "mistralai/Mistral-7B-v0.1"),
-    "qwen2-7b": Preset("qwen2", _llama(3584, 18944, 28, 28, kv=4, vocab=152064, max_pos=131072,
-                                       rope_theta=1000000.0), "Qwen/Qwen2-7B"),
-    # Tiny models for tests and CPU runs: same code paths, seconds to train.
-    "tiny-llama": Preset("llama", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256),
-                         "collie-compile test model"),
-    "tiny-mistral": Preset("mistral", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256,
-                                             sliding_window=128), "collie-compile test model"),
-    "tiny-qwen2": Preset("qwen2", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256),
-                         "collie-compile test model"),
-    "tiny-gpt2": Preset("gpt2", dict(vocab_size=256, n_positions=256, n_embd=64, n_layer=2,
-                                     n_head=4, bos_token_id=0, eos_token_id=0,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-                      "collie-compile test model"),
-    # ~20M parameters: big enough that model states dominate memory, small enough for CPU.
-    "small-llama": Preset("llama", _llama(384, 1024, 6, 6, kv=2, vocab=8192, max_pos=1024),
-                          "collie-compile test model"),
-}
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
+from collie_compile.models.presets import PRESETS, config_path
 
 
 def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
@@ -97,10 +28,8 @@ def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
         cfg = AutoConfig.for_model(p.model_type, **p.config)
         cfg.name_or_path = model
     else:
-        path = Path(model)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
+        path = config_path(model)
+        if path is None:
             raise CollieError(
                 f"unknown model {model!r}: not a preset and no config.json there; "
                 f"use one of {', '.join(PRESETS)} (see `collie-compile models`) or a local "

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import Allsum, adalomo_state, adalomo_update
 from collie_compile.kernels.lomo import lomo_update
@@ -65,10 +66,6 @@ class LossScaler:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class FusedBackward:
@@ -135,7 +132,7 @@ class FusedBackward:
     def on_final(self, p: torch.nn.Parameter) -> None:
         """``p.grad`` is complete (accumulated and reduced over dp): update and free it."""
         name = self._names[id(p)]
-        g = _local(p.grad)
+        g = local_tensor(p.grad)
         group = self._partial(name)
         if group is not None:
             dist.all_reduce(g, group=group)
@@ -152,13 +149,13 @@ class FusedBackward:
         grad_scale = scale / self.coef
         seed = self.seed + 1_000_003 * self.step_count + self._index[name]
         if self.rule == "lomo":
-            lomo_update(_local(p), g, self.lr, self.weight_decay, grad_scale,
+            lomo_update(local_tensor(p), g, self.lr, self.weight_decay, grad_scale,
                         self.stochastic, seed)
         else:
             state = self.state.get(name)
             if state is None:
-                state = self.state[name] = adalomo_state(_local(p))
-            adalomo_update(_local(p), g, state, self.lr, self.weight_decay, grad_scale,
+                state = self.state[name] = adalomo_state(local_tensor(p))
+            adalomo_update(local_tensor(p), g, state, self.lr, self.weight_decay, grad_scale,
                            self._allsum(name), self.stochastic, seed)
         p.grad = None
 

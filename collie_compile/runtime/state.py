@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 
 if TYPE_CHECKING:
@@ -78,10 +79,6 @@ def local_boxes(t: torch.Tensor, tp_shard: Shard | None, tp_rank: int,
         idx[d] = slice(at - offset[d], at - offset[d] + length)
         out.append((Box(tuple(o), tuple(sh), tuple(full_shape)), tuple(idx)))
     return out
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def read_local(pieces: list[Piece], boxes: list[tuple[Box, tuple[slice, ...]]],

@@ -172,7 +172,7 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
     transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
     the same optimizer; print how far the parallel losses are."""
     from collie_compile.optim.optimizers import single_process_optimizer
-    from collie_compile.runtime.parallel_model import ADAPTER_PREFIX
+    from collie_compile.runtime.options import ADAPTER_PREFIX
 
     torch.manual_seed(cfg.seed)
     model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))

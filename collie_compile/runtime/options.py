@@ -1,0 +1,114 @@
+"""The runtime's options beyond the plan, checked: in-backward updates (clipping, loss
+scaling, rounding), LoRA from parallelize's arguments or a saved adapter, the dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collie_compile.dtypes import dtype_name, torch_dtype
+from collie_compile.errors import CollieError, named
+from collie_compile.layout import DEFAULT_LORA_TARGETS, canonical_lora_targets
+from collie_compile.optim.in_backward import CLIP_MODES, LossScaler
+from collie_compile.optim.optimizers import optimizer_class
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """Clipping, loss scaling and rounding: ``parallelize``'s arguments, checked."""
+
+    max_grad_norm: float | None = None
+    clip_mode: str = "two-pass"
+    clip_value: float | None = None
+    loss_scale: str | float | None = None
+    stochastic_rounding: bool = False
+
+    def check(self, optimizer: str) -> None:
+        fused = optimizer_class(optimizer) is None  # raises for unknown names
+        if self.clip_mode not in CLIP_MODES:
+            raise CollieError(f"clip_mode must be one of {', '.join(CLIP_MODES)}, got "
+                              f"{self.clip_mode!r}")
+        if self.loss_scale is not None and self.loss_scale != "dynamic" and not (
+                isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
+            raise CollieError(f"loss_scale must be 'dynamic' or a positive number, got "
+                              f"{self.loss_scale!r}")
+        if fused:
+            return
+        extras = [k for k, v in (("clip_value", self.clip_value),
+                                 ("loss_scale", self.loss_scale),
+                                 ("stochastic_rounding", self.stochastic_rounding)) if v]
+        if extras or self.clip_mode != "two-pass":
+            raise CollieError(f"{', '.join(extras) or 'clip_mode'} applies to the fused "
+                              f"optimizers (lomo, adalomo), not {optimizer!r}")
+
+    def scaler(self) -> LossScaler | None:
+        if self.loss_scale is None:
+            return None
+        if self.loss_scale == "dynamic":
+            return LossScaler()
+        # a fixed scale: an overflow still skips the step, the scale stays
+        return LossScaler(scale=float(self.loss_scale), growth_interval=2**62, backoff=1.0)
+
+
+def lora_config(config: object | None, rank: int | None, alpha: float | None,
+                targets: list[str] | None, dropout: float) -> object | None:
+    """A ``peft.LoraConfig`` from ``parallelize``'s LoRA arguments (None: no LoRA)."""
+    if config is not None:
+        if rank is not None or targets is not None:
+            raise CollieError("give LoRA either as lora=LoraConfig(...) or as lora_rank=/"
+                              "lora_targets=, not both")
+        return config
+    if rank is None:
+        if targets is not None or alpha is not None:
+            raise CollieError("lora_targets or lora_alpha without lora_rank trains nothing "
+                              "as LoRA; give the adapters' rank too (e.g. lora_rank=8)")
+        return None
+    if rank < 1:
+        raise CollieError(f"{named('lora_rank')} must be a positive integer, got {rank}")
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                      target_modules=targets or list(DEFAULT_LORA_TARGETS),
+                      lora_dropout=dropout)
+
+
+def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
+    """(rank, targets) of a ``peft.LoraConfig`` as the planner prices them."""
+    if config is None:
+        return None, None
+    return config.r, canonical_lora_targets(config.target_modules)
+
+
+ADAPTER_PREFIX = "base_model.model."
+
+
+def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """(LoraConfig, adapter tensors by our names) of a saved PEFT adapter."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    try:
+        config = LoraConfig.from_pretrained(str(d))
+        tensors = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as e:  # peft and safetensors raise many types for bad files
+        raise CollieError(f"cannot read a PEFT LoRA adapter from {d}: {e}; give the directory "
+                          "PeftModel.save_pretrained wrote") from None
+    return config, {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}
+
+
+def model_dtype(model: torch.nn.Module, asked: str | None) -> str:
+    """The dtype name of ``model``'s weights; ``asked``, if given, must be it (the plan
+    prices the dtype the weights really have)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    have = dtype_name(first.dtype) if first is not None else None
+    if asked is None:
+        return have or "fp32"
+    cast = torch_dtype(asked)
+    if have is not None and asked.lower() != have:
+        raise CollieError(f"dtype={asked!r} but the model's weights are {have}: pass "
+                          f"dtype={have!r} (or leave it out), or cast the model first "
+                          f"(model.to({cast}))")
+    return asked.lower()

@@ -1,0 +1,222 @@
+"""A rank program's state in and out: whole weights gathered on every rank, Hugging Face
+and PEFT checkpoints for other tools, and sharded training checkpoints (weights,
+optimizer states, step) that resume under another plan or GPU count. The file formats
+are :mod:`collie_compile.runtime.state`'s; every function here is a collective."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from collie_compile.dtensor import local_tensor
+from collie_compile.errors import CollieError
+from collie_compile.kernels.adalomo import adalomo_state
+from collie_compile.runtime import distributed as cdist
+from collie_compile.runtime import state as ckpt
+from collie_compile.runtime.options import ADAPTER_PREFIX
+from collie_compile.runtime.program import RankProgram
+from collie_compile.runtime.updates import Updates
+
+FACTORED = {"row": 0, "col": 1}  # AdaLomo's statistics: which dim of the weight each spans
+
+
+def full_state_dict(prog: RankProgram, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) whole, on every rank, under its HF name:
+    gathered over dp (ZeRO 2/3), tp (slices) and pp (stages); copies, which later
+    steps leave alone."""
+    local = prog.local_parameters()
+    whole: dict[str, torch.Tensor] = {}
+    for name in sorted(local):  # same order on all ranks of this pp stage
+        p = local[name]
+        t = p.grad if grads else p.detach()
+        if t is None:
+            t = torch.zeros_like(p.detach())
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        whole[name] = prog.gather_tp(name, t)
+    out = {}
+    for name in sorted(prog.owner):
+        src = int(prog.mesh.mesh[prog.owner[name], 0, 0])
+        buf = (whole[name].contiguous() if name in whole
+               else torch.empty(prog.param_shapes[name], dtype=prog.param_dtypes[name],
+                                device=prog.device))
+        dist.broadcast(buf, src=src)
+        # a snapshot: a local whole tensor on the CPU would alias the live weight or
+        # gradient (a view of a flat bucket buffer), which the next step changes
+        out[name] = buf.to("cpu", copy=name in whole)
+    for alias in prog.tied:  # a tied weight under all its names
+        if alias not in out:
+            have = prog.stored_name(alias, out)
+            if have is not None:
+                out[alias] = out[have]
+    return out
+
+
+def check_save_path(directory: str | Path) -> None:
+    """Raise on every rank if rank 0, the writer, may not save to ``directory``: a
+    file, or a folder with files of the user's in it."""
+    cdist.agree(lambda: ckpt.check_replaceable(Path(directory))
+                if dist.get_rank() == 0 else None)
+
+
+def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Path,
+                    merge: bool = False) -> None:
+    """A plain Hugging Face checkpoint (config.json + model.safetensors); with ``lora``
+    (a ``peft.LoraConfig``) a PEFT adapter instead, unless ``merge`` folds the adapters
+    into the weights. Rank 0 writes."""
+    from safetensors.torch import save_file
+
+    final = Path(directory)
+    check_save_path(final)
+    weights = full_state_dict(prog)
+    if dist.get_rank() == 0:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        adapters = {k: v for k, v in weights.items() if ".lora_" in k}
+        if adapters and not merge:
+            save_file({ADAPTER_PREFIX + k: v.contiguous() for k, v in adapters.items()},
+                      str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            lora.save_pretrained(str(tmp))
+        else:
+            weights = merged(weights, lora, prog.fan_in_fan_out)
+            # a tied weight once, under the name HF stores (it re-ties on load)
+            weights = {k: v for k, v in weights.items() if prog.tied.get(k, k) == k}
+            weights.update({k: v for k, v in prog.buffers.items() if k not in weights})
+            save_file({k: v.contiguous() for k, v in weights.items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            prog.config.save_pretrained(tmp)
+        ckpt.replace_dir(tmp, final)
+    dist.barrier()
+
+
+def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
+                    directory: str | Path) -> None:
+    """The training state (weights, optimizer states, step) sharded: each rank saves the
+    boxes it alone holds."""
+    final = Path(directory)
+    check_save_path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tensors, scalars = {}, {}
+    states = updates.states(prog)
+    local = prog.local_parameters()
+    for name, p in local.items():
+        if not prog.writes(name, p):
+            continue
+        tensors[name] = prog.cut(name, p, p.detach())
+        for key, v in states.get(name, {}).items():
+            if not torch.is_tensor(v) or v.dim() == 0:
+                scalars[key] = float(v)
+            elif key in FACTORED:  # AdaLomo's row/column statistics
+                dim = FACTORED[key]
+                # FSDP splits rows only: every dp rank holds the same column statistics
+                if dim == 0 or not hasattr(p, "to_local") or prog.coords.dp == 0:
+                    tensors[f"{name}/{key}"] = prog.cut(name, p, v, dim)
+            elif v.shape == p.shape:
+                tensors[f"{name}/{key}"] = prog.cut(name, p, v)
+    if not updates.writes_states(prog):  # ZeRO-1: states live on their owner only
+        tensors = {k: v for k, v in tensors.items() if "/" not in k}
+        tensors.update({f"{n}/{k}": prog.cut(n, p, v)
+                        for n, p in local.items() if prog.tp_first(n)
+                        for k, v in states.get(n, {}).items()
+                        if torch.is_tensor(v) and v.shape == p.shape})
+    entries = ckpt.write_rank_file(tmp / f"rank{dist.get_rank():05d}.safetensors", tensors)
+    every = cdist.all_strings(json.dumps({"tensors": entries, "scalars": scalars}))
+    if dist.get_rank() == 0:
+        index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
+                       "model": prog.plan.model, "step": step,
+                       "optimizer": (updates.rule if updates.fused is not None
+                                     else type(updates.inner()).__name__),
+                       "scalars": {}, "tensors": {}}
+        for text in every:
+            part = json.loads(text)
+            index["scalars"].update(part["scalars"])
+            for k, e in part["tensors"].items():
+                index["tensors"].setdefault(k, []).extend(e)
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        ckpt.replace_dir(tmp, final)
+    dist.barrier()
+
+
+def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path) -> int:
+    """Weights and optimizer states from :func:`save_checkpoint`'s directory, whatever
+    plan wrote it; each rank reads only what it holds. Returns the step."""
+    def read() -> tuple[dict, dict]:
+        meta, pieces = ckpt.read_index(Path(directory))
+        if meta.get("model") != prog.plan.model:
+            raise CollieError(f"{directory} holds model {meta.get('model')!r}, not "
+                              f"{prog.plan.model!r}")
+        return meta, pieces
+
+    meta, pieces = cdist.agree(read)
+
+    def load() -> None:
+        for name, p in prog.local_parameters().items():
+            stored = prog.stored_name(name, pieces)
+            if stored is None:
+                raise CollieError(f"{directory} has no tensor {name!r}")
+            with torch.no_grad():
+                local_tensor(p).copy_(prog.read(name, p, pieces[stored], name))
+            if p.requires_grad:
+                _restore_state(prog, updates, name, p, pieces, meta["scalars"])
+
+    cdist.agree(load)
+    dist.barrier()
+    return int(meta["step"])
+
+
+def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tensor,
+                   pieces: dict, scalars: dict) -> None:
+    """The optimizer state of ``p`` from the checkpoint's boxes of it. For AdaLomo
+    the row/column statistics (fresh where a checkpoint of another optimizer has
+    none); for LOMO nothing; otherwise every p-shaped state and the scalars."""
+    key = prog.stored_name(name, pieces) or name  # a tied weight's other name
+    stored = {k.split("/", 1)[1]: v for k, v in pieces.items() if k.startswith(key + "/")}
+    if updates.fused is not None:
+        if updates.rule == "adalomo":
+            state = adalomo_state(local_tensor(p.detach()))
+            for key, t in state.items():
+                if key in stored and torch.is_tensor(t):
+                    t.copy_(prog.read(name, p, stored[key], f"{name}/{key}",
+                                      FACTORED.get(key)))
+            state["step"] = int(scalars.get("step", 0))
+            updates.fused.state[name] = state
+        return
+    inner = updates.inner()
+    if not any(p is q for g in inner.param_groups for q in g["params"]):
+        return  # ZeRO-1: another rank owns this parameter's state
+    state = {}
+    for key in sorted(stored):
+        value = prog.read(name, p, stored[key], f"{name}/{key}")
+        # in the dtype saved: fp32 masters and moments of 16-bit weights stay fp32
+        t = torch.zeros_like(p.detach(), dtype=value.dtype)
+        local_tensor(t).copy_(value)
+        state[key] = t
+    for key, v in scalars.items():
+        state[key] = torch.tensor(v, dtype=torch.float32)
+    if state:
+        inner.state[p] = state
+
+
+def merged(weights: dict[str, torch.Tensor], config: object | None,
+           fan_in_fan_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Base weights with each adapter folded in (W + scaling·B·A, transposed for the
+    modules in ``fan_in_fan_out`` that store W as [in, out]), adapters dropped."""
+    out = {k: v for k, v in weights.items() if ".lora_" not in k}
+    for a_name in [k for k in weights if k.endswith(".lora_A.weight")]:
+        module = a_name.removesuffix(".lora_A.weight")
+        r = weights[a_name].shape[0]
+        scaling = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+        b = weights[f"{module}.lora_B.weight"]
+        delta = scaling * (b @ weights[a_name])
+        out[f"{module}.weight"] = out[f"{module}.weight"] + (
+            delta.T if module in fan_in_fan_out else delta)
+    return out

@@ -1,0 +1,258 @@
+"""Stepping a rank program: the global batch cut into this rank's micro-batches, forward
+and backward (a plain loop when pp = 1, a torch.distributed.pipelining schedule
+otherwise), gradients completed over tp and tied copies, clipped, and the update.
+
+Loss convention: each micro-batch contributes sum(token losses) / (valid tokens in the
+global batch) and gradients are summed over micro-batches and data-parallel ranks, so
+loss and gradients equal those of one process on the whole batch with HF's mean loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from collie_compile.errors import CollieError
+from collie_compile.passes.data_parallel import grad_reducer
+from collie_compile.passes.tensor_parallel import vocab_parallel_cross_entropy
+from collie_compile.runtime import state as ckpt
+from collie_compile.runtime.program import RankProgram
+from collie_compile.runtime.updates import Updates
+
+IGNORE_INDEX = -100
+
+
+def _first(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def token_loss(out: object, target: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies (fp32) over ``target`` positions that count."""
+    logits = _first(out)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class Stepper:
+    """Runs ``program``'s training steps and forward passes with ``updates``."""
+
+    def __init__(self, program: RankProgram, updates: Updates,
+                 max_grad_norm: float | None = None) -> None:
+        self.program, self.updates = program, updates
+        self.max_grad_norm, self.last_grad_norm = max_grad_norm, None
+        c = program.chosen
+        self.micro_batch, self.seq = c.micro_batch_size, program.plan.seq_len
+        self.num_microbatches = c.num_microbatches
+        self.global_batch = program.plan.global_batch_size
+        self._loss_scale = 1.0
+        self.schedule = self._make_schedule() if c.pp > 1 else None
+        self.step_count = 0
+
+    def _make_schedule(self) -> object:
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
+        prog, c = self.program, self.program.chosen
+        n = c.pp * c.virtual_stages
+        group = prog.mesh.get_group("pp")
+        pstages = [PipelineStage(st, k, n, prog.device, group=group)
+                   for st, k in zip(prog.stages, prog.stage_ids, strict=True)]
+        loss_fn = self._pipeline_loss
+        if c.schedule == "interleaved":
+            return ScheduleInterleaved1F1B(pstages, c.num_microbatches, loss_fn=loss_fn,
+                                           scale_grads=False)
+        cls = ScheduleGPipe if c.schedule == "gpipe" else Schedule1F1B
+        return cls(pstages[0], c.num_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+    # -- training ---------------------------------------------------------------------
+
+    def _pipeline_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
+        return self._token_loss(out, target) * self._loss_scale
+
+    def _token_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
+        prog = self.program
+        if prog.vocab_slice is None:
+            return token_loss(out, target)
+        return vocab_parallel_cross_entropy(_first(out), target, prog.vocab_slice[0],
+                                            prog.mesh.get_group("tp"), IGNORE_INDEX)
+
+    def _local_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        ids = torch.as_tensor(batch["input_ids"])
+        labels = torch.as_tensor(batch.get("labels", ids)).clone()
+        mask = batch.get("attention_mask")
+        if ids.dim() != 2 or tuple(ids.shape) != (self.global_batch, self.seq):
+            raise CollieError(f"input_ids must be [global_batch, seq] = "
+                              f"[{self.global_batch}, {self.seq}] as planned, got "
+                              f"{list(ids.shape)}")
+        vocab = int(self.program.config.vocab_size)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise CollieError(f"input_ids hold token id {bad}, outside the model's vocabulary "
+                              f"of {vocab}; tokenize with the model's own tokenizer")
+        if mask is not None:
+            mask = torch.as_tensor(mask).bool()
+            # Right padding under a causal mask changes no real token: only its labels go.
+            if (mask[:, 1:] & ~mask[:, :-1]).any():
+                raise CollieError("attention_mask has padding before real tokens (left "
+                                  "padding); pad on the right or pack sequences")
+            labels[~mask] = IGNORE_INDEX
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        tokens = int((targets != IGNORE_INDEX).sum())
+        share = self.global_batch // self.program.chosen.dp
+        dp, device = self.program.coords.dp, self.program.device
+        rows = slice(dp * share, (dp + 1) * share)
+        return ids[rows].to(device), targets[rows].to(device), tokens
+
+    def train_step(self, batch: dict) -> float:
+        """Forward, backward and one optimizer step over the global batch; returns its mean
+        token loss (the same on every rank)."""
+        ids, targets, tokens = self._local_batch(batch)
+        fused, optimizer = self.updates.fused, self.updates.optimizer
+        if fused is not None:  # updates happen inside backward
+            total = fused.step(lambda: self._forward_backward(
+                ids, targets, tokens, fused.loss_scale))
+            self.last_grad_norm = fused.last_grad_norm
+        else:
+            # Gradients of the previous step stay readable until here (full_state_dict).
+            optimizer.zero_grad(set_to_none=True)
+            total = self._forward_backward(ids, targets, tokens)
+            self._sum_partial_grads()
+            self._sum_tied_grads()
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
+            optimizer.step()
+        self.step_count += 1
+        return self._global_loss(total)
+
+    def _forward_backward(self, ids: torch.Tensor, targets: torch.Tensor, tokens: int,
+                          loss_scale: float = 1.0) -> torch.Tensor:
+        """Every micro-batch forward and backward (gradients summed and reduced over dp);
+        returns this rank's share of the unscaled loss."""
+        prog = self.program
+        scale = loss_scale / max(tokens, 1)
+        reducers = [r for r in map(grad_reducer, prog.stages) if r is not None]
+        for reducer in reducers:
+            reducer.accumulations = self.num_microbatches
+        total = torch.zeros((), dtype=torch.float32)
+        if self.schedule is None:
+            st = prog.stages[0]
+            for x, y in zip(ids.chunk(self.num_microbatches),
+                            targets.chunk(self.num_microbatches), strict=True):
+                loss = self._token_loss(st(x), y) * scale
+                loss.backward()
+                total += loss.detach().float().cpu()
+        else:
+            self._loss_scale = scale
+            losses: list[torch.Tensor] = []
+            first, last = 0 in prog.stage_ids, prog.is_last()
+            args = (ids,) if first else ()
+            kwargs = {"target": targets, "losses": losses} if last else {}
+            # the losses come through the loss function: keeping every micro-batch's
+            # logits for a merged return would hold m x [b, s, V] on the last stage
+            self.schedule.step(*args, return_outputs=False, **kwargs)
+            total += sum((x.detach().float().cpu() for x in losses), torch.zeros(()))
+        for reducer in reducers:
+            reducer.finish()
+        return total / loss_scale
+
+    def _sum_partial_grads(self) -> None:
+        """Tensor-parallel peers that each hold a partial gradient (GQA-shared KV heads,
+        LoRA's replicated factor) add them up."""
+        for st in self.program.stages:
+            for name, p in st.named_parameters():
+                group = self.program.partial_groups.get(name)
+                if group is not None and p.grad is not None:
+                    dist.all_reduce(ckpt.local_tensor(p.grad), group=group)
+
+    def _sum_tied_grads(self) -> None:
+        """Copies of a tied weight on several pipeline stages add up their gradients, so
+        every copy takes the step the one weight would."""
+        for st in self.program.stages:
+            for name, p in st.named_parameters():
+                group = self.program.tied_groups.get(name)
+                if group is not None and p.grad is not None:
+                    dist.all_reduce(ckpt.local_tensor(p.grad), group=group)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as
+        ``torch.nn.utils.clip_grad_norm_`` does, with ‖g‖ the norm of the whole model's
+        gradient: each box counted once over tp, dp and pp. Returns ‖g‖."""
+        prog = self.program
+        total = torch.zeros((), dtype=torch.float64, device=prog.device)
+        local = prog.local_parameters()
+        for name, p in local.items():
+            if p.grad is not None and prog.writes(name, p):
+                total += ckpt.local_tensor(p.grad).double().pow(2).sum()
+        dist.all_reduce(total)
+        norm = float(total.sqrt())
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p in local.values():
+            if p.grad is not None:
+                ckpt.local_tensor(p.grad).mul_(coef)
+        return norm
+
+    def _global_loss(self, total: torch.Tensor) -> float:
+        """Sum of every dp rank's share on the last stage, given to every rank."""
+        if not self.program.is_last() or self.program.coords.tp != 0:
+            total = torch.zeros(())  # tp peers hold the same value: count it once
+        total = total.to(self.program.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    # -- inference ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for ``input_ids`` of the planned shape [global_batch, seq], gathered on
+        every rank."""
+        prog = self.program
+        ids = torch.as_tensor(input_ids)
+        if tuple(ids.shape) != (self.global_batch, self.seq):
+            raise CollieError(f"forward takes the planned shape [{self.global_batch}, "
+                              f"{self.seq}], got {list(ids.shape)}")
+        share = self.global_batch // prog.chosen.dp
+        dp, device = prog.coords.dp, prog.device
+        mine = ids[dp * share:(dp + 1) * share].to(device)
+        vocab = int(prog.config.vocab_size)
+        local = torch.zeros(share, self.seq, vocab, device=device)
+        for i, x in enumerate(mine.split(self.micro_batch)):
+            out = self._forward_micro_batch(x)
+            rows = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            if out is not None and prog.vocab_slice is not None:  # each tp rank its slice
+                local[rows, :, prog.vocab_slice[0]:prog.vocab_slice[1]] = out
+            elif out is not None and prog.coords.tp == 0:
+                local[rows] = out
+        full = torch.zeros(self.global_batch, self.seq, vocab, device=device)
+        full[dp * share:(dp + 1) * share] = local
+        dist.all_reduce(full)
+        return full.cpu()
+
+    def _forward_micro_batch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Run one micro-batch through the stages in order, passing boundary tensors
+        point to point along the pp group; the logits on the last stage's ranks."""
+        prog, c = self.program, self.program.chosen
+        n = c.pp * c.virtual_stages
+        dp, tp = prog.coords.dp, prog.coords.tp
+        peer = [int(prog.mesh.mesh[j, dp, tp]) for j in range(c.pp)]
+        acts: tuple = (x,)
+        for k in range(n):
+            here, prev = k % c.pp, (k - 1) % c.pp
+            if here != prog.coords.pp:
+                if prev == prog.coords.pp and k > 0:
+                    for t in acts:
+                        dist.send(t.contiguous(), dst=peer[here])
+                continue
+            if k > 0 and prev != here:
+                acts = tuple(torch.empty(shape, dtype=dtype, device=prog.device)
+                             for shape, dtype in prog.stage_inputs[k])
+                for t in acts:
+                    dist.recv(t, src=peer[prev])
+            out = prog.stages[prog.stage_ids.index(k)](*acts)
+            acts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return acts[0] if prog.is_last() else None

@@ -1,0 +1,140 @@
+"""How a rank's weights are updated: a torch optimizer stepping after backward (sharded by
+ZeRO-1 where the plan says so), or an engine updating each weight inside backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from collie_compile.errors import CollieError
+from collie_compile.optim.in_backward import FusedBackward
+from collie_compile.optim.optimizers import DEFAULT_LR, optimizer_class, optimizer_options
+from collie_compile.runtime import distributed as cdist
+from collie_compile.runtime.options import FusedOptions
+from collie_compile.runtime.program import RankProgram
+
+
+@dataclass
+class Updates:
+    """The optimizer of a rank program: ``optimizer`` after backward, or ``fused`` (LOMO,
+    AdaLomo) inside it, under the rule ``rule``."""
+
+    rule: str
+    optimizer: torch.optim.Optimizer | None = None
+    fused: FusedBackward | None = None
+
+    def inner(self) -> torch.optim.Optimizer:
+        """The torch optimizer holding the states (a ZeroRedundancyOptimizer's own)."""
+        return getattr(self.optimizer, "optim", self.optimizer)
+
+    def states(self, program: RankProgram) -> dict[str, dict]:
+        """This rank's optimizer state by parameter name."""
+        if self.fused is not None:
+            return self.fused.state
+        by_id = {id(p): n for n, p in program.local_parameters().items()}
+        return {by_id[id(p)]: st for p, st in self.inner().state.items()}
+
+    def writes_states(self, program: RankProgram) -> bool:
+        """False under ZeRO-1, where each state lives on one dp rank."""
+        c = program.chosen
+        return self.fused is not None or not (c.zero == 1 and c.dp > 1)
+
+
+def in_backward(optimizer: str) -> bool:
+    """Whether ``optimizer`` updates each weight inside backward (raises for unknown ones)."""
+    return optimizer_class(optimizer) is None
+
+
+def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs: dict,
+                 options: FusedOptions) -> Updates:
+    """The optimizer of ``program``'s trainable parameters."""
+    rule = optimizer.lower()
+    if not in_backward(rule):
+        return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
+    cdist.agree(lambda: _refuse_split_ties(program, rule))
+    return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
+
+
+def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: dict
+                     ) -> torch.optim.Optimizer:
+    params = [p for st in program.stages for p in st.parameters() if p.requires_grad]
+    cls = optimizer_class(name, params[0].dtype)
+    opts = optimizer_options(name, lr, kwargs)
+    c = program.chosen
+    if c.zero == 1 and c.dp > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls,
+                                       process_group=program.mesh.get_group("dp"), **opts)
+    return cls(params, **opts)
+
+
+def _refuse_split_ties(program: RankProgram, rule: str) -> None:
+    """A weight updated inside backward cannot wait for its tied copy's gradient on
+    another pipeline stage."""
+    if program.tied_stages:
+        raise CollieError(f"{rule} updates each weight inside backward, but "
+                          f"{min(program.tied_stages)} is tied across pipeline stages "
+                          "(embedding and LM head), whose copies must first sum their "
+                          "gradients; use pp=1, or an optimizer that steps after backward "
+                          "(adamw, lion, ...)")
+
+
+def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
+           o: FusedOptions) -> FusedBackward:
+    """LOMO/AdaLomo inside backward: after each gradient's dp reduction (the stage's
+    GradReducer, or FSDP2's reduce-scatter hooks), with sharded statistics summed
+    over the ranks holding the other slices."""
+    from collie_compile.passes.data_parallel import grad_reducer
+
+    unknown = set(kwargs) - {"weight_decay"}
+    if unknown:
+        raise CollieError(f"{rule} takes weight_decay in optimizer_kwargs, not "
+                          f"{', '.join(sorted(unknown))}")
+    params = {n: p for n, p in program.local_parameters().items() if p.requires_grad}
+    engine = FusedBackward(
+        params.items(), rule, lr if lr is not None else DEFAULT_LR[rule],
+        kwargs.get("weight_decay", 0.0), max_grad_norm=o.max_grad_norm,
+        clip_mode=o.clip_mode, clip_value=o.clip_value, loss_scaler=o.scaler(),
+        stochastic_rounding=o.stochastic_rounding,
+        allsum_for=lambda n: _allsum_for(program, n, params[n]),
+        partial_group=program.partial_groups.get,
+        # One seed everywhere: replicas of a parameter (dp under ZeRO-0, tp peers of a
+        # replicated norm) must round it the same way or they drift apart.
+        counts_in_norm=lambda n: program.writes(n, params[n]), seed=0)
+    fsdp = False
+    for st in program.stages:
+        reducer = grad_reducer(st)
+        if reducer is not None:
+            reducer.on_ready = engine.on_final
+        else:
+            engine.attach([p for p in st.parameters() if p.requires_grad])
+            fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
+    # Under torch.distributed.pipelining an FSDP2 stage syncs gradients once, after
+    # the last micro-batch, and runs the hooks then; otherwise FSDP2 reduce-scatters
+    # every micro-batch (gradients stay sharded, as the memory model counts them) and
+    # runs them each time, as plain autograd does.
+    pipelined = program.chosen.pp > 1
+    engine.accumulations = 1 if fsdp and pipelined else program.chosen.num_microbatches
+    return engine
+
+
+def _allsum_for(program: RankProgram, name: str, p: torch.Tensor) -> object | None:
+    """Sum over the ranks holding the other slices of ``name``: tp (its shard dim)
+    and, under FSDP2, dp (dim 0). None for a parameter this rank holds whole."""
+    splits = []
+    shard = program.tp_shards.get(name)
+    if shard is not None:
+        splits.append((shard.dim, program.mesh.get_group("tp")))
+    for placement in getattr(p, "placements", ()):
+        if placement.is_shard():
+            splits.append((placement.dim, program.mesh.get_group("dp")))
+    if not splits:
+        return None
+
+    def allsum(t: torch.Tensor, dims: tuple[int, ...]) -> None:
+        for dim, group in splits:
+            if dim in dims:
+                dist.all_reduce(t, group=group)
+    return allsum
