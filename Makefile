@@ -1,11 +1,12 @@
 # Two entry points, both bootstrap .venv on a fresh machine (idempotent):
 #   make demo   the main job on built-in presets: no download, no GPU
-#   make test   lint + the test suite
+#   make test   lint + the test suite (what CI runs)
+#   make test-fast  unit tests only, one process (about a minute)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -32,6 +33,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from collie_compile.config import Pins
 from collie_compile.cost.estimate import estimate, resolve_sizes
 from collie_compile.cost.hardware import CATALOG, GiB
 from collie_compile.cost.memory import estimate_json
@@ -146,11 +147,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(args.model, gpus=args.gpus, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                   seq_len=args.seq_len, global_batch_size=args.global_batch,
                   optimizer=args.optimizer, dtype=args.dtype, lora_rank=args.lora_rank,
-                  dp=args.dp, tp=args.tp, pp=args.pp, zero=args.zero,
-                  micro_batch_size=args.micro_batch, schedule=args.schedule,
-                  recompute=args.recompute, memory_reserve=args.memory_reserve,
-                  top_k=args.top, lora_targets=args.lora_targets,
-                  virtual_stages=args.virtual_stages,
+                  memory_reserve=args.memory_reserve, top_k=args.top,
+                  lora_targets=args.lora_targets, **Pins.from_args(args).given(),
                   tp_refusal=_tp_refusal(args.model) if args.gpus > 1 and args.tp != 1
                   else None)
     if args.out:
@@ -230,9 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from collie_compile.runtime.train import TrainConfig, train
 
-    pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "micro_batch_size",
-                                          "schedule", "recompute")
-            if getattr(args, k) is not None}
+    pins = Pins.from_args(args)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, seq_len=args.seq_len,
                       global_batch_size=args.global_batch, optimizer=args.optimizer,
                       dtype=args.dtype,
@@ -252,8 +248,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from collie_compile.models.registry import load_config, model_name
     from collie_compile.runtime.check import LAYOUTS, check_model, report
 
-    pins = {k: getattr(args, k) for k in ("dp", "tp", "pp", "zero", "schedule", "recompute")
-            if getattr(args, k) is not None}
+    pins = Pins.from_args(args).given()
     if pins or args.lora:
         layout = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, **pins}
         if layout["pp"] > 1:
@@ -336,14 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top", type=int, default=3, help="runners-up to show")
     q.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05)")
-    for name in ("dp", "tp", "pp", "micro-batch"):
-        q.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
-    q.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="pin zero")
-    q.add_argument("--schedule", choices=SCHEDULES, default=None, help="pin the schedule")
-    q.add_argument("--virtual-stages", type=int, default=None,
-                   help="pin the interleaved schedule's model chunks per GPU (default 2)")
-    q.add_argument("--recompute", choices=RECOMPUTE, default=None,
-                   help="pin recomputation for every layer")
+    Pins.add_arguments(q)
     q.add_argument("--json", action="store_true")
     q.add_argument("--out", help="write the plan (JSON) here")
     q.set_defaults(func=cmd_plan)
@@ -388,23 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.05)")
     t.add_argument("--merge", action="store_true",
                    help="with LoRA, --save plain HF weights with the adapters folded in")
-    for name in ("dp", "tp", "pp"):
-        t.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
-    t.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="pin zero")
-    t.add_argument("--micro-batch", "--micro-batch-size", dest="micro_batch_size", type=int,
-                   default=None, help="pin the micro-batch")
-    t.add_argument("--schedule", choices=SCHEDULES, default=None)
-    t.add_argument("--recompute", choices=RECOMPUTE, default=None)
+    Pins.add_arguments(t)
     t.set_defaults(func=cmd_train)
 
     k = sub.add_parser("check", help="train a small probe of the model under a layout on CPU "
                                      "processes and compare every weight with one process")
     k.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
-    for name in ("dp", "tp", "pp"):
-        k.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
-    k.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3])
-    k.add_argument("--schedule", choices=SCHEDULES, default=None)
-    k.add_argument("--recompute", choices=RECOMPUTE, default=None)
+    Pins.add_arguments(k)
     k.add_argument("--lora", action="store_true", help="train LoRA adapters (all linears)")
     k.add_argument("--layers", type=int, default=2, help="decoder blocks of the probe")
     k.add_argument("--all-tensors", action="store_true", help="print every tensor's error")

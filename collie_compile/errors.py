@@ -38,8 +38,3 @@ class CollieError(Exception):
 class CaptureError(CollieError):
     """torch.export could not capture the model."""
 
-
-class InfeasibleError(CollieError):
-    """No plan fits in the GPUs' memory."""
-
-    exit_code = 3

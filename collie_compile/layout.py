@@ -12,8 +12,9 @@ INTERLEAVED_CHUNKS = 2  # model chunks per GPU of an interleaved schedule, unles
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
-LORA_TARGETS_WITHOUT_RANK = ("lora_targets (--lora-targets) without lora_rank trains nothing "
-                             "as LoRA; give the adapters' rank too (e.g. --lora-rank 8)")
+LORA_TARGETS_WITHOUT_RANK = ("lora_targets or lora_alpha (--lora-targets, --lora-alpha) without "
+                             "lora_rank trains nothing as LoRA; give the adapters' rank too "
+                             "(lora_rank=8, --lora-rank 8)")
 
 
 def canonical_lora_targets(targets: str | list[str] | tuple[str, ...] | None

@@ -34,7 +34,7 @@ def pipeline_split(gm: fx.GraphModule, prefix: str, stages: list[list[int]]
         b = node_block(n, prefix)
         if b is not None:
             if b not in stage_of:
-                raise CollieError(f"block {b} is in no pipeline stage of {stages}")
+                raise RuntimeError(f"block {b} is in no pipeline stage of {stages}")  # a bad plan
             current = max(current, stage_of[b])
         assigned[n] = max([current] + [assigned.get(a, 0) for a in n.all_input_nodes])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

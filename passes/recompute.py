@@ -12,7 +12,6 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import checkpoint
 
-from collie_compile.errors import CollieError
 from collie_compile.recompute_policy import checkpoint_kwargs
 
 from .outline_blocks import node_block
@@ -34,7 +33,7 @@ def recompute(gm: fx.GraphModule, prefix: str, modes: list[str]) -> fx.GraphModu
             continue
         mode = modes[b]
         if mode not in ("none", "selective", "full"):
-            raise CollieError(f"unknown recompute mode {mode!r} for block {b}; "
+            raise RuntimeError(f"unknown recompute mode {mode!r} for block {b}; "
                               "use none, selective or full")
         if mode == "none":
             continue

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from collie_compile.errors import CollieError
-
 
 def live_in(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     """Values the nodes use that are computed outside them (attributes excluded), in
@@ -55,7 +53,7 @@ def extract(root: torch.nn.Module, nodes: Sequence[fx.Node], inputs: Sequence[fx
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:
             if a.op != "get_attr":
-                raise CollieError(f"{name}: node {a.name} is used but neither computed in "
+                raise RuntimeError(f"{name}: node {a.name} is used but neither computed in "
                                   "the subgraph nor passed in; the cut is not valid")
             env[a] = graph.node_copy(a, lookup)
         return env[a]

@@ -387,7 +387,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                     add.meta = dict(lin.meta)
                 red.replace_all_uses_with(add, delete_user_cb=lambda u, add=add: u is not add)
         else:
-            raise CollieError(f"tensor_parallel: unknown strategy {how!r} for {name}")
+            raise RuntimeError(f"tensor_parallel: unknown strategy {how!r} for {name}")
     consumers = _fix_shapes(gm, tp, rank, (num_heads, num_kv_heads, head_dim), group, shards)
     for w_name in _on_heads_only(gm, consumers, set(shards) | set(partial)):
         # a replicated weight applied to this rank's heads only (per-head q/k norms):

@@ -69,6 +69,7 @@ def test_recompute_modes_keep_less():
     assert none.per_rank(2) == none.replicated + none.sharded / 2
 
 
+@pytest.mark.slow
 def test_profile_cached_on_disk_and_corruption_ignored(tmp_path, monkeypatch):
     from collie_compile.cost import profile as modelprofile
 
@@ -84,6 +85,7 @@ def test_profile_cached_on_disk_and_corruption_ignored(tmp_path, monkeypatch):
     assert profile_model("tiny-gpt2", seq_len=48, dtype="fp32") == first  # measured again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["smollm3", "modernbert-decoder", "gpt_neox_japanese"])
 def test_heterogeneous_stack_priced_by_its_costliest_block(model_type):
     """Blocks that differ (layers without RoPE, a norm or a bias on some layers only)

@@ -86,6 +86,7 @@ def test_expand_grouped_kv_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_expanded_kv_priced_as_measured(monkeypatch):
     """Where no fused kernel takes groups (fp32 or pre-sm80 CUDA; forced here on the CPU),
     K/V run expanded: the estimate follows the measured peak, and the extra it prices is
@@ -103,6 +104,7 @@ def test_expanded_kv_priced_as_measured(monkeypatch):
     assert est_expanded - est_fused == pytest.approx(expanded - fused, rel=0.25)
 
 
+@pytest.mark.slow
 def test_gpus_without_fused_gqa_price_expanded_kv():
     """The same layout costs more activations on a V100 (no flash kernel) than on an A100
     for a GQA model, and the same for a model without groups (GPT-2)."""

@@ -1,6 +1,10 @@
+import pytest
+
 from collie_compile.cli import main
 from collie_compile.cost.hardware import get_gpu
 from collie_compile.planner.search import plan
+
+pytestmark = pytest.mark.slow  # multi-process or minutes: not in `make test-fast`
 
 
 def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):

@@ -127,3 +127,21 @@ def test_outline_moves_foreign_nodes_out_of_a_block_and_refuses_looped_depth():
     looped = capture_static(dory, torch.zeros(2, 16, dtype=torch.long, device="meta"))
     with pytest.raises(CollieError, match="runs block model.layers.1 2 times a step"):
         outline_blocks(annotate(looped, dory).gm, "model.layers.")
+
+
+@pytest.mark.parametrize("model_type, prefix", [("opt", "model.decoder.layers."),
+                                                ("gpt_neox", "gpt_neox.layers."),
+                                                ("bloom", "transformer.h.")])
+def test_blocks_found_by_structure_whatever_their_name(model_type, prefix):
+    """The decoder blocks are the longest list of same-type modules, wherever the family
+    keeps them (no name patterns, so no graph matching is needed to find them)."""
+    from transformers import AutoConfig
+
+    from collie_compile.models.probe import probe_config
+
+    cfg = probe_config(AutoConfig.for_model(model_type), layers=3, heads=4, kv_heads=4)
+    model = build_model(cfg)
+    ag = annotate(capture(model), model)
+    assert ag.block_prefix == prefix
+    assert ag.num_blocks == 3 and ag.blocks_identical
+    assert ag.block_nodes(0) and len(ag.block_nodes(1)) == len(ag.block_nodes(2)) > 0

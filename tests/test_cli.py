@@ -127,6 +127,7 @@ def test_bad_gpu_spec_file(capsys, tmp_path):
     assert rc == 2 and "memory_bytes" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_console_script_exit_code_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "collie_compile", "estimate", "nope"],
                           capture_output=True, text=True, timeout=120)
@@ -135,6 +136,7 @@ def test_console_script_exit_code_without_traceback():
         proc.stderr.strip()] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_estimate_prices_interleaved_as_the_planner_does(capsys):
     """estimate used to price an interleaved layout with one chunk per GPU while plan
     priced (and the runtime built) two."""

@@ -49,6 +49,8 @@ from collie_compile.runtime.check import (
 )
 from collie_compile.runtime.refusals import tp_refusal
 
+pytestmark = pytest.mark.slow  # multi-process or minutes: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

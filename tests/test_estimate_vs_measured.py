@@ -7,6 +7,8 @@ from collie_compile.cost.memory import Layout, MemoryModel
 from collie_compile.cost.profile import profile_model
 from collie_compile.optim.specs import get_optimizer
 
+pytestmark = pytest.mark.slow  # multi-process or minutes: not in `make test-fast`
+
 MODEL = "small-llama"  # ~16M parameters: model states and activations both matter
 CASES = [  # optimizer, recompute, dtype, micro-batch, seq
     ("adamw", "none", "fp32", 2, 256),

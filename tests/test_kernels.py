@@ -18,6 +18,7 @@ def _kernel_checks(interpret: bool) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_triton_kernels_equal_references_under_interpreter():
     assert "interpreted kernels match the references" in _kernel_checks(interpret=True)
 

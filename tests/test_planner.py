@@ -39,6 +39,7 @@ def _random_problem(rng):
     return probe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(40))
 def test_ilp_matches_brute_force(seed):
     prob = _random_problem(random.Random(seed))
@@ -56,6 +57,7 @@ def llama70b():
     return plan("llama-2-70b", gpus=64, gpu="h100-80gb", seq_len=4096)
 
 
+@pytest.mark.slow
 def test_plan_beats_hand_tuned_layout(llama70b):
     """Megatron-style tp=8 pp=4 ZeRO-1 for Llama-2-70B on 64 GPUs, priced by the same model."""
     hand = plan("llama-2-70b", gpus=64, gpu="h100-80gb", seq_len=4096, tp=8, pp=4, zero=1,
@@ -73,6 +75,7 @@ def test_plan_beats_hand_tuned_layout(llama70b):
         assert alt.step_time_s >= c.step_time_s and alt.why_not
 
 
+@pytest.mark.slow
 def test_plan_round_trips_and_is_deterministic(llama70b, tmp_path):
     path = tmp_path / "plan.json"
     llama70b.save(path)
@@ -197,6 +200,7 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
     assert doc["shortfall_bytes"] > 0 and any("lomo" in x for x in doc["suggestions"])
 
 
+@pytest.mark.slow
 def test_lora_plan_needs_less_memory_than_full_fine_tuning():
     full = plan("llama-2-7b", gpus=8, gpu="a100-40gb", seq_len=2048, global_batch_size=64,
                 zero=1, micro_batch_size=1, recompute="full")
@@ -206,6 +210,7 @@ def test_lora_plan_needs_less_memory_than_full_fine_tuning():
     assert lora.chosen.memory_per_gpu_bytes < 0.8 * full.chosen.memory_per_gpu_bytes
 
 
+@pytest.mark.slow
 def test_lora_targets_are_priced_and_checked(tmp_path):
     kw = dict(gpus=8, gpu="a100-40gb", seq_len=2048, global_batch_size=64, zero=1,
               micro_batch_size=1, recompute="full", lora_rank=16)
@@ -243,6 +248,7 @@ def test_a_given_plan_must_train_what_it_priced():
         lora_config(None, None, None, ["q_proj"], 0.0)
 
 
+@pytest.mark.slow
 def test_interleaved_ranks_hold_what_their_stage_was_priced_for():
     """Interleaved, rank k's chunks take stage k's block count and recompute modes (the
     runtime used to cut pp x v even chunks and read modes by layer index, so a rank could
@@ -276,6 +282,7 @@ def test_default_global_batch_lets_every_dp_divide_it():
         plan("llama-2-7b", gpus=6, seq_len=4096, global_batch_size=512, dp=6)
 
 
+@pytest.mark.slow
 def test_virtual_stages_can_be_pinned():
     p = plan("llama-2-7b", gpus=8, pp=4, virtual_stages=4, seq_len=4096, global_batch_size=64)
     c = p.chosen

@@ -18,6 +18,8 @@ from transformers import AutoConfig
 
 from collie_compile.models.probe import probe_config
 
+pytestmark = pytest.mark.slow  # multi-process or minutes: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 

@@ -30,10 +30,6 @@ from collie_compile.cost.profile import ModelProfile
 from collie_compile.layout import RECOMPUTE
 from collie_compile.optim.specs import OptimizerSpec
 
-# Bytes an update reads and writes per trainable element (memory-bound step).
-_UPDATE_BYTES = {"adamw": 28, "adam": 28, "sgd": 12, "lion": 20, "adan": 44, "sophia": 28,
-                 "lomo": 6, "adalomo": 10}
-
 
 @dataclass(frozen=True)
 class StageTime:
@@ -135,7 +131,7 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
         sync_fixed = via * allreduce_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
         sync_block = via * allreduce_time(grad_block * trainable_fraction, d, gpu, dp_intra)
     shard = d if layout.zero >= 1 else 1
-    per_elem = _UPDATE_BYTES[opt.name] / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
+    per_elem = opt.update_bytes / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
     return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,
                      sync_block, params_per_rank[0] * trainable_fraction * per_elem,
                      params_per_rank[1] * trainable_fraction * per_elem, gpu.comm_overlap)

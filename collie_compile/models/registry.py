@@ -76,10 +76,6 @@ def model_name(cfg: PretrainedConfig) -> str:
     return str(getattr(cfg, "name_or_path", "") or cfg.model_type)
 
 
-def num_layers(cfg: PretrainedConfig) -> int:
-    return int(cfg.num_hidden_layers)
-
-
 def with_layers(cfg: PretrainedConfig, layers: int) -> PretrainedConfig:
     """A copy of ``cfg`` with ``layers`` decoder blocks (for probing one block cheaply)."""
     out = cfg.__class__.from_dict(cfg.to_dict())

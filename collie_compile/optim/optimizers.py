@@ -15,9 +15,8 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from collie_compile.errors import CollieError
 from collie_compile.kernels.lion import lion_update
-from collie_compile.optim.specs import OPTIMIZERS
+from collie_compile.optim.specs import get_optimizer
 
 
 class _MasterWeights(torch.optim.Optimizer):
@@ -201,9 +200,6 @@ REGULAR: dict[str, type[torch.optim.Optimizer]] = {
     "lion": Lion, "adan": Adan, "sophia": SophiaG,
 }
 WITH_MASTERS = {"adamw": AdamW, "adam": Adam, "sgd": SGD}  # for 16-bit weights
-FUSED = ("lomo", "adalomo")
-DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-3, "lion": 1e-4, "adan": 1e-3,
-              "sophia": 1e-4, "lomo": 1e-3, "adalomo": 1e-3}
 
 
 ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch's
@@ -213,7 +209,7 @@ def optimizer_options(name: str, lr: float | None, kwargs: dict) -> dict:
     """Keyword arguments for ``name``'s class: its defaults, ``kwargs``, then ``lr``."""
     opts = dict(ADAMW_DEFAULTS) if name.lower() == "adamw" else {}
     opts.update(kwargs)
-    opts["lr"] = lr if lr is not None else DEFAULT_LR[name.lower()]
+    opts["lr"] = lr if lr is not None else get_optimizer(name).default_lr
     return opts
 
 
@@ -236,8 +232,6 @@ def optimizer_class(name: str, dtype: torch.dtype = torch.float32
     weights get fp32 masters, as the cost model prices them); None for the fused-in-backward
     ones (LOMO, AdaLomo). Unknown names raise a clear error."""
     key = name.lower()
-    if key not in OPTIMIZERS:
-        raise CollieError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-    if key in FUSED:
+    if get_optimizer(name).fused_backward:  # raises for an unknown name
         return None
     return WITH_MASTERS.get(key, REGULAR[key]) if dtype != torch.float32 else REGULAR[key]

@@ -1,4 +1,5 @@
-"""What each optimizer keeps in memory, per parameter.
+"""Every optimizer's facts in one table: what it keeps in memory per parameter, what an
+update reads and writes, where it runs, its default learning rate.
 
 Mixed precision (bf16/fp16) keeps an fp32 master copy of every trainable weight; pure
 fp32 training updates the weights in place. Fused optimizers (LOMO, AdaLomo) update
@@ -20,20 +21,26 @@ class OptimizerSpec:
     factored: bool = False  # AdaLomo: row + column statistics per matrix instead
     fused_backward: bool = False  # update inside backward; full gradients never stored
     step_temporaries: int = 2  # fp32 temporaries of the largest tensor during its update
+    update_bytes: int = 28  # bytes an update reads and writes per trainable element
+    default_lr: float = 1e-3
     description: str = ""
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {o.name: o for o in [
     OptimizerSpec("adamw", 8, description="Adam with decoupled weight decay: m, v"),
     OptimizerSpec("adam", 8, description="Adam: m, v"),
-    OptimizerSpec("sgd", 0, step_temporaries=0, description="plain SGD, no momentum"),
-    OptimizerSpec("lion", 4, step_temporaries=1, description="Lion: one momentum"),
-    OptimizerSpec("adan", 16, step_temporaries=3,
+    OptimizerSpec("sgd", 0, step_temporaries=0, update_bytes=12,
+                  description="plain SGD, no momentum"),
+    OptimizerSpec("lion", 4, step_temporaries=1, update_bytes=20, default_lr=1e-4,
+                  description="Lion: one momentum"),
+    OptimizerSpec("adan", 16, step_temporaries=3, update_bytes=44,
                   description="Adan: m, v, n and the previous gradient"),
-    OptimizerSpec("sophia", 8, description="Sophia: m and the Hessian estimate h"),
-    OptimizerSpec("lomo", 0, fused_backward=True, step_temporaries=1,
+    OptimizerSpec("sophia", 8, default_lr=1e-4,
+                  description="Sophia: m and the Hessian estimate h"),
+    OptimizerSpec("lomo", 0, fused_backward=True, step_temporaries=1, update_bytes=6,
                   description="LOMO: SGD fused into backward, no state"),
     OptimizerSpec("adalomo", 0, factored=True, fused_backward=True, step_temporaries=2,
+                  update_bytes=10,
                   description="AdaLomo: factored second moment fused into backward"),
 ]}
 

@@ -37,11 +37,12 @@ import itertools
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pulp
 
+from collie_compile.config import LoraRequest, Pins
 from collie_compile.cost.estimate import default_seq_len, layout_problem
 from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryModel, StageTerms, lora_cost
@@ -56,7 +57,6 @@ from collie_compile.cost.step_time import (
 from collie_compile.errors import CollieError, flag, named
 from collie_compile.layout import (
     INTERLEAVED_CHUNKS,
-    LORA_TARGETS_WITHOUT_RANK,
     RECOMPUTE,
     SCHEDULES,
     canonical_lora_targets,
@@ -287,17 +287,14 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if top_k < 0:
         raise CollieError(f"top_k (runners-up to show) must be 0 or more, got {top_k}")
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise CollieError(f"{named('zero')} must be 0, 1, 2 or 3, got {zero}")
     if gpus_per_node < 1:
         raise CollieError(f"{named('gpus_per_node')} must be a positive integer, got "
                           f"{gpus_per_node}")
-    if lora_targets is not None and lora_rank is None:
-        raise CollieError(LORA_TARGETS_WITHOUT_RANK)
-    for k, v in dict(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
-                     seq_len=seq_len).items():
-        if v is not None and v < 1:
-            raise CollieError(f"{named(k)} must be a positive integer, got {v}")
+    LoraRequest(rank=lora_rank, targets=lora_targets)
+    asked = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
+                 schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
+    if seq_len is not None and seq_len < 1:
+        raise CollieError(f"{named('seq_len')} must be a positive integer, got {seq_len}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
@@ -306,15 +303,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     if global_batch_size < 1:
         raise CollieError(f"{named('global_batch_size')} must be positive, got "
                           f"{global_batch_size}")
-    if recompute is not None and recompute not in RECOMPUTE:
-        raise CollieError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise CollieError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-    if virtual_stages is not None and virtual_stages < 2:
-        raise CollieError(f"{named('virtual_stages')} (model chunks per GPU of the "
-                          f"interleaved schedule) must be 2 or more, got {virtual_stages}")
-    pins = dict(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
-                schedule=schedule, virtual_stages=virtual_stages)
+    pins = {k: v for k, v in asdict(asked).items() if k != "recompute"}
     outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)

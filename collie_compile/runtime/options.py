@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from collie_compile.config import LoraRequest
 from collie_compile.dtypes import dtype_name, torch_dtype
-from collie_compile.errors import CollieError, named
+from collie_compile.errors import CollieError
 from collie_compile.layout import DEFAULT_LORA_TARGETS, canonical_lora_targets
 from collie_compile.optim.in_backward import CLIP_MODES, LossScaler
 from collie_compile.optim.optimizers import optimizer_class
@@ -60,13 +61,9 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
             raise CollieError("give LoRA either as lora=LoraConfig(...) or as lora_rank=/"
                               "lora_targets=, not both")
         return config
+    LoraRequest(rank, alpha, None if targets is None else tuple(targets), dropout)  # checks
     if rank is None:
-        if targets is not None or alpha is not None:
-            raise CollieError("lora_targets or lora_alpha without lora_rank trains nothing "
-                              "as LoRA; give the adapters' rank too (e.g. lora_rank=8)")
         return None
-    if rank < 1:
-        raise CollieError(f"{named('lora_rank')} must be a positive integer, got {rank}")
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,

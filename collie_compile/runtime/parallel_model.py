@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from collie_compile.config import Pins
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import load_config, model_name
 from collie_compile.planner.result import Plan
@@ -34,7 +35,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 gpu: str | None = None, dtype: str | None = None, dp: int | None = None,
                 tp: int | None = None, pp: int | None = None, zero: int | None = None,
                 micro_batch_size: int | None = None, schedule: str | None = None,
-                recompute: str | None = None, weights: str | Path | None = None,
+                recompute: str | None = None, virtual_stages: int | None = None,
+                weights: str | Path | None = None,
                 lora: object | None = None, lora_rank: int | None = None,
                 lora_alpha: float | None = None, lora_targets: list[str] | None = None,
                 lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
@@ -45,7 +47,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
-    with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute), a
+    with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute,
+    virtual_stages; see :class:`~collie_compile.config.Pins`), a
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
     defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
     plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
@@ -66,6 +69,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ("dynamic" or a fixed number) scales the loss for fp16 and skips a step that
     overflows, and ``stochastic_rounding`` rounds updates into 16-bit weights randomly.
     """
+    pins = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
+                schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
     cdist.ensure_initialized()
     world = dist.get_world_size()
     cfg = cdist.agree(lambda: load_config(model.config))  # one stack of blocks, or why not
@@ -96,10 +101,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
                               f"gpus={world}")
         p = resolve_plan(plan, cfg, name, world, gpu, optimizer, dtype, seq_len,
-                          global_batch_size, dict(dp=dp, tp=tp, pp=pp, zero=zero,
-                                                  micro_batch_size=micro_batch_size,
-                                                  schedule=schedule, recompute=recompute),
-                          lora_cfg, memory_reserve, refusal)
+                         global_batch_size, pins.given(), lora_cfg, memory_reserve, refusal)
         fused.check(optimizer or p.optimizer)
         return p
 

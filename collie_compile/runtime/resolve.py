@@ -86,6 +86,7 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
     planned = dict(optimizer=p.optimizer, dtype=p.dtype, seq_len=p.seq_len,
                    global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
                    zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
+                   virtual_stages=c.virtual_stages,
                    recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
     asked = dict(optimizer=optimizer and optimizer.lower(), dtype=dtype, seq_len=seq_len,
                  global_batch_size=global_batch_size, **pins)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from collie_compile.config import Pins
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError, flag
 from collie_compile.models.registry import build_model, load_config
@@ -43,7 +44,7 @@ class TrainConfig:
     weights: str | None = None
     save: str | None = None
     seed: int = 0
-    pins: dict | None = None
+    pins: Pins = field(default_factory=Pins)
     check: bool = False  # rank 0 then trains one process the same way and compares
     lora_rank: int | None = None  # train LoRA adapters only (peft's LoraConfig fields)
     lora_alpha: float | None = None
@@ -121,7 +122,7 @@ def train(cfg: TrainConfig) -> list[float]:
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                     memory_reserve=cfg.memory_reserve, **(cfg.pins or {}))
+                     memory_reserve=cfg.memory_reserve, **cfg.pins.given())
     tokens = cdist.agree(lambda: tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size)))
     if cfg.save:  # before the training, not after it
         pm.check_save_path(cfg.save)

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from collie_compile.errors import CollieError
 from collie_compile.optim.in_backward import FusedBackward
-from collie_compile.optim.optimizers import DEFAULT_LR, optimizer_class, optimizer_options
+from collie_compile.optim.optimizers import optimizer_class, optimizer_options
+from collie_compile.optim.specs import get_optimizer
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime.options import FusedOptions
 from collie_compile.runtime.program import RankProgram
@@ -94,7 +95,7 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
                           f"{', '.join(sorted(unknown))}")
     params = {n: p for n, p in program.local_parameters().items() if p.requires_grad}
     engine = FusedBackward(
-        params.items(), rule, lr if lr is not None else DEFAULT_LR[rule],
+        params.items(), rule, lr if lr is not None else get_optimizer(rule).default_lr,
         kwargs.get("weight_decay", 0.0), max_grad_norm=o.max_grad_norm,
         clip_mode=o.clip_mode, clip_value=o.clip_value, loss_scaler=o.scaler(),
         stochastic_rounding=o.stochastic_rounding,
