@@ -1,0 +1,54 @@
+"""Requests as data: every pin reaches every entry point, and is checked in one place."""
+
+import inspect
+from dataclasses import fields
+
+import pytest
+
+from collie_compile.cli import build_parser
+from collie_compile.config import LoraRequest, Pins
+from collie_compile.errors import CollieError
+from collie_compile.planner.search import plan
+from collie_compile.runtime.parallel_model import parallelize
+
+PINS = {f.name for f in fields(Pins)}
+
+
+def test_every_pin_reaches_every_entry_point():
+    assert PINS == {"dp", "tp", "pp", "zero", "micro_batch_size", "schedule", "recompute",
+                    "virtual_stages"}
+    for fn in (plan, parallelize):
+        assert PINS <= set(inspect.signature(fn).parameters), fn.__name__
+    given = dict(dp="2", tp="1", pp="2", zero="1", micro_batch="4", schedule="interleaved",
+                 recompute="full", virtual_stages="2")
+    argv = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", v)]
+    for command in (["plan", "tiny-llama", "--gpus", "4"], ["train", "tiny-llama", "--data", "x"],
+                    ["check", "tiny-llama"]):
+        pins = Pins.from_args(build_parser().parse_args(command + argv))
+        assert pins == Pins(dp=2, tp=1, pp=2, zero=1, micro_batch_size=4,
+                            schedule="interleaved", recompute="full", virtual_stages=2)
+
+
+@pytest.mark.parametrize("pins, match", [
+    (dict(tp=0), r"tp \(--tp\) must be a positive integer"),
+    (dict(zero=4), r"zero \(--zero\) must be 0, 1, 2 or 3"),
+    (dict(schedule="zigzag"), "unknown schedule"),
+    (dict(recompute="half"), "unknown recompute"),
+    (dict(virtual_stages=1), "must be 2 or more"),
+    (dict(virtual_stages=2, schedule="gpipe"), "applies to the interleaved schedule"),
+])
+def test_bad_pins_are_refused_the_same_everywhere(pins, match):
+    with pytest.raises(CollieError, match=match):
+        Pins(**pins)
+    with pytest.raises(CollieError, match=match):  # before any model is profiled
+        plan("no-such-model", gpus=4, **pins)
+
+
+def test_lora_request_checks():
+    assert LoraRequest() == LoraRequest(rank=None)
+    with pytest.raises(CollieError, match="without lora_rank"):
+        LoraRequest(targets=("q_proj",))
+    with pytest.raises(CollieError, match="without lora_rank"):
+        LoraRequest(alpha=16.0)
+    with pytest.raises(CollieError, match="lora_rank"):
+        LoraRequest(rank=0)
