@@ -423,20 +423,20 @@ def test_auto_plan_on_a_gpu_the_catalog_lacks_says_so(monkeypatch) -> None:
 
     from collie_compile.cost.hardware import CATALOG
     from collie_compile.models.registry import load_config
-    from collie_compile.runtime import parallel_model as runtime
+    from collie_compile.runtime import resolve
 
     card = replace(CATALOG["a100-80gb"], name="nvidia-rtx-pro-6000", memory_bytes=96 * 2**30)
-    monkeypatch.setattr(runtime, "local_gpu", lambda: card)  # what a CUDA host would find
+    monkeypatch.setattr(resolve, "local_gpu", lambda: card)  # what a CUDA host would find
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    p = runtime.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, None, None,
-                              "fp32", 64, 8, {}, None)
+    p = resolve.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, None, None,
+                             "fp32", 64, 8, {}, None)
     assert p.gpu == "nvidia-rtx-pro-6000"
     assert any("nvidia-rtx-pro-6000 is not in the GPU catalog" in n for n in p.notes)
     assert "--gpu SPEC.json" in p.replan_command()
     assert "calibrate --out SPEC.json" in p.replan_command()
     # a catalog GPU: no note, and --gpu names it
-    p = runtime.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, "h100-80gb",
-                              None, "fp32", 64, 8, {}, None)
+    p = resolve.resolve_plan("auto", load_config("tiny-llama"), "tiny-llama", 1, "h100-80gb",
+                             None, "fp32", 64, 8, {}, None)
     assert not any("catalog" in n for n in p.notes)
     assert "--gpu h100-80gb " in p.replan_command()
 
