@@ -274,15 +274,29 @@ LORA_TARGETS_HELP = "modules that get adapters, as peft's target_modules (defaul
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collie-compile", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _models_command(sub)
+    _gpus_command(sub)
+    _estimate_command(sub)
+    _plan_command(sub)
+    _calibrate_command(sub)
+    _train_command(sub)
+    _check_command(sub)
+    return p
 
+
+def _models_command(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list the built-in model presets")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
+
+def _gpus_command(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gpus", help="list the GPU catalog")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gpus)
 
+
+def _estimate_command(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("estimate", help="per-GPU memory of one training layout (no GPU needed)")
     e.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
     e.add_argument("--gpus", type=int, help="total GPUs (default dp*tp*pp)")
@@ -314,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
 
+
+def _plan_command(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("plan", help="find the fastest layout that fits (no GPU needed)")
     q.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
     q.add_argument("--gpus", type=int, required=True)
@@ -336,12 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="write the plan (JSON) here")
     q.set_defaults(func=cmd_plan)
 
+
+def _calibrate_command(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="measure this machine into a hardware spec (JSON)")
     c.add_argument("--out", help="write the spec here")
     c.add_argument("--name", help="name for the spec (default: device name)")
     c.add_argument("--quick", action="store_true", help="small sizes: seconds, rougher")
     c.set_defaults(func=cmd_calibrate)
 
+
+def _train_command(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train on a text file (run under torchrun, one process "
                                      "per GPU; CPU processes use gloo)")
     t.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
@@ -379,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     Pins.add_arguments(t)
     t.set_defaults(func=cmd_train)
 
+
+def _check_command(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("check", help="train a small probe of the model under a layout on CPU "
                                      "processes and compare every weight with one process")
     k.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
@@ -389,7 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--workdir", default=None, help="where checkpoints and results go "
                                                    "(default: a fresh temporary folder)")
     k.set_defaults(func=cmd_check)
-    return p
 
 
 def _quiet_libraries() -> None:
