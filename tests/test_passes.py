@@ -117,3 +117,24 @@ def test_tensor_parallel_refuses_a_split_it_cannot_follow():
     _, ag, gm, _ = _captured(cfg)
     with pytest.raises(CollieError, match="cuts a dim that tp splits"):
         tensor_parallel(gm, tp_layout(ag, cfg, 2, False), None, 0, 2, *head_layout(cfg))
+
+
+def test_the_rank_program_names_a_failing_pass(tmp_path):
+    """A bug inside a pass says which pass; a refusal keeps its message, led by the pass."""
+    import torch.distributed as dist
+
+    from collie_compile.runtime.program import apply_pass
+
+    def refuse() -> None:
+        raise CollieError("no stage holds block 3")
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="pass outline_blocks failed: KeyError"):
+            apply_pass("outline_blocks", lambda: {}["block"])
+        with pytest.raises(CollieError, match="^pipeline_split: no stage holds block 3$"):
+            apply_pass("pipeline_split", refuse)
+        assert apply_pass("lora", lambda: 7) == 7
+    finally:
+        dist.destroy_process_group()
