@@ -95,7 +95,7 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
-    (:func:`collie_compile.runtime.parallel_model.tp_refusal`)."""
+    (:func:`collie_compile.runtime.refusals.tp_refusal`)."""
     if not 0 <= memory_reserve < 1:
         raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
     if lora_targets is not None and lora_rank is None:

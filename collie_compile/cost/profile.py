@@ -85,7 +85,7 @@ class ModelProfile:
     row_linears_per_block: int  # all-reduces per block forward under tensor parallelism
     block_graph: list[dict]  # one block's nodes, per sample (see annotate.block_graph)
     # why tp > 1 cannot run this model exactly (None: it can, or nobody asked); set by
-    # the front (runtime.tp_refusal dry-runs the tensor_parallel pass), not measured here
+    # the front (runtime.refusals.tp_refusal dry-runs the tensor_parallel pass), not measured here
     tp_refusal: str | None = None
 
     @property

@@ -278,7 +278,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     ``memory_reserve`` is the fraction of each GPU's memory kept free (CUDA context,
     allocator fragmentation). ``quick`` stops at the first plan that fits and skips
     suggestions: a feasibility check. ``tp_refusal`` says why tp > 1 cannot run this model
-    (:func:`collie_compile.runtime.parallel_model.tp_refusal`): then only tp = 1 is planned.
+    (:func:`collie_compile.runtime.refusals.tp_refusal`): then only tp = 1 is planned.
     """
     start = time.perf_counter()
     if gpus < 1:
