@@ -5,6 +5,7 @@ argument groups are built from these, so a pin one entry point takes, all take."
 from __future__ import annotations
 
 import argparse
+import numbers
 from dataclasses import dataclass, fields
 
 from collie_compile.errors import CollieError, named
@@ -36,7 +37,7 @@ class Pins:
     def __post_init__(self) -> None:
         for k in ("dp", "tp", "pp", "micro_batch_size"):
             v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
                 raise CollieError(f"{named(k)} must be a positive integer, got {v!r}")
         if self.zero is not None and self.zero not in (0, 1, 2, 3):
             raise CollieError(f"{named('zero')} must be 0, 1, 2 or 3, got {self.zero!r}")
@@ -46,7 +47,8 @@ class Pins:
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise CollieError(f"unknown schedule {self.schedule!r}; use one of "
                               f"{', '.join(SCHEDULES)}")
-        if self.virtual_stages is not None and (not isinstance(self.virtual_stages, int)
+        if self.virtual_stages is not None and (not isinstance(self.virtual_stages,
+                                                               numbers.Integral)
                                                 or self.virtual_stages < 2):
             raise CollieError(f"{named('virtual_stages')} (model chunks per GPU of the "
                               "interleaved schedule) must be 2 or more, got "

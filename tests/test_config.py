@@ -52,3 +52,20 @@ def test_lora_request_checks():
         LoraRequest(alpha=16.0)
     with pytest.raises(CollieError, match="lora_rank"):
         LoraRequest(rank=0)
+
+
+def test_a_model_given_as_a_config_or_a_path_needs_no_seq_len(tmp_path):
+    """parallelize passes the model's own config to the planner (and users pass paths):
+    the default sequence length and the profile come from either."""
+    from pathlib import Path
+
+    from collie_compile.cost.estimate import default_seq_len, estimate
+    from collie_compile.models.registry import load_config
+
+    cfg = load_config("tiny-llama")
+    assert plan(cfg, gpus=1, quick=True, dtype="fp32").seq_len == 256  # its context
+    cfg.save_pretrained(tmp_path)
+    assert default_seq_len(Path(tmp_path)) == 256
+    by_path = estimate(Path(tmp_path) / "config.json", gpus=1, seq_len=32, dtype="fp32")
+    assert by_path.num_params == estimate("tiny-llama", gpus=1, seq_len=32,
+                                          dtype="fp32").num_params

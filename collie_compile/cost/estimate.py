@@ -52,10 +52,10 @@ def resolve_sizes(gpus: int | None, dp: int | None, tp: int, pp: int) -> tuple[i
     return dp, tp, pp
 
 
-def default_seq_len(model: str) -> int:
+def default_seq_len(model: str | object) -> int:
     """2048, or the model's context length if shorter (kept on disk with the profiles)."""
-    identity = config_identity(model)
-    path = disk_cache.entry("context", [model, identity]) if identity else None
+    identity = config_identity(model)  # None for a config object: read it directly
+    path = disk_cache.entry("context", [str(model), identity]) if identity else None
     known = disk_cache.read(path) if path else None
     if not isinstance(known, dict) or "max_pos" not in known:
         from collie_compile.models.registry import load_config

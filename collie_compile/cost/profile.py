@@ -12,6 +12,7 @@ does not grow with batch, such as the causal mask and rotary tables).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -112,7 +113,8 @@ def profile_model(model: str | PretrainedConfig, seq_len: int = 2048,
     dtype = check_dtype(dtype)
     if seq_len < 2:
         raise CollieError(f"{named('seq_len')} must be at least 2, got {seq_len}")
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
+        model = str(model)
         return _cached_profile("model", model, config_identity(model) or "", seq_len, dtype)
     from collie_compile.models.registry import model_name
 

@@ -4,6 +4,7 @@ torch), and what identifies a MODEL argument's config for caches."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,19 @@ def config_path(model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def config_identity(model: str) -> str | None:
+def config_identity(model: object) -> str | None:
     """Text that changes whenever the config ``model`` names does (a preset's fields, a
-    file's bytes); None for an argument that names no config."""
+    file's bytes, and the code that turns them into a config); None for an argument that
+    names no config (a config object, an unknown name)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    model = str(model)
+    loader = Path(__file__).with_name("registry.py").read_text()
     if model in PRESETS:
         p = PRESETS[model]
-        return json.dumps([model, p.model_type, p.config], sort_keys=True)
+        return json.dumps([model, p.model_type, p.config, loader], sort_keys=True)
     path = config_path(model)
     try:
-        return None if path is None else f"{path.resolve()}\0{path.read_text()}"
+        return None if path is None else f"{path.resolve()}\0{path.read_text()}\0{loader}"
     except OSError:
         return None

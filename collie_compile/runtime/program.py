@@ -170,19 +170,23 @@ def dim_box(box: ckpt.Box, dim: int) -> ckpt.Box:
     return ckpt.Box((box.offset[dim],), (box.shape[dim],), (box.global_shape[dim],))
 
 
+def named_pass(name: str, fn: Callable[[], T]) -> T:
+    """Run one pass with its name on any error: a refusal keeps its message, led by the
+    pass's name; a bug becomes a RuntimeError saying which pass it is in."""
+    try:
+        return fn()
+    except CollieError as e:
+        if str(e).startswith(name):
+            raise
+        raise type(e)(f"{name}: {e}", shared=e.shared) from None
+    except Exception as e:
+        raise RuntimeError(f"pass {name} failed: {type(e).__name__}: {e}") from e
+
+
 def apply_pass(name: str, fn: Callable[[], T]) -> T:
-    """Run one pass on every rank (see :func:`cdist.agree`), its name on any error: a
-    user-facing refusal keeps its message, a bug says which pass it is in."""
-    def run() -> T:
-        try:
-            return fn()
-        except CollieError as e:
-            if str(e).startswith(name):
-                raise
-            raise type(e)(f"{name}: {e}", shared=e.shared) from None
-        except Exception as e:
-            raise RuntimeError(f"pass {name} failed: {type(e).__name__}: {e}") from e
-    return cdist.agree(run)
+    """:func:`named_pass` on every rank at once (:func:`cdist.agree`): an error on one rank
+    is raised on all, so none goes on to the next collective alone."""
+    return cdist.agree(lambda: named_pass(name, fn))
 
 
 def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path | None = None,
@@ -251,14 +255,16 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     # ZeRO-1 shards optimizer states; an update inside backward has none worth sharding.
     zero = 0 if c.zero == 1 and updates_in_backward else c.zero
     for k in mine:
-        st = apply_pass("move_to_device", lambda k=k: move_to_device(parts[k], device))
+        # per-stage passes: local to this rank, no collective (ranks may differ, e.g. in
+        # whether their GPU fuses grouped-query attention)
+        st = named_pass("move_to_device", lambda k=k: move_to_device(parts[k], device))
         if not fused_gqa(device, dtype):
-            st = apply_pass("expand_grouped_kv", lambda st=st: expand_grouped_kv(st))
+            st = named_pass("expand_grouped_kv", lambda st=st: expand_grouped_kv(st))
         if pieces is not None:  # read just this rank's slices
             cdist.agree(lambda st=st: program.load_weights(st, pieces, weights))
-        st = apply_pass("recompute", lambda st=st: recompute_pass(
+        st = named_pass("recompute", lambda st=st: recompute_pass(
             st.to(device), ag.block_prefix, c.layer_modes()))
-        st = apply_pass("data_parallel", lambda st=st: data_parallel(
+        st = named_pass("data_parallel", lambda st=st: data_parallel(
             st, dp_mesh, zero, ag.block_prefix))
         program.stages.append(st)
     return program

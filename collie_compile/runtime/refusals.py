@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from collie_compile.models.presets import config_identity
 
 # The code whose behaviour a tp verdict depends on (a change re-judges every model).
 _TP_CODE = ("collie_compile.passes.tensor_parallel", "collie_compile.capture.annotate",
+            "collie_compile.capture.export", "collie_compile.models.attention",
+            "collie_compile.models.probe", "collie_compile.layout",
             "collie_compile.runtime.program", "collie_compile.runtime.refusals")
 
 
@@ -23,9 +26,9 @@ def tp_refusal(model: str | object) -> str | None:
     config) exactly (fused projections cut in ways tp cannot follow, ...), found by
     running the tensor_parallel pass for tp=2 on a two-block probe on the meta device;
     None if it can."""
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
         identity = config_identity(model)
-        parts = ["model", model, identity] if identity else None
+        parts = ["model", str(model), identity] if identity else None
     else:
         parts = ["config", model.to_json_string()]
     code = [Path(find_spec(m).origin).read_text() for m in _TP_CODE]
