@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def versions() -> list[str]:
     from collie_compile import __version__
 
     return [version("torch"), version("transformers"), __version__]
+
+
+def code_of(*modules: str) -> list[str]:
+    """The source of ``modules`` (dotted names), read without importing them: a cached
+    result keyed by it is worked out again whenever the code that decides it changes."""
+    return [Path(find_spec(m).origin).read_text() for m in modules]
 
 
 def entry(kind: str, parts: list[str]) -> Path:

@@ -1,11 +1,13 @@
 import os
-import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 
-# Profiles measured by the tests go to a throwaway cache, not the user's home.
-os.environ["COLLIE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="collie-compile-test-")
+# Profiles measured by the tests are kept beside pytest's own cache, not in the user's
+# home: entries are keyed by the code that measured them, so a change to it measures again.
+os.environ["COLLIE_COMPILE_CACHE"] = str(Path(__file__).resolve().parent.parent
+                                         / ".pytest_cache" / "collie-compile")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

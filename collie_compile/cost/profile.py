@@ -24,8 +24,13 @@ from collie_compile.models.presets import config_identity
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-# Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it.
+# Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it,
+# and by the source of the modules that measure one.
 PROFILE_SCHEMA = 8
+_PROFILE_CODE = ("collie_compile.cost.profile", "collie_compile.cost.measure_profile",
+                 "collie_compile.capture.annotate", "collie_compile.capture.export",
+                 "collie_compile.models.registry", "collie_compile.models.probe",
+                 "collie_compile.models.attention", "collie_compile.recompute_policy")
 PROBE_BLOCKS = 2
 
 
@@ -128,7 +133,9 @@ def _cached_profile(kind: str, ref: str, fingerprint: str, seq_len: int,
     ("" when it names none: measuring then says why); "config": ``ref`` is the model's
     name and ``fingerprint`` its config as JSON."""
     path = (disk_cache.entry("profile", [kind, ref, fingerprint, str(seq_len), dtype,
-                                         str(PROFILE_SCHEMA)]) if fingerprint else None)
+                                         str(PROFILE_SCHEMA),
+                                         *disk_cache.code_of(*_PROFILE_CODE)])
+            if fingerprint else None)
     hit = _from_json(disk_cache.read(path)) if path else None
     if hit is not None:
         return hit

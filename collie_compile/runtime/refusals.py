@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from importlib.util import find_spec
-from pathlib import Path
 
 from collie_compile import disk_cache
 from collie_compile.models.presets import config_identity
@@ -31,8 +29,8 @@ def tp_refusal(model: str | object) -> str | None:
         parts = ["model", str(model), identity] if identity else None
     else:
         parts = ["config", model.to_json_string()]
-    code = [Path(find_spec(m).origin).read_text() for m in _TP_CODE]
-    path = disk_cache.entry("tp-refusal", [*parts, *code]) if parts else None
+    path = (disk_cache.entry("tp-refusal", [*parts, *disk_cache.code_of(*_TP_CODE)])
+            if parts else None)
     known = disk_cache.read(path) if path else None
     if isinstance(known, dict) and "refusal" in known:
         return known["refusal"]
