@@ -1,6 +1,7 @@
-"""What a user asks for, as data: the layout choices they pin and the LoRA they train,
-each with its checks in one place. ``plan``, ``parallelize``, ``train`` and the CLI's
-argument groups are built from these, so a pin one entry point takes, all take."""
+"""What a user asks for, as data: the training request (GPUs, shapes, dtype, memory kept
+free), the layout choices they pin and the LoRA they train, each with its checks in one
+place. ``estimate``, ``plan``, ``parallelize``, ``train`` and the CLI's argument groups
+are built from these, so a pin one entry point takes, all take."""
 
 from __future__ import annotations
 
@@ -8,8 +9,36 @@ import argparse
 import numbers
 from dataclasses import dataclass, fields
 
+from collie_compile.dtypes import check_dtype
 from collie_compile.errors import CollieError, named
 from collie_compile.layout import LORA_TARGETS_WITHOUT_RANK, RECOMPUTE, SCHEDULES
+
+
+@dataclass(frozen=True)
+class Request:
+    """The run asked for; None leaves a value to the entry point's default."""
+
+    gpus: int | None = None
+    seq_len: int | None = None  # tokens per sequence
+    global_batch_size: int | None = None  # sequences per optimizer step
+    dtype: str | None = None  # the weights' dtype name
+    memory_reserve: float | None = None  # fraction of each GPU's memory kept free
+
+    def __post_init__(self) -> None:
+        if self.gpus is not None and (not isinstance(self.gpus, numbers.Integral)
+                                      or self.gpus < 1):
+            raise CollieError(f"{named('gpus')} must be a positive integer, got {self.gpus}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise CollieError(f"{named('seq_len')} must be a positive integer of at least 2, "
+                              f"got {self.seq_len}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise CollieError(f"{named('global_batch_size')} must be positive, got "
+                              f"{self.global_batch_size}")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
+        if self.memory_reserve is not None and not 0 <= self.memory_reserve < 1:
+            raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got "
+                              f"{self.memory_reserve}")
 
 
 @dataclass(frozen=True)

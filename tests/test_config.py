@@ -69,3 +69,24 @@ def test_a_model_given_as_a_config_or_a_path_needs_no_seq_len(tmp_path):
     by_path = estimate(Path(tmp_path) / "config.json", gpus=1, seq_len=32, dtype="fp32")
     assert by_path.num_params == estimate("tiny-llama", gpus=1, seq_len=32,
                                           dtype="fp32").num_params
+
+
+@pytest.mark.parametrize("asked, match", [
+    (dict(gpus=0), r"gpus \(--gpus\) must be a positive integer"),
+    (dict(seq_len=1), r"seq_len \(--seq-len\) must be a positive integer of at least 2"),
+    (dict(global_batch_size=0), r"global_batch_size \(--global-batch\) must be positive"),
+    (dict(dtype="fp8"), "unknown dtype 'fp8'"),
+    (dict(memory_reserve=1.0), r"memory_reserve \(--memory-reserve\) must be in \[0, 1\)"),
+])
+def test_a_bad_request_is_refused_by_every_entry_point(asked, match):
+    import torch
+
+    from collie_compile.cost.estimate import estimate
+
+    with pytest.raises(CollieError, match=match):
+        plan("tiny-llama", **{"gpus": 2, **asked})
+    if "global_batch_size" not in asked:
+        with pytest.raises(CollieError, match=match):
+            estimate("tiny-llama", **asked)
+    with pytest.raises(CollieError, match=match):  # before any process group is needed
+        parallelize(torch.nn.Linear(2, 2), **asked)

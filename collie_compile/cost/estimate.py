@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from collie_compile import disk_cache
+from collie_compile.config import LoraRequest, Request
 from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryBreakdown, MemoryModel, lora_cost
 from collie_compile.cost.profile import ModelProfile, profile_model
 from collie_compile.errors import CollieError, named
-from collie_compile.layout import INTERLEAVED_CHUNKS, LORA_TARGETS_WITHOUT_RANK
+from collie_compile.layout import INTERLEAVED_CHUNKS
 from collie_compile.models.presets import config_identity
 from collie_compile.optim.specs import get_optimizer
 
@@ -96,10 +97,8 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
     (:func:`collie_compile.runtime.refusals.tp_refusal`)."""
-    if not 0 <= memory_reserve < 1:
-        raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
-    if lora_targets is not None and lora_rank is None:
-        raise CollieError(LORA_TARGETS_WITHOUT_RANK)
+    Request(gpus=gpus, seq_len=seq_len, dtype=dtype, memory_reserve=memory_reserve)
+    LoraRequest(rank=lora_rank, targets=lora_targets)
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pulp
 
-from collie_compile.config import LoraRequest, Pins
+from collie_compile.config import LoraRequest, Pins, Request
 from collie_compile.cost.estimate import default_seq_len, layout_problem
 from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryModel, StageTerms, lora_cost
@@ -281,10 +281,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     (:func:`collie_compile.runtime.refusals.tp_refusal`): then only tp = 1 is planned.
     """
     start = time.perf_counter()
-    if gpus < 1:
-        raise CollieError(f"{named('gpus')} must be a positive integer, got {gpus}")
-    if not 0 <= memory_reserve < 1:
-        raise CollieError(f"{named('memory_reserve')} must be in [0, 1), got {memory_reserve}")
+    Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
+            memory_reserve=memory_reserve)
     if top_k < 0:
         raise CollieError(f"top_k (runners-up to show) must be 0 or more, got {top_k}")
     if gpus_per_node < 1:
@@ -293,16 +291,11 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     LoraRequest(rank=lora_rank, targets=lora_targets)
     asked = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                  schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
-    if seq_len is not None and seq_len < 1:
-        raise CollieError(f"{named('seq_len')} must be a positive integer, got {seq_len}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
-    if global_batch_size < 1:
-        raise CollieError(f"{named('global_batch_size')} must be positive, got "
-                          f"{global_batch_size}")
     pins = {k: v for k, v in asdict(asked).items() if k != "recompute"}
     outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
     modes = (recompute,) if recompute else RECOMPUTE

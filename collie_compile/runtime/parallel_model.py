@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from collie_compile.config import Pins
+from collie_compile.config import Pins, Request
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import load_config, model_name
 from collie_compile.planner.result import Plan
@@ -69,6 +69,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ("dynamic" or a fixed number) scales the loss for fp16 and skips a step that
     overflows, and ``stochastic_rounding`` rounds updates into 16-bit weights randomly.
     """
+    Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
+            memory_reserve=memory_reserve)
     pins = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                 schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
     cdist.ensure_initialized()
