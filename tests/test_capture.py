@@ -6,7 +6,9 @@ from collie_compile.capture.export import capture
 from collie_compile.errors import CaptureError
 from collie_compile.models.registry import build_model, load_config
 
-FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"]
+# one family in `make test-fast`, all in the full suite
+FAMILIES = ["tiny-llama", *(pytest.param(f, marks=pytest.mark.slow)
+                            for f in ("tiny-mistral", "tiny-qwen2", "tiny-gpt2"))]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -129,9 +131,10 @@ def test_outline_moves_foreign_nodes_out_of_a_block_and_refuses_looped_depth():
         outline_blocks(annotate(looped, dory).gm, "model.layers.")
 
 
-@pytest.mark.parametrize("model_type, prefix", [("opt", "model.decoder.layers."),
-                                                ("gpt_neox", "gpt_neox.layers."),
-                                                ("bloom", "transformer.h.")])
+@pytest.mark.parametrize("model_type, prefix", [
+    ("opt", "model.decoder.layers."),
+    pytest.param("gpt_neox", "gpt_neox.layers.", marks=pytest.mark.slow),
+    pytest.param("bloom", "transformer.h.", marks=pytest.mark.slow)])
 def test_blocks_found_by_structure_whatever_their_name(model_type, prefix):
     """The decoder blocks are the longest list of same-type modules, wherever the family
     keeps them (no name patterns, so no graph matching is needed to find them)."""
