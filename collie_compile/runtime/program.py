@@ -25,6 +25,7 @@ from torch import fx
 
 from collie_compile.capture.annotate import annotate
 from collie_compile.capture.export import capture_static
+from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.layout import vocab_parallel
 from collie_compile.models.attention import fused_gqa
@@ -109,14 +110,14 @@ class RankProgram:
                 box, idx = dim_box(box, dim), (idx[dim],)
             if box not in seen:
                 seen.add(box)
-                out.append((ckpt.local_tensor(v)[idx], box))
+                out.append((local_tensor(v)[idx], box))
         return out
 
     def read(self, name: str, p: torch.Tensor, stored: list, what: str,
              dim: int | None = None) -> torch.Tensor:
         """This rank's part of ``p`` (with ``dim``, of a 1-D statistic along that dim)
         from a checkpoint's pieces."""
-        boxes, shape = self.boxes(name, p), tuple(ckpt.local_tensor(p).shape)
+        boxes, shape = self.boxes(name, p), tuple(local_tensor(p).shape)
         if dim is not None:
             boxes, shape = [(dim_box(b, dim), (i[dim],)) for b, i in boxes], (shape[dim],)
         return ckpt.read_local(stored, boxes, shape, what)

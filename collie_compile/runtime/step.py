@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.passes.data_parallel import grad_reducer
 from collie_compile.passes.tensor_parallel import vocab_parallel_cross_entropy
-from collie_compile.runtime import state as ckpt
 from collie_compile.runtime.program import RankProgram
 from collie_compile.runtime.updates import Updates
 
@@ -164,20 +164,19 @@ class Stepper:
     def _sum_partial_grads(self) -> None:
         """Tensor-parallel peers that each hold a partial gradient (GQA-shared KV heads,
         LoRA's replicated factor) add them up."""
-        for st in self.program.stages:
-            for name, p in st.named_parameters():
-                group = self.program.partial_groups.get(name)
-                if group is not None and p.grad is not None:
-                    dist.all_reduce(ckpt.local_tensor(p.grad), group=group)
+        self._sum_grads(self.program.partial_groups)
 
     def _sum_tied_grads(self) -> None:
         """Copies of a tied weight on several pipeline stages add up their gradients, so
         every copy takes the step the one weight would."""
+        self._sum_grads(self.program.tied_groups)
+
+    def _sum_grads(self, groups: dict[str, object]) -> None:
         for st in self.program.stages:
             for name, p in st.named_parameters():
-                group = self.program.tied_groups.get(name)
+                group = groups.get(name)
                 if group is not None and p.grad is not None:
-                    dist.all_reduce(ckpt.local_tensor(p.grad), group=group)
+                    dist.all_reduce(local_tensor(p.grad), group=group)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as
@@ -188,13 +187,13 @@ class Stepper:
         local = prog.local_parameters()
         for name, p in local.items():
             if p.grad is not None and prog.writes(name, p):
-                total += ckpt.local_tensor(p.grad).double().pow(2).sum()
+                total += local_tensor(p.grad).double().pow(2).sum()
         dist.all_reduce(total)
         norm = float(total.sqrt())
         coef = min(1.0, max_norm / (norm + 1e-6))
         for p in local.values():
             if p.grad is not None:
-                ckpt.local_tensor(p.grad).mul_(coef)
+                local_tensor(p.grad).mul_(coef)
         return norm
 
     def _global_loss(self, total: torch.Tensor) -> float:
