@@ -18,7 +18,7 @@ from collie_compile.dtypes import DTYPE_NAMES
 from collie_compile.errors import CollieError
 from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
 from collie_compile.models.presets import PRESETS
-from collie_compile.optim.specs import OPTIMIZERS
+from collie_compile.optim.specs import CLIP_MODES, OPTIMIZERS
 from collie_compile.planner.search import plan
 
 
@@ -93,17 +93,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    schedule=args.schedule, lora_rank=args.lora_rank,
                    lora_targets=args.lora_targets, memory_reserve=args.memory_reserve,
                    virtual_stages=args.virtual_stages,
-                   tp_refusal=_tp_refusal(args.model) if args.tp > 1 else None)
+                   tp_refusal=_tp_refusal(args.model) if args.tp > 1 else None,
+                   update_in_backward=args.update_in_backward)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
                             est.gpu.memory_bytes, est.usable_bytes, lay, est.optimizer,
-                            est.dtype, mem))
+                            est.dtype, mem, est.update_in_backward))
         return 0
     cap = est.gpu.memory_bytes
     print(f"{est.model}: {_count(est.num_params)} parameters, "
           f"{_count(est.trainable_params)} trainable")
-    print(f"{lay.gpus} x {est.gpu.name} ({cap / GiB:.1f} GiB each), {est.optimizer}, "
+    where = " updated inside backward" if est.update_in_backward else ""
+    print(f"{lay.gpus} x {est.gpu.name} ({cap / GiB:.1f} GiB each), {est.optimizer}{where}, "
           f"{est.dtype}")
     print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "
           f"micro-batch={lay.micro_batch_size} x {lay.num_microbatches} seq={lay.seq_len} "
@@ -150,7 +152,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   memory_reserve=args.memory_reserve, top_k=args.top,
                   lora_targets=args.lora_targets, **Pins.from_args(args).given(),
                   tp_refusal=_tp_refusal(args.model) if args.gpus > 1 and args.tp != 1
-                  else None)
+                  else None, update_in_backward=args.update_in_backward,
+                  max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
     if args.out:
         result.save(args.out)
     if args.json:
@@ -236,7 +239,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                       weights=args.weights, save=args.save, seed=args.seed, pins=pins,
                       check=args.check, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_targets=args.lora_targets, merge=args.merge,
-                      memory_reserve=args.memory_reserve)
+                      memory_reserve=args.memory_reserve,
+                      update_in_backward=args.update_in_backward,
+                      max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
     losses = train(cfg)
     if dist.get_rank() == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
@@ -296,6 +301,20 @@ def _gpus_command(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=cmd_gpus)
 
 
+def _update_arguments(parser: argparse.ArgumentParser, clipping: bool = True) -> None:
+    """Where the optimizer updates, and the clipping that prices it (plan, train)."""
+    parser.add_argument(
+        "--update-in-backward", action=argparse.BooleanOptionalAction, default=None,
+        help="lion, adamw, adam, adan: update each weight inside backward and free its "
+             "gradient at once (default: the plan's choice; lomo/adalomo always do)")
+    if clipping:
+        parser.add_argument("--max-grad-norm", type=float, default=None,
+                            help="clip the global gradient norm to this")
+        parser.add_argument("--clip-mode", default="two-pass", choices=CLIP_MODES,
+                            help="inside backward: measure the norm in a first backward "
+                                 "(exact), or use the previous step's (one backward)")
+
+
 def _estimate_command(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("estimate", help="per-GPU memory of one training layout (no GPU needed)")
     e.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
@@ -325,6 +344,7 @@ def _estimate_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
     e.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05, as plan keeps)")
+    _update_arguments(e, clipping=False)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
 
@@ -348,6 +368,7 @@ def _plan_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05)")
     Pins.add_arguments(q)
+    _update_arguments(q)
     q.add_argument("--json", action="store_true")
     q.add_argument("--out", help="write the plan (JSON) here")
     q.set_defaults(func=cmd_plan)
@@ -397,6 +418,7 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--merge", action="store_true",
                    help="with LoRA, --save plain HF weights with the adapters folded in")
     Pins.add_arguments(t)
+    _update_arguments(t)
     t.set_defaults(func=cmd_train)
 
 

@@ -47,14 +47,16 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
 def reference(name: str, layers: int, clip: float | None = None, optimizer: str = "adamw",
-              kwargs: dict | None = None) -> tuple[list[float], dict, dict]:
-    """Losses, final weights and last-step gradients of plain single-process training."""
+              kwargs: dict | None = None, cls: type | None = None
+              ) -> tuple[list[float], dict, dict]:
+    """Losses, final weights and last-step gradients of plain single-process training
+    (with ``cls``, that optimizer class and ``kwargs`` alone)."""
     from collie_compile.optim.optimizers import optimizer_class
 
     m = make_model(name, layers)
-    opts = dict(ADAMW) if optimizer == "adamw" else {"lr": ADAMW["lr"]}
+    opts = {} if cls else dict(ADAMW) if optimizer == "adamw" else {"lr": ADAMW["lr"]}
     opts.update(kwargs or {})
-    opt = optimizer_class(optimizer)(m.parameters(), **opts)
+    opt = (cls or optimizer_class(optimizer))(m.parameters(), **opts)
     losses = []
     for b in batches():
         opt.zero_grad(set_to_none=True)
@@ -288,28 +290,66 @@ def fused_reference(name: str, layers: int, rule: str, clip: float | None,
     return losses, {n: p.detach().clone() for n, p in params.items()}
 
 
+def after_backward_reference(name: str, layers: int, rule: str, clip: float | None
+                             ) -> tuple[list[float], dict]:
+    """One process: plain backward, clip, then the rule's own after-backward optimizer:
+    torch.optim.AdamW, lion-pytorch's Lion, the Adan paper's update."""
+    from lion_pytorch import Lion
+
+    from collie_compile.optim.optimizers import Adan
+
+    cls = {"adamw": torch.optim.AdamW, "lion": Lion, "adan": Adan}[rule]
+    losses, weights, _ = reference(name, layers, clip, kwargs=STATEFUL_OPTIONS[rule], cls=cls)
+    return losses, weights
+
+
+# lr and weight decay high enough that three steps move every weight measurably
+STATEFUL_OPTIONS = {"adamw": dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1),
+                    "lion": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+                    "adan": dict(lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-6,
+                                 weight_decay=0.1)}
+
+
 def run_fused(cfg: dict) -> dict:
-    """LOMO/AdaLomo updated inside the parallel backward against one process applying
-    the same rule after a plain backward."""
+    """A rule updated inside the parallel backward against one process applying the
+    same rule after a plain backward."""
     name, layers = cfg["model"], cfg.get("layers", 2)
     clip, clip_value = cfg.get("max_grad_norm"), cfg.get("clip_value")
-    pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
-                     lr=FUSED_LR,
-                     optimizer_kwargs={"weight_decay": FUSED_WD}, max_grad_norm=clip,
-                     clip_value=clip_value, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
-    losses = [pm.train_step({"input_ids": b}) for b in batches()]
+    rule = cfg["optimizer"]
+    if rule in STATEFUL_OPTIONS:
+        opts = dict(STATEFUL_OPTIONS[rule])
+        lr, extra = opts.pop("lr"), {"update_in_backward": True}
+    else:
+        lr, opts, extra = FUSED_LR, {"weight_decay": FUSED_WD}, {}
+    def train(**kwargs: object) -> tuple:
+        pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
+                         lr=lr, optimizer_kwargs=opts, max_grad_norm=clip,
+                         clip_value=clip_value, **kwargs,
+                         **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+        losses = [pm.train_step({"input_ids": b}) for b in batches()]
+        return pm, losses, pm.full_state_dict()
+
+    pm, losses, weights = train(**extra)
     grads_left = sum(p.grad is not None for p in pm.local_parameters().values())
-    weights = pm.full_state_dict()
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "grads_left": grads_left,
-           "grad_norm": pm.last_grad_norm}
+           "grad_norm": pm.last_grad_norm, "in_backward": pm.fused is not None}
+    after = None
+    if rule in STATEFUL_OPTIONS:  # the same layout updating after backward
+        after = train(update_in_backward=False)
+        out.update(after_layout=after[0].chosen.layout_str(), after_losses=after[1])
     if dist.get_rank() == 0:
-        ref_losses, ref_w = fused_reference(name, layers, cfg["optimizer"], clip, clip_value)
+        ref_losses, ref_w = (after_backward_reference(name, layers, rule, clip)
+                             if rule in STATEFUL_OPTIONS else
+                             fused_reference(name, layers, rule, clip, clip_value))
         diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
         moved = sum(float((ref_w[k] - v).norm()) ** 2
                     for k, v in make_model(name, layers).state_dict().items()
                     if k in ref_w) ** 0.5
         out.update(ref_losses=ref_losses, weight_err=diff / moved,
                    weight_err_per_tensor=rel_err(weights, ref_w))
+        if after is not None:
+            same = sum(float((weights[k] - after[2][k]).norm()) ** 2 for k in ref_w) ** 0.5
+            out["weight_err_vs_after"] = same / moved
     return out
 
 

@@ -84,4 +84,46 @@ for dtype in (torch.bfloat16, torch.float16):
     assert abs(r.float().mean() - exact) < 3e-5
     m = torch.zeros(n)
     lion_update_triton(p.clone(), g, m, lr=1e-4, stochastic=True, seed=5)
+from collie_compile.kernels.adamw import (  # noqa: E402
+    adamw_update_reference,
+    adamw_update_triton,
+)
+from collie_compile.kernels.adan import adan_update_reference, adan_update_triton  # noqa: E402
+
+# AdamW/Adam and Adan: three steps (bias corrections move; Adan's first step has no
+# gradient difference), a loss scale, weight decay; fp32 states in both; 16-bit weights
+# within an ulp (the interpreter truncates where the reference rounds to nearest).
+for n in (1, 77, 1000, 4099):
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = dict(rtol=max(torch.finfo(dtype).eps, 1e-6), atol=1e-6)
+        for decoupled in (True, False):
+            p = torch.randn(n).to(dtype)
+            p1, p2 = p.clone(), p.clone()
+            m1, v1, m2, v2 = (torch.zeros(n) for _ in range(4))
+            for t in (1, 2, 3):
+                g = torch.randn(n).to(dtype)
+                args = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.1, step=t,
+                            decoupled=decoupled, grad_scale=4.0)
+                adamw_update_triton(p1, g, m1, v1, **args)
+                adamw_update_reference(p2, g, m2, v2, **args)
+                torch.testing.assert_close(p1, p2, **tol)
+                p2.copy_(p1)  # one step at a time: an ulp apart at 16 bits would compound
+            torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-9)
+            assert not torch.equal(p1, p)
+        p = torch.randn(n).to(dtype)
+        p1, p2 = p.clone(), p.clone()
+        s1 = {k: torch.zeros(n) for k in ("m", "v", "n", "prev_grad")}
+        s2 = {k: t.clone() for k, t in s1.items()}
+        for t in (1, 2, 3):
+            s1["step"] = s2["step"] = t
+            g = torch.randn(n).to(dtype)
+            args = dict(lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8, wd=0.02, grad_scale=2.0)
+            adan_update_triton(p1, g, s1, **args)
+            adan_update_reference(p2, g, s2, **args)
+            torch.testing.assert_close(p1, p2, **tol)
+            p2.copy_(p1)
+        for k in ("m", "v", "n", "prev_grad"):
+            torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p1, p)
 print(f"{'interpreted' if INTERPRET else 'CUDA'} kernels match the references")

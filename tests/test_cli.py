@@ -7,6 +7,7 @@ import pytest
 
 from collie_compile.cli import main
 from collie_compile.cost.hardware import CATALOG
+from collie_compile.planner.search import plan
 
 
 def run(capsys, *argv):
@@ -22,7 +23,8 @@ def test_estimate_json_keys_exact(capsys):
     doc = json.loads(out)
     assert set(doc) == {"model", "num_params", "trainable_params", "gpu", "gpu_memory_bytes",
                         "usable_memory_bytes", "layout", "optimizer", "dtype", "per_gpu",
-                        "fits"}
+                        "fits", "update_in_backward"}
+    assert doc["update_in_backward"] is False
     assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
                              "num_microbatches": 1, "schedule": "1f1b", "virtual_stages": 1,
                              "seq_len": 64,
@@ -176,3 +178,44 @@ def test_estimate_takes_the_global_batch_as_plan_does(capsys):
     rc, out, _ = run(capsys, "estimate", "tiny-llama", "--gpus", "4", "--pp", "2",
                      "--micro-batch", "2", "--global-batch", "16", "--json")
     assert rc == 0 and json.loads(out)["layout"]["num_microbatches"] == 4  # 16 / (2 x 2)
+
+
+def test_update_in_backward_flags_price_and_record_it(capsys, tmp_path):
+    """estimate: no gradient at the peak; plan: chosen or pinned, recorded in the plan
+    file, and priced with the measuring backward of two-pass clipping."""
+    args = ["estimate", "llama-2-7b", "--gpus", "8", "--zero", "1", "--optimizer", "adamw",
+            "--json"]
+    _, after, _ = run(capsys, *args)
+    _, inside, _ = run(capsys, *args, "--update-in-backward")
+    after, inside = json.loads(after), json.loads(inside)
+    assert inside["update_in_backward"] is True
+    grads = after["per_gpu"]["grads_bytes"]
+    assert grads > 0 and inside["per_gpu"]["grads_bytes"] == 0
+    saved = after["per_gpu"]["total_bytes"] - inside["per_gpu"]["total_bytes"]
+    assert saved >= 0.9 * grads  # the issue's goal, in the model
+    rc, _, err = run(capsys, "estimate", "llama-2-7b", "--gpus", "8", "--optimizer", "sgd",
+                     "--update-in-backward")
+    assert rc == 2 and "sgd cannot update inside backward" in err
+
+    out = tmp_path / "p.json"
+    plan_args = ["plan", "llama-2-7b", "--gpus", "8", "--global-batch", "8", "--optimizer",
+                 "adamw", "--dp", "8", "--zero", "1", "--micro-batch", "1"]
+    rc, text, _ = run(capsys, *plan_args, "--update-in-backward", "--out", str(out))
+    assert rc == 0 and "update in backward" in text
+    from collie_compile.planner.result import Plan
+
+    p = Plan.load(out)
+    assert p.update_in_backward and "--update-in-backward" in p.replan_command()
+    # two-pass clipping doubles forward and backward: the choice goes to after-backward
+    rc, text, _ = run(capsys, *plan_args, "--max-grad-norm", "1.0")
+    assert rc == 0 and "update in backward" not in text.split("\n")[2]
+    assert "updating inside backward is" in text or "no plan updating inside" in text
+    clipped = plan("llama-2-7b", gpus=8, global_batch_size=8, dp=8, zero=1,
+                   micro_batch_size=1, update_in_backward=True, max_grad_norm=1.0)
+    plain = plan("llama-2-7b", gpus=8, global_batch_size=8, dp=8, zero=1,
+                 micro_batch_size=1, update_in_backward=True)
+    stale = plan("llama-2-7b", gpus=8, global_batch_size=8, dp=8, zero=1,
+                 micro_batch_size=1, update_in_backward=True, max_grad_norm=1.0,
+                 clip_mode="stale")
+    assert clipped.chosen.step_time_s > 1.9 * plain.chosen.step_time_s
+    assert stale.chosen.step_time_s == plain.chosen.step_time_s

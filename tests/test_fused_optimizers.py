@@ -8,7 +8,7 @@ from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state, adalomo_update_reference
 from collie_compile.kernels.lomo import lomo_update_reference
 from collie_compile.models.registry import build_model, load_config
-from collie_compile.optim.in_backward import LOMO, AdaLomo, LossScaler
+from collie_compile.optim.in_backward import LOMO, AdaLomo, InBackward, LossScaler
 
 LR, WD = 1e-2, 0.1
 
@@ -147,10 +147,11 @@ def test_two_pass_clipping_needs_a_closure():
         opt.step()
 
 
-@pytest.mark.parametrize("opt", ["lomo", "adalomo"])
+@pytest.mark.parametrize("opt", ["lomo", "adalomo", "lion", "adamw", "adan"])
 def test_fp16_overflow_skips_the_whole_step(opt):
     """fp16 weights; an overflow injected into one gradient on the second step leaves every
-    weight bit-identical and halves the scale; the step after it trains again."""
+    weight and optimizer state bit-identical and halves the scale; the step after it trains
+    again."""
     model = _model(torch.float16)
     victim = model.model.layers[0].mlp.down_proj.weight
     inject = {"on": False}
@@ -160,9 +161,10 @@ def test_fp16_overflow_skips_the_whole_step(opt):
             p.grad.fill_(float("inf"))
 
     victim.register_post_accumulate_grad_hook(overflow)
-    cls = LOMO if opt == "lomo" else AdaLomo
     scaler = LossScaler(scale=1024.0)
-    o = cls(model.parameters(), lr=LR, loss_scaler=scaler, stochastic_rounding=True)
+    options = STATEFUL.get(opt, {"lr": LR})
+    o = InBackward(model.parameters(), rule=opt, loss_scaler=scaler, stochastic_rounding=True,
+                   **options)
     data = _data(3)
 
     def closure(ids):
@@ -172,13 +174,145 @@ def test_fp16_overflow_skips_the_whole_step(opt):
 
     o.step(lambda: closure(data[0]))
     before = [p.detach().clone() for p in model.parameters()]
+    states = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+              for n, st in o.engine.state.items()}
     inject["on"] = True
     o.step(lambda: closure(data[1]))
     inject["on"] = False
     assert scaler.scale == 512.0 and scaler.skipped_steps == 1
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a.detach(), b)
+    for n, st in o.engine.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, states[n][k]) if torch.is_tensor(v) else v == states[n][k]
     assert all(p.grad is None for p in model.parameters())
     o.step(lambda: closure(data[2]))
     assert any(not torch.equal(a.detach(), b) for a, b in zip(model.parameters(), before))
     assert scaler.scale == 512.0
+
+
+# -- Lion, AdamW, Adam, Adan inside backward ---------------------------------------------
+
+STATEFUL = {"adamw": dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1),
+            "adam": dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1),
+            "lion": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+            "adan": dict(lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-6, weight_decay=0.1)}
+
+
+def _after_backward(rule, model, clip=None, micro=1, steps=3, stale=False):
+    """The rule's own after-backward optimizer: torch's AdamW/Adam, lion-pytorch's Lion,
+    the Adan paper's update; backward over the micro-batches, clip, step."""
+    from lion_pytorch import Lion
+
+    from collie_compile.optim.optimizers import Adan
+
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "lion": Lion,
+           "adan": Adan}[rule]
+    opt = cls(model.parameters(), **STATEFUL[rule])
+    prev = None
+    for ids in _data(steps, micro):
+        opt.zero_grad(set_to_none=True)
+        for chunk in ids.chunk(micro):
+            (model(input_ids=chunk, labels=chunk).loss / micro).backward()
+        if clip is not None:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            use = prev if stale and prev is not None else norm
+            prev = norm
+            coef = min(1.0, clip / (use + 1e-6))
+            for p in model.parameters():
+                p.grad.mul_(coef)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _in_backward(rule, model, micro=1, steps=3, **kwargs):
+    opt = InBackward(model.parameters(), rule=rule, accumulation_steps=micro,
+                     **STATEFUL[rule], **kwargs)
+    for ids in _data(steps, micro):
+        def closure(ids=ids):
+            for chunk in ids.chunk(micro):
+                (model(input_ids=chunk, labels=chunk).loss / micro).backward()
+            return 0.0
+        opt.step(closure)
+        assert all(p.grad is None for p in model.parameters())
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def _moved_err(ours, ref):
+    """||ours - ref|| / ||ref - start||, over all weights."""
+    start = [p.detach() for p in _model().parameters()]
+    diff = sum(float((a - b).norm()) ** 2 for a, b in zip(ours, ref)) ** 0.5
+    moved = sum(float((b - s).norm()) ** 2 for b, s in zip(ref, start)) ** 0.5
+    assert moved > 0
+    return diff / moved
+
+
+@pytest.mark.parametrize("rule", list(STATEFUL))
+def test_stateful_rule_in_backward_equals_its_optimizer(rule):
+    """Three steps, no clipping: bit-identical to torch's AdamW/Adam, lion-pytorch's Lion
+    and the Adan update applied after a plain backward."""
+    ours, _ = _in_backward(rule, _model())
+    assert _moved_err(ours, _after_backward(rule, _model())) == 0.0
+
+
+@pytest.mark.parametrize("rule", list(STATEFUL))
+def test_stateful_rule_with_two_pass_clipping_and_accumulation(rule):
+    """Two micro-batches per step and the global norm clipped: within 1e-6 of how far the
+    weights moved (the norm is summed in fp64 here, in fp32 by torch's clip)."""
+    ours, opt = _in_backward(rule, _model(), micro=2, max_grad_norm=0.05)
+    assert opt.engine.last_grad_norm > 0.05  # the clip was active
+    ref = _after_backward(rule, _model(), clip=0.05, micro=2)
+    assert _moved_err(ours, ref) <= 1e-6
+    assert _moved_err(ours, _after_backward(rule, _model(), micro=2)) > 1e-3  # clip mattered
+
+
+def test_stateful_rule_with_the_stale_norm():
+    ours, _ = _in_backward("adamw", _model(), max_grad_norm=0.05, clip_mode="stale")
+    ref = _after_backward("adamw", _model(), clip=0.05, stale=True)
+    assert _moved_err(ours, ref) <= 1e-6
+
+
+def test_bf16_weights_keep_an_fp32_master_unless_rounding_stochastically():
+    """bf16 AdamW inside backward equals the after-backward AdamW on fp32 masters exactly;
+    with stochastic rounding no master is kept."""
+    from collie_compile.optim.optimizers import AdamW
+
+    a, b = _model(torch.bfloat16), _model(torch.bfloat16)
+    _, opt = _in_backward("adamw", a)
+    after = AdamW(b.parameters(), **STATEFUL["adamw"])
+    for ids in _data(3):
+        after.zero_grad()
+        b(input_ids=ids, labels=ids).loss.backward()
+        after.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for i, q in enumerate(b.parameters()):  # the engine names parameters by position
+        master = opt.engine.state[str(i)]["master"]
+        assert master.dtype == torch.float32
+        assert torch.equal(master, after.state[q]["master"])
+    _, sr = _in_backward("adamw", _model(torch.bfloat16), stochastic_rounding=True)
+    assert all("master" not in st for st in sr.engine.state.values())
+
+
+def test_parallelize_single_process_in_backward_equals_after_backward(tmp_path):
+    """Through parallelize on one process: the plan records the choice, and the weights
+    and losses equal the same rule stepping after backward."""
+    import torch.distributed as dist
+
+    from collie_compile.runtime.parallel_model import parallelize
+
+    def run(inside):
+        pm = parallelize(_model(), seq_len=16, global_batch_size=4, optimizer="adan",
+                         lr=1e-2, update_in_backward=inside, max_grad_norm=0.5)
+        assert pm.plan.update_in_backward == inside and (pm.fused is not None) == inside
+        losses = [pm.train_step({"input_ids": ids}) for ids in _data(3, micro=2)]
+        return losses, pm.full_state_dict()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        (la, wa), (lb, wb) = run(True), run(False)
+    finally:
+        dist.destroy_process_group()
+    assert la == lb
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)

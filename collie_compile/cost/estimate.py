@@ -26,6 +26,7 @@ class Estimate:
     dtype: str
     memory: MemoryBreakdown
     memory_reserve: float = 0.05  # kept free, as the planner keeps it
+    update_in_backward: bool = False  # the optimizer updates inside backward
 
     @property
     def usable_bytes(self) -> float:
@@ -89,18 +90,24 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              seq_len: int | None = None, recompute: str = "none", optimizer: str = "adamw",
              dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
              lora_targets: str | list[str] | None = None, memory_reserve: float = 0.05,
-             virtual_stages: int | None = None, tp_refusal: str | None = None
-             ) -> Estimate:
+             virtual_stages: int | None = None, tp_refusal: str | None = None,
+             update_in_backward: bool | None = None) -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
     ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train. It
     fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
-    (:func:`collie_compile.runtime.refusals.tp_refusal`)."""
+    (:func:`collie_compile.runtime.refusals.tp_refusal`). ``update_in_backward``: Lion,
+    AdamW, Adam or Adan update inside backward (LOMO and AdaLomo always do)."""
     Request(gpus=gpus, seq_len=seq_len, dtype=dtype, memory_reserve=memory_reserve)
     LoraRequest(rank=lora_rank, targets=lora_targets)
     spec = get_gpu(gpu)
     opt = get_optimizer(optimizer)
+    if update_in_backward and not opt.fused_backward:
+        opt = opt.in_backward()  # raises for rules that cannot
+    elif update_in_backward is False and opt.fused_backward:
+        raise CollieError(f"{opt.name} updates inside backward by design; "
+                          "--no-update-in-backward applies to lion, adamw, adam, adan")
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     dp, tp, pp = resolve_sizes(gpus, dp, tp, pp)
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
@@ -112,7 +119,8 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     check_tp(prof, tp)
     problem = layout_problem(layout, prof, gpus_per_node=tp,
-                             global_batch=dp * micro_batch_size * layout.num_microbatches)
+                             global_batch=dp * micro_batch_size * layout.num_microbatches,
+                             in_backward=opt.fused_backward)
     if problem:
         raise CollieError(problem[1])
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
@@ -120,13 +128,14 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     mem = MemoryModel(prof, opt, trainable / prof.num_params, lora,
                       expanded_kv=not spec.fused_gqa(dtype)).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,
-                    memory_reserve)
+                    memory_reserve, opt.fused_backward)
 
 
 def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
-                global_batch: int) -> tuple[str, str] | None:
+                   global_batch: int, in_backward: bool = False) -> tuple[str, str] | None:
     """Why a layout cannot run, as (rule, message), or None if it can: the runtime's
-    rules, checked up front (by the planner for every layout it tries)."""
+    rules, checked up front (by the planner for every layout it tries). ``in_backward``:
+    the optimizer updates inside backward."""
     m, heads = lay.num_microbatches, _heads_problem(prof, lay.tp)
     share = lay.dp * lay.micro_batch_size  # sequences one micro-batch step takes
     rules = [
@@ -150,6 +159,9 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
                                  f"the batch gives {m}"),
         ("rounds", lay.schedule == "interleaved" and m % lay.pp,
          f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
+        ("tied", in_backward and lay.pp > 1 and prof.tied_params,
+         f"pp={lay.pp} puts {prof.name}'s tied embedding and LM head on different stages, "
+         "whose gradients must be summed before an update inside backward"),
     ]
     return next(((rule, msg) for rule, broken, msg in rules if broken), None)
 

@@ -326,8 +326,8 @@ class MemoryModel:
         tp, d, b = layout.tp, layout.dp, layout.micro_batch_size
         vt = vocab_shards(p, tp)
         w = p.itemsize
-        # fp32 master copies for 16-bit weights; fused optimizers update 16-bit weights directly.
-        master = 0 if p.dtype == "fp32" or opt.fused_backward else 4
+        # fp32 master copies for 16-bit weights; LOMO and AdaLomo update 16-bit weights directly.
+        master = 0 if p.dtype == "fp32" or not opt.keeps_master else 4
         psi = (self.end_params_per_rank(tp, has_embed, has_head), self.block_params_per_rank(tp))
         trainable = tuple(x * self.trainable_fraction for x in psi)
         largest = p.largest_param / tp
@@ -434,7 +434,7 @@ def vocab_shards(profile: ModelProfile, tp: int) -> int:
 
 def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gpu_memory: int,
                   usable_memory: float, layout: Layout, optimizer: str, dtype: str,
-                  mem: MemoryBreakdown) -> str:
+                  mem: MemoryBreakdown, update_in_backward: bool = False) -> str:
     """The ``estimate --json`` document (its keys are a contract other tools read)."""
     doc = {
         "model": model, "num_params": num_params, "trainable_params": trainable,
@@ -445,7 +445,8 @@ def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gp
                    "num_microbatches": layout.num_microbatches, "schedule": layout.schedule,
                    "virtual_stages": layout.virtual_stages, "seq_len": layout.seq_len,
                    "recompute": layout.recompute},
-        "optimizer": optimizer, "dtype": dtype, "per_gpu": mem.to_dict(),
+        "optimizer": optimizer, "update_in_backward": update_in_backward, "dtype": dtype,
+        "per_gpu": mem.to_dict(),
         "fits": mem.total_bytes <= usable_memory,
     }
     return json.dumps(doc, indent=2)

@@ -4,12 +4,14 @@ Per micro-batch a stage spends ``fixed + sum_c n_c * per_block[c]`` seconds (com
 its blocks under recompute mode c, tensor-parallel all-reduces, embeddings or LM head,
 pipeline sends). A step of m micro-batches over p stages takes
 
-    step = (m + p - 1) * T  +  D  +  U          (1F1B and GPipe; interleaved: (p-1)/v)
+    step = P * ((m + p - 1) * T  +  D)  +  U    (1F1B and GPipe; interleaved: (p-1)/v)
 
 with T the slowest stage's compute and ZeRO-3 parameter traffic (the larger of the two
 where communication overlaps compute, their sum where it does not: the spec's
 ``comm_overlap`` interpolates), D the data-parallel gradient sync left exposed after the
-last micro-batch's backward, and U the optimizer step. The planner's ILP minimises exactly
+last micro-batch's backward, U the optimizer step and P the forward/backward passes per
+step: 2 where an update inside backward needs a measuring pass first (two-pass
+global-norm clipping), else 1. The planner's ILP minimises exactly
 this; :func:`step_time` evaluates it for a concrete split.
 """
 
@@ -45,6 +47,7 @@ class StageTime:
     update_fixed: float  # optimizer step
     update_per_block: float
     overlap: float = 1.0  # fraction of communication hidden behind compute (GPUSpec)
+    passes: int = 1  # forward/backward passes per step (OptimizerSpec.backward_passes)
 
     def compute(self, counts: dict[str, int]) -> float:
         return self.fixed + sum(n * self.per_block[c] for c, n in counts.items())
@@ -134,7 +137,8 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     per_elem = opt.update_bytes / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
     return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,
                      sync_block, params_per_rank[0] * trainable_fraction * per_elem,
-                     params_per_rank[1] * trainable_fraction * per_elem, gpu.comm_overlap)
+                     params_per_rank[1] * trainable_fraction * per_elem, gpu.comm_overlap,
+                     opt.backward_passes)
 
 
 def step_time(layout: Layout, stages: list[StageTime], counts: list[dict[str, int]]) -> float:
@@ -142,7 +146,7 @@ def step_time(layout: Layout, stages: list[StageTime], counts: list[dict[str, in
     slowest = max(s.busy(n) for s, n in zip(stages, counts))
     exposed = max(s.exposed_sync(n) for s, n in zip(stages, counts))
     update = max(s.update(n) for s, n in zip(stages, counts))
-    return bubble_factor(layout) * slowest + exposed + update
+    return stages[0].passes * (bubble_factor(layout) * slowest + exposed) + update
 
 
 def model_flops_per_step(profile: ModelProfile, global_batch: int) -> float:

@@ -1,12 +1,18 @@
-"""Optimizer updates fused into the backward pass: LOMO and AdaLomo.
+"""Optimizer updates fused into the backward pass ("gradient release"): LOMO and AdaLomo,
+and Lion, AdamW, Adam and Adan with ``update_in_backward``.
 
 Each parameter is updated as soon as its gradient is final and the gradient is freed at
-once, so the whole model's gradient never sits in memory. "Final" means after the last
-micro-batch's accumulation (counted here, or by the data-parallel GradReducer that then
-calls :meth:`FusedBackward.on_final`), after the data-parallel reduction (the reducer's
-bucket, or FSDP2's reduce-scatter, which runs post-accumulate-grad hooks on the sharded
-parameter), and after the sum over tensor-parallel peers that hold partial gradients
-(GQA-shared KV heads, LoRA's replicated factor).
+once, so the whole model's gradient never sits in memory. Stateful rules keep their fp32
+states (and an fp32 master of 16-bit weights, unless stochastic rounding replaces it) per
+parameter, shaped like this rank's slice, under the same keys as the after-backward
+optimizers (:mod:`collie_compile.optim.optimizers`), so checkpoints pass between the two.
+
+"Final" means after the last micro-batch's accumulation (counted here, or by the
+data-parallel GradReducer that then calls :meth:`FusedBackward.on_final`), after the
+data-parallel reduction (the reducer's bucket, or FSDP2's reduce-scatter, which runs
+post-accumulate-grad hooks on the sharded parameter), and after the sum over
+tensor-parallel peers that hold partial gradients (GQA-shared KV heads, LoRA's
+replicated factor).
 
 Anything global must be known before the first update:
 
@@ -37,10 +43,16 @@ import torch.distributed as dist
 from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import Allsum, adalomo_state, adalomo_update
+from collie_compile.kernels.adamw import adamw_update
+from collie_compile.kernels.adan import adan_update
+from collie_compile.kernels.lion import lion_update
 from collie_compile.kernels.lomo import lomo_update
+from collie_compile.optim.specs import CLIP_MODES
 
-RULES = ("lomo", "adalomo")
-CLIP_MODES = ("two-pass", "stale")
+# fp32 states per parameter of the stateful rules, named as their after-backward classes
+STATE_KEYS = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq"),
+              "adam": ("exp_avg", "exp_avg_sq"), "adan": ("m", "v", "n", "prev_grad")}
+RULES = ("lomo", "adalomo", *STATE_KEYS)
 
 
 @dataclass
@@ -71,10 +83,14 @@ class LossScaler:
 class FusedBackward:
     """The in-backward update of a set of named parameters.
 
-    ``allsum_for(name)`` gives AdaLomo the reduction over the ranks that hold the other
-    slices of a sharded parameter; ``partial_group(name)`` the group whose gradients must
-    be summed first; ``counts_in_norm(name)`` whether this rank's copy counts in the
-    global norm (each slice once over all ranks). Defaults suit one process.
+    ``options`` are the rule's hyperparameters besides lr and weight decay (``betas``,
+    ``eps``). ``allsum_for(name)`` gives AdaLomo the reduction over the ranks that hold
+    the other slices of a sharded parameter; ``partial_group(name)`` the group whose
+    gradients must be summed first; ``counts_in_norm(name)`` whether this rank's copy
+    counts in the global norm (each slice once over all ranks); ``owns(name)`` whether
+    this rank updates it (ZeRO-1: one data-parallel rank per parameter, which keeps its
+    states; ``after_update`` then sends the updated weights to the others). Defaults
+    suit one process.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], rule: str,
@@ -84,7 +100,9 @@ class FusedBackward:
                  allsum_for: Callable[[str], Allsum | None] = lambda name: None,
                  partial_group: Callable[[str], object] = lambda name: None,
                  counts_in_norm: Callable[[str], bool] = lambda name: True,
-                 seed: int = 0) -> None:
+                 owns: Callable[[str], bool] = lambda name: True,
+                 after_update: Callable[[], None] | None = None,
+                 options: dict | None = None, seed: int = 0) -> None:
         if rule not in RULES:
             raise CollieError(f"no fused-in-backward rule {rule!r}; use one of {RULES}")
         if clip_mode not in CLIP_MODES:
@@ -96,6 +114,8 @@ class FusedBackward:
         self._names = {id(p): n for n, p in self.params.items()}
         self._index = {n: i for i, n in enumerate(self.params)}
         self._allsum, self._partial, self._counts = allsum_for, partial_group, counts_in_norm
+        self.owns, self._after_update = owns, after_update
+        self.options = dict(options or {})
         self.state: dict[str, dict] = {}
         self.seed, self.step_count = seed, 0
         self.mode = "update"  # or "measure"
@@ -148,16 +168,46 @@ class FusedBackward:
             scale = 1.0
         grad_scale = scale / self.coef
         seed = self.seed + 1_000_003 * self.step_count + self._index[name]
+        w = local_tensor(p)
         if self.rule == "lomo":
-            lomo_update(local_tensor(p), g, self.lr, self.weight_decay, grad_scale,
-                        self.stochastic, seed)
-        else:
+            lomo_update(w, g, self.lr, self.weight_decay, grad_scale, self.stochastic, seed)
+        elif self.rule == "adalomo":
             state = self.state.get(name)
             if state is None:
-                state = self.state[name] = adalomo_state(local_tensor(p))
-            adalomo_update(local_tensor(p), g, state, self.lr, self.weight_decay, grad_scale,
+                state = self.state[name] = adalomo_state(w)
+            adalomo_update(w, g, state, self.lr, self.weight_decay, grad_scale,
                            self._allsum(name), self.stochastic, seed)
+        elif self.owns(name):
+            self._stateful_update(name, w, g, grad_scale, seed)
         p.grad = None
+
+    def fresh_state(self, w: torch.Tensor) -> dict:
+        """Zero states for local weight ``w`` under a stateful rule (and its fp32 master)."""
+        state: dict = {"step": 0}
+        for key in STATE_KEYS[self.rule]:
+            state[key] = torch.zeros_like(w, dtype=torch.float32)
+        if w.dtype != torch.float32 and not self.stochastic:
+            state["master"] = w.float()
+        return state
+
+    def _stateful_update(self, name: str, w: torch.Tensor, g: torch.Tensor,
+                         grad_scale: float, seed: int) -> None:
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = self.fresh_state(w)
+        st["step"] += 1
+        target = st.get("master", w)
+        sr = self.stochastic and target is w
+        lr, wd, o = self.lr, self.weight_decay, self.options
+        if self.rule == "lion":
+            lion_update(target, g, st["exp_avg"], lr, *o["betas"], wd, sr, seed, grad_scale)
+        elif self.rule == "adan":
+            adan_update(target, g, st, lr, o["betas"], o["eps"], wd, grad_scale, sr, seed)
+        else:
+            adamw_update(target, g, st["exp_avg"], st["exp_avg_sq"], lr, *o["betas"],
+                         o["eps"], wd, st["step"], self.rule == "adamw", grad_scale, sr, seed)
+        if target is not w:
+            w.copy_(target)
 
     # -- a step ----------------------------------------------------------------------------
 
@@ -188,6 +238,8 @@ class FusedBackward:
         elif self.max_grad_norm is not None:  # stale
             self.coef = self._clip_coef(self._stale_norm)
         result = self._pass("update", closure)
+        if self._after_update is not None:
+            self._after_update()
         if self.max_grad_norm is not None and self.clip_mode == "stale":
             self._stale_norm = self.last_grad_norm = self._global_norm()
         self.step_count += 1
@@ -232,9 +284,10 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-class _FusedOptimizer(torch.optim.Optimizer):
+class InBackward(torch.optim.Optimizer):
     """A single-process optimizer over :class:`FusedBackward`: ``loss.backward()`` alone
-    updates the weights. With global-norm clipping or loss scaling, call ``step(closure)``
+    updates the weights, each by ``rule`` (any of :data:`RULES`; ``options`` are its
+    betas and eps). With global-norm clipping or loss scaling, call ``step(closure)``
     with a closure that runs forward and backward (scaling the loss by ``loss_scale``);
     without them ``step()`` has nothing left to do."""
 
@@ -244,13 +297,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                  weight_decay: float = 0.0, max_grad_norm: float | None = None,
                  clip_mode: str = "two-pass", clip_value: float | None = None,
                  loss_scaler: LossScaler | None = None, stochastic_rounding: bool = False,
-                 accumulation_steps: int = 1) -> None:
+                 accumulation_steps: int = 1, rule: str | None = None, **options) -> None:
         params = list(params)
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **options))
+        self.rule = rule or self.rule
         self.engine = FusedBackward(
             ((str(i), p) for i, p in enumerate(params)), self.rule, lr, weight_decay,
             max_grad_norm=max_grad_norm, clip_mode=clip_mode, clip_value=clip_value,
-            loss_scaler=loss_scaler, stochastic_rounding=stochastic_rounding)
+            loss_scaler=loss_scaler, stochastic_rounding=stochastic_rounding, options=options)
         self.engine.accumulations = accumulation_steps  # update on the last micro-batch
         self.engine.attach()
 
@@ -275,13 +329,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.engine.detach()
 
 
-class LOMO(_FusedOptimizer):
+class LOMO(InBackward):
     """LOMO: SGD fused into backward, no state."""
 
     rule = "lomo"
 
 
-class AdaLomo(_FusedOptimizer):
+class AdaLomo(InBackward):
     """AdaLomo: a factored second moment and grouped update normalisation, fused into
     backward."""
 

@@ -15,6 +15,7 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
+from collie_compile.kernels.adan import adan_update
 from collie_compile.kernels.lion import lion_update
 from collie_compile.optim.specs import get_optimizer
 
@@ -128,22 +129,11 @@ class Adan(_MasterWeights):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        b1, b2, b3 = group["betas"]
-        t = state["step"]
-        if t == 1:
-            for key in ("m", "v", "n"):
+        if "m" not in state:
+            for key in ("m", "v", "n", "prev_grad"):
                 state[key] = torch.zeros_like(w)
-            state["prev_grad"] = g.clone()
-        d = g - state["prev_grad"]
-        state["prev_grad"].copy_(g)
-        state["m"].mul_(b1).add_(g, alpha=1 - b1)
-        state["v"].mul_(b2).add_(d, alpha=1 - b2)
-        u = d.mul_(b2).add_(g)  # g + β2·d
-        state["n"].mul_(b3).addcmul_(u, u, value=1 - b3)
-        denom = (state["n"] / (1 - b3**t)).sqrt_().add_(group["eps"])
-        step = (state["m"] / (1 - b1**t)).add_(state["v"], alpha=b2 / (1 - b2**t))
-        w.mul_(1 - group["lr"] * group["weight_decay"]).addcdiv_(step, denom,
-                                                                  value=-group["lr"])
+        adan_update(w, g, state, group["lr"], group["betas"], group["eps"],
+                    group["weight_decay"])
 
 
 class SophiaG(_MasterWeights):
@@ -202,27 +192,35 @@ REGULAR: dict[str, type[torch.optim.Optimizer]] = {
 WITH_MASTERS = {"adamw": AdamW, "adam": Adam, "sgd": SGD}  # for 16-bit weights
 
 
-ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # torch's
+# Each rule's defaults (torch's for AdamW and Adam, lion-pytorch's for Lion, the Adan
+# paper's): after backward and inside it alike.
+DEFAULTS: dict[str, dict] = {
+    "adamw": dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    "adam": dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+    "lion": dict(betas=(0.9, 0.99), weight_decay=0.0),
+    "adan": dict(betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02),
+}
 
 
 def optimizer_options(name: str, lr: float | None, kwargs: dict) -> dict:
     """Keyword arguments for ``name``'s class: its defaults, ``kwargs``, then ``lr``."""
-    opts = dict(ADAMW_DEFAULTS) if name.lower() == "adamw" else {}
+    opts = dict(DEFAULTS.get(name.lower(), {}))
     opts.update(kwargs)
     opts["lr"] = lr if lr is not None else get_optimizer(name).default_lr
     return opts
 
 
 def single_process_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None,
-                             kwargs: dict | None = None) -> torch.optim.Optimizer:
-    """What ``parallelize(optimizer=name)`` runs, for one process on one module: the
-    reference its parallel runs are checked against."""
-    from collie_compile.optim.in_backward import LOMO, AdaLomo
+                             kwargs: dict | None = None, update_in_backward: bool = False
+                             ) -> torch.optim.Optimizer:
+    """What ``parallelize(optimizer=name, update_in_backward=...)`` runs, for one process
+    on one module: the reference its parallel runs are checked against."""
+    from collie_compile.optim.in_backward import InBackward
 
     cls = optimizer_class(name, params[0].dtype if params else torch.float32)
     opts = optimizer_options(name, lr, kwargs or {})
-    if cls is None:
-        return (LOMO if name.lower() == "lomo" else AdaLomo)(params, **opts)
+    if cls is None or update_in_backward:
+        return InBackward(params, rule=name.lower(), **opts)
     return cls(params, **opts)
 
 

@@ -18,7 +18,7 @@ from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
 
 SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
                 "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
-                "tokens_per_gpu_per_s", "mfu")
+                "tokens_per_gpu_per_s", "mfu", "update_in_backward")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Candidate:
     sharding: dict[str, str] = field(default_factory=dict)  # linear module -> strategy
     fits: bool = True
     why_not: str = ""
+    update_in_backward: bool = False  # the optimizer updates each weight inside backward
 
     def summary(self, with_why: bool = False) -> dict:
         d = {k: getattr(self, k) for k in SUMMARY_KEYS}
@@ -85,9 +86,10 @@ class Candidate:
                                  else "")
         counts = {m: self.recompute.count(m) for m in ("none", "selective", "full")}
         rc = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
+        where = " update in backward" if self.update_in_backward else ""
         return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro-batch={self.micro_batch_size}x{self.num_microbatches} {sched} "
-                f"recompute: {rc}")
+                f"recompute: {rc}{where}")
 
 
 @dataclass
@@ -111,6 +113,13 @@ class Plan:
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lora_targets: str | list[str] | None = None  # peft target_modules; None: q_proj, v_proj
+    max_grad_norm: float | None = None  # global-norm clipping priced (two-pass: 2 passes)
+    clip_mode: str = "two-pass"
+
+    @property
+    def update_in_backward(self) -> bool:
+        """Whether the chosen plan updates each weight inside backward."""
+        return bool(self.chosen and self.chosen.update_in_backward)
 
     def summary(self) -> dict:
         """The ``plan --json`` document."""
@@ -181,6 +190,8 @@ class Plan:
                 f"--dtype {self.dtype}"]
         if self.lora_rank:
             args.append(lora_flags(self.lora_rank, self.lora_targets))
+        if self.max_grad_norm is not None:
+            args.append(f"--max-grad-norm {self.max_grad_norm} --clip-mode {self.clip_mode}")
         if c is not None:
             args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp} --zero {c.zero} "
                         f"--micro-batch {c.micro_batch_size}")
@@ -190,6 +201,8 @@ class Plan:
                 args.append(f"--virtual-stages {c.virtual_stages}")
             if len(set(c.recompute)) == 1:
                 args.append(f"--recompute {c.recompute[0]}")
+            if c.update_in_backward:
+                args.append("--update-in-backward")
         args.append("--out FILE")
         if gpu != self.gpu:  # a shell comment: the command still pastes
             args.append(f"  # SPEC.json: {self.gpu}'s spec, as `collie-compile calibrate "

@@ -3,7 +3,9 @@
 Outer space (enumerated, pruned by a lower bound on step time): tp (within a node,
 dividing the attention heads, compatible with the KV heads), pp <= layers, dp = the
 rest; ZeRO stage; micro-batch size b (m = global_batch / (dp * b) micro-batches);
-pipeline schedule. Inside each outer point, an integer program places decoder blocks on
+pipeline schedule; for Lion, AdamW, Adam and Adan, whether the update runs after
+backward or inside it (no gradient buffer at the peak, but two forward/backward passes
+with two-pass clipping). Inside each outer point, an integer program places decoder blocks on
 stages and picks their recomputation. Blocks are identical, so the variables count
 blocks per (stage, mode) rather than name them: the ILP has O(pp) variables for any depth.
 
@@ -16,7 +18,8 @@ Inside an outer point the work splits in two, exactly:
 
   variables   x[k,n] in {0,1}    stage k holds n blocks (its best mix for n)
               T, D, U >= 0       slowest stage per micro-batch, exposed DP sync, update
-  objective   minimise  B * T + D + U             B = m + pp - 1 (interleaved: m + (pp-1)/v)
+  objective   minimise  P * (B * T + D) + U       B = m + pp - 1 (interleaved: m + (pp-1)/v),
+                                                  P = 2 with a measuring pass, else 1
   s.t.        sum_n x[k,n] = 1                    one count per stage
               sum_{k,n} n x[k,n] = L              every block placed
               T >= sum_n x[k,n] t[k,n]            compute + TP all-reduces + sends, and
@@ -75,11 +78,12 @@ class Outer:
     """A point of the enumerated space; the ILP fills in blocks and recomputation."""
 
     layout: Layout
+    in_backward: bool = False  # the optimizer updates inside backward
 
     def key(self) -> tuple:
         lay = self.layout
         return (lay.tp, lay.pp, lay.dp, lay.zero, lay.micro_batch_size,
-                SCHEDULES.index(lay.schedule))
+                SCHEDULES.index(lay.schedule), self.in_backward)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Problem:
     memory: list[StageTerms]
     time: list[StageTime]
     capacity: float
+    in_backward: bool = False
 
     @property
     def stages(self) -> int:
@@ -120,7 +125,7 @@ class Problem:
                        t.exposed_sync({"none": self.layers - self.stages + 1}))
                    for t in self.time)
         update = min(t.update(one) for t in self.time)
-        return bubble_factor(self.layout) * slowest + sync + update
+        return self.time[0].passes * (bubble_factor(self.layout) * slowest + sync) + update
 
     def min_peak(self) -> float:
         """The lowest peak any split reaches: most memory-frugal mode, balanced split."""
@@ -195,7 +200,7 @@ def _solve_assignment(prob: Problem, solver: pulp.LpSolver, cutoff: float | None
     T = pulp.LpVariable("T", 0)
     D = pulp.LpVariable("D", 0)
     U = pulp.LpVariable("U", 0)
-    objective = bubble_factor(prob.layout) * T + D + U
+    objective = prob.time[0].passes * (bubble_factor(prob.layout) * T + D) + U
     lp += objective
     lp += pulp.lpSum(n * v for (_, n), v in x.items()) == L
     for k, o in enumerate(opts):
@@ -268,7 +273,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          schedule: str | None = None, recompute: str | None = None,
          memory_reserve: float = 0.05, top_k: int = 3, quick: bool = False,
          lora_targets: str | list[str] | None = None,
-         virtual_stages: int | None = None, tp_refusal: str | None = None) -> Plan:
+         virtual_stages: int | None = None, tp_refusal: str | None = None,
+         update_in_backward: bool | None = None, max_grad_norm: float | None = None,
+         clip_mode: str = "two-pass") -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
@@ -279,6 +286,9 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     allocator fragmentation). ``quick`` stops at the first plan that fits and skips
     suggestions: a feasibility check. ``tp_refusal`` says why tp > 1 cannot run this model
     (:func:`collie_compile.runtime.refusals.tp_refusal`): then only tp = 1 is planned.
+    ``update_in_backward`` pins where Lion, AdamW, Adam or Adan update (None: the faster,
+    after backward on a tie); ``max_grad_norm`` with ``clip_mode`` "two-pass" prices the
+    measuring backward an update inside backward then needs.
     """
     start = time.perf_counter()
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
@@ -292,21 +302,25 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     asked = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
                  schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
+    variants = update_variants(opt, update_in_backward,
+                               two_pass=max_grad_norm is not None and clip_mode == "two-pass")
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
     prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     pins = {k: v for k, v in asdict(asked).items() if k != "recompute"}
-    outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins)
+    outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins, tuple(variants))
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
-    mm = MemoryModel(prof, opt, (lora.params if lora else prof.num_params) / prof.num_params,
-                     lora, expanded_kv=not spec.fused_gqa(dtype))
+    fraction = (lora.params if lora else prof.num_params) / prof.num_params
+    mms = {ib: MemoryModel(prof, o, fraction, lora, expanded_kv=not spec.fused_gqa(dtype))
+           for ib, o in variants.items()}
+    mm = next(iter(mms.values()))
 
-    problems = [_problem(o.layout, prof, spec, opt, mm, modes, capacity, gpus_per_node)
-                for o in outers]
+    problems = [_problem(o.layout, prof, spec, variants[o.in_backward], mms[o.in_backward],
+                         modes, capacity, gpus_per_node, o.in_backward) for o in outers]
     order = sorted(range(len(problems)), key=lambda i: (problems[i].lower_bound(),
                                                         outers[i].key()))
     solved: list[tuple[float, Candidate]] = []
@@ -335,7 +349,10 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                 seq_len=seq_len, global_batch_size=global_batch_size, optimizer=opt.name,
                 dtype=dtype, lora_rank=lora_rank, solver=solver_name,
                 lora_targets=None if lora_rank is None else canonical_lora_targets(lora_targets),
-                usable_memory_bytes=int(capacity))
+                usable_memory_bytes=int(capacity), max_grad_norm=max_grad_norm,
+                clip_mode=clip_mode)
+    update_flags = dict(update_in_backward=update_in_backward, max_grad_norm=max_grad_norm,
+                        clip_mode=clip_mode)
     notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]
     if mm.expanded_kv and prof.act_expanded_kv.sharded:
         extra = prof.act_expanded_kv.sharded / 2**20
@@ -356,11 +373,20 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                     shortfall_bytes=int(short),
                     suggestions=[] if quick else _suggestions(
                         model, gpus, spec, opt, dtype, seq_len, global_batch_size, recompute,
-                        gpus_per_node, memory_reserve, lora_rank, lora_targets, pins),
+                        gpus_per_node, memory_reserve, lora_rank, lora_targets, pins,
+                        update_flags),
                     notes=notes)
+    # On a tie (the model's precision) update after backward: the familiar way, and it
+    # keeps gradients for the user to read
+    tie = next((i for i, (t, c) in enumerate(solved)
+                if not c.update_in_backward and t <= solved[0][0] * 1.0005), 0)
+    solved.insert(0, solved.pop(tie))
     best = solved[0][1]
     if best.tp > 1:
         notes += _shard(best, prof, spec)
+    if len(variants) > 1:
+        notes.append(_update_note(best, [c for _, c in solved[1:]],
+                                  variants[True].backward_passes > 1))
     alternatives = []
     for _, cand in solved[1:top_k + 1]:
         cand.why_not = _why_not(cand, best)
@@ -369,10 +395,54 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                 alternatives=alternatives, notes=notes)
 
 
+def update_variants(opt: OptimizerSpec, pinned: bool | None, two_pass: bool
+                    ) -> dict[bool, OptimizerSpec]:
+    """Where ``opt`` may update, keyed by "inside backward", as the cost model prices it."""
+    if opt.fused_backward:  # LOMO, AdaLomo: always inside
+        if pinned is False:
+            raise CollieError(f"{opt.name} updates inside backward by design; "
+                              "update_in_backward=False applies to lion, adamw, adam, adan")
+        return {True: opt.in_backward(two_pass)}
+    if not opt.in_backward_rule:
+        if pinned:
+            opt.in_backward()  # raises: says which rules can
+        return {False: opt}
+    if pinned is None:
+        return {False: opt, True: opt.in_backward(two_pass)}
+    return {pinned: opt.in_backward(two_pass) if pinned else opt}
+
+
+def _update_note(best: Candidate, others: list[Candidate], two_pass: bool) -> str:
+    """Why the plan updates where it does, against the best of the other kind solved."""
+    other = next((c for c in others if c.update_in_backward != best.update_in_backward),
+                 None)
+    gib = 2**30
+    if best.update_in_backward:
+        why = ("updating after backward, the best plan is "
+               f"{other.step_time_s / best.step_time_s:.3f}x slower" if other else
+               "no plan updating after backward fits or comes close")
+        return f"updates inside backward (no gradient buffer at the peak): {why}"
+    if other is None:
+        return "updates after backward: no plan updating inside backward comes close"
+    ratio = other.step_time_s / best.step_time_s
+    if ratio >= 1.0005:
+        return (f"updates after backward: updating inside backward is {ratio:.3f}x slower"
+                + (" (two-pass clipping runs forward and backward twice)" if two_pass else ""))
+    saved = (best.memory_per_gpu_bytes - other.memory_per_gpu_bytes) / gib
+    if saved < 0.01:
+        return ("updates after backward: updating inside backward would save nothing here"
+                + (f" (gradients accumulate over {best.num_microbatches} micro-batches)"
+                   if best.num_microbatches > 1 else ""))
+    return (f"updates after backward; updating inside backward is as fast and needs "
+            f"{saved:.2f} GiB less per GPU: pass --update-in-backward "
+            "(update_in_backward=True) to choose it")
+
+
 def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch: int,
-                 pins: dict) -> list[Outer]:
-    """Every (dp, tp, pp, zero, micro-batch, schedule) that matches the pins and can run;
-    when none can, the error says which rule each pinned choice breaks."""
+                 pins: dict, in_backward: tuple[bool, ...] = (False,)) -> list[Outer]:
+    """Every (dp, tp, pp, zero, micro-batch, schedule, where the update runs) that
+    matches the pins and can run; when none can, the error says which rule each pinned
+    choice breaks."""
     out, reasons = [], {}
     for tp in divisors(gpus):
         for pp in divisors(gpus // tp):
@@ -390,12 +460,13 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                         if any(val is not None and getattr(lay, k) != val
                                for k, val in pins.items()):
                             continue
-                        why = layout_problem(lay, prof, gpus_per_node, global_batch)
-                        if why:  # one example of each rule broken, and how often
-                            n, first = reasons.get(why[0], (0, why[1]))
-                            reasons[why[0]] = (n + 1, first)
-                        else:
-                            out.append(Outer(lay))
+                        for ib in in_backward:
+                            why = layout_problem(lay, prof, gpus_per_node, global_batch, ib)
+                            if why:  # one example of each rule broken, and how often
+                                n, first = reasons.get(why[0], (0, why[1]))
+                                reasons[why[0]] = (n + 1, first)
+                            else:
+                                out.append(Outer(lay, ib))
     if not out:
         pinned = ", ".join(f"{k}={v}" for k, v in pins.items() if v is not None)
         if reasons:  # the rules the pinned layouts break, most common first
@@ -425,7 +496,7 @@ def _schedules(pp: int, pinned: str | None) -> tuple[str, ...]:
 
 def _problem(lay: Layout, prof: ModelProfile, spec: GPUSpec, opt: OptimizerSpec,
              mm: MemoryModel, modes: tuple[str, ...], capacity: float,
-             gpus_per_node: int) -> Problem:
+             gpus_per_node: int, in_backward: bool = False) -> Problem:
     memory, times = [], []
     for k in range(lay.pp):
         emb, head = k == 0, k == lay.pp - 1
@@ -433,7 +504,7 @@ def _problem(lay: Layout, prof: ModelProfile, spec: GPUSpec, opt: OptimizerSpec,
         params = (mm.end_params_per_rank(lay.tp, emb, head), mm.block_params_per_rank(lay.tp))
         times.append(stage_time(prof, spec, opt, lay, emb, head, gpus_per_node, params,
                                 mm.trainable_fraction))
-    return Problem(lay, prof.num_layers, modes, memory, times, capacity)
+    return Problem(lay, prof.num_layers, modes, memory, times, capacity, in_backward)
 
 
 def _candidate(prob: Problem, counts: list[dict[str, int]], prof: ModelProfile,
@@ -457,7 +528,8 @@ def _candidate(prob: Problem, counts: list[dict[str, int]], prof: ModelProfile,
                      memory_per_gpu_bytes=max(m.total_bytes for m in mems),
                      step_time_s=round(t, 6), tokens_per_gpu_per_s=round(tokens / t / gpus, 2),
                      mfu=round(mfu, 4), memory=[{**m.to_dict(), "moment": m.moment}
-                                                for m in mems], fits=fits)
+                                                for m in mems], fits=fits,
+                     update_in_backward=prob.in_backward)
 
 
 def _shard(cand: Candidate, prof: ModelProfile, spec: GPUSpec) -> list[str]:
@@ -491,6 +563,10 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
         reasons.append("ZeRO-3 gathers weights every micro-batch")
     if cand.dp > best.dp and cand.zero < 3:
         reasons.append(f"larger gradient all-reduce exposure (dp={cand.dp})")
+    if cand.update_in_backward and not best.update_in_backward:
+        reasons.append("updates inside backward")
+    elif best.update_in_backward and not cand.update_in_backward:
+        reasons.append("updates after backward (holds every gradient)")
     why = "; ".join(reasons) or "higher modeled step time"
     return f"{ratio:.3f}x slower: {why}"
 
@@ -498,16 +574,18 @@ def _why_not(cand: Candidate, best: Candidate) -> str:
 def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype: str,
                  seq_len: int, global_batch: int, recompute: str | None, gpus_per_node: int,
                  memory_reserve: float, lora_rank: int | None,
-                 lora_targets: str | list[str] | None, pins: dict) -> list[str]:
+                 lora_targets: str | list[str] | None, pins: dict, update: dict
+                 ) -> list[str]:
     """What would make an infeasible request fit, each one change from the request (its
-    pins kept) checked with the cost model."""
+    pins and ``update`` flags kept) checked with the cost model."""
     out = []
 
     def fits(**kw: object) -> bool:
         args = dict(model=model, gpus=gpus, gpu=spec, gpus_per_node=gpus_per_node,
                     seq_len=seq_len, global_batch_size=global_batch, optimizer=opt.name,
                     dtype=dtype, recompute=recompute, memory_reserve=memory_reserve, top_k=0,
-                    quick=True, lora_rank=lora_rank, lora_targets=lora_targets, **pins)
+                    quick=True, lora_rank=lora_rank, lora_targets=lora_targets, **pins,
+                    **update)
         args.update(kw)
         try:
             return plan(**args).feasible
@@ -525,8 +603,11 @@ def _suggestions(model: str, gpus: int, spec: GPUSpec, opt: OptimizerSpec, dtype
                 f" (global batch {more}, one sequence per GPU)" if more > global_batch
                 else ""))
             break
+    if opt.in_backward_rule and not update["update_in_backward"] and fits(
+            update_in_backward=True):
+        out.append("update inside backward (--update-in-backward: no gradients kept)")
     for name in ("lomo", "adalomo"):
-        if opt.name != name and fits(optimizer=name):
+        if opt.name != name and fits(optimizer=name, update_in_backward=None):
             out.append(f"use --optimizer {name} (no gradients or states kept)")
             break
     if recompute not in (None, "full") and fits(recompute="full"):

@@ -12,8 +12,8 @@ from collie_compile.config import LoraRequest
 from collie_compile.dtypes import dtype_name, torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.layout import DEFAULT_LORA_TARGETS, canonical_lora_targets
-from collie_compile.optim.in_backward import CLIP_MODES, LossScaler
-from collie_compile.optim.optimizers import optimizer_class
+from collie_compile.optim.in_backward import LossScaler
+from collie_compile.optim.specs import CLIP_MODES, get_optimizer
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,17 @@ class FusedOptions:
     loss_scale: str | float | None = None
     stochastic_rounding: bool = False
 
-    def check(self, optimizer: str) -> None:
-        fused = optimizer_class(optimizer) is None  # raises for unknown names
+    def in_backward_only(self) -> list[str]:
+        """The options given that only an update inside backward applies."""
+        return [k for k, v in (("clip_value", self.clip_value), ("loss_scale", self.loss_scale),
+                               ("stochastic_rounding", self.stochastic_rounding),
+                               ("clip_mode", self.clip_mode != "two-pass")) if v]
+
+    def check(self, optimizer: str, in_backward: bool | None = None) -> None:
+        """Refuse bad values, and options the update's place (``in_backward``; None:
+        not decided yet) cannot apply."""
+        spec = get_optimizer(optimizer)  # raises for unknown names
+        fused = spec.fused_backward or bool(in_backward)
         if self.clip_mode not in CLIP_MODES:
             raise CollieError(f"clip_mode must be one of {', '.join(CLIP_MODES)}, got "
                               f"{self.clip_mode!r}")
@@ -35,14 +44,14 @@ class FusedOptions:
                 isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
             raise CollieError(f"loss_scale must be 'dynamic' or a positive number, got "
                               f"{self.loss_scale!r}")
-        if fused:
+        extras = self.in_backward_only()
+        if fused or not extras or (in_backward is None and spec.in_backward_rule):
             return
-        extras = [k for k, v in (("clip_value", self.clip_value),
-                                 ("loss_scale", self.loss_scale),
-                                 ("stochastic_rounding", self.stochastic_rounding)) if v]
-        if extras or self.clip_mode != "two-pass":
-            raise CollieError(f"{', '.join(extras) or 'clip_mode'} applies to the fused "
-                              f"optimizers (lomo, adalomo), not {optimizer!r}")
+        how = (" updating after backward: pass update_in_backward=True (--update-in-backward)"
+               if spec.in_backward_rule else "")
+        raise CollieError(f"{', '.join(extras)} applies to updates inside backward (lomo, "
+                          f"adalomo; lion, adamw, adam, adan with update_in_backward), not "
+                          f"to {optimizer!r}{how}")
 
     def scaler(self) -> LossScaler | None:
         if self.loss_scale is None:

@@ -42,8 +42,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 lora_dropout: float = 0.0, lora_adapter: str | Path | None = None,
                 max_grad_norm: float | None = None, clip_mode: str = "two-pass",
                 clip_value: float | None = None, loss_scale: str | float | None = None,
-                stochastic_rounding: bool = False, memory_reserve: float | None = None
-                ) -> ParallelModel:
+                stochastic_rounding: bool = False, memory_reserve: float | None = None,
+                update_in_backward: bool | None = None) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
@@ -64,10 +64,12 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ``max_grad_norm`` clips the whole model's gradient norm before each step.
 
     ``optimizer="lomo"`` or ``"adalomo"`` update each parameter inside backward (see
-    :mod:`collie_compile.optim.in_backward`): ``clip_mode`` ("two-pass" or "stale") says how
-    they clip to ``max_grad_norm``, ``clip_value`` clips elementwise, ``loss_scale``
-    ("dynamic" or a fixed number) scales the loss for fp16 and skips a step that
-    overflows, and ``stochastic_rounding`` rounds updates into 16-bit weights randomly.
+    :mod:`collie_compile.optim.in_backward`), and so do lion, adamw, adam and adan with
+    ``update_in_backward=True`` (None: the plan's choice; the options below imply it):
+    ``clip_mode`` ("two-pass" or "stale") says how they clip to ``max_grad_norm``,
+    ``clip_value`` clips elementwise, ``loss_scale`` ("dynamic" or a fixed number) scales
+    the loss for fp16 and skips a step that overflows, and ``stochastic_rounding`` rounds
+    updates into 16-bit weights randomly (then no fp32 master is kept).
     """
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
             memory_reserve=memory_reserve)
@@ -80,6 +82,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     dtype = model_dtype(model, dtype)
 
     fused = FusedOptions(max_grad_norm, clip_mode, clip_value, loss_scale, stochastic_rounding)
+    if update_in_backward is None and fused.in_backward_only():
+        update_in_backward = True  # options that only an update inside backward applies
 
     lora_cfg = cdist.agree(lambda: lora_config(lora, lora_rank, lora_alpha, lora_targets,
                                                lora_dropout))
@@ -97,14 +101,15 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
 
     def resolve() -> Plan:
         if optimizer is not None:
-            fused.check(optimizer)
+            fused.check(optimizer, update_in_backward)
         if gpus is not None and gpus != world:
             raise CollieError(f"gpus={gpus} but this job has {world} processes; launch "
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
                               f"gpus={world}")
         p = resolve_plan(plan, cfg, name, world, gpu, optimizer, dtype, seq_len,
-                         global_batch_size, pins.given(), lora_cfg, memory_reserve, refusal)
-        fused.check(optimizer or p.optimizer)
+                         global_batch_size, pins.given(), lora_cfg, memory_reserve, refusal,
+                         update_in_backward, fused)
+        fused.check(optimizer or p.optimizer, in_backward(optimizer or p.optimizer, p))
         return p
 
     # Rank 0's plan for everyone: the solver is deterministic, but one answer is safer.
@@ -125,9 +130,11 @@ class ParallelModel:
                  lora_init: dict | None = None, fused: FusedOptions | None = None) -> None:
         self.plan, self.chosen, self.lora = plan, plan.chosen, lora
         options = fused or FusedOptions()
+        inside = in_backward(optimizer, plan)
         self.program: RankProgram = build_rank_program(
-            model, plan, weights, lora, lora_init, updates_in_backward=in_backward(optimizer))
-        self.updates = make_updates(self.program, optimizer, lr, optimizer_kwargs, options)
+            model, plan, weights, lora, lora_init, updates_in_backward=inside)
+        self.updates = make_updates(self.program, optimizer, lr, optimizer_kwargs, options,
+                                    inside)
         self.stepper = Stepper(self.program, self.updates, options.max_grad_norm)
 
     # what this rank holds
@@ -150,7 +157,7 @@ class ParallelModel:
 
     @property
     def fused(self) -> object | None:
-        """The in-backward update engine (LOMO, AdaLomo), else None."""
+        """The in-backward update engine, else None."""
         return self.updates.fused
 
     @property

@@ -11,7 +11,7 @@ from collie_compile.errors import CollieError, flag
 from collie_compile.layout import canonical_lora_targets
 from collie_compile.planner.result import Plan, lora_flags
 from collie_compile.runtime import distributed as cdist
-from collie_compile.runtime.options import lora_plan_args
+from collie_compile.runtime.options import FusedOptions, lora_plan_args
 from collie_compile.runtime.program import head_layout
 
 
@@ -19,12 +19,16 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   gpu: str | None,
                   optimizer: str | None, dtype: str, seq_len: int | None,
                   global_batch_size: int | None, pins: dict, lora: object | None,
-                  memory_reserve: float | None = None, refusal: str | None = None) -> Plan:
+                  memory_reserve: float | None = None, refusal: str | None = None,
+                  update_in_backward: bool | None = None,
+                  fused: FusedOptions | None = None) -> Plan:
     """The plan this run follows: solved for it (``plan`` \"auto\") or given (a Plan or
     a plan file), checked against the model, the world and what the run asks for."""
     from collie_compile.planner.search import plan as solve
 
     lora_rank, lora_targets = lora_plan_args(lora)
+    clipping = dict(max_grad_norm=fused.max_grad_norm, clip_mode=fused.clip_mode) if fused \
+        else {}
     if isinstance(plan, Plan):
         p = plan
     elif str(plan).lower() == "auto":
@@ -34,6 +38,7 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, tp_refusal=refusal,
+                  update_in_backward=update_in_backward, **clipping,
                   **({} if memory_reserve is None else {"memory_reserve": memory_reserve}),
                   **pins)
         if not p.feasible:
@@ -56,7 +61,8 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                               f"with {p.usable_memory_bytes / 2**30:.2f} GiB usable per GPU. "
                               "Re-plan with yours: collie-compile plan ... --memory-reserve "
                               f"{memory_reserve}")
-        _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size, pins)
+        _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size,
+                          {**pins, "update_in_backward": update_in_backward})
         _check_plan_lora(p, lora_rank, lora_targets)
     c = p.chosen
     layers = int(cfg.num_hidden_layers)
@@ -86,7 +92,7 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
     planned = dict(optimizer=p.optimizer, dtype=p.dtype, seq_len=p.seq_len,
                    global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
                    zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
-                   virtual_stages=c.virtual_stages,
+                   virtual_stages=c.virtual_stages, update_in_backward=c.update_in_backward,
                    recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
     asked = dict(optimizer=optimizer and optimizer.lower(), dtype=dtype, seq_len=seq_len,
                  global_batch_size=global_batch_size, **pins)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
+from collie_compile.optim.in_backward import STATE_KEYS
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import state as ckpt
 from collie_compile.runtime.options import ADAPTER_PREFIX
@@ -175,20 +176,25 @@ def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path) 
 
 def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tensor,
                    pieces: dict, scalars: dict) -> None:
-    """The optimizer state of ``p`` from the checkpoint's boxes of it. For AdaLomo
-    the row/column statistics (fresh where a checkpoint of another optimizer has
-    none); for LOMO nothing; otherwise every p-shaped state and the scalars."""
+    """The optimizer state of ``p`` from the checkpoint's boxes of it. Inside backward:
+    AdaLomo's row/column statistics, the other rules' p-shaped states (each fresh where
+    the checkpoint has none), for LOMO nothing; after backward every p-shaped state and
+    the scalars."""
     key = prog.stored_name(name, pieces) or name  # a tied weight's other name
     stored = {k.split("/", 1)[1]: v for k, v in pieces.items() if k.startswith(key + "/")}
     if updates.fused is not None:
+        engine = updates.fused
         if updates.rule == "adalomo":
             state = adalomo_state(local_tensor(p.detach()))
-            for key, t in state.items():
-                if key in stored and torch.is_tensor(t):
-                    t.copy_(prog.read(name, p, stored[key], f"{name}/{key}",
-                                      FACTORED.get(key)))
-            state["step"] = int(scalars.get("step", 0))
-            updates.fused.state[name] = state
+        elif updates.rule in STATE_KEYS and engine.owns(name):
+            state = engine.fresh_state(local_tensor(p.detach()))  # its master: the weight
+        else:
+            return
+        for key, t in state.items():
+            if key in stored and torch.is_tensor(t):
+                t.copy_(prog.read(name, p, stored[key], f"{name}/{key}", FACTORED.get(key)))
+        state["step"] = int(scalars.get("step", 0))
+        engine.state[name] = state
         return
     inner = updates.inner()
     if not any(p is q for g in inner.param_groups for q in g["params"]):

@@ -51,6 +51,9 @@ class TrainConfig:
     lora_targets: list[str] | None = None
     merge: bool = False  # with LoRA, save the adapters folded into plain HF weights
     memory_reserve: float | None = None  # kept free by the auto plan (None: 0.05)
+    update_in_backward: bool | None = None  # None: the plan's choice
+    max_grad_norm: float | None = None  # clip the global gradient norm
+    clip_mode: str = "two-pass"  # inside backward: measure first, or the previous norm
 
 
 def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
@@ -122,7 +125,10 @@ def train(cfg: TrainConfig) -> list[float]:
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                     memory_reserve=cfg.memory_reserve, **cfg.pins.given())
+                     memory_reserve=cfg.memory_reserve,
+                     update_in_backward=cfg.update_in_backward,
+                     max_grad_norm=cfg.max_grad_norm, clip_mode=cfg.clip_mode,
+                     **cfg.pins.given())
     tokens = cdist.agree(lambda: tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size)))
     if cfg.save:  # before the training, not after it
         pm.check_save_path(cfg.save)
@@ -171,7 +177,8 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
                              adapters: dict[str, torch.Tensor] | None = None) -> float:
     """Train the same initial model on the same batches in this one process, with plain
     transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
-    the same optimizer; print how far the parallel losses are."""
+    the same rule after a plain backward (LOMO and AdaLomo inside it), clipped the same
+    way; print how far the parallel losses are."""
     from collie_compile.optim.optimizers import single_process_optimizer
     from collie_compile.runtime.options import ADAPTER_PREFIX
 
@@ -184,18 +191,31 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
         set_peft_model_state_dict(model, {ADAPTER_PREFIX + k: v
                                           for k, v in (adapters or {}).items()})
     model.train()
-    opt = single_process_optimizer(cfg.optimizer, [p for p in model.parameters()
-                                                   if p.requires_grad], cfg.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = single_process_optimizer(cfg.optimizer, params, cfg.lr)
+    inside = hasattr(opt, "engine")  # LOMO, AdaLomo: clipping is the engine's
+    if inside and cfg.max_grad_norm is not None:
+        opt.engine.max_grad_norm, opt.engine.clip_mode = cfg.max_grad_norm, cfg.clip_mode
     gen = torch.Generator().manual_seed(cfg.seed)
     worst = 0.0
     for ours in losses:
         ids = windows(tokens, cfg.global_batch_size, cfg.seq_len, gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        worst = max(worst, abs(ours - loss.item()) / abs(loss.item()))
-    print(f"one process, same model and batches: loss {losses[0]:.4f} -> {loss.item():.4f}; "
+
+        def closure(ids: torch.Tensor = ids) -> float:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.item()
+
+        if inside:
+            loss = opt.step(closure) if cfg.max_grad_norm is not None else closure()
+        else:
+            loss = closure()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        worst = max(worst, abs(ours - loss) / abs(loss))
+    print(f"one process, same model and batches: loss {losses[0]:.4f} -> {loss:.4f}; "
           f"largest relative difference from the parallel run {worst:.1e} over "
           f"{len(losses)} steps", flush=True)
     return worst

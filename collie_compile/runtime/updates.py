@@ -1,5 +1,7 @@
 """How a rank's weights are updated: a torch optimizer stepping after backward (sharded by
-ZeRO-1 where the plan says so), or an engine updating each weight inside backward."""
+ZeRO-1 where the plan says so), or an engine updating each weight inside backward (under
+ZeRO-1 each weight by one data-parallel rank, which keeps its states and then sends it to
+the others)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import torch
 import torch.distributed as dist
 
 from collie_compile.errors import CollieError
-from collie_compile.optim.in_backward import FusedBackward
-from collie_compile.optim.optimizers import optimizer_class, optimizer_options
+from collie_compile.optim.in_backward import STATE_KEYS, FusedBackward
+from collie_compile.optim.optimizers import DEFAULTS, optimizer_class, optimizer_options
 from collie_compile.optim.specs import get_optimizer
+from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime.options import FusedOptions
 from collie_compile.runtime.program import RankProgram
@@ -19,8 +22,8 @@ from collie_compile.runtime.program import RankProgram
 
 @dataclass
 class Updates:
-    """The optimizer of a rank program: ``optimizer`` after backward, or ``fused`` (LOMO,
-    AdaLomo) inside it, under the rule ``rule``."""
+    """The optimizer of a rank program: ``optimizer`` after backward, or ``fused`` inside
+    it, under the rule ``rule``."""
 
     rule: str
     optimizer: torch.optim.Optimizer | None = None
@@ -38,21 +41,28 @@ class Updates:
         return {by_id[id(p)]: st for p, st in self.inner().state.items()}
 
     def writes_states(self, program: RankProgram) -> bool:
-        """False under ZeRO-1, where each state lives on one dp rank."""
+        """False under ZeRO-1 (stateful rules), where each state lives on one dp rank."""
         c = program.chosen
-        return self.fused is not None or not (c.zero == 1 and c.dp > 1)
+        stateless = self.fused is not None and self.rule not in STATE_KEYS
+        return stateless or not (c.zero == 1 and c.dp > 1)
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank keeps ``name``'s optimizer state (ZeRO-1: one dp rank)."""
+        return self.fused is None or self.fused.owns(name)
 
 
-def in_backward(optimizer: str) -> bool:
-    """Whether ``optimizer`` updates each weight inside backward (raises for unknown ones)."""
-    return optimizer_class(optimizer) is None
+def in_backward(optimizer: str, plan: Plan | None = None) -> bool:
+    """Whether ``optimizer`` updates each weight inside backward under ``plan``: LOMO and
+    AdaLomo always, the others where the plan says so (raises for unknown names)."""
+    spec = get_optimizer(optimizer)
+    return spec.fused_backward or bool(plan and plan.update_in_backward)
 
 
 def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs: dict,
-                 options: FusedOptions) -> Updates:
-    """The optimizer of ``program``'s trainable parameters."""
+                 options: FusedOptions, inside: bool = False) -> Updates:
+    """The optimizer of ``program``'s trainable parameters, inside backward or not."""
     rule = optimizer.lower()
-    if not in_backward(rule):
+    if not inside:
         return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
     cdist.agree(lambda: _refuse_split_ties(program, rule))
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
@@ -84,19 +94,26 @@ def _refuse_split_ties(program: RankProgram, rule: str) -> None:
 
 def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
            o: FusedOptions) -> FusedBackward:
-    """LOMO/AdaLomo inside backward: after each gradient's dp reduction (the stage's
-    GradReducer, or FSDP2's reduce-scatter hooks), with sharded statistics summed
-    over the ranks holding the other slices."""
+    """The rule inside backward: after each gradient's dp reduction (the stage's
+    GradReducer, or FSDP2's reduce-scatter hooks), with AdaLomo's sharded statistics
+    summed over the ranks holding the other slices."""
     from collie_compile.passes.data_parallel import grad_reducer
 
-    unknown = set(kwargs) - {"weight_decay"}
+    allowed = {"weight_decay", *DEFAULTS.get(rule, {})}
+    unknown = set(kwargs) - allowed
     if unknown:
-        raise CollieError(f"{rule} takes weight_decay in optimizer_kwargs, not "
-                          f"{', '.join(sorted(unknown))}")
+        raise CollieError(f"{rule} inside backward takes {', '.join(sorted(allowed))} in "
+                          f"optimizer_kwargs, not {', '.join(sorted(unknown))}")
+    opts = optimizer_options(rule, lr, kwargs)
+    lr, wd = opts.pop("lr"), opts.pop("weight_decay", 0.0)
     params = {n: p for n, p in program.local_parameters().items() if p.requires_grad}
+    owner = _zero1_owners(program, params) if rule in STATE_KEYS else {}
+    me = program.coords.dp
     engine = FusedBackward(
-        params.items(), rule, lr if lr is not None else get_optimizer(rule).default_lr,
-        kwargs.get("weight_decay", 0.0), max_grad_norm=o.max_grad_norm,
+        params.items(), rule, lr, wd, options=opts,
+        owns=lambda n: owner.get(n, me) == me,
+        after_update=(lambda: _send_from_owners(program, params, owner)) if owner else None,
+        max_grad_norm=o.max_grad_norm,
         clip_mode=o.clip_mode, clip_value=o.clip_value, loss_scaler=o.scaler(),
         stochastic_rounding=o.stochastic_rounding,
         allsum_for=lambda n: _allsum_for(program, n, params[n]),
@@ -119,6 +136,32 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
     pipelined = program.chosen.pp > 1
     engine.accumulations = 1 if fsdp and pipelined else program.chosen.num_microbatches
     return engine
+
+
+def _zero1_owners(program: RankProgram, params: dict[str, torch.nn.Parameter]
+                  ) -> dict[str, int]:
+    """ZeRO-1 inside backward: the dp rank that updates each parameter and keeps its
+    states, largest parameters first to the least loaded rank (the same on every rank).
+    Empty where the plan is not ZeRO-1 over several dp ranks."""
+    c = program.chosen
+    if not (c.zero == 1 and c.dp > 1):
+        return {}
+    load, owner = [0] * c.dp, {}
+    for name in sorted(params, key=lambda n: (-params[n].numel(), n)):
+        r = load.index(min(load))
+        owner[name] = r
+        load[r] += params[name].numel()
+    return owner
+
+
+def _send_from_owners(program: RankProgram, params: dict[str, torch.nn.Parameter],
+                      owner: dict[str, int]) -> None:
+    """After the updating backward: each weight from the dp rank that updated it."""
+    group = program.mesh.get_group("dp")
+    works = [dist.broadcast(p.data, src=dist.get_global_rank(group, owner[n]), group=group,
+                            async_op=True) for n, p in params.items()]
+    for w in works:
+        w.wait()
 
 
 def _allsum_for(program: RankProgram, name: str, p: torch.Tensor) -> object | None:
