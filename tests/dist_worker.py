@@ -135,7 +135,7 @@ def _all_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 PLAN_KEYS = ("dp", "tp", "pp", "zero", "schedule", "recompute", "micro_batch_size",
-             "optimizer", "lr")  # passed through to parallelize
+             "optimizer", "lr", "update_in_backward")  # passed through to parallelize
 
 
 def run_save(cfg: dict) -> dict:

@@ -127,6 +127,15 @@ SAVE_FUSED = {"id": "adalomo-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp"
               "optimizer": "adalomo", "lr": 1e-2}
 RESUME_FUSED = {"id": "adalomo-resume", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1,
                 "zero": 3, "optimizer": "adalomo", "lr": 1e-2}
+# AdamW inside backward saved under ZeRO-1 (each state on its owner dp rank), resumed inside
+# backward under tp x pp, and after backward under ZeRO-3: the states are the same.
+SAVE_INSIDE = {"id": "inside-save", "kind": "save", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 1,
+               "optimizer": "adamw", "lr": 1e-2, "update_in_backward": True}
+RESUME_INSIDE = [
+    {"id": "inside-resume-tp2pp2", "kind": "resume", **L4, "dp": 1, "tp": 2, "pp": 2,
+     "optimizer": "adamw", "lr": 1e-2, "update_in_backward": True},
+    {"id": "inside-resume-after-z3", "kind": "resume", **L4, "dp": 2, "tp": 1, "pp": 2,
+     "zero": 3, "optimizer": "adamw", "lr": 1e-2, "update_in_backward": False}]
 # bf16 weights with AdamW under ZeRO-1: fp32 master copies and moments, saved and
 # restored as fp32 (they came back in the weights' dtype), so a resumed run continues
 # exactly.
@@ -178,6 +187,8 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     ckpts += [{**c, "dir": str(tmp_path_factory.mktemp(c["id"]))} for c in LORA_4]
     fused_dir = str(tmp_path_factory.mktemp("fused-ckpt"))
     ckpts += [{**c, "dir": fused_dir} for c in (SAVE_FUSED, RESUME_FUSED)]
+    inside_dir = str(tmp_path_factory.mktemp("inside-ckpt"))
+    ckpts += [{**c, "dir": inside_dir} for c in (SAVE_INSIDE, *RESUME_INSIDE)]
     bf16_dir = str(tmp_path_factory.mktemp("bf16-ckpt"))
     ckpts += [{**c, "dir": bf16_dir} for c in (SAVE_BF16, RESUME_BF16)]
     ckpts.append({**SAVE_BF16_Z3, "dir": str(tmp_path_factory.mktemp("bf16-z3-ckpt"))})
@@ -509,6 +520,19 @@ def test_update_in_backward_matches_after_backward(results4: dict, cfg: dict) ->
         assert abs(ours - after) <= 1e-7 * abs(after)
         assert abs(ours - ref) <= TOL * abs(ref)
     assert r["grad_norm"] > cfg["max_grad_norm"]  # the clip was active
+
+
+@pytest.mark.parametrize("cfg", RESUME_INSIDE, ids=[c["id"] for c in RESUME_INSIDE])
+def test_in_backward_states_resume_under_another_plan(results4: dict, cfg: dict) -> None:
+    """AdamW's moments, saved by their owner ranks inside backward, continue the run under
+    another layout, inside backward or after it (lr 1e-2: fresh moments would show)."""
+    saved, resumed = results4[SAVE_INSIDE["id"]], results4[cfg["id"]]
+    assert "crash" not in saved and "crash" not in resumed, (saved, resumed)
+    assert "update in backward" in saved["layout"]
+    assert ("update in backward" in resumed["layout"]) == cfg["update_in_backward"]
+    assert resumed["step"] == 4
+    for a, b in zip(resumed["losses"], saved["continued"], strict=True):
+        assert abs(a - b) <= TOL * abs(b)
 
 
 def test_adalomo_resumes_under_another_plan(results4: dict) -> None:
