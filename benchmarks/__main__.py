@@ -3,10 +3,11 @@
 import argparse
 import warnings
 
-from . import estimate, fidelity, optimizer_kernels, plan, train, zoo
+from . import estimate, fidelity, optimizer_kernels, plan, rss, train, zoo
 
 SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
-          "kernels": optimizer_kernels.main, "plan": plan.main, "train": train.main,
+          "kernels": optimizer_kernels.main, "plan": plan.main, "rss": rss.main,
+          "train": train.main,
           "zoo": zoo.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")

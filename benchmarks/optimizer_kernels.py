@@ -1,7 +1,8 @@
 """Optimizers side by side on one model, and the fused kernels' bandwidth (GPU).
 
-The same model, data and batch trained by AdamW, Lion, LOMO and AdaLomo in one process:
-peak memory per step and the median step time, on the GPU where CUDA is present (peak by
+The same model, data and batch trained by AdamW, Lion, LOMO and AdaLomo in one process,
+AdamW and Lion both after backward and inside it (``update_in_backward``): peak memory
+per step and the median step time, on the GPU where CUDA is present (peak by
 ``max_memory_allocated``), else on the CPU (peak by MemTracker, which also splits it by
 category). Batch 1 with full recomputation (the LOMO paper's setting), so that model
 states dominate.
@@ -27,21 +28,23 @@ from .report import Report, table
 # small-llama's blocks, 24 of them (44M parameters): a body-heavy model, as real LLMs are,
 # where the embedding's gradient (the largest LOMO ever holds) is a small part.
 MODEL, LAYERS, BATCH, SEQ, STEPS, RECOMPUTE = "small-llama", 24, 1, 64, 5, "full"
-OPTIMIZERS = ["adamw", "lion", "lomo", "adalomo"]
+# (optimizer, updated inside backward)
+OPTIMIZERS = [("adamw", False), ("adamw", True), ("lion", False), ("lion", True),
+              ("lomo", True), ("adalomo", True)]
 
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def step_time(optimizer: str, steps: int = STEPS) -> float:
+def step_time(optimizer: str, inside: bool, steps: int = STEPS) -> float:
     """Median seconds of forward + backward + update (fused or not) after one warm-up."""
     torch.manual_seed(0)
     cfg = config()
     model = build_model(cfg, device="cpu").to(device())
     model.train()
     enable_on_hf_model(model, RECOMPUTE)
-    opt = make_optimizer(optimizer, list(model.parameters()))
+    opt = make_optimizer(optimizer, list(model.parameters()), update_in_backward=inside)
     ids = torch.randint(0, int(cfg.vocab_size), (BATCH, SEQ), device=device())
     sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
     times = []
@@ -62,11 +65,28 @@ def config() -> object:
 
 def optimizer_rows() -> list[dict]:
     rows = []
-    for opt in tqdm(OPTIMIZERS, desc="optimizers", leave=False):
-        peak = measure_peak(config(), opt, RECOMPUTE, "fp32", BATCH, SEQ, device=device())
-        rows.append(dict(optimizer=opt, peak=peak.total_bytes, by=peak.by_category,
-                         seconds=step_time(opt)))
+    for opt, inside in tqdm(OPTIMIZERS, desc="optimizers", leave=False):
+        peak = measure_peak(config(), opt, RECOMPUTE, "fp32", BATCH, SEQ, device=device(),
+                            update_in_backward=inside and opt in ("adamw", "lion"))
+        rows.append(dict(optimizer=opt + (" in backward" if inside and opt in ("adamw", "lion")
+                                          else ""), rule=opt, inside=inside,
+                         peak=peak.total_bytes, by=peak.by_category,
+                         seconds=step_time(opt, inside)))
     return rows
+
+
+def saved_rows(rows: list[dict], grad_bytes: int) -> list[list[str]]:
+    """Each rule's peak inside backward against its own after backward, in gradient bytes:
+    the goal is a saving of at least 90% of them."""
+    out = []
+    for r in rows:
+        after = next((a for a in rows if a["rule"] == r["rule"] and not a["inside"]), None)
+        if r["inside"] and after is not None:
+            saved = after["peak"] - r["peak"]
+            out.append([r["optimizer"], f"{after['peak'] / 2**20:.1f}",
+                        f"{r['peak'] / 2**20:.1f}", f"{saved / 2**20:.1f}",
+                        f"{grad_bytes / 2**20:.1f}", f"{100 * saved / grad_bytes:.0f}%"])
+    return out
 
 
 def _cases(n: int, dtype: torch.dtype) -> list[tuple[str, int, object]]:
@@ -131,6 +151,10 @@ def main(out: str | None = None) -> None:
                   _mib(r["by"], "grad"), _mib(r["by"], "opt"), f"{r['seconds']:.3f}",
                   f"{r['seconds'] / base['seconds']:.2f}"] for r in rows],
                 right=range(1, 7)))
+    rep.add("Updating inside backward against the same rule after it: the peak saved, in "
+            "MiB and as a share of the gradients' bytes (goal: 90% or more)\n\n" + table(
+                ["rule", "after MiB", "inside MiB", "saved MiB", "grads MiB", "saved/grads"],
+                saved_rows(rows, 4 * params), right=range(1, 6)))
     rep.plot("kernels_memory", lambda ax: (
         ax.bar([r["optimizer"] for r in rows], [r["peak"] / 2**20 for r in rows]),
         ax.set_ylabel("peak MiB"),

@@ -15,13 +15,14 @@ With it the sharded update equals the unsharded one.
 Three passes over G (statistics with Σp², then ΣU², then the update) with the reductions
 between them. On CUDA they are Triton kernels on [BLOCK_M, BLOCK_N] tiles writing
 per-tile partial sums (no atomics: deterministic); elsewhere plain torch does the same.
-Vectors (norm weights, biases) always take the torch path: they are small.
+Vectors (norm weights, biases) always take the torch path: they are small. The scalars
+between the passes (mean(r), η, 1/max(1, RMS(U))) stay on the device as 0-dim tensors
+that the kernels read through a pointer: no host synchronisation inside an update.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -57,14 +58,15 @@ def _torch_stats(p, g, inv):
     return sq.sum(1), sq.sum(0), p.float().square().sum()
 
 
-def _torch_usq(g, row, col, rmean, inv):
+def _torch_usq(g, row, col, scal, inv):
     sq = (g.float() * inv).square_()
-    return sq.mul_(rmean).div_(torch.outer(row, col)).sum()
+    return sq.mul_(scal[0]).div_(torch.outer(row, col)).sum()
 
 
-def _torch_apply(p, g, row, col, rmean, inv, eta, wd, unorm, stochastic, seed):
+def _torch_apply(p, g, row, col, scal, inv, wd, stochastic, seed):
+    rmean, eta, unorm = scal
     u = (g.float() * inv).mul_(torch.outer(row, col).reciprocal_().mul_(rmean).sqrt_())
-    new = p.float().mul_(1 - eta * wd).add_(u, alpha=-eta * unorm)
+    new = p.float().mul_(1 - eta * wd).sub_(u.mul_(eta * unorm))
     gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
     p.copy_(round_to(new, p.dtype, stochastic, gen))
 
@@ -94,9 +96,10 @@ def _stats_kernel(p_ptr, g_ptr, rows_ptr, cols_ptr, psq_ptr, m, n, inv,
 
 
 @triton.jit
-def _usq_kernel(g_ptr, row_ptr, col_ptr, out_ptr, m, n, rmean, inv,
+def _usq_kernel(g_ptr, row_ptr, col_ptr, out_ptr, scal_ptr, m, n, inv,
                 BM: tl.constexpr, BN: tl.constexpr):
     rm, cn, offs, mask = _tile(m, n, BM, BN)
+    rmean = tl.load(scal_ptr)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
     r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
     c = tl.load(col_ptr + cn, mask=cn < n, other=1.0)
@@ -106,9 +109,10 @@ def _usq_kernel(g_ptr, row_ptr, col_ptr, out_ptr, m, n, rmean, inv,
 
 
 @triton.jit
-def _apply_kernel(p_ptr, g_ptr, row_ptr, col_ptr, m, n, rmean, inv, eta, wd, unorm, seed,
+def _apply_kernel(p_ptr, g_ptr, row_ptr, col_ptr, scal_ptr, m, n, inv, wd, seed,
                   STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     rm, cn, offs, mask = _tile(m, n, BM, BN)
+    rmean, eta, unorm = tl.load(scal_ptr), tl.load(scal_ptr + 1), tl.load(scal_ptr + 2)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
@@ -137,12 +141,12 @@ def _triton_stats(p, g, inv):
     return rows.sum(0), cols.sum(0), psq.sum()
 
 
-def _triton_usq(g, row, col, rmean, inv):
+def _triton_usq(g, row, col, scal, inv):
     m, n = g.shape
     gm, gn = _grid(m, n)
     out = torch.empty(gm * gn, device=g.device)
     bm, bn = _blocks()
-    _usq_kernel[(gm, gn)](g, row, col, out, m, n, float(rmean), inv, BM=bm, BN=bn)
+    _usq_kernel[(gm, gn)](g, row, col, out, scal, m, n, inv, BM=bm, BN=bn)
     return out.sum()
 
 
@@ -154,9 +158,9 @@ def _autotuned_apply() -> triton.runtime.Autotuner:
     return triton.autotune(configs, key=["m", "n"], restore_value=["p_ptr"])(_apply_kernel)
 
 
-def _triton_apply(p, g, row, col, rmean, inv, eta, wd, unorm, stochastic, seed):
+def _triton_apply(p, g, row, col, scal, inv, wd, stochastic, seed):
     m, n = g.shape
-    args = (p, g, row, col, m, n, float(rmean), inv, eta, wd, unorm, seed, stochastic)
+    args = (p, g, row, col, scal, m, n, inv, wd, seed, stochastic)
     if interpreting():
         bm, bn = _blocks()
         _apply_kernel[_grid(m, n)](*args, BM=bm, BN=bn)
@@ -183,9 +187,8 @@ def _update(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float, wd: float,
         sums = torch.stack([u.square().sum(), p.float().square().sum(),
                             torch.tensor(float(p.numel()), device=p.device)])
         allsum(sums, tuple(range(p.dim())))
-        unorm = 1.0 / max(1.0, math.sqrt(sums[0] / sums[2]))
-        eta = lr * max(EPS2, math.sqrt(sums[1] / sums[2]))
-        new = p.float().mul_(1 - eta * wd).add_(u, alpha=-eta * unorm)
+        eta, unorm = _eta_unorm(lr, sums)
+        new = p.float().mul_(1 - eta * wd).sub_(u.mul_(eta * unorm))
         gen = torch.Generator(p.device).manual_seed(seed) if sr else None
         p.copy_(round_to(new, p.dtype, sr, gen))
         return
@@ -199,12 +202,17 @@ def _update(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float, wd: float,
     b = torch.cat([cols, torch.stack([row.sum(), cols.new_tensor(m)])])
     allsum(b, (0,))
     col = state["col"].mul_(beta).add_(b[:n] / b[n + 1] + EPS1, alpha=1 - beta)
-    rmean = float(b[n] / b[n + 1])
+    rmean = (b[n] / b[n + 1]).reshape(1)
     c = torch.stack([usq(g, row, col, rmean, inv), psq, psq.new_tensor(m * n)])
     allsum(c, (0, 1))
-    unorm = 1.0 / max(1.0, math.sqrt(c[0] / c[2]))
-    eta = lr * max(EPS2, math.sqrt(c[1] / c[2]))
-    apply(p, g, row, col, rmean, inv, eta, wd, unorm, sr, seed)
+    apply(p, g, row, col, torch.cat([rmean, *_eta_unorm(lr, c)]), inv, wd, sr, seed)
+
+
+def _eta_unorm(lr: float, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """η = lr·max(ε₂, RMS(p)) and 1/max(1, RMS(U)) from [ΣU², Σp², count], on the device."""
+    unorm = (sums[0] / sums[2]).sqrt().clamp_(min=1.0).reciprocal().reshape(1)
+    eta = (sums[1] / sums[2]).sqrt().clamp_(min=EPS2).mul_(lr).reshape(1)
+    return eta, unorm
 
 
 def adalomo_update_reference(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float,

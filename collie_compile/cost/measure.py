@@ -33,12 +33,15 @@ class MeasuredPeak:
     by_category: dict[str, int]
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3
-                   ) -> torch.optim.Optimizer:
-    """A real optimizer for single-process runs (per-tensor loops, as the cost model counts)."""
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float = 1e-3,
+                   update_in_backward: bool = False) -> torch.optim.Optimizer:
+    """A real optimizer for single-process runs (per-tensor loops, as the cost model
+    counts), updating after backward or, with ``update_in_backward``, inside it."""
     cls = optimizer_class(name, params[0].dtype)  # raises a clear error for unknown names
-    per_tensor = cls is not None and cls.__module__.startswith("torch.")
-    return single_process_optimizer(name, params, lr, {"foreach": False} if per_tensor else {})
+    per_tensor = (cls is not None and cls.__module__.startswith("torch.")
+                  and not update_in_backward)
+    return single_process_optimizer(name, params, lr, {"foreach": False} if per_tensor else {},
+                                    update_in_backward)
 
 
 def _frozen_as_buffers(net: torch.nn.Module) -> None:
@@ -54,8 +57,8 @@ def _frozen_as_buffers(net: torch.nn.Module) -> None:
 
 def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
                  dtype: str = "fp32", batch: int = 2, seq_len: int = 128, steps: int = 2,
-                 seed: int = 0, lora_rank: int | None = None, device: str = "cpu"
-                 ) -> MeasuredPeak:
+                 seed: int = 0, lora_rank: int | None = None, device: str = "cpu",
+                 update_in_backward: bool = False) -> MeasuredPeak:
     """Peak bytes of ``steps`` training steps (states exist from the first step on). With
     ``lora_rank``, peft's LoRA on q_proj/v_proj trains and the base is frozen. On a CUDA
     ``device`` the categories are not known (``by_category`` is empty)."""
@@ -72,7 +75,8 @@ def measure_peak(model: str, optimizer: str = "adamw", recompute: str = "none",
 
         net = get_peft_model(net, LoraConfig(r=lora_rank, target_modules=["q_proj", "v_proj"]))
         _frozen_as_buffers(net)
-    opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad])
+    opt = make_optimizer(optimizer, [p for p in net.parameters() if p.requires_grad],
+                         update_in_backward=update_in_backward)
     ids = torch.randint(0, int(cfg.vocab_size), (batch, seq_len), device=dev)
     if dev.type == "cuda":
         # The first step allocates the optimizer's states and autotunes the Triton kernels,

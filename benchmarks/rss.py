@@ -1,0 +1,118 @@
+"""Host memory of ``parallelize(gpus=1)`` as a new user meets it: process peak RSS per
+optimizer, in phases, beside the tensors alive at the peak.
+
+Each optimizer runs in a fresh process (RSS never shrinks back to what a previous run
+left). Phases, as RSS above the RSS once imports and the process group are up: the model
+built, ``parallelize`` done, the peak over the training steps (the kernel's high-water
+mark, reset at the baseline through ``/proc/self/clear_refs``). Beside them, the peak of
+live tensor bytes in the steps (:class:`~collie_compile.cost.measure.LiveBytes`, told of
+the weights) and the three terms LOMO's promise is made of: weights, the largest
+gradient, the batch's activations (measured as the forward's live bytes, no update).
+Linux only (``/proc``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .report import Report, table
+
+MODEL, LAYERS, BATCH, SEQ, STEPS = "small-llama", 17, 2, 32, 3
+# (optimizer, updated inside backward)
+RUNS = [("adamw", False), ("adamw", True), ("lion", False), ("lion", True), ("lomo", True),
+        ("adalomo", True)]
+MiB = 2**20
+
+
+def _rss(field: str = "VmRSS") -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+
+
+def measure(optimizer: str, inside: bool) -> dict:
+    """One run in this process: the phases and the tensor-level peak (bytes)."""
+    import torch
+    import torch.distributed as dist
+
+    from collie_compile.cost.measure import LiveBytes
+    from collie_compile.models.registry import build_model, load_config, with_layers
+    from collie_compile.runtime.parallel_model import parallelize
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29577", rank=0,
+                            world_size=1)
+    cfg = with_layers(load_config(MODEL), LAYERS)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, int(cfg.vocab_size), (BATCH, SEQ), generator=g)
+            for _ in range(STEPS)]
+    base = _rss()
+    _reset_peak()
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    built = _rss()
+    kw = {"update_in_backward": True} if optimizer in ("adamw", "lion") and inside else {}
+    pm = parallelize(model, gpus=1, seq_len=SEQ, global_batch_size=BATCH,
+                     optimizer=optimizer, **kw)
+    ready = _rss()
+    live = LiveBytes()
+    live.hold(t for st in pm.stages for t in [*st.parameters(), *st.buffers()])
+    with live:
+        for ids in data:
+            pm.train_step({"input_ids": ids})
+    peak = _rss("VmHWM")
+    acts = LiveBytes()
+    acts.hold(t for st in pm.stages for t in [*st.parameters(), *st.buffers()])
+    with acts, torch.no_grad():
+        pm.forward(data[0])
+    dist.destroy_process_group()
+    return {"optimizer": optimizer + (" in backward" if kw else ""), "built": built - base,
+            "parallelized": ready - base, "peak": peak - base, "tensor_peak": live.peak,
+            "weights": weights, "largest_grad": largest,
+            "forward_live": acts.peak - weights}
+
+
+def rows() -> list[dict]:
+    out = []
+    for opt, inside in RUNS:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.rss", opt, str(inside)],
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main(out: str | None = None) -> None:
+    rep = Report("rss", out)
+    rs = rows()
+    adamw = next(r for r in rs if r["optimizer"] == "adamw")
+    w = rs[0]["weights"]
+    rep.add(f"{MODEL} with {LAYERS} blocks ({w / 4 / 1e6:.1f}M parameters, {w / MiB:.1f} MiB "
+            f"fp32 weights), batch {BATCH} x {SEQ}, {STEPS} steps through parallelize(gpus=1) "
+            "on the CPU; MiB above the RSS before the model was built\n\n" + table(
+                ["optimizer", "built", "parallelized", "peak RSS", "x AdamW",
+                 "tensor peak"],
+                [[r["optimizer"], f"{r['built'] / MiB:.1f}", f"{r['parallelized'] / MiB:.1f}",
+                  f"{r['peak'] / MiB:.1f}", f"{r['peak'] / adamw['peak']:.2f}",
+                  f"{r['tensor_peak'] / MiB:.1f}"] for r in rs], right=range(1, 6)))
+    lomo = next(r for r in rs if r["optimizer"] == "lomo")
+    floor = lomo["weights"] + lomo["largest_grad"] + lomo["forward_live"]
+    rep.add(f"LOMO's tensor-level peak {lomo['tensor_peak'] / MiB:.1f} MiB against weights "
+            f"{lomo['weights'] / MiB:.1f} + largest gradient {lomo['largest_grad'] / MiB:.1f} "
+            f"+ forward activations {lomo['forward_live'] / MiB:.1f} = {floor / MiB:.1f} MiB "
+            f"({100 * (lomo['tensor_peak'] / floor - 1):+.0f}%)")
+    rep.save()
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], sys.argv[2] == "True")))
