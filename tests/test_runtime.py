@@ -572,3 +572,31 @@ def test_merged_adapter_matches_peft_on_conv1d_and_linear() -> None:
     assert {"transformer.h.0.attn.c_proj.weight", "lm_head.weight"} <= set(ours)
     for k, v in ours.items():
         torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_parallelize_makes_no_second_copy_of_the_weights(tmp_path: Path) -> None:
+    """One process: the rank program's parameters are the user's tensors, and no tensor
+    alive during parallelize adds up to a second copy (capture runs on fake tensors)."""
+    import torch
+    import torch.distributed as dist
+
+    from collie_compile.cost.measure import LiveBytes
+    from collie_compile.models.registry import build_model, load_config, with_layers
+    from collie_compile.runtime.parallel_model import parallelize
+
+    torch.manual_seed(0)
+    model = build_model(with_layers(load_config("small-llama"), 2), device="cpu")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    live = LiveBytes()
+    live.hold(model.parameters())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        with live:
+            pm = parallelize(model, gpus=1, seq_len=32, global_batch_size=2,
+                             optimizer="adamw", update_in_backward=True)
+        ours = {p.untyped_storage().data_ptr() for p in pm.local_parameters().values()}
+    finally:
+        dist.destroy_process_group()
+    assert ours == {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert live.peak < 1.05 * weights, (live.peak, weights)

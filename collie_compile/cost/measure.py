@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
@@ -142,7 +143,7 @@ class LiveBytes(TorchDispatchMode):
                 if isinstance(inner, torch.Tensor):
                     self._add(inner)
             return
-        if t.device.type == "meta":
+        if t.device.type == "meta" or isinstance(t, FakeTensor):  # no memory behind them
             return
         st = t.untyped_storage()
         key = st._cdata

@@ -197,7 +197,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     for its coordinates. With ``weights`` (a safetensors checkpoint) each rank reads only
     the slices it holds, so the model may come on the meta device. ``lora`` (a
     ``peft.LoraConfig``) adds adapters, initialised from ``lora_init`` where given.
-    ``updates_in_backward``: the optimizer updates inside backward (no ZeRO-1 states)."""
+    ``updates_in_backward``: the optimizer updates inside backward (ZeRO-1 by owners)."""
     c, cfg = plan.chosen, model.config
     mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
     coords = Coordinates(*(mesh.get_local_rank(d) for d in ("pp", "dp", "tp")))
@@ -253,7 +253,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
     dtype = next(iter(ag.gm.parameters())).dtype
     dp_mesh = mesh["dp"] if c.dp > 1 else None
-    # ZeRO-1 shards optimizer states; an update inside backward has none worth sharding.
+    # ZeRO-1 inside backward: gradients all-reduced in flat buckets as ZeRO-0 does, each
+    # weight then updated by the dp rank owning its states (runtime.updates).
     zero = 0 if c.zero == 1 and updates_in_backward else c.zero
     for k in mine:
         # per-stage passes: local to this rank, no collective (ranks may differ, e.g. in
