@@ -92,6 +92,8 @@ def saved_rows(rows: list[dict], grad_bytes: int) -> list[list[str]]:
 def _cases(n: int, dtype: torch.dtype) -> list[tuple[str, int, object]]:
     """(kernel, bytes it must move per element, call) on ``n`` CUDA elements."""
     from collie_compile.kernels.adalomo import adalomo_state, adalomo_update_triton
+    from collie_compile.kernels.adamw import adamw_update_triton
+    from collie_compile.kernels.adan import adan_update_triton
     from collie_compile.kernels.lion import lion_update_triton
     from collie_compile.kernels.lomo import lomo_update_triton
 
@@ -101,8 +103,14 @@ def _cases(n: int, dtype: torch.dtype) -> list[tuple[str, int, object]]:
     e = p.element_size()
     mat_p, mat_g = p.view(8192, -1), g.view(8192, -1)
     state = adalomo_state(mat_p)
+    v = torch.zeros(n, device="cuda")
+    adan = {"step": 2, **{k: torch.zeros(n, device="cuda") for k in ("m", "v", "n", "prev_grad")}}
     return [("lomo", 3 * e, lambda: lomo_update_triton(p, g, 1e-6)),  # read p, g; write p
             ("lion", 3 * e + 8, lambda: lion_update_triton(p, g, m, 1e-6)),  # + m in, out
+            ("adamw", 3 * e + 16,  # + m, v in and out
+             lambda: adamw_update_triton(p, g, m, v, 1e-6, 0.9, 0.999, 1e-8, 0.0, 2)),
+            ("adan", 3 * e + 32,  # + m, v, n, previous gradient in and out
+             lambda: adan_update_triton(p, g, adan, 1e-6, (0.98, 0.92, 0.99), 1e-8, 0.0)),
             # three passes read G, two read p, one writes p
             ("adalomo", 6 * e, lambda: adalomo_update_triton(mat_p, mat_g, state, 1e-6))]
 

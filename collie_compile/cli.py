@@ -104,7 +104,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     cap = est.gpu.memory_bytes
     print(f"{est.model}: {_count(est.num_params)} parameters, "
           f"{_count(est.trainable_params)} trainable")
-    where = " updated inside backward" if est.update_in_backward else ""
+    optional = not OPTIMIZERS[est.optimizer].fused_backward  # LOMO, AdaLomo: always inside
+    where = " updated inside backward" if est.update_in_backward and optional else ""
     print(f"{lay.gpus} x {est.gpu.name} ({cap / GiB:.1f} GiB each), {est.optimizer}{where}, "
           f"{est.dtype}")
     print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "

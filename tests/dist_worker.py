@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from collie_compile.cost.measure import LiveBytes
+from collie_compile.dtensor import local_tensor
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import build_model, load_config, with_layers
@@ -353,6 +354,22 @@ def run_fused(cfg: dict) -> dict:
     return out
 
 
+def run_release(cfg: dict) -> dict:
+    """Bytes of the user's weights left after parallelize, and of this rank's own."""
+    model = make_model(cfg["model"], cfg.get("layers", 2))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH,
+                     **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    held = sum(local_tensor(p).untyped_storage().nbytes()
+               for p in pm.local_parameters().values())
+    ours = {local_tensor(p).untyped_storage().data_ptr()
+            for p in pm.local_parameters().values()}
+    left = sum(p.untyped_storage().nbytes() for p in model.parameters()
+               if p.untyped_storage().data_ptr() not in ours)
+    pm.train_step({"input_ids": batches(1)[0]})  # still trains
+    return {"weight_bytes": weights, "held_bytes": held, "user_bytes_left": left}
+
+
 def run_error(cfg: dict) -> dict:
     """A bad request must raise a CollieError on every rank (not hang)."""
     try:
@@ -386,7 +403,7 @@ def main() -> None:
             kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
             run = {"train": run_config, "error": run_error, "save": run_save,
                    "resume": run_resume, "weights": run_weights, "lora": run_lora,
-                   "fused": run_fused}[kind]
+                   "fused": run_fused, "release": run_release}[kind]
             results[cfg["id"]] = run(cfg)
         except Exception:  # record and go on: one broken layout must not hide the others
             results[cfg["id"]] = {"crash": traceback.format_exc()}

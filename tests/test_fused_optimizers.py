@@ -316,3 +316,22 @@ def test_parallelize_single_process_in_backward_equals_after_backward(tmp_path):
         dist.destroy_process_group()
     assert la == lb
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+def test_adalomo_update_reads_nothing_back_to_the_host():
+    """On a GPU a host read is a synchronisation: AdaLomo's scalars between its passes
+    (mean(r), eta, 1/max(1, RMS U)) stay tensors, so no op reads one back (aten's
+    _local_scalar_dense is what .item() and float() run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "host read"
+            return func(*args, **(kwargs or {}))
+
+    for shape in ((6, 5), (7,)):
+        p, g = torch.randn(shape), torch.randn(shape)
+        state = adalomo_state(p)
+        with NoHostReads():
+            for _ in range(2):
+                adalomo_update_reference(p, g, state, lr=1e-2, wd=0.1, grad_scale=2.0)

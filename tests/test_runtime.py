@@ -196,7 +196,8 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     probe_config(AutoConfig.for_model("phi3"), heads=4, kv_heads=2,
                  no_dropout=True).save_pretrained(phi3)
     ckpts += [{**c, "model": str(phi3), "dir": str(phi3)} for c in (SAVE_PHI3, RESUME_PHI3)]
-    return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4, tmp)
+    released = {"id": "released-tp2pp2", "kind": "release", **L4, "dp": 1, "tp": 2, "pp": 2}
+    return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4 + [released], tmp)
 
 
 @pytest.fixture(scope="module")
@@ -600,3 +601,11 @@ def test_parallelize_makes_no_second_copy_of_the_weights(tmp_path: Path) -> None
         dist.destroy_process_group()
     assert ours == {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert live.peak < 1.05 * weights, (live.peak, weights)
+
+
+def test_weights_a_rank_does_not_hold_are_released(results4: dict) -> None:
+    """Under tp x pp each rank keeps its own slices: the user's whole tensors are freed."""
+    r = results4["released-tp2pp2"]
+    assert "crash" not in r, r.get("crash")
+    assert r["user_bytes_left"] == 0
+    assert r["held_bytes"] < 0.3 * r["weight_bytes"]  # a quarter, plus replicated norms

@@ -319,8 +319,14 @@ class InBackward(torch.optim.Optimizer):
                                   "loss scaling runs backward twice: call step(closure) with "
                                   "a closure that runs forward and backward")
             self.engine.step_count += 1
-            return None
-        return self.engine.step(closure)
+            result = None
+        else:
+            result = self.engine.step(closure)
+        # torch's view of the states (state_dict, memory trackers): the engine's, by tensor
+        for name, p in self.engine.params.items():
+            if name in self.engine.state:
+                self.state[p] = self.engine.state[name]
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         return None  # gradients are freed as they are used

@@ -21,7 +21,7 @@ from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import saving
 from collie_compile.runtime.options import FusedOptions, lora_config, model_dtype, read_adapter
-from collie_compile.runtime.program import RankProgram, build_rank_program
+from collie_compile.runtime.program import RankProgram, build_rank_program, release_weights
 from collie_compile.runtime.refusals import loss_refusal, tp_refusal
 from collie_compile.runtime.resolve import resolve_plan
 from collie_compile.runtime.step import Stepper
@@ -56,7 +56,11 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ``memory_reserve`` (default 0.05) of each GPU's memory free for other processes and
     allocator slack; a plan given keeps the reserve it was priced with. A model too big
     for one device comes on the meta device with ``weights=DIR`` (a Hugging Face
-    safetensors checkpoint): each rank reads only the slices it holds.
+    safetensors checkpoint): each rank reads only the slices it holds. ``parallelize``
+    takes the model's weights over: the ones this rank trains are its tensors, the rest
+    (other stages', whole tensors tp or ZeRO-3 sliced) are freed, so no rank holds two
+    copies; read weights back through the returned object (``full_state_dict``,
+    ``save_pretrained``).
 
     LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
     (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
@@ -135,6 +139,7 @@ class ParallelModel:
             model, plan, weights, lora, lora_init, updates_in_backward=inside)
         self.updates = make_updates(self.program, optimizer, lr, optimizer_kwargs, options,
                                     inside)
+        release_weights(model, self.program)  # last: a refusal above leaves the model whole
         self.stepper = Stepper(self.program, self.updates, options.max_grad_norm)
 
     # what this rank holds

@@ -272,6 +272,20 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     return program
 
 
+def release_weights(model: torch.nn.Module, program: RankProgram) -> None:
+    """Free the storage of the user's weights this rank's program does not hold (other
+    pipeline stages', whole tensors that tp or FSDP2 sliced), as FSDP frees unsharded
+    parameters, so that a rank never keeps two copies; the model's other weights are the
+    program's own tensors. Using the model afterwards fails loudly (a tensor without
+    storage) instead of reading weights that training no longer updates."""
+    held = {local_tensor(p).untyped_storage().data_ptr()
+            for p in program.local_parameters().values()}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        if not p.is_meta and st.data_ptr() not in held:
+            st.resize_(0)
+
+
 def _full_shape(shard: Shard | None, local: torch.Size) -> tuple[int, ...]:
     shape = list(local)
     if shard is not None:
