@@ -115,6 +115,18 @@ def test_corrupted_plan_file(tmp_path):
         Plan.load(path)
     path.write_text(json.dumps({**good, "notes": ["mine"]}))  # prose is not priced
     assert Plan.load(path).notes == ["mine"]
+    # a file written before fields were added (update_in_backward, clipping) still loads,
+    # its digest over what it holds
+    from collie_compile.planner.result import _fingerprint
+
+    old = {k: v for k, v in good.items() if k not in ("max_grad_norm", "clip_mode")}
+    old["chosen"] = {k: v for k, v in c.items() if k != "update_in_backward"}
+    old["alternatives"] = [{k: v for k, v in a.items() if k != "update_in_backward"}
+                           for a in good["alternatives"]]
+    old["priced"] = _fingerprint({k: v for k, v in old.items()
+                                  if k not in ("priced", "collie_compile_plan")})
+    path.write_text(json.dumps(old))
+    assert Plan.load(path).update_in_backward is False
     path.write_text(json.dumps({**good, "collie_compile_plan": 2}))
     with pytest.raises(CollieError, match="another format than this collie-compile reads"):
         Plan.load(path)

@@ -300,17 +300,22 @@ def test_meta_model_loads_only_its_slices(results4: dict) -> None:
     assert r["held"] < r["total"] / 2  # tp=2 x pp=2: no rank holds the model
 
 
-def test_train_cli_under_torchrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--update-in-backward", "--max-grad-norm", "1.0"]],
+                         ids=["after-backward", "in-backward-clipped"])
+def test_train_cli_under_torchrun(tmp_path: Path, extra: list[str]) -> None:
     """`collie-compile train` on 2 ranks: the loss falls, --check finds one process's
-    losses, and --save writes a checkpoint transformers loads."""
+    losses (AdamW after a plain backward, clipped alike), and --save writes a checkpoint
+    transformers loads."""
     out = tmp_path / "hf"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "collie_compile", "train", "tiny-llama", "--data", str(ROOT / "README.md"),
            "--steps", "12", "--seq-len", "32", "--global-batch", "8", "--lr", "3e-3",
-           "--save", str(out), "--check"]
+           "--save", str(out), "--check", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    plan_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan: "))
+    assert ("update in backward" in plan_line) == bool(extra), plan_line
     last = [ln for ln in proc.stdout.splitlines() if ln.startswith("loss ")][-1]
     first, final = float(last.split()[1]), float(last.split()[3])
     assert final < first - 0.5, last

@@ -152,6 +152,9 @@ class Plan:
                               f"reads ({FORMAT}); re-create it with `collie-compile plan ... "
                               "--out`")
         priced = data.pop("priced", None)
+        # the digest of what the file holds: fields added since it was written take
+        # their defaults and do not void it
+        as_written = _fingerprint(data)
         try:
             if data.get("chosen") is not None:
                 data["chosen"] = _candidate(data["chosen"])
@@ -162,7 +165,7 @@ class Plan:
         except (TypeError, KeyError, ValueError) as e:
             raise CollieError(f"{source} is corrupted ({e}); re-create it with "
                               "`collie-compile plan ... --out`") from None
-        if priced is not None and priced != _fingerprint(asdict(plan)):
+        if priced is not None and priced != as_written:
             raise CollieError(f"{source} was edited after it was priced: its memory and time "
                               f"figures are for another plan. To choose a layout, pin it: "
                               f"{plan.replan_command()}")
