@@ -273,17 +273,23 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
 
 
 def release_weights(model: torch.nn.Module, program: RankProgram) -> None:
-    """Free the storage of the user's weights this rank's program does not hold (other
-    pipeline stages', whole tensors that tp or FSDP2 sliced), as FSDP frees unsharded
-    parameters, so that a rank never keeps two copies; the model's other weights are the
-    program's own tensors. Using the model afterwards fails loudly (a tensor without
-    storage) instead of reading weights that training no longer updates."""
+    """Replace by meta-device parameters the user's weights this rank's program does not
+    hold (other pipeline stages', whole tensors that tp or ZeRO-3 sliced), so that a rank
+    never keeps two copies (their memory goes once nothing else refers to them; a
+    checkpoint's memory-mapped file too); the model's other weights are the program's own
+    tensors. Using the model afterwards fails loudly on meta tensors instead of reading
+    weights that training no longer updates."""
     held = {local_tensor(p).untyped_storage().data_ptr()
             for p in program.local_parameters().values()}
-    for p in model.parameters():
-        st = p.untyped_storage()
-        if not p.is_meta and st.data_ptr() not in held:
-            st.resize_(0)
+    meta: dict[int, torch.nn.Parameter] = {}  # one replacement per weight: ties stay tied
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta or p.untyped_storage().data_ptr() in held:
+                continue
+            if id(p) not in meta:
+                meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                 requires_grad=p.requires_grad)
+            setattr(module, name, meta[id(p)])
 
 
 def _full_shape(shard: Shard | None, local: torch.Size) -> tuple[int, ...]:
