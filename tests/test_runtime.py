@@ -115,11 +115,12 @@ FUSED_4 = [
 # clipping and 2 micro-batches everywhere.
 STATEFUL_LAYOUTS = {
     "dp2tp2-z1": {"dp": 2, "tp": 2, "pp": 1, "zero": 1, "micro_batch_size": 2},
-    "dp2pp2-z3": {"dp": 2, "tp": 1, "pp": 2, "zero": 3, "micro_batch_size": 2},
-    "tp2pp2": {"dp": 1, "tp": 2, "pp": 2, "micro_batch_size": 4},
+    "dp2pp2-z3": {"dp": 2, "tp": 1, "pp": 2, "zero": 3, "micro_batch_size": 2,
+                  "schedule": "1f1b"},
+    "tp2pp2": {"dp": 1, "tp": 2, "pp": 2, "micro_batch_size": 4, "schedule": "1f1b"},
 }
-STATEFUL_4 = [{"id": f"{rule}-{name}-clip", "kind": "fused", "optimizer": rule, **L4, **lay,
-               "max_grad_norm": 0.5}
+STATEFUL_4 = [{"id": f"{rule}-{name}-clip", "kind": "fused", "optimizer": rule,
+               "model": "tiny-llama", **lay, "max_grad_norm": 0.5}
               for rule in ("lion", "adamw", "adan") for name, lay in STATEFUL_LAYOUTS.items()]
 # AdaLomo's sharded row/column statistics saved under one plan, resumed under another.
 # lr 1e-2 so that fresh statistics would show: step 4's loss then moves by ~1e-4.
@@ -300,22 +301,17 @@ def test_meta_model_loads_only_its_slices(results4: dict) -> None:
     assert r["held"] < r["total"] / 2  # tp=2 x pp=2: no rank holds the model
 
 
-@pytest.mark.parametrize("extra", [[], ["--update-in-backward", "--max-grad-norm", "1.0"]],
-                         ids=["after-backward", "in-backward-clipped"])
-def test_train_cli_under_torchrun(tmp_path: Path, extra: list[str]) -> None:
+def test_train_cli_under_torchrun(tmp_path: Path) -> None:
     """`collie-compile train` on 2 ranks: the loss falls, --check finds one process's
-    losses (AdamW after a plain backward, clipped alike), and --save writes a checkpoint
-    transformers loads."""
+    losses, and --save writes a checkpoint transformers loads."""
     out = tmp_path / "hf"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "collie_compile", "train", "tiny-llama", "--data", str(ROOT / "README.md"),
            "--steps", "12", "--seq-len", "32", "--global-batch", "8", "--lr", "3e-3",
-           "--save", str(out), "--check", *extra]
+           "--save", str(out), "--check"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    plan_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan: "))
-    assert ("update in backward" in plan_line) == bool(extra), plan_line
     last = [ln for ln in proc.stdout.splitlines() if ln.startswith("loss ")][-1]
     first, final = float(last.split()[1]), float(last.split()[3])
     assert final < first - 0.5, last
@@ -325,6 +321,31 @@ def test_train_cli_under_torchrun(tmp_path: Path, extra: list[str]) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
+
+
+def test_train_cli_updates_inside_backward_as_checked(tmp_path: Path, capsys) -> None:
+    """`train --update-in-backward --max-grad-norm` (one process, a gloo group of one):
+    the plan updates inside backward, and --check's one-process AdamW after a plain
+    backward, clipped alike, gives the same losses."""
+    import torch.distributed as dist
+
+    from collie_compile.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        rc = main(["train", "tiny-llama", "--data", str(ROOT / "README.md"), "--steps", "4",
+                   "--seq-len", "32", "--global-batch", "4", "--lr", "3e-3",
+                   "--update-in-backward", "--max-grad-norm", "0.5", "--check"])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    plan_line = next(ln for ln in out.splitlines() if ln.startswith("plan: "))
+    assert "update in backward" in plan_line, plan_line
+    check = next(ln for ln in out.splitlines() if ln.startswith("one process"))
+    assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
 
 
 def test_train_cli_error_is_reported_once_under_torchrun() -> None:

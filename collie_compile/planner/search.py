@@ -325,6 +325,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                                                         outers[i].key()))
     solved: list[tuple[float, Candidate]] = []
     closest: tuple[int, Problem] | None = None
+    unconstrained: dict[tuple, list[dict[str, int]]] = {}  # layout -> its fastest split
     for i in order:
         prob = problems[i]
         if len(solved) > top_k and prob.lower_bound() >= solved[top_k][0]:
@@ -334,10 +335,17 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
             if closest is None or short < closest[0]:
                 closest = (short, prob)
             continue
-        cutoff = solved[top_k][0] if len(solved) > top_k else None
-        counts = solve_ilp(prob, solver, cutoff) if solver else solve_brute(prob)
+        layout = outers[i].key()[:-1]
+        counts = unconstrained.get(layout) if prob.in_backward else None
+        if counts is None or not prob.fits(counts) or prob.time[0].passes > 1:
+            cutoff = solved[top_k][0] if len(solved) > top_k else None
+            counts = solve_ilp(prob, solver, cutoff) if solver else solve_brute(prob)
+        # else: the same layout updating after backward is optimal without any recompute
+        # it can avoid; inside backward it takes the same time with less memory: no ILP
         if counts is None:
             continue
+        if not prob.in_backward and _fastest_only(prob, counts):
+            unconstrained[layout] = counts
         t = prob.objective(counts)
         solved.append((t, _candidate(prob, counts, prof, spec, global_batch_size, gpus)))
         solved.sort(key=lambda x: x[0])
@@ -393,6 +401,12 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
         alternatives.append(cand)
     return Plan(**base, feasible=True, solve_time_s=round(elapsed, 3), chosen=best,
                 alternatives=alternatives, notes=notes)
+
+
+def _fastest_only(prob: Problem, counts: list[dict[str, int]]) -> bool:
+    """Whether every block runs in the fastest mode allowed: no memory bound is binding."""
+    fastest = min(prob.modes, key=lambda c: prob.time[0].per_block[c])
+    return all(n == 0 for stage in counts for c, n in stage.items() if c != fastest)
 
 
 def update_variants(opt: OptimizerSpec, pinned: bool | None, two_pass: bool
