@@ -46,10 +46,6 @@ class Updates:
         stateless = self.fused is not None and self.rule not in STATE_KEYS
         return stateless or not (c.zero == 1 and c.dp > 1)
 
-    def owns(self, name: str) -> bool:
-        """Whether this rank keeps ``name``'s optimizer state (ZeRO-1: one dp rank)."""
-        return self.fused is None or self.fused.owns(name)
-
 
 def in_backward(optimizer: str, plan: Plan | None = None) -> bool:
     """Whether ``optimizer`` updates each weight inside backward under ``plan``: LOMO and
