@@ -351,6 +351,7 @@ def run_fused(cfg: dict) -> dict:
         if after is not None:
             same = sum(float((weights[k] - after[2][k]).norm()) ** 2 for k in ref_w) ** 0.5
             out["weight_err_vs_after"] = same / moved
+            out["weight_err_vs_after_per_tensor"] = rel_err(weights, after[2])
     return out
 
 

@@ -542,6 +542,7 @@ def test_update_in_backward_matches_after_backward(results4: dict, cfg: dict) ->
     assert "update in backward" not in r["after_layout"]
     assert r["grads_left"] == 0  # every gradient consumed inside backward
     assert r["weight_err_vs_after"] <= 1e-6, r["weight_err_vs_after"]
+    assert r["weight_err_vs_after_per_tensor"] <= 1e-6  # every tensor, not only the sum
     assert r["weight_err"] <= 1e-4, r["weight_err"]
     for ours, after, ref in zip(r["losses"], r["after_losses"], r["ref_losses"], strict=True):
         assert abs(ours - after) <= 1e-7 * abs(after)
