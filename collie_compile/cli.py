@@ -14,10 +14,12 @@ from collie_compile.config import Pins
 from collie_compile.cost.estimate import estimate, resolve_sizes
 from collie_compile.cost.hardware import CATALOG, GiB
 from collie_compile.cost.memory import estimate_json
+from collie_compile.data.records import ON_ERROR
 from collie_compile.dtypes import DTYPE_NAMES
 from collie_compile.errors import CollieError
 from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
 from collie_compile.models.presets import PRESETS
+from collie_compile.optim.schedules import SCHEDULES as LR_SCHEDULES
 from collie_compile.optim.specs import CLIP_MODES, OPTIMIZERS
 from collie_compile.planner.search import plan
 
@@ -230,10 +232,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from collie_compile.runtime.train import TrainConfig, train
+    from collie_compile.training.run import TrainConfig, train
 
     pins = Pins.from_args(args)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, seq_len=args.seq_len,
+                      text_field=args.text_field, bad_records=args.bad_records,
+                      eval_data=args.eval_data, eval_split=args.eval_split,
+                      eval_every=args.eval_every, lr_schedule=args.lr_schedule,
+                      warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+                      min_lr=args.min_lr, output=args.output, save_every=args.save_every,
+                      keep_last=args.keep_last, tensorboard=args.tensorboard,
                       global_batch_size=args.global_batch, optimizer=args.optimizer,
                       dtype=args.dtype,
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
@@ -244,8 +252,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       update_in_backward=args.update_in_backward,
                       max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
     losses = train(cfg)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and losses:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    elif dist.get_rank() == 0:
+        print(f"nothing to do: {cfg.output} holds a checkpoint of step {cfg.steps} already")
     dist.destroy_process_group()
     return 0
 
@@ -384,11 +394,38 @@ def _calibrate_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_command(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train on a text file (run under torchrun, one process "
-                                     "per GPU; CPU processes use gloo)")
+    t = sub.add_parser("train", help="train on text, JSONL or Parquet data (run under "
+                                     "torchrun, one process per GPU; CPU processes use gloo)")
     t.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
-    t.add_argument("--data", required=True, help="a UTF-8 text file")
+    t.add_argument("--data", required=True, nargs="+",
+                   help="files or folders: .txt/.md (one document each), .jsonl, .parquet")
+    t.add_argument("--text-field", default=None,
+                   help="the records' text field (default: 'messages' chats, 'prompt'/"
+                        "'completion', or 'text')")
+    t.add_argument("--bad-records", choices=ON_ERROR, default="fatal",
+                   help="a malformed record stops the run (fatal) or is left out (skip)")
+    t.add_argument("--eval-data", nargs="+", default=None, help="held-out data files")
+    t.add_argument("--eval-split", type=float, default=None,
+                   help="hold this fraction of --data's documents out for evaluation")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N steps (default: at the end, with eval data)")
     t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    t.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up from lr/(N+1) to lr over the first N steps")
+    t.add_argument("--decay-steps", type=int, default=None,
+                   help="wsd: the final steps that decay (default: the last 10%%)")
+    t.add_argument("--min-lr", type=float, default=0.0,
+                   help="where linear, cosine and wsd decay to")
+    t.add_argument("--output", default=None,
+                   help="run folder: checkpoints, metrics.jsonl, tensorboard/, final/; "
+                        "started again, the run resumes from its newest checkpoint")
+    t.add_argument("--save-every", type=int, default=None,
+                   help="write a checkpoint under --output every N steps (and at the end)")
+    t.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the newest K checkpoints")
+    t.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="write TensorBoard logs under --output (default: when installed)")
     t.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (default: the plan file's, or 64)")
     t.add_argument("--global-batch", type=int, default=None,
@@ -405,7 +442,8 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
                         "a100-80gb on a CPU)")
     t.add_argument("--tokenizer", help="local HF tokenizer directory (default: UTF-8 bytes)")
     t.add_argument("--weights", help="HF safetensors checkpoint to start from")
-    t.add_argument("--save", help="write a HF checkpoint here at the end")
+    t.add_argument("--save", help="write a HF checkpoint here at the end (--output writes "
+                                  "one to OUTPUT/final too)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--check", action="store_true",
                    help="afterwards, train one process the same way and compare the losses")

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_dir() -> Path:
-    """Where results are kept between runs ($COLLIE_COMPILE_CACHE, or ~/.cache)."""
+def cache_root() -> Path:
+    """Where collie-compile keeps things between runs ($COLLIE_COMPILE_CACHE, or ~/.cache)."""
     root = os.environ.get("COLLIE_COMPILE_CACHE") or Path.home() / ".cache" / "collie-compile"
-    return Path(root) / "profiles"
+    return Path(root)
+
+
+def cache_dir() -> Path:
+    """Where results are kept between runs."""
+    return cache_root() / "profiles"
 
 
 def versions() -> list[str]:

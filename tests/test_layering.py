@@ -9,7 +9,7 @@ PACKAGE = Path(collie_compile.__file__).parent
 ROOT = PACKAGE.parent
 # Shared vocabulary first, then the stages in the order data flows through them.
 ORDER = ["leaf", "kernels", "models", "capture", "optim", "cost", "planner", "passes",
-         "runtime", "entry"]
+         "data", "runtime", "training", "entry"]
 LEAVES = {"errors", "dtypes", "dtensor", "layout", "recompute_policy", "config", "disk_cache"}
 ENTRIES = {"__init__", "__main__", "cli"}
 
@@ -67,5 +67,5 @@ def test_the_check_sees_a_backward_import():
     # the rule would pass vacuously if _imports found nothing
     found = _imports("collie_compile.cost.estimate", _sources()["collie_compile.cost.estimate"])
     assert "collie_compile.cost.profile" in found and "collie_compile.models.registry" in found
-    assert ORDER.index(_stage("collie_compile.runtime.train")) > ORDER.index(_stage(
+    assert ORDER.index(_stage("collie_compile.training.run")) > ORDER.index(_stage(
         "collie_compile.cost.memory"))

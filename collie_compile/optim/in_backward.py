@@ -107,7 +107,10 @@ class FusedBackward:
             raise CollieError(f"no fused-in-backward rule {rule!r}; use one of {RULES}")
         if clip_mode not in CLIP_MODES:
             raise CollieError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
-        self.rule, self.lr, self.weight_decay = rule, lr, weight_decay
+        self.rule = rule
+        # lr and weight decay live in one dict, which InBackward shares with its
+        # param_groups[0]: a torch lr scheduler (or set_lr) changes the next update
+        self.hyper: dict = {"lr": lr, "weight_decay": weight_decay}
         self.max_grad_norm, self.clip_mode, self.clip_value = max_grad_norm, clip_mode, clip_value
         self.loss_scaler, self.stochastic = loss_scaler, stochastic_rounding
         self.params = dict(named_params)
@@ -126,6 +129,18 @@ class FusedBackward:
         self.accumulations = 1
         self._seen: dict[int, int] = {}
         self._hooks: list = []
+
+    @property
+    def lr(self) -> float:
+        return self.hyper["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.hyper["lr"] = value
+
+    @property
+    def weight_decay(self) -> float:
+        return self.hyper["weight_decay"]
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -305,6 +320,7 @@ class InBackward(torch.optim.Optimizer):
             ((str(i), p) for i, p in enumerate(params)), self.rule, lr, weight_decay,
             max_grad_norm=max_grad_norm, clip_mode=clip_mode, clip_value=clip_value,
             loss_scaler=loss_scaler, stochastic_rounding=stochastic_rounding, options=options)
+        self.engine.hyper = self.param_groups[0]  # schedulers set lr there
         self.engine.accumulations = accumulation_steps  # update on the last micro-batch
         self.engine.attach()
 

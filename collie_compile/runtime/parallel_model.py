@@ -180,11 +180,36 @@ class ParallelModel:
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return self.updates.inner()
 
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next update."""
+        return self.updates.lr
+
+    def set_lr(self, lr: float) -> None:
+        """Use ``lr`` from the next update on, after backward or inside it (call it on
+        every rank alike, between steps: a schedule)."""
+        self.updates.set_lr(lr)
+
+    def batch_rows(self) -> slice:
+        """The rows of the global batch this rank's data-parallel replica trains on: what
+        to pass as a ``local`` batch."""
+        share = self.plan.global_batch_size // self.chosen.dp
+        return slice(self.program.coords.dp * share, (self.program.coords.dp + 1) * share)
+
     # stepping
-    def train_step(self, batch: dict) -> float:
+    def train_step(self, batch: dict, local: bool = False) -> float:
         """Forward, backward and one optimizer step over the global batch; returns its mean
-        token loss (the same on every rank)."""
-        return self.stepper.train_step(batch)
+        token loss (the same on every rank). ``batch`` holds ``input_ids`` of
+        [global_batch, seq], and may hold ``labels`` (-100: not counted) and a right-padded
+        ``attention_mask``; with ``local=True`` it holds only this rank's rows
+        (:meth:`batch_rows`), so each replica reads only its share of the data."""
+        return self.stepper.train_step(batch, local)
+
+    def eval_loss(self, batch: dict, local: bool = False) -> tuple[float, int]:
+        """Sum of token losses over ``batch`` (as :meth:`train_step` takes it) and how many
+        tokens counted, on every rank; forward only, so no weight or state changes (the
+        in-backward optimizers included)."""
+        return self.stepper.eval_loss(batch, local)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the whole model's gradient to ``max_norm``; returns its norm."""
@@ -210,9 +235,11 @@ class ParallelModel:
         loads; with LoRA a PEFT adapter, unless ``merge`` folds the adapters in."""
         saving.save_pretrained(self.program, self.lora, directory, merge)
 
-    def save_checkpoint(self, directory: str | Path) -> None:
-        """Write the training state sharded; resumable under another plan or GPU count."""
-        saving.save_checkpoint(self.program, self.updates, self.step_count, directory)
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, str] | None = None
+                        ) -> None:
+        """Write the training state sharded; resumable under another plan or GPU count.
+        ``extra``: text files (name -> content) rank 0 adds to the folder."""
+        saving.save_checkpoint(self.program, self.updates, self.step_count, directory, extra)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore weights, optimizer states and step from :meth:`save_checkpoint`."""

@@ -6,7 +6,9 @@ are :mod:`collie_compile.runtime.state`'s; every function here is a collective."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -96,9 +98,10 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
 
 
 def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
-                    directory: str | Path) -> None:
+                    directory: str | Path, extra: dict[str, str] | None = None) -> None:
     """The training state (weights, optimizer states, step) sharded: each rank saves the
-    boxes it alone holds."""
+    boxes it alone holds; rank 0 adds the text files ``extra`` (name -> content) before
+    the folder is renamed into place."""
     final = Path(directory)
     check_save_path(final)
     tmp = final.with_name(final.name + ".tmp")
@@ -130,6 +133,7 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
                         for k, v in states.get(n, {}).items()
                         if torch.is_tensor(v) and v.shape == p.shape})
     entries = ckpt.write_rank_file(tmp / f"rank{dist.get_rank():05d}.safetensors", tensors)
+    _fault_point("save", step)
     every = cdist.all_strings(json.dumps({"tensors": entries, "scalars": scalars}))
     if dist.get_rank() == 0:
         index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
@@ -142,9 +146,19 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
             index["scalars"].update(part["scalars"])
             for k, e in part["tensors"].items():
                 index["tensors"].setdefault(k, []).extend(e)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         ckpt.replace_dir(tmp, final)
     dist.barrier()
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Tests of crash safety: with ``COLLIE_COMPILE_KILL_AT=save:N``, rank 0 kills itself
+    (SIGKILL, as an out-of-memory killer or a lost node would) halfway through writing
+    the checkpoint of step N, its own file written and the index not."""
+    if os.environ.get("COLLIE_COMPILE_KILL_AT") == f"{where}:{step}" and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path) -> int:

@@ -197,7 +197,8 @@ def read_box(pieces: list[Piece], box: Box, name: str) -> torch.Tensor:
 # What our saves write: a directory holding only these is one we may replace.
 SAVED_FILES = ("config.json", "generation_config.json", "model*.safetensors",
                "model.safetensors.index.json", "adapter_config.json",
-               "adapter_model.safetensors", "README.md", "index.json", "rank*.safetensors")
+               "adapter_model.safetensors", "README.md", "index.json", "rank*.safetensors",
+               "trainer_state.json")
 
 
 def check_replaceable(final: Path) -> None:

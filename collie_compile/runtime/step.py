@@ -81,14 +81,23 @@ class Stepper:
         return vocab_parallel_cross_entropy(_first(out), target, prog.vocab_slice[0],
                                             prog.mesh.get_group("tp"), IGNORE_INDEX)
 
-    def _local_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _local_batch(self, batch: dict, local: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's rows of ``batch`` (the global batch; with ``local`` only this dp
+        rank's share of it), their next-token targets, and the number of targets that
+        count in the whole global batch."""
         ids = torch.as_tensor(batch["input_ids"])
         labels = torch.as_tensor(batch.get("labels", ids)).clone()
         mask = batch.get("attention_mask")
-        if ids.dim() != 2 or tuple(ids.shape) != (self.global_batch, self.seq):
-            raise CollieError(f"input_ids must be [global_batch, seq] = "
-                              f"[{self.global_batch}, {self.seq}] as planned, got "
-                              f"{list(ids.shape)}")
+        share = self.global_batch // self.program.chosen.dp
+        rows = share if local else self.global_batch
+        if ids.dim() != 2 or tuple(ids.shape) != (rows, self.seq):
+            what = "this data-parallel rank's share" if local else "[global_batch, seq]"
+            raise CollieError(f"input_ids must be {what} = [{rows}, {self.seq}] as planned, "
+                              f"got {list(ids.shape)}")
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise CollieError(f"labels must have the shape of input_ids {list(ids.shape)}, "
+                              f"got {list(labels.shape)}")
         vocab = int(self.program.config.vocab_size)
         if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
             bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
@@ -103,16 +112,21 @@ class Stepper:
             labels[~mask] = IGNORE_INDEX
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
-        tokens = int((targets != IGNORE_INDEX).sum())
-        share = self.global_batch // self.program.chosen.dp
-        dp, device = self.program.coords.dp, self.program.device
-        rows = slice(dp * share, (dp + 1) * share)
-        return ids[rows].to(device), targets[rows].to(device), tokens
+        device = self.program.device
+        if not local:
+            dp = self.program.coords.dp
+            tokens = int((targets != IGNORE_INDEX).sum())
+            rows_here = slice(dp * share, (dp + 1) * share)
+            return ids[rows_here].to(device), targets[rows_here].to(device), tokens
+        count = (targets != IGNORE_INDEX).sum().to(device)
+        if self.program.chosen.dp > 1:  # the global batch's count, from every share
+            dist.all_reduce(count, group=self.program.mesh.get_group("dp"))
+        return ids.to(device), targets.to(device), int(count)
 
-    def train_step(self, batch: dict) -> float:
-        """Forward, backward and one optimizer step over the global batch; returns its mean
-        token loss (the same on every rank)."""
-        ids, targets, tokens = self._local_batch(batch)
+    def train_step(self, batch: dict, local: bool = False) -> float:
+        """Forward, backward and one optimizer step over the global batch (``local``: this
+        rank's dp share of it); returns its mean token loss (the same on every rank)."""
+        ids, targets, tokens = self._local_batch(batch, local)
         fused, optimizer = self.updates.fused, self.updates.optimizer
         if fused is not None:  # updates happen inside backward
             total = fused.step(lambda: self._forward_backward(
@@ -205,6 +219,21 @@ class Stepper:
         return float(total)
 
     # -- inference ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, local: bool = False) -> tuple[float, int]:
+        """Sum of the token losses over ``batch`` (as :meth:`train_step` takes it) and how
+        many tokens counted, the same on every rank; forward only: no gradient, so no
+        update either, inside backward or after it."""
+        ids, targets, tokens = self._local_batch(batch, local)
+        total = torch.zeros((), dtype=torch.float32)
+        for x, y in zip(ids.split(self.micro_batch), targets.split(self.micro_batch),
+                        strict=True):
+            out = self._forward_micro_batch(x)
+            if out is not None:  # the last stage: every tp rank takes part in the loss
+                total += self._token_loss(out, y).float().cpu()
+        return self._global_loss(total), tokens
+
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,26 @@ class Updates:
         by_id = {id(p): n for n, p in program.local_parameters().items()}
         return {by_id[id(p)]: st for p, st in self.inner().state.items()}
 
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        if self.fused is not None:
+            return self.fused.lr
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        """Use ``lr`` from the next update on (every parameter group)."""
+        if not lr >= 0:
+            raise CollieError(f"the learning rate must be a number >= 0, got {lr}")
+        if self.fused is not None:
+            self.fused.lr = lr
+            return
+        # a ZeroRedundancyOptimizer copies its groups into its inner optimizer each step;
+        # setting both keeps them equal in between, too
+        for opt in {id(o): o for o in (self.optimizer, self.inner())}.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def writes_states(self, program: RankProgram) -> bool:
         """False under ZeRO-1 (stateful rules), where each state lives on one dp rank."""
         c = program.chosen

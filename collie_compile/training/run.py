@@ -1,16 +1,18 @@
-"""``collie-compile train``: train a model on a text file under torchrun.
+"""``collie-compile train``: the :class:`~collie_compile.training.trainer.Trainer` on
+files, under torchrun.
 
-Text becomes tokens with a local Hugging Face tokenizer (``--tokenizer DIR``) or, with
-none, as UTF-8 bytes (ids 0-255: every preset's vocabulary covers them, and nothing is
-downloaded). Each step draws the same random windows on every rank (a seeded generator),
-so every rank passes the same global batch, as ``train_step`` expects.
+Data (``--data``: text, JSON Lines or Parquet files, or folders of them) becomes tokens
+with a local Hugging Face tokenizer (``--tokenizer DIR``) or, with none, as UTF-8 bytes
+(ids 0-255: every preset's vocabulary covers them, and nothing is downloaded). Everything
+the user gave is checked, and the data tokenized into the cache (by one process per
+node; the others read the result), before the model is built: a bad flag, file or record
+is one line and no GPU work. Then each data-parallel replica reads only its rows of each
+step's batch.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import time
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,11 +20,20 @@ import torch
 import torch.distributed as dist
 
 from collie_compile.config import Pins
+from collie_compile.data.packing import PackedTokens
+from collie_compile.data.records import ON_ERROR
+from collie_compile.data.tokenize import Encoder, tokenized
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError, flag
 from collie_compile.models.registry import build_model, load_config
+from collie_compile.optim.optimizers import optimizer_options
+from collie_compile.optim.schedules import LRSchedule
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
+from collie_compile.training.checkpoints import complete_checkpoints
+from collie_compile.training.trainer import Trainer, check_options
+
+FINAL = "final"  # the trained model's folder under --output
 
 
 @dataclass
@@ -31,7 +42,7 @@ class TrainConfig:
     default (seq_len 64, global batch 8, adamw, fp32) with plan "auto"."""
 
     model: str
-    data: str
+    data: list[str]
     steps: int = 20
     seq_len: int | None = None
     global_batch_size: int | None = None
@@ -41,6 +52,19 @@ class TrainConfig:
     plan: str = "auto"
     gpu: str | None = None  # the auto plan's hardware: this machine's GPU by default
     tokenizer: str | None = None
+    text_field: str | None = None  # the text of JSONL/Parquet records (None: detected)
+    bad_records: str = "fatal"  # or "skip"
+    eval_data: list[str] | None = None
+    eval_split: float | None = None  # held out of --data instead
+    eval_every: int | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # wsd
+    min_lr: float = 0.0
+    output: str | None = None  # checkpoints, metrics, the final model; resumes from it
+    save_every: int | None = None
+    keep_last: int | None = None
+    tensorboard: bool | None = None  # None: when installed
     weights: str | None = None
     save: str | None = None
     seed: int = 0
@@ -55,33 +79,9 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip the global gradient norm
     clip_mode: str = "two-pass"  # inside backward: measure first, or the previous norm
 
-
-def tokenize(path: str | Path, tokenizer: str | None, vocab_size: int) -> torch.Tensor:
-    """The file's tokens as one long tensor."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise CollieError(f"cannot read training data {path}: {e.strerror}") from None
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
-    else:
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    if ids.numel() and int(ids.max()) >= vocab_size:
-        raise CollieError(f"token id {int(ids.max())} is outside the model's vocabulary of "
-                          f"{vocab_size}; use a tokenizer that matches the model")
-    return ids
-
-
-def windows(tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` random windows of ``seq`` tokens."""
-    if tokens.numel() < seq + 1:
-        raise CollieError(f"the training data has {tokens.numel()} tokens, fewer than one "
-                          f"sequence of {seq}; use a longer file or a smaller --seq-len")
-    starts = torch.randint(0, tokens.numel() - seq, (batch,), generator=gen)
-    return torch.stack([tokens[s:s + seq] for s in starts.tolist()])
+    def schedule(self, lr: float) -> LRSchedule:
+        return LRSchedule(lr, self.steps, self.lr_schedule, self.warmup_steps,
+                          self.decay_steps, self.min_lr)
 
 
 DEFAULTS = dict(seq_len=64, global_batch_size=8, optimizer="adamw", dtype="fp32")
@@ -106,18 +106,57 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                     optimizer=planned.optimizer, dtype=planned.dtype)
         if cfg.lora_rank is None and cfg.lora_targets is None:
             fill.update(lora_rank=planned.lora_rank, lora_targets=planned.lora_targets)
-    return replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
+    cfg = replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
+    check_data_options(cfg)
+    return cfg
+
+
+def check_data_options(cfg: TrainConfig) -> None:
+    """The schedule, data, evaluation and output flags, before any work."""
+    check_options(cfg.steps, bool(cfg.eval_data or cfg.eval_split), cfg.eval_every,
+                  cfg.output, cfg.save_every, cfg.keep_last)
+    cfg.schedule(cfg.lr or optimizer_options(cfg.optimizer, None, {})["lr"])
+    if cfg.bad_records not in ON_ERROR:
+        raise CollieError(f"--bad-records must be one of {', '.join(ON_ERROR)}, got "
+                          f"{cfg.bad_records!r}")
+    if cfg.eval_data and cfg.eval_split:
+        raise CollieError("pass --eval-data or --eval-split, not both")
+    if cfg.output is not None:
+        out = Path(cfg.output)
+        if out.exists() and not out.is_dir():
+            raise CollieError(f"--output {out} is a file; give a folder")
+        if cfg.check and complete_checkpoints(out):
+            raise CollieError(f"--check trains one process from the start, but {out} holds "
+                              "checkpoints this run would resume from; use a new --output")
+
+
+def prepare_data(cfg: TrainConfig, vocab_size: int) -> tuple[Path, Path | None]:
+    """The cache files of the training and eval data, tokenized by local rank 0 of each
+    node (the others wait, then find them in the cache)."""
+    rank0 = dist.get_rank() == 0
+
+    def build() -> tuple[Path, Path | None]:
+        encoder = Encoder(cfg.tokenizer, vocab_size)
+        log = print if rank0 else (lambda *a: None)
+        train_file = tokenized(cfg.data, encoder, cfg.text_field, cfg.bad_records,
+                               cfg.eval_split or 0.0, cfg.seed, log)
+        eval_file = (tokenized(cfg.eval_data, encoder, cfg.text_field, cfg.bad_records,
+                               0.0, cfg.seed, log) if cfg.eval_data else None)
+        return train_file, eval_file
+
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    cdist.agree(lambda: build() if first else None)
+    return cdist.agree(build)  # the others: from the cache
 
 
 def train(cfg: TrainConfig) -> list[float]:
-    """Train and return the loss of every step (on every rank)."""
-    from tqdm import tqdm
-
+    """Train and return the loss of every step this run took (on every rank)."""
     from collie_compile.runtime.parallel_model import parallelize
 
     cdist.ensure_initialized()  # so errors in what follows are agreed, reported once
     cfg = cdist.agree(lambda: resolve(cfg))
     model_cfg = cdist.agree(lambda: load_config(cfg.model))
+    train_file, eval_file = prepare_data(cfg, int(model_cfg.vocab_size))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg, device="meta" if cfg.weights else "cpu",
                         dtype=torch_dtype(cfg.dtype))
@@ -129,56 +168,49 @@ def train(cfg: TrainConfig) -> list[float]:
                      update_in_backward=cfg.update_in_backward,
                      max_grad_norm=cfg.max_grad_norm, clip_mode=cfg.clip_mode,
                      **cfg.pins.given())
-    tokens = cdist.agree(lambda: tokenize(cfg.data, cfg.tokenizer, int(model_cfg.vocab_size)))
-    if cfg.save:  # before the training, not after it
-        pm.check_save_path(cfg.save)
+    finals = [p for p in (cfg.save, cfg.output and Path(cfg.output) / FINAL) if p]
+    for final in finals:  # before the training, not after it
+        pm.check_save_path(final)
+    seq = pm.plan.seq_len
+    data = PackedTokens.from_cache(train_file, "train", seq, cfg.seed, name=" ".join(cfg.data))
+    eval_data = None
+    if eval_file:  # its own file: all of it
+        eval_data = PackedTokens.from_cache(eval_file, "train", seq, cfg.seed, name="eval")
+    elif cfg.eval_split:
+        eval_data = PackedTokens.from_cache(train_file, "eval", seq, cfg.seed)
+    schedule = cfg.schedule(cfg.lr or pm.lr)
+    trainer = Trainer(pm, data, steps=cfg.steps, schedule=schedule, eval_data=eval_data,
+                      eval_every=cfg.eval_every, output=cfg.output, save_every=cfg.save_every,
+                      keep_last=cfg.keep_last, seed=cfg.seed, tensorboard=cfg.tensorboard)
     # the adapters' random init, for --check's one-process run to start from
     start_adapters = ({k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
                       if cfg.check and pm.lora is not None else None)
-    gen = torch.Generator().manual_seed(cfg.seed)
     rank0 = dist.get_rank() == 0
     if rank0:
         print(f"plan: {pm.chosen.layout_str()}", flush=True)
         for note in pm.plan.notes:
             print(f"note: {note}", flush=True)
-    losses = []
-    tty = sys.stderr.isatty()  # a log file gets one line per tenth of the run instead
-    bar = tqdm(range(cfg.steps), disable=not (rank0 and tty), unit="step")
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    every = max(1, cfg.steps // 10)
-    for step in bar:
-        start = time.perf_counter()
-        loss = pm.train_step({"input_ids": windows(tokens, cfg.global_batch_size,
-                                                   cfg.seq_len, gen)})
-        if not math.isfinite(loss):  # the global loss: every rank sees it
-            raise CollieError(f"the loss became {loss} at step {len(losses) + 1}; lower "
-                              "--lr", shared=True)
-        losses.append(loss)
-        tok_s = tokens_per_step / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
-        if rank0 and not tty and (step % every == 0 or step == cfg.steps - 1):
-            print(f"step {step + 1:5d}/{cfg.steps}  loss {loss:.4f}  {tok_s:,.0f} tokens/s",
-                  flush=True)
-    if cfg.save:
-        pm.save_pretrained(cfg.save, merge=cfg.merge)
+    losses = trainer.fit()
+    for final in finals:
+        pm.save_pretrained(final, merge=cfg.merge)
         if rank0:
             what = ("a PEFT LoRA adapter" if pm.lora is not None and not cfg.merge
                     else "a Hugging Face checkpoint")
-            print(f"saved {what} to {cfg.save}", flush=True)
+            print(f"saved {what} to {final}", flush=True)
     if cfg.check:
         if rank0:
-            compare_with_one_process(cfg, tokens, losses, pm.lora, start_adapters)
+            compare_with_one_process(cfg, data, schedule, losses, pm.lora, start_adapters)
         dist.barrier()
     return losses
 
 
-def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: list[float],
-                             lora: object | None = None,
+def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRSchedule,
+                             losses: list[float], lora: object | None = None,
                              adapters: dict[str, torch.Tensor] | None = None) -> float:
-    """Train the same initial model on the same batches in this one process, with plain
-    transformers (and peft's own LoRA, from the parallel run's initial ``adapters``) and
-    the same rule after a plain backward (LOMO and AdaLomo inside it), clipped the same
-    way; print how far the parallel losses are."""
+    """Train the same initial model on the same batches at the same learning rates in
+    this one process, with plain transformers (and peft's own LoRA, from the parallel
+    run's initial ``adapters``) and the same rule after a plain backward (LOMO and
+    AdaLomo inside it), clipped the same way; print how far the parallel losses are."""
     from collie_compile.optim.optimizers import single_process_optimizer
     from collie_compile.runtime.options import ADAPTER_PREFIX
 
@@ -196,13 +228,15 @@ def compare_with_one_process(cfg: TrainConfig, tokens: torch.Tensor, losses: lis
     inside = hasattr(opt, "engine")  # LOMO, AdaLomo: clipping is the engine's
     if inside and cfg.max_grad_norm is not None:
         opt.engine.max_grad_norm, opt.engine.clip_mode = cfg.max_grad_norm, cfg.clip_mode
-    gen = torch.Generator().manual_seed(cfg.seed)
+    batch_size = cfg.global_batch_size
     worst = 0.0
-    for ours in losses:
-        ids = windows(tokens, cfg.global_batch_size, cfg.seq_len, gen)
+    for i, ours in enumerate(losses):
+        for group in opt.param_groups:
+            group["lr"] = schedule.at(i)
+        batch = data.batch(i * batch_size, batch_size)
 
-        def closure(ids: torch.Tensor = ids) -> float:
-            loss = model(input_ids=ids, labels=ids).loss
+        def closure(batch: dict = batch) -> float:
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             loss.backward()
             return loss.item()
 

@@ -1,0 +1,1 @@
+"""Training data: records read from files, tokenized (and cached), packed into rows."""

@@ -1,0 +1,1 @@
+"""Training runs: the loop, its checkpoints and metrics, and the `train` command."""

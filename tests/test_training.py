@@ -1,0 +1,347 @@
+"""The training loop as users run it: a model built from a transformers config, a
+tokenizer folder and JSON Lines chat data; learning-rate schedules, loss masks,
+evaluation, and (on 4 gloo ranks) checkpoints that survive SIGKILL, also mid-save."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from training_data import chat_records, make_tokenizer, write_jsonl
+
+from collie_compile.data.packing import IGNORE_INDEX, PackedTokens
+from collie_compile.data.tokenize import Encoder, tokenized
+from collie_compile.optim.schedules import SCHEDULES, LRSchedule
+from collie_compile.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 16
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """A 2-block Llama from its config, as a user makes one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("data")
+    tiny_llama().config.save_pretrained(d / "model")
+    return {"tok": make_tokenizer(d / "tok"), "model": d / "model",
+            "train": write_jsonl(d / "chat.jsonl", chat_records(60)),
+            "eval": write_jsonl(d / "eval.jsonl", chat_records(12, seed=1))}
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory):
+    """A gloo group of one process, as `collie-compile train` without torchrun makes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg",
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def packed(path: Path, tok: Path, seq: int = SEQ) -> PackedTokens:
+    return PackedTokens.from_cache(tokenized([path], Encoder(tok, 64), log=lambda s: None),
+                                   "train", seq)
+
+
+def one_process(optimizer: str, seq: int = SEQ, batch: int = 2, lr: float = 1e-3) -> object:
+    from collie_compile import parallelize
+
+    return parallelize(tiny_llama(), gpus=1, optimizer=optimizer, lr=lr, seq_len=seq,
+                       global_batch_size=batch, dp=1, tp=1, pp=1)
+
+
+def torch_schedule_lrs(opt: torch.optim.Optimizer, s: LRSchedule) -> list[float]:
+    """The rates torch's own schedulers give each of ``s.steps`` updates."""
+    from torch.optim import lr_scheduler as L
+
+    parts, milestones, w = [], [], s.warmup_steps
+    if w:
+        parts.append(L.LinearLR(opt, start_factor=1 / (w + 1), end_factor=1.0, total_iters=w))
+        milestones.append(w)
+    n, end = s.steps - w, s.min_lr / s.lr
+    if s.kind == "constant":
+        parts.append(L.ConstantLR(opt, factor=1.0, total_iters=0))
+    elif s.kind == "linear":
+        parts.append(L.LinearLR(opt, start_factor=1.0, end_factor=end, total_iters=n))
+    elif s.kind == "cosine":
+        parts.append(L.CosineAnnealingLR(opt, T_max=n, eta_min=s.min_lr))
+    else:  # wsd
+        parts.append(L.ConstantLR(opt, factor=1.0, total_iters=0))
+        milestones.append(s.steps - s.decay())
+        parts.append(L.LinearLR(opt, start_factor=1.0, end_factor=end, total_iters=s.decay()))
+    sched = parts[0] if len(parts) == 1 else L.SequentialLR(opt, parts, milestones)
+    lrs = []
+    for _ in range(s.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo"])
+def test_logged_learning_rates_are_torch_schedulers(group, files, tmp_path: Path,
+                                                    optimizer: str) -> None:
+    """Every built-in schedule: the rate each step logs (and sets) equals torch's
+    LinearLR/CosineAnnealingLR/ConstantLR under SequentialLR driving the same optimizer
+    class; and the rate set is the one the update uses (lr 0: no weight moves)."""
+    from collie_compile.optim.in_backward import LOMO
+
+    pm = one_process(optimizer)
+    data = packed(files["train"], files["tok"])
+    for kind in SCHEDULES:
+        s = LRSchedule(1e-3, 9, kind, warmup_steps=2, min_lr=1e-4,
+                       decay_steps=3 if kind == "wsd" else None)
+        out = tmp_path / kind
+        Trainer(pm, data, steps=9, schedule=s, output=out, tensorboard=False).fit()
+        logged = [r["lr"] for r in metrics(out) if "loss" in r]
+        p = torch.nn.Parameter(torch.zeros(2))
+        cls = LOMO if optimizer == "lomo" else torch.optim.AdamW
+        reference = torch_schedule_lrs(cls([p], lr=1e-3), s)
+        assert logged == pytest.approx(reference, rel=1e-12, abs=0), kind
+        assert logged[:2] == pytest.approx([1e-3 / 3, 2e-3 / 3]) and max(logged) == 1e-3
+    before = pm.full_state_dict()
+    pm.set_lr(0.0)
+    assert pm.lr == 0.0
+    pm.train_step(data.batch(0, 2))
+    after = pm.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    pm.set_lr(1e-3)
+    pm.train_step(data.batch(0, 2))
+    assert not torch.equal(after["model.norm.weight"], pm.full_state_dict()["model.norm.weight"])
+
+
+def test_prompt_tokens_do_not_count(group, files, tmp_path: Path) -> None:
+    """Two prompt/completion records packed in one row: the first step's loss equals a
+    hand computation over the completion tokens (and the EOS after each) alone."""
+    from transformers import AutoTokenizer
+
+    records = [{"prompt": "where is the cat ? ", "completion": "on the mat ."},
+               {"prompt": "what is red ? ", "completion": "the big dog ."}]
+    data = packed(write_jsonl(tmp_path / "pc.jsonl", records), files["tok"], seq=32)
+    tok = AutoTokenizer.from_pretrained(files["tok"])
+    stream, counts = [], []
+    for r in records:
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"]
+        stream += p + c + [tok.eos_token_id]
+        counts += [False] * len(p) + [True] * (len(c) + 1)
+    assert len(stream) < 32
+    reference = tiny_llama()
+    logits = reference(input_ids=torch.tensor([stream])).logits[0].detach()
+    targets = [t for t in range(len(stream) - 1) if counts[t + 1]]
+    hand = torch.nn.functional.cross_entropy(
+        logits[targets], torch.tensor([stream[t + 1] for t in targets])).detach()
+    pm = one_process("adamw", seq=32, batch=1)
+    batch = data.batch(0, 1)
+    assert batch["input_ids"][0, :len(stream)].tolist() == stream
+    assert (batch["labels"][0] != IGNORE_INDEX).sum() == sum(counts) == len(targets) + 0
+    loss = pm.train_step(batch)
+    assert loss == pytest.approx(float(hand), rel=1e-6)
+    unmasked = torch.nn.functional.cross_entropy(logits[:len(stream) - 1],
+                                                 torch.tensor(stream[1:]))
+    assert abs(loss - float(unmasked)) > 1e-3  # the mask changes the loss
+
+
+def test_evaluation_never_updates_and_equals_one_process(group, files) -> None:
+    """LOMO updates inside backward: evaluation runs forward only, so weights stay, and
+    its loss is the plain model's mean token loss over every held-out sequence."""
+    from transformers import AutoModelForCausalLM
+
+    pm = one_process("lomo", lr=1e-2)
+    data = packed(files["train"], files["tok"])
+    held = packed(files["eval"], files["tok"])
+    trainer = Trainer(pm, data, steps=2, eval_data=held)
+    trainer.fit()
+    before = pm.full_state_dict()
+    result = trainer.evaluate()
+    after = pm.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model = AutoModelForCausalLM.from_config(tiny_llama().config)
+    model.load_state_dict(before)
+    rows = held.rows(list(range(held.num_sequences)))
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"]).logits[:, :-1]
+    labels = rows["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    assert result["eval_tokens"] == int((labels != IGNORE_INDEX).sum())
+    assert result["eval_loss"] == pytest.approx(float(total) / result["eval_tokens"], rel=1e-5)
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    from collie_compile.cli import main
+
+    rc = main(["train", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(group, files, tmp_path: Path,
+                                                  capsys) -> None:
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"x": "the cat"}\n{"x": "a dog"\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = [str(files["model"]), "--tokenizer", str(files["tok"]), "--steps", "2",
+            "--seq-len", str(SEQ), "--global-batch", "2"]
+    cases = {
+        "missing field": (["--data", str(files["train"]), "--text-field", "body"],
+                          f"{files['train']}:1: no field 'body'"),
+        "malformed JSON": (["--data", str(bad_json), "--text-field", "x"],
+                           f"{bad_json}:2: not a JSON object"),
+        "empty file": (["--data", str(empty)], "no tokens to train on"),
+        "no tokenizer": (["--data", str(files["train"]), "--tokenizer", str(tmp_path / "t")],
+                         "tokenizer folder"),
+        "eval-every alone": (["--data", str(files["train"]), "--eval-every", "2"],
+                             "--eval-every needs evaluation data"),
+    }
+    for name, (args, expected) in cases.items():
+        out = tmp_path / name.replace(" ", "-")
+        rc, err = _cli([*base, *args, "--output", str(out), "--save-every", "1"], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and expected in lines[0], (name, err)
+        assert lines[0].startswith("collie-compile: error: ") and "Traceback" not in err
+        assert not out.exists(), name
+
+
+# -- 4 gloo ranks: kill, resume, compare ------------------------------------------------
+
+FLAGS = ["--eval-every", "2", "--save-every", "2", "--keep-last", "2", "--steps", "6",
+         "--lr-schedule", "cosine", "--warmup-steps", "2", "--lr", "1e-2", "--seq-len", "32",
+         "--global-batch", "4", "--dp", "2", "--tp", "2", "--no-tensorboard"]
+
+
+def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641
+           ) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-port", str(port), "-m", "collie_compile", "train", str(files["model"]),
+           "--data", str(files["train"]), "--tokenizer", str(files["tok"]), "--eval-data",
+           str(files["eval"]), "--output", str(output), *FLAGS]
+    log = open(output.with_suffix(".log"), "a")  # noqa: SIM115 - the child writes it
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def train_losses(folder: Path) -> dict[int, float]:
+    records = [r for r in metrics(folder) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), steps  # each step once
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_losses(files, tmp_path: Path) -> None:
+    """`collie-compile train` on 4 gloo ranks (dp2·tp2), chat data, cosine with warm-up,
+    eval and checkpoints every 2 steps: SIGKILLed after step 3, then killed again halfway
+    through writing step 4's checkpoint, then run to the end: every step's loss and eval
+    equals the uninterrupted run's exactly."""
+    ref = tmp_path / "ref"
+    assert launch(files, ref).wait(timeout=600) == 0, ref.with_suffix(".log").read_text()
+
+    run = tmp_path / "run"
+    job = launch(files, run, port=29642)
+    deadline = time.time() + 600
+    while time.time() < deadline and job.poll() is None:
+        if (run / "metrics.jsonl").exists() and any(
+                r.get("step", 0) >= 3 and "loss" in r for r in _records(run)):
+            break
+        time.sleep(0.05)
+    kill_job(job)
+    assert max(train_losses(run)) < 6  # killed mid-run
+    assert (run / "checkpoints" / "step-00000002").is_dir()
+
+    job = launch(files, run, env={"COLLIE_COMPILE_KILL_AT": "save:4"}, port=29643)
+    assert job.wait(timeout=600) != 0
+    assert (run / "checkpoints" / "step-00000004.tmp").is_dir()  # half-written, left behind
+    assert not (run / "checkpoints" / "step-00000004").exists()
+
+    assert launch(files, run, port=29644).wait(timeout=600) == 0, \
+        run.with_suffix(".log").read_text()
+    log = run.with_suffix(".log").read_text()
+    assert "resuming from" in log and "step-00000004.tmp, a checkpoint a stopped run" in log
+
+    expected, got = train_losses(ref), train_losses(run)
+    assert sorted(got) == list(range(1, 7)) and got == expected  # exactly
+    evals = lambda f: {r["step"]: r["eval_loss"] for r in metrics(f) if "eval_loss" in r}  # noqa: E731
+    assert evals(run) == evals(ref) and sorted(evals(ref)) == [2, 4, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000004", "step-00000006"]  # --keep-last 2, nothing partial
+    lrs = [r["lr"] for r in metrics(ref) if "loss" in r]
+    assert lrs == pytest.approx([LRSchedule(1e-2, 6, "cosine", 2).at(i) for i in range(6)])
+
+    # each data-parallel replica read its half of every step's rows, no more
+    data = packed(files["train"], files["tok"], seq=32)
+    summary = [r for r in metrics(ref) if "data_tokens_read_per_rank" in r][-1]
+    counts = [0, 0]
+    for s in range(6):
+        for r in range(2):
+            before = data.tokens_read
+            data.batch(4 * s, 4, rows=slice(2 * r, 2 * r + 2))
+            counts[r] += data.tokens_read - before
+    # ranks are tp-innermost: 0,1 are replica 0; 2,3 replica 1
+    assert summary["data_tokens_read_per_rank"] == [counts[0]] * 2 + [counts[1]] * 2
+    assert sum(counts) == data.tokens_read and abs(counts[0] - counts[1]) < 64
+
+    # the final folder is the trained model, and its eval loss is the logged one
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    held = packed(files["eval"], files["tok"], seq=32)
+    rows = held.rows(list(range(held.num_sequences)))
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"]).logits[:, :-1]
+    labels = rows["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+    assert float(loss) == pytest.approx(evals(run)[6], rel=1e-5)
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL the whole job at once, as a scheduler does: torchrun's agent and its
+    workers (which run in sessions of their own, out of reach of a killpg)."""
+    pids, frontier = [job.pid], [job.pid]
+    while frontier:
+        parent, frontier = frontier, []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) in parent:
+                frontier.append(int(stat.parent.name))
+        pids += frontier
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+
+
+def _records(folder: Path) -> list[dict]:
+    out = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
