@@ -22,11 +22,13 @@ demo: $(STAMP)
 	$(BIN)/collie-compile estimate llama-65b --gpus 8 --gpu rtx3090 --optimizer lomo \
 		--zero 3 --seq-len 512 --recompute full
 	@echo
-	# train the tiny preset on 4 CPU processes (gloo) with the auto plan, then check it
-	# against one process training the same model on the same batches
+	# train the tiny preset on 4 CPU processes (gloo) with the auto plan on this
+	# repository's documents (one held out for evaluation), cosine schedule, then check
+	# it against one process training the same model on the same batches
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 -m collie_compile \
-		train tiny-llama --data README.md --steps 30 --seq-len 64 --global-batch 16 \
-		--lr 3e-3 --check 2>&1 | grep -v "^W\|warn"
+		train tiny-llama --data README.md docs --eval-split 0.2 --eval-every 10 \
+		--steps 30 --seq-len 64 --global-batch 16 --lr 3e-3 --lr-schedule cosine \
+		--warmup-steps 3 --check 2>&1 | grep -v "^W\|warn"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

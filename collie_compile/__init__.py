@@ -19,15 +19,20 @@ _API = {
     "plan": "collie_compile.planner.search",
     "ParallelModel": "collie_compile.runtime.parallel_model",
     "parallelize": "collie_compile.runtime.parallel_model",
+    "Trainer": "collie_compile.training.trainer",
+    "LRSchedule": "collie_compile.optim.schedules",
 }
-__all__ = ["CollieError", "Estimate", "ParallelModel", "Plan", "estimate", "parallelize", "plan"]
+__all__ = ["CollieError", "Estimate", "LRSchedule", "ParallelModel", "Plan", "Trainer",
+           "estimate", "parallelize", "plan"]
 
 if TYPE_CHECKING:
     from collie_compile.cost.estimate import Estimate, estimate
     from collie_compile.errors import CollieError
+    from collie_compile.optim.schedules import LRSchedule
     from collie_compile.planner.result import Plan
     from collie_compile.planner.search import plan
     from collie_compile.runtime.parallel_model import ParallelModel, parallelize
+    from collie_compile.training.trainer import Trainer
 
 
 def __getattr__(name: str) -> object:

@@ -136,3 +136,15 @@ def test_packing_visits_every_token_once_per_epoch(tmp_path: Path, tok_dir: Path
         assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))
     again = PackedTokens.from_cache(path, "train", 16, seed=3)
     assert torch.equal(again.batch(5, 4)["input_ids"], whole["input_ids"])
+
+
+def test_users_documents_pack_with_their_labels() -> None:
+    """A user's tokenized documents (a datasets.Dataset's rows): EOS after each that
+    lacks it, their -100 labels kept out of the targets."""
+    docs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9, 3]}]
+    data = PackedTokens.from_documents(docs, seq_len=4, eos=3)
+    rows = data.rows([0, 1])
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 3], [8, 9, 3, 3]]
+    assert rows["labels"].tolist() == [[-100, 6, 7, 3], [8, 9, 3, -100]]
+    with pytest.raises(CollieError, match="document 0: 2 labels for 3 input_ids"):
+        PackedTokens.from_documents([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 4, 3)

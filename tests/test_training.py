@@ -230,12 +230,12 @@ FLAGS = ["--eval-every", "2", "--save-every", "2", "--keep-last", "2", "--steps"
          "--global-batch", "4", "--dp", "2", "--tp", "2", "--no-tensorboard"]
 
 
-def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641
-           ) -> subprocess.Popen:
+def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
            "--master-port", str(port), "-m", "collie_compile", "train", str(files["model"]),
            "--data", str(files["train"]), "--tokenizer", str(files["tok"]), "--eval-data",
-           str(files["eval"]), "--output", str(output), *FLAGS]
+           str(files["eval"]), "--output", str(output), *FLAGS, *extra]
     log = open(output.with_suffix(".log"), "a")  # noqa: SIM115 - the child writes it
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})
@@ -253,9 +253,14 @@ def test_killed_runs_resume_to_the_uninterrupted_losses(files, tmp_path: Path) -
     """`collie-compile train` on 4 gloo ranks (dp2·tp2), chat data, cosine with warm-up,
     eval and checkpoints every 2 steps: SIGKILLed after step 3, then killed again halfway
     through writing step 4's checkpoint, then run to the end: every step's loss and eval
-    equals the uninterrupted run's exactly."""
+    equals the uninterrupted run's exactly. The uninterrupted run's --check trains one
+    process on the same batches at the same rates: its losses agree too."""
     ref = tmp_path / "ref"
-    assert launch(files, ref).wait(timeout=600) == 0, ref.with_suffix(".log").read_text()
+    assert launch(files, ref, extra=("--check",)).wait(timeout=600) == 0, \
+        ref.with_suffix(".log").read_text()
+    check = [ln for ln in ref.with_suffix(".log").read_text().splitlines()
+             if ln.startswith("one process")][-1]
+    assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
 
     run = tmp_path / "run"
     job = launch(files, run, port=29642)
