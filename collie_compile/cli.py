@@ -251,12 +251,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                       memory_reserve=args.memory_reserve,
                       update_in_backward=args.update_in_backward,
                       max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
+    ours = not dist.is_initialized()  # a caller's group outlives the command
     losses = train(cfg)
     if dist.get_rank() == 0 and losses:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
     elif dist.get_rank() == 0:
-        print(f"nothing to do: {cfg.output} holds a checkpoint of step {cfg.steps} already")
-    dist.destroy_process_group()
+        print(f"nothing to do: {cfg.output} holds a checkpoint at or past step {cfg.steps}")
+    if ours:
+        dist.destroy_process_group()
     return 0
 
 

@@ -39,6 +39,14 @@ def batches(n: int = STEPS) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(max(n, 4))][:n]
 
 
+def eval_batch() -> dict[str, torch.Tensor]:
+    """A held-out batch whose first half of labels does not count (as a prompt's)."""
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    labels = ids.clone()
+    labels[:, :SEQ // 2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
 # AdamW's defaults except eps: with eps=1e-8 an element whose gradient is ~0 moves by up
 # to ±lr on rounding noise alone (1e-12 differences in a sum flip g/(|g|+eps)), so any
 # reordering of a sum shows up as 1e-5..1e-4 weight differences after one step.
@@ -106,9 +114,14 @@ def run_config(cfg: dict) -> dict:
         memory_errors = [float(e) for e in errors]
     grads = pm.full_state_dict(grads=True)
     weights = pm.full_state_dict()
+    # evaluation after training: this rank's rows only, half the labels masked
+    held = eval_batch()
+    rows = pm.batch_rows()
+    total, tokens = pm.eval_loss({k: v[rows] for k, v in held.items()}, local=True)
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
     reducers = [r for r in map(grad_reducer, pm.stages) if r is not None]
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
+           "eval_loss": total / tokens,
            "vocab_slice": pm.vocab_slice, "memory_errors": memory_errors,
            # ZeRO 0/1: every gradient a view of its bucket's flat buffer
            "reducer_buckets": sum(len(r.buckets) for r in reducers),
@@ -123,7 +136,11 @@ def run_config(cfg: dict) -> dict:
         # gradients; its error is reported (weight_err_per_tensor) but not the criterion.
         diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
         norm = sum(float(v.norm()) ** 2 for v in ref_w.values()) ** 0.5
-        out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g),
+        m = make_model(name, layers)
+        m.load_state_dict(ref_w, strict=False)
+        with torch.no_grad():
+            ref_eval = float(m(**held).loss)
+        out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g), ref_eval=ref_eval,
                    weight_err=diff / norm, weight_err_per_tensor=rel_err(weights, ref_w),
                    names_match=sorted(weights) == sorted(ref_w))
     return out

@@ -215,6 +215,8 @@ def check(r: dict, cfg: dict) -> None:
     for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
         assert abs(ours - ref) <= TOL * abs(ref)
     assert max(r["losses_all_ranks"]) == 0.0  # every rank returns the same loss
+    # evaluation of each replica's rows (half the labels masked), forward only
+    assert abs(r["eval_loss"] - r["ref_eval"]) <= TOL * abs(r["ref_eval"])
     assert r["names_match"]
     assert r["grad_err"] <= cfg.get("grad_tol", TOL), r["grad_err"]
     assert r["weight_err"] <= TOL, r["weight_err"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,7 +228,8 @@ def test_bad_input_is_one_line_and_writes_nothing(group, files, tmp_path: Path,
 
 FLAGS = ["--eval-every", "2", "--save-every", "2", "--keep-last", "2", "--steps", "6",
          "--lr-schedule", "cosine", "--warmup-steps", "2", "--lr", "1e-2", "--seq-len", "32",
-         "--global-batch", "4", "--dp", "2", "--tp", "2", "--no-tensorboard"]
+         "--global-batch", "4", "--no-tensorboard"]
+LAYOUT = ["--dp", "2", "--tp", "2"]
 
 
 def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641,
@@ -235,7 +237,7 @@ def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
            "--master-port", str(port), "-m", "collie_compile", "train", str(files["model"]),
            "--data", str(files["train"]), "--tokenizer", str(files["tok"]), "--eval-data",
-           str(files["eval"]), "--output", str(output), *FLAGS, *extra]
+           str(files["eval"]), "--output", str(output), *FLAGS, *LAYOUT, *extra]
     log = open(output.with_suffix(".log"), "a")  # noqa: SIM115 - the child writes it
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})
@@ -305,6 +307,26 @@ def test_killed_runs_resume_to_the_uninterrupted_losses(files, tmp_path: Path) -
     # ranks are tp-innermost: 0,1 are replica 0; 2,3 replica 1
     assert summary["data_tokens_read_per_rank"] == [counts[0]] * 2 + [counts[1]] * 2
     assert sum(counts) == data.tokens_read and abs(counts[0] - counts[1]) < 64
+
+    # another GPU count: step 4's checkpoint resumed by one process goes on alike
+    moved = tmp_path / "moved"
+    shutil.copytree(ref / "checkpoints" / "step-00000004", moved / "checkpoints" / "step-4")
+    from collie_compile.cli import main
+
+    ours = not dist.is_initialized()  # the module's group of one, when it ran first
+    if ours:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                world_size=1)
+    try:
+        assert main(["train", str(files["model"]), "--data", str(files["train"]),
+                     "--tokenizer", str(files["tok"]), "--eval-data", str(files["eval"]),
+                     "--output", str(moved), *FLAGS]) == 0
+    finally:
+        if ours:
+            dist.destroy_process_group()
+    alone = train_losses(moved)
+    assert sorted(alone) == [5, 6]
+    assert [alone[s] for s in (5, 6)] == pytest.approx([expected[5], expected[6]], rel=1e-5)
 
     # the final folder is the trained model, and its eval loss is the logged one
     from transformers import AutoModelForCausalLM

@@ -189,6 +189,7 @@ def tokenized(paths: list[str | Path], encoder: Encoder, text_field: str | None 
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:32]
     out = cache_root() / "tokens" / f"{key}.safetensors"
     if out.is_file():
+        log(f"{', '.join(map(str, paths))}: tokens cached in {out}")
         return out
     docs: list[tuple[list[int], list[bool]]] = []
     skipped = Skipped()

@@ -133,11 +133,8 @@ def check_data_options(cfg: TrainConfig) -> None:
 def prepare_data(cfg: TrainConfig, vocab_size: int) -> tuple[Path, Path | None]:
     """The cache files of the training and eval data, tokenized by local rank 0 of each
     node (the others wait, then find them in the cache)."""
-    rank0 = dist.get_rank() == 0
-
-    def build() -> tuple[Path, Path | None]:
+    def build(log: object = print) -> tuple[Path, Path | None]:
         encoder = Encoder(cfg.tokenizer, vocab_size)
-        log = print if rank0 else (lambda *a: None)
         train_file = tokenized(cfg.data, encoder, cfg.text_field, cfg.bad_records,
                                cfg.eval_split or 0.0, cfg.seed, log)
         eval_file = (tokenized(cfg.eval_data, encoder, cfg.text_field, cfg.bad_records,
@@ -145,8 +142,9 @@ def prepare_data(cfg: TrainConfig, vocab_size: int) -> tuple[Path, Path | None]:
         return train_file, eval_file
 
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    cdist.agree(lambda: build() if first else None)
-    return cdist.agree(build)  # the others: from the cache
+    quiet = lambda *a: None  # noqa: E731
+    cdist.agree(lambda: build(print if dist.get_rank() == 0 else quiet) if first else None)
+    return cdist.agree(lambda: build(quiet))  # the others: from the cache
 
 
 def train(cfg: TrainConfig) -> list[float]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from collie_compile.data.packing import PackedTokens
 from collie_compile.errors import CollieError
@@ -61,7 +62,7 @@ class Trainer:
         self.output = Path(output) if output is not None else None
         self.tensorboard = tensorboard
         self.rank0 = dist.get_rank() == 0
-        self._print = log or (lambda s: print(s, flush=True))
+        self._print = log
         self.step = self.position = 0
 
     def _packed(self, data: object, name: str) -> PackedTokens:
@@ -76,7 +77,14 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.rank0:
-            self._print(text)
+            if self._print is not None:
+                self._print(text)
+            elif sys.stderr.isatty():
+                from tqdm import tqdm
+
+                tqdm.write(text)  # above the progress bar, not through it
+            else:
+                print(text, flush=True)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -87,11 +95,10 @@ class Trainer:
         metrics = MetricsLog(self.output, self.rank0, self.step, self.tensorboard)
         losses: list[float] = []
         rows = self.pm.batch_rows()
-        tokens_per_step = self.batch_size * self.seq
-        world = dist.get_world_size()
+        # a terminal gets a progress bar; a log file a line every tenth of the run
         tty = self.rank0 and sys.stderr.isatty()
+        bar = tqdm(total=self.steps, initial=self.step, disable=not tty, unit="step")
         every = max(1, self.steps // 10)
-        c = self.pm.chosen
         try:
             while self.step < self.steps:
                 lr = self.schedule.at(self.step)
@@ -106,15 +113,12 @@ class Trainer:
                     raise CollieError(f"the loss became {loss} at step {self.step}; lower the "
                                       "learning rate", shared=True)
                 losses.append(loss)
-                record = {"step": self.step, "loss": loss, "lr": lr,
-                          "grad_norm": self.pm.last_grad_norm,
-                          "tokens_per_s": tokens_per_step / seconds,
-                          "tokens_per_s_per_gpu": tokens_per_step / seconds / world,
-                          "mfu": c.mfu * c.step_time_s / seconds,
-                          "peak_mem_gib": peak_memory_gib(),
-                          "epoch": self.position / self.data.num_sequences}
+                record = self._record(loss, lr, seconds)
                 metrics.log(record)
-                if tty or self.step % every == 0 or self.step in (1, self.steps):
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                if not tty and (self.step % every == 0 or self.step in (1, self.steps)):
                     self.say(f"step {self.step:5d}/{self.steps}  loss {loss:.4f}  lr {lr:.3g}  "
                              f"{record['tokens_per_s']:,.0f} tokens/s")
                 if self.eval_every and (self.step % self.eval_every == 0
@@ -128,8 +132,21 @@ class Trainer:
             metrics.log({"step": self.step, "steps_run": len(losses),
                          "data_tokens_read_per_rank": read})
         finally:
+            bar.close()
             metrics.close()
         return losses
+
+    def _record(self, loss: float, lr: float, seconds: float) -> dict:
+        """What ``metrics.jsonl`` says of the step just taken."""
+        tokens, c = self.batch_size * self.seq, self.pm.chosen
+        return {"step": self.step, "loss": loss, "lr": lr,
+                "grad_norm": self.pm.last_grad_norm,
+                "tokens_per_s": tokens / seconds,
+                "tokens_per_s_per_gpu": tokens / seconds / dist.get_world_size(),
+                # the plan's FLOPs per step against its GPU's peak, at the measured time
+                "mfu": c.mfu * c.step_time_s / seconds,
+                "peak_mem_gib": peak_memory_gib(),
+                "epoch": self.position / self.data.num_sequences}
 
     def evaluate(self) -> dict:
         """Mean token loss and perplexity over the whole eval set under the training
@@ -176,7 +193,7 @@ class Trainer:
         def newest() -> str:
             if self.rank0 and ck.checkpoints_dir(self.output).is_dir():
                 for d in ck.clear_partial(self.output):
-                    self._print(f"removed {d}, a checkpoint a stopped run did not finish")
+                    self.say(f"removed {d}, a checkpoint a stopped run did not finish")
             found = ck.complete_checkpoints(self.output)
             return str(found[-1][1]) if found else ""
 
