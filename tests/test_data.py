@@ -105,9 +105,11 @@ def test_tokens_are_cached_until_the_file_changes(tmp_path: Path, tok_dir: Path)
     notes: list[str] = []
     first = tokenized([f], Encoder(tok_dir), log=notes.append)
     again = tokenized([f], Encoder(tok_dir), log=notes.append)
-    assert first == again and len(notes) == 1  # the second read the cache
+    assert first == again and notes[0].startswith("tokenized 5 documents")
+    assert "tokens cached in" in notes[1]  # the second read the cache
     write_jsonl(f, chat_records(6))
-    assert tokenized([f], Encoder(tok_dir), log=notes.append) != first and len(notes) == 2
+    assert tokenized([f], Encoder(tok_dir), log=notes.append) != first
+    assert notes[2].startswith("tokenized 6 documents")
 
 
 def test_packing_visits_every_token_once_per_epoch(tmp_path: Path, tok_dir: Path) -> None:
@@ -148,3 +150,31 @@ def test_users_documents_pack_with_their_labels() -> None:
     assert rows["labels"].tolist() == [[-100, 6, 7, 3], [8, 9, 3, -100]]
     with pytest.raises(CollieError, match="document 0: 2 labels for 3 input_ids"):
         PackedTokens.from_documents([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 4, 3)
+
+
+def test_more_bad_records_and_folders(tmp_path: Path, tok_dir: Path) -> None:
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"text": "the cat"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CollieError, match=rf"{f}:2: not a JSON object"):
+        tokenized([f], Encoder(tok_dir))
+    answer = [{"role": "assistant", "content": "y"}]
+    g = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"content": "x"}], "completion": answer}])
+    with pytest.raises(CollieError, match=rf"{g}:1: 'prompt' must be a non-empty list"):
+        tokenized([g], Encoder(tok_dir))
+    h = write_jsonl(tmp_path / "t.jsonl", [{"text": 3}])
+    with pytest.raises(CollieError, match=rf"{h}:1: field 'text' is int, not text"):
+        tokenized([h], Encoder(tok_dir))
+    # a folder: its data files, not hidden copies nor the dataset card
+    d = tmp_path / "ds"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(d / "a.jsonl", chat_records(3))
+    write_jsonl(d / ".ipynb_checkpoints" / "a.jsonl", chat_records(3))
+    (d / "README.md").write_text("# a dataset card")
+    from collie_compile.data.records import data_files
+
+    assert data_files([d]) == [d / "a.jsonl"]
+    # a split whose documents count nothing is refused, not evaluated as loss 0
+    k = write_jsonl(tmp_path / "k.jsonl", [{"text": "the cat"},
+                                           {"prompt": "a dog", "completion": ""}])
+    with pytest.raises(CollieError, match="split has no tokens that count"):
+        tokenized([k], Encoder(tok_dir), eval_fraction=0.5)

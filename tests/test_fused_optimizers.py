@@ -335,3 +335,19 @@ def test_adalomo_update_reads_nothing_back_to_the_host():
         with NoHostReads():
             for _ in range(2):
                 adalomo_update_reference(p, g, state, lr=1e-2, wd=0.1, grad_scale=2.0)
+
+
+def test_torch_schedulers_reach_lomo_after_load_state_dict() -> None:
+    """LOMO reads its rate from param_groups, also after load_state_dict made new ones:
+    at lr 0 backward moves nothing."""
+    from collie_compile.optim.in_backward import LOMO
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = LOMO([w], lr=0.1)
+    opt.load_state_dict(opt.state_dict())
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    (w * w).sum().backward()
+    assert torch.equal(w.detach(), torch.ones(4)) and opt.engine.lr == 0.0
+    opt.param_groups[0]["lr"] = 0.5
+    (w * w).sum().backward()
+    assert torch.allclose(w.detach(), torch.zeros(4))  # 1 - 0.5 * 2

@@ -189,6 +189,30 @@ def test_evaluation_never_updates_and_equals_one_process(group, files) -> None:
     assert result["eval_loss"] == pytest.approx(float(total) / result["eval_tokens"], rel=1e-5)
 
 
+def test_lora_run_resumes_to_the_same_losses(group, files, tmp_path: Path) -> None:
+    """LoRA with AdamW in one process: resumed from step 2's checkpoint, steps 3-4 give the
+    uninterrupted run's losses exactly, and the final folder is a PEFT adapter."""
+    from collie_compile import parallelize
+
+    data = packed(files["train"], files["tok"])
+    schedule = LRSchedule(1e-2, 4, "linear", warmup_steps=1)
+
+    def run(output: Path) -> list[float]:
+        pm = parallelize(tiny_llama(), gpus=1, optimizer="adamw", seq_len=SEQ,
+                         global_batch_size=2, lora_rank=4, dp=1, tp=1, pp=1)
+        losses = Trainer(pm, data, steps=4, schedule=schedule, output=output, save_every=2,
+                         tensorboard=False).fit()
+        pm.save_pretrained(output / "final")
+        return losses
+
+    out = tmp_path / "lora"
+    whole = run(out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    assert run(out) == whole[2:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
 def _cli(args: list[str], capsys) -> tuple[int, str]:
     from collie_compile.cli import main
 

@@ -53,12 +53,17 @@ class Skipped:
 
 
 def data_files(paths: list[str | Path]) -> list[Path]:
-    """The files ``paths`` name (a folder: its files of a known kind, sorted)."""
+    """The files ``paths`` name (a folder: its files of a known kind, sorted; not hidden
+    ones, nor a README.md dataset card)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+            # not hidden folders (.ipynb_checkpoints, .git) nor a dataset card
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES
+                           and not any(part.startswith(".")
+                                       for part in f.relative_to(path).parts)
+                           and f.name.lower() != "readme.md")
             if not found:
                 raise CollieError(f"{path} holds no data files ({', '.join(SUFFIXES)})")
             out += found
@@ -97,19 +102,19 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, on_error: str, skipped: Skipped | None) -> Iterator[Record]:
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except OSError as e:
         raise CollieError(f"cannot read {path}: {e.strerror}") from None
     with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                value = json.loads(line)
+                value = json.loads(raw.decode("utf-8"))
                 if not isinstance(value, dict):
                     raise ValueError(f"a JSON {type(value).__name__}, not an object")
-            except ValueError as e:
+            except ValueError as e:  # UnicodeDecodeError too
                 reason = f"{where}: not a JSON object ({str(e).splitlines()[0]})"
                 if on_error == "fatal" or skipped is None:
                     raise RecordError(reason + "; fix the line, or pass --bad-records skip"
@@ -138,6 +143,14 @@ def _read_parquet(path: Path) -> Iterator[Record]:
         raise CollieError(f"{path}: not a readable Parquet file ({e})") from None
 
 
+def _check_messages(record: Record, field_name: str, msgs: object) -> None:
+    if not (isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in msgs)):
+        raise RecordError(f"{record.source}: {field_name!r} must be a non-empty list of "
+                          "{'role': ..., 'content': ...} objects with text content")
+
+
 def kind_of(record: Record, text_field: str | None) -> str:
     """What the record holds: "text", "chat" (messages) or "prompt" (prompt/completion);
     raises a :class:`RecordError` naming the record when it holds none of them."""
@@ -154,19 +167,21 @@ def kind_of(record: Record, text_field: str | None) -> str:
                               f"{type(v[text_field]).__name__}, not text")
         return "text"
     if "messages" in v:
-        msgs = v["messages"]
-        if not (isinstance(msgs, list) and msgs and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in msgs)):
-            raise RecordError(f"{record.source}: 'messages' must be a non-empty list of "
-                              "{'role': ..., 'content': ...} objects with text content")
+        _check_messages(record, "messages", v["messages"])
         return "chat"
     if "prompt" in v and "completion" in v:
-        if not all(isinstance(v[k], (str, list)) for k in ("prompt", "completion")):
-            raise RecordError(f"{record.source}: 'prompt' and 'completion' must be text "
-                              "(or lists of chat messages)")
+        kinds = {type(v[k]) for k in ("prompt", "completion")}
+        if kinds == {list}:
+            for k in ("prompt", "completion"):
+                _check_messages(record, k, v[k])
+        elif kinds != {str}:
+            raise RecordError(f"{record.source}: 'prompt' and 'completion' must both be text, "
+                              "or both lists of chat messages")
         return "prompt"
-    if isinstance(v.get("text"), str):
+    if "text" in v:
+        if not isinstance(v["text"], str):
+            raise RecordError(f"{record.source}: field 'text' is "
+                              f"{type(v['text']).__name__}, not text")
         return "text"
     raise RecordError(f"{record.source}: none of the fields 'messages', 'prompt'/'completion' "
                       f"or 'text' (it has {', '.join(map(repr, v)) or 'none'}); name the text "

@@ -16,6 +16,7 @@ all (a temporary file renamed into place).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from collie_compile.disk_cache import cache_root, code_of, versions
 from collie_compile.errors import CollieError, first_line
 
 BYTE_EOS = 0
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+                   "merges*", "*.model", "*.tiktoken", "chat_template*")
 
 
 class Encoder:
@@ -61,7 +64,8 @@ class Encoder:
             return "bytes"
         h = hashlib.sha256()
         for f in sorted(Path(self.path).iterdir()):
-            if f.is_file():
+            # the tokenizer's own files only: the folder may be a whole model's
+            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES):
                 h.update(f.name.encode() + b"\0" + f.read_bytes())
         return h.hexdigest()
 
@@ -220,6 +224,10 @@ def tokenized(paths: list[str | Path], encoder: Encoder, text_field: str | None 
                    [:n].tolist())
         splits = {"train": [d for i, d in enumerate(docs) if i not in held],
                   "eval": [d for i, d in enumerate(docs) if i in held]}
+    for split, chosen in splits.items():
+        if not any(any(k) for _, k in chosen):
+            raise CollieError(f"{names}: the {split} split has no tokens that count in the "
+                              "loss; use more data or a larger --eval-split")
     tensors = {}
     for split, chosen in splits.items():
         tensors[f"{split}/ids"] = torch.tensor([t for ids, _ in chosen for t in ids],

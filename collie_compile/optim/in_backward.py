@@ -328,6 +328,10 @@ class InBackward(torch.optim.Optimizer):
     def loss_scale(self) -> float:
         return self.engine.loss_scale
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.engine.hyper = self.param_groups[0]  # torch made new group dicts
+
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         if closure is None:
             if self.engine.max_grad_norm is not None or self.engine.loss_scaler is not None:

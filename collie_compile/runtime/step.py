@@ -86,11 +86,40 @@ class Stepper:
         """This rank's rows of ``batch`` (the global batch; with ``local`` only this dp
         rank's share of it), their next-token targets, and the number of targets that
         count in the whole global batch."""
+        share = self.global_batch // self.program.chosen.dp
+        rows = share if local else self.global_batch
+        try:
+            ids, targets = self._targets(batch, rows, local)
+            problem = None
+        except CollieError as e:
+            problem = e
+        device = self.program.device
+        if not local:
+            if problem is not None:  # every rank has the same batch: all raise alike
+                raise problem
+            dp = self.program.coords.dp
+            tokens = int((targets != IGNORE_INDEX).sum())
+            rows_here = slice(dp * share, (dp + 1) * share)
+            return ids[rows_here].to(device), targets[rows_here].to(device), tokens
+        # Each replica checked its own rows: the count's all-reduce carries whether any
+        # refused them, so that none goes on to a collective the others skip.
+        count = torch.tensor([0 if problem else int((targets != IGNORE_INDEX).sum()),
+                              int(problem is not None)], device=device)
+        if self.program.chosen.dp > 1:
+            dist.all_reduce(count, group=self.program.mesh.get_group("dp"))
+        if problem is not None:
+            raise problem
+        if int(count[1]):
+            raise CollieError("another data-parallel rank's share of the batch was refused "
+                              "(that rank prints why)")
+        return ids.to(device), targets.to(device), int(count[0])
+
+    def _targets(self, batch: dict, rows: int, local: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and their next-token targets (-100: not counted), checked."""
         ids = torch.as_tensor(batch["input_ids"])
         labels = torch.as_tensor(batch.get("labels", ids)).clone()
         mask = batch.get("attention_mask")
-        share = self.global_batch // self.program.chosen.dp
-        rows = share if local else self.global_batch
         if ids.dim() != 2 or tuple(ids.shape) != (rows, self.seq):
             what = "this data-parallel rank's share" if local else "[global_batch, seq]"
             raise CollieError(f"input_ids must be {what} = [{rows}, {self.seq}] as planned, "
@@ -112,16 +141,7 @@ class Stepper:
             labels[~mask] = IGNORE_INDEX
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
-        device = self.program.device
-        if not local:
-            dp = self.program.coords.dp
-            tokens = int((targets != IGNORE_INDEX).sum())
-            rows_here = slice(dp * share, (dp + 1) * share)
-            return ids[rows_here].to(device), targets[rows_here].to(device), tokens
-        count = (targets != IGNORE_INDEX).sum().to(device)
-        if self.program.chosen.dp > 1:  # the global batch's count, from every share
-            dist.all_reduce(count, group=self.program.mesh.get_group("dp"))
-        return ids.to(device), targets.to(device), int(count)
+        return ids, targets
 
     def train_step(self, batch: dict, local: bool = False) -> float:
         """Forward, backward and one optimizer step over the global batch (``local``: this

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 
+from collie_compile.errors import CollieError
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package: pip install "
+                       "'collie-compile[tensorboard]', or leave the flag out")
+
+
+def tensorboard_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("tensorboard") is not None
 
 
 def peak_memory_gib() -> float:
@@ -42,7 +52,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 if tensorboard:
-                    raise
+                    raise CollieError(TENSORBOARD_MISSING) from None
                 return
             # purge_step: a resumed run's events replace the killed run's later ones
             self.writer = SummaryWriter(str(self.path.parent / "tensorboard"),

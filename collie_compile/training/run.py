@@ -31,6 +31,7 @@ from collie_compile.optim.schedules import LRSchedule
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.training.checkpoints import complete_checkpoints
+from collie_compile.training.metrics import TENSORBOARD_MISSING, tensorboard_installed
 from collie_compile.training.trainer import Trainer, check_options
 
 FINAL = "final"  # the trained model's folder under --output
@@ -121,10 +122,15 @@ def check_data_options(cfg: TrainConfig) -> None:
                           f"{cfg.bad_records!r}")
     if cfg.eval_data and cfg.eval_split:
         raise CollieError("pass --eval-data or --eval-split, not both")
+    if cfg.tensorboard and not tensorboard_installed():
+        raise CollieError(TENSORBOARD_MISSING)
     if cfg.output is not None:
         out = Path(cfg.output)
         if out.exists() and not out.is_dir():
             raise CollieError(f"--output {out} is a file; give a folder")
+        parent = next(p for p in (out, *out.parents) if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CollieError(f"--output {out}: {parent} is not writable")
         if cfg.check and complete_checkpoints(out):
             raise CollieError(f"--check trains one process from the start, but {out} holds "
                               "checkpoints this run would resume from; use a new --output")

@@ -63,6 +63,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.rank0 = dist.get_rank() == 0
         self._print = log
+        self.dropout = dropout_of(model)
         self.step = self.position = 0
 
     def _packed(self, data: object, name: str) -> PackedTokens:
@@ -92,7 +93,9 @@ class Trainer:
         """Train until step ``steps`` (resuming where ``output`` holds a checkpoint);
         returns the losses of the steps this call ran, the same on every rank."""
         self._resume()
-        metrics = MetricsLog(self.output, self.rank0, self.step, self.tensorboard)
+        # rank 0 opens the files; a failure there stops every rank, not rank 0 alone
+        metrics = cdist.agree(lambda: MetricsLog(self.output, self.rank0, self.step,
+                                                 self.tensorboard))
         losses: list[float] = []
         rows = self.pm.batch_rows()
         # a terminal gets a progress bar; a log file a line every tenth of the run
@@ -160,8 +163,13 @@ class Trainer:
         loss = total / max(tokens, 1)
         ppl = math.exp(loss) if loss < 700 else math.inf
         self.say(f"eval at step {self.step}: loss {loss:.4f}  perplexity {ppl:.2f}  "
-                 f"({tokens:,} tokens)")
-        return {"step": self.step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens}
+                 f"({tokens:,} tokens)" + (f"  with dropout {self.dropout:g}: the graph "
+                                           "was captured for training" if self.dropout
+                                           else ""))
+        record = {"step": self.step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens}
+        if self.dropout:
+            record["eval_dropout"] = self.dropout
+        return record
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -179,9 +187,7 @@ class Trainer:
         folder = ck.checkpoint_path(self.output, self.step)
         state = self.state()
         self.pm.save_checkpoint(folder, extra={ck.STATE_FILE: state.to_json()})
-        if self.rank0:
-            ck.prune(self.output, self.keep_last)
-        dist.barrier()
+        cdist.agree(lambda: ck.prune(self.output, self.keep_last) if self.rank0 else None)
         self.say(f"saved checkpoint {folder}")
         return folder
 
@@ -215,6 +221,16 @@ class Trainer:
             self.say("note: the training data differs from the checkpoint's; reading on "
                      f"from sequence position {self.position}")
         self.say(f"resuming from {folder} (step {self.step} of {self.steps})")
+
+
+def dropout_of(model: object) -> float:
+    """The largest dropout probability in the model's config (and LoRA's): evaluation
+    runs the graph captured for training, so it applies them too."""
+    cfg = model.program.config
+    ps = [v for k, v in cfg.to_dict().items()
+          if ("dropout" in k or "pdrop" in k) and isinstance(v, float)]
+    ps.append(float(getattr(model.lora, "lora_dropout", 0.0) or 0.0))
+    return max(ps)
 
 
 def _rng_state() -> str:
