@@ -189,6 +189,29 @@ def test_evaluation_never_updates_and_equals_one_process(group, files) -> None:
     assert result["eval_loss"] == pytest.approx(float(total) / result["eval_tokens"], rel=1e-5)
 
 
+def test_metrics_reach_jsonl_and_tensorboard(group, files, tmp_path: Path) -> None:
+    """Each step's record has what the issue lists (grad norm where clipping computes it),
+    and TensorBoard gets the same scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from collie_compile import parallelize
+
+    pm = parallelize(tiny_llama(), gpus=1, optimizer="adamw", seq_len=SEQ, global_batch_size=2,
+                     max_grad_norm=0.5, dp=1, tp=1, pp=1)
+    out = tmp_path / "m"
+    losses = Trainer(pm, packed(files["train"], files["tok"]), steps=3, output=out,
+                     tensorboard=True).fit()
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [r["loss"] for r in steps] == losses
+    for r in steps:
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0
+        assert r["tokens_per_s_per_gpu"] == r["tokens_per_s"] and 0 < r["mfu"] < 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses)
+    assert [e.step for e in events.Scalars("lr")] == [1, 2, 3]
+
+
 def test_lora_run_resumes_to_the_same_losses(group, files, tmp_path: Path) -> None:
     """LoRA with AdamW in one process: resumed from step 2's checkpoint, steps 3-4 give the
     uninterrupted run's losses exactly, and the final folder is a PEFT adapter."""
