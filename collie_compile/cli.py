@@ -267,12 +267,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from collie_compile.runtime.check import LAYOUTS, check_model, report
 
     pins = Pins.from_args(args).given()
-    if pins or args.lora:
+    inside = {"update_in_backward": True} if args.update_in_backward else {}
+    if pins or args.lora or inside:
         layout = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, **pins}
         if layout["pp"] > 1:
             layout.setdefault("schedule", "1f1b")
         name = "-".join(f"{k}{v}" for k, v in pins.items()) or "single"
-        layouts = {name + ("-lora" if args.lora else ""): {**layout, "lora": args.lora}}
+        name += ("-lora" if args.lora else "") + ("-inside" if inside else "")
+        layouts = {name: {**layout, "lora": args.lora, **inside}}
     else:
         layouts = {k: v for k, v in LAYOUTS.items() if k != "single"}
     layers = max(args.layers, max(v["pp"] for v in layouts.values()))
@@ -469,6 +471,9 @@ def _check_command(sub: argparse._SubParsersAction) -> None:
     k.add_argument("model", help="preset name, or a directory/config.json of a HF causal LM")
     Pins.add_arguments(k)
     k.add_argument("--lora", action="store_true", help="train LoRA adapters (all linears)")
+    k.add_argument("--update-in-backward", action="store_true",
+                   help="AdamW updates each weight inside backward (checked against one "
+                        "process updating after it)")
     k.add_argument("--layers", type=int, default=2, help="decoder blocks of the probe")
     k.add_argument("--all-tensors", action="store_true", help="print every tensor's error")
     k.add_argument("--workdir", default=None, help="where checkpoints and results go "

@@ -161,7 +161,8 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
          f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
         ("tied", in_backward and lay.pp > 1 and prof.tied_params,
          f"pp={lay.pp} puts {prof.name}'s tied embedding and LM head on different stages, "
-         "whose gradients must be summed before an update inside backward"),
+         "whose gradients must be summed before an update inside backward; use pp=1 or "
+         "update after backward (--no-update-in-backward)"),
     ]
     return next(((rule, msg) for rule, broken, msg in rules if broken), None)
 
