@@ -375,6 +375,18 @@ def test_killed_runs_resume_to_the_uninterrupted_losses(files, tmp_path: Path) -
     assert sorted(alone) == [5, 6]
     assert [alone[s] for s in (5, 6)] == pytest.approx([expected[5], expected[6]], rel=1e-5)
 
+    # every final weight, per tensor: the resumed run's equal the uninterrupted run's, and
+    # the one-process continuation's agree to rounding
+    from safetensors.torch import load_file
+
+    want = load_file(ref / "final" / "model.safetensors")
+    got = load_file(run / "final" / "model.safetensors")
+    moved_w = load_file(moved / "final" / "model.safetensors")
+    assert sorted(got) == sorted(want) == sorted(moved_w)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for k in want:
+        assert float((moved_w[k] - want[k]).norm()) <= 1e-5 * float(want[k].norm()), k
+
     # the final folder is the trained model, and its eval loss is the logged one
     from transformers import AutoModelForCausalLM
 
