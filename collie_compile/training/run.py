@@ -149,8 +149,9 @@ def prepare_data(cfg: TrainConfig, vocab_size: int) -> tuple[Path, Path | None]:
 
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     quiet = lambda *a: None  # noqa: E731
-    cdist.agree(lambda: build(print if dist.get_rank() == 0 else quiet) if first else None)
-    return cdist.agree(lambda: build(quiet))  # the others: from the cache
+    mine = cdist.agree(lambda: build(print if dist.get_rank() == 0 else quiet)
+                       if first else None)
+    return cdist.agree(lambda: mine or build(quiet))  # the others: from the cache
 
 
 def train(cfg: TrainConfig) -> list[float]:
