@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from collie_compile.errors import CollieError, first_line
@@ -79,7 +80,8 @@ def main(out: str | None = None, families: list[str] | None = None,
                                    no_dropout=True)
                 front = _front(t, cfg) if kind in TARGET_KINDS else {}
                 entry = {"family": t, "kind": kind, "config": cfg.to_dict(),
-                         "front": {k: r.__dict__ for k, r in front.items()}}
+                         "front": {k: r.__dict__ for k, r in front.items()},
+                         "versions": _versions()}
             except Exception as e:  # the probe itself does not build
                 entry = {"family": t, "kind": "other", "config": None, "front": {
                     "capture": Result("capture", "crash", f"probe: {first_line(e)}").__dict__}}
@@ -102,12 +104,29 @@ def main(out: str | None = None, families: list[str] | None = None,
         family, _, column = r.id.partition("/")
         if family in rows:
             rows[family][column] = r
-    (folder / "zoo.md").write_text(matrix(rows, kinds))
+    ran_on = Counter(_ran_on(entry) for entry in done.values())
+    (folder / "zoo.md").write_text(matrix(rows, kinds, ran_on))
     print(f"wrote {folder / 'zoo.md'}")
 
 
-def matrix(rows: dict[str, dict[str, Result]], kinds: dict[str, str]) -> str:
-    """The markdown matrix, a count per column and every refusal's reason."""
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"torch": version("torch"), "transformers": version("transformers")}
+
+
+def _ran_on(entry: dict) -> str:
+    """The library versions an entry was run with (entries written before they were
+    recorded carry transformers' version in the probe's config)."""
+    v = entry.get("versions") or {
+        "transformers": (entry.get("config") or {}).get("transformers_version", "unknown")}
+    return ", ".join(f"{k} {v[k]}" for k in ("transformers", "torch") if k in v)
+
+
+def matrix(rows: dict[str, dict[str, Result]], kinds: dict[str, str],
+           ran_on: Counter) -> str:
+    """The markdown matrix, a count per column and every refusal's reason, headed by the
+    library versions the families ran on (``ran_on``: versions -> families)."""
     mark = {"pass": "✓", "fail": "✗", "crash": "✗", "refused": "refused"}
     lines = ["| family | kind | " + " | ".join(COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
@@ -124,5 +143,6 @@ def matrix(rows: dict[str, dict[str, Result]], kinds: dict[str, str]) -> str:
               for c in COLUMNS}
     target = sum(1 for t in rows if kinds[t] in TARGET_KINDS)
     head = [f"{len(rows)} families, {target} of them dense or MoE decoder-only (the target). "
-            "Passing per column: " + ", ".join(f"{c} {n}" for c, n in totals.items()), ""]
+            "Passing per column: " + ", ".join(f"{c} {n}" for c, n in totals.items()), "",
+            "Ran on " + "; ".join(f"{v} ({n} families)" for v, n in ran_on.most_common()), ""]
     return "\n".join(head + lines + ["", "Not passing, with the reason:", *notes]) + "\n"

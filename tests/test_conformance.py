@@ -122,10 +122,16 @@ def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> No
 
 @pytest.mark.parametrize("case", sorted(SENSITIVE))
 def test_sensitive_model_judged_against_its_own_sensitivity(results: dict, case: str) -> None:
-    """Off by more than the plain tolerances, but by no more than one process moves when
-    its initial weights change by 1e-7: a pass that says so, tensor by tensor."""
+    """Either within the plain tolerances, or off by more but by no more than one process
+    moves when its initial weights change by 1e-7: a pass that says so, tensor by tensor.
+    (Which one is down to rounding: Doge-tp2 was off with transformers 5.24 and is within
+    the plain tolerances with 5.25, its modeling code unchanged.)"""
     r = results[case]
-    assert r.status == "pass" and "own sensitivity" in r.reason, f"{r.status}: {r.reason}"
+    assert r.status == "pass", f"{r.status}: {r.reason}"
+    if not r.sensitivity:
+        assert not r.reason and max(r.tensor_errs.values()) <= WEIGHT_TOLERANCE
+        return
+    assert "own sensitivity" in r.reason, r.reason
     assert max(r.tensor_errs.values()) > WEIGHT_TOLERANCE  # the plain check would fail
     assert all(e <= max(WEIGHT_TOLERANCE, SENSITIVITY_MARGIN * r.sensitivity[k])
                for k, e in r.tensor_errs.items() if k not in r.noise_only)

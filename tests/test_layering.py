@@ -6,7 +6,6 @@ from pathlib import Path
 import collie_compile
 
 PACKAGE = Path(collie_compile.__file__).parent
-ROOT = PACKAGE.parent
 # Shared vocabulary first, then the stages in the order data flows through them.
 ORDER = ["leaf", "kernels", "models", "capture", "optim", "cost", "planner", "passes",
          "data", "runtime", "training", "entry"]
@@ -24,11 +23,9 @@ def _stage(module: str) -> str:
 
 def _sources() -> dict[str, Path]:
     found = {}
-    for folder, name in ((PACKAGE, "collie_compile"), (ROOT / "passes", "collie_compile.passes"),
-                         (ROOT / "kernels", "collie_compile.kernels")):
-        for path in folder.rglob("*.py"):
-            rel = path.relative_to(folder).with_suffix("")
-            found[".".join([name, *rel.parts])] = path
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        found[".".join(["collie_compile", *rel.parts])] = path
     return found
 
 
