@@ -250,7 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lora_targets=args.lora_targets, merge=args.merge,
                       memory_reserve=args.memory_reserve,
                       update_in_backward=args.update_in_backward,
-                      max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
+                      max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode,
+                      fresh_optimizer=args.fresh_optimizer)
     ours = not dist.is_initialized()  # a caller's group outlives the command
     losses = train(cfg)
     if dist.get_rank() == 0 and losses:
@@ -449,6 +450,9 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--save", help="write a HF checkpoint here at the end (--output writes "
                                   "one to OUTPUT/final too)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--fresh-optimizer", action="store_true",
+                   help="resuming --output under another optimizer: its states start afresh "
+                        "(without it, such a resume is refused)")
     t.add_argument("--check", action="store_true",
                    help="afterwards, train one process the same way and compare the losses")
     t.add_argument("--lora-rank", type=int, default=None,

@@ -169,17 +169,85 @@ def run_save(cfg: dict) -> dict:
     first = [pm.train_step({"input_ids": b}) for b in data[:2]]
     pm.save_checkpoint(f"{out_dir}/ckpt")
     pm.save_pretrained(f"{out_dir}/hf")
+    refusals = folder_refusals(pm, out_dir) if cfg.get("folders") else None
     logits = pm.forward(data[0])
     rest = [pm.train_step({"input_ids": b}) for b in data[2:]]
     states = pm._inner_optimizer().state.values() if pm.optimizer is not None else []
     masters = [st["master"] for st in states if "master" in st]  # fused ones update in place
     out = {"layout": pm.chosen.layout_str(), "first": first, "continued": rest,
-           "masters": len(masters), "master_dtypes": sorted({str(m.dtype) for m in masters})}
+           "masters": len(masters), "master_dtypes": sorted({str(m.dtype) for m in masters}),
+           "refusals": refusals}
     if dist.get_rank() == 0:
         hf = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf")
         with torch.no_grad():
             ref = hf(input_ids=data[0]).logits
         out["logits_err"] = float((logits - ref).abs().max() / ref.abs().max())
+    return out
+
+
+def folder_refusals(pm: object, out_dir: str) -> list[str]:
+    """What each rank was told when saving a checkpoint over the HF save, the HF save over
+    the checkpoint, and loading a copy of the checkpoint with 4 KiB of 0xff in rank 1's
+    file (rank 0 gathers: ``rank r: message``)."""
+    import shutil
+
+    def refused(fn: object) -> str:
+        try:
+            fn()
+        except CollieError as e:
+            return str(e)
+        return "not refused"
+
+    said = [refused(lambda: pm.save_checkpoint(f"{out_dir}/hf")),
+            refused(lambda: pm.save_pretrained(f"{out_dir}/ckpt"))]
+    bad = f"{out_dir}/ckpt-damaged"
+    if dist.get_rank() == 0:
+        shutil.copytree(f"{out_dir}/ckpt", bad)
+        with open(f"{bad}/rank00001.safetensors", "r+b") as f:
+            f.seek(os.path.getsize(f.name) // 2)
+            f.write(b"\xff" * 4096)
+    dist.barrier()
+    said.append(refused(lambda: pm.load_checkpoint(bad)))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, said)
+    return [f"rank {r}: {m}" for r, msgs in enumerate(every) for m in msgs]
+
+
+def run_eval(cfg: dict) -> dict:
+    """GPT-2 from its default config (dropout 0.1 everywhere) under the layout: logits and
+    eval loss twice, the HF model's in eval() mode on the same weights (rank 0), and what a
+    batch with a key training does not use is told."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=cfg.get("layers", 2), n_head=4, n_positions=64))
+    hf = AutoModelForCausalLM.from_config(model.config).eval()
+    hf.load_state_dict(model.state_dict())
+    pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH,
+                     **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    ids = batches(1)[0]
+    batch = eval_batch()
+    out = {"layout": pm.chosen.layout_str(),
+           "logits_twice_equal": bool(torch.equal(pm.forward(ids), pm.forward(ids))),
+           "eval_twice": [pm.eval_loss(batch)[0], pm.eval_loss(batch)[0]]}
+    refused = []
+    for extra in ({"position_ids": torch.arange(SEQ).repeat(BATCH, 1)}, {"bogus_key": 1}):
+        try:
+            pm.eval_loss({**batch, **extra})
+            refused.append("not refused")
+        except CollieError as e:
+            refused.append(str(e))
+    out["refused"] = refused
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            ref = hf(input_ids=ids).logits
+            want = hf(input_ids=batch["input_ids"], labels=batch["labels"])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        out["logits_err"] = float((pm.forward(ids) - ref).abs().max() / ref.abs().max())
+        out["hf_eval_sum"] = float(want.loss) * n
+    else:
+        pm.forward(ids)
     return out
 
 
@@ -421,7 +489,7 @@ def main() -> None:
             kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
             run = {"train": run_config, "error": run_error, "save": run_save,
                    "resume": run_resume, "weights": run_weights, "lora": run_lora,
-                   "fused": run_fused, "release": run_release}[kind]
+                   "fused": run_fused, "release": run_release, "eval": run_eval}[kind]
             results[cfg["id"]] = run(cfg)
         except Exception:  # record and go on: one broken layout must not hide the others
             results[cfg["id"]] = {"crash": traceback.format_exc()}

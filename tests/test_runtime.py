@@ -83,7 +83,7 @@ ERRORS_4 = [
 ]
 # A checkpoint written under one plan, resumed under another (same launch) and under
 # another GPU count (the 8-process launch).
-SAVE = {"id": "ckpt-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2}
+SAVE = {"id": "ckpt-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2, "folders": True}
 RESUME_4 = {"id": "ckpt-resume-4", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3}
 RESUME_8 = {"id": "ckpt-resume-8", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 1}
 # LoRA (adapters on q/v: column-parallel bases, o/down: row-parallel) against peft.
@@ -150,7 +150,7 @@ SAVE_PHI3 = {"id": "phi3-save", "kind": "save", "layers": 4, "dp": 1, "tp": 2, "
 RESUME_PHI3 = {"id": "phi3-resume", "kind": "resume", "layers": 4, "dp": 2, "tp": 2, "pp": 1,
                "zero": 3}
 # the same under ZeRO-3: FSDP2's DTensor shards get fp32 masters of their own
-SAVE_BF16_Z3 = {**SAVE_BF16, "id": "adamw-bf16-z3-save", "zero": 3}
+SAVE_BF16_Z3 = {**SAVE_BF16, "id": "adamw-bf16-z3-save", "zero": 3, "folders": True}
 CONFIGS_8 = [
     {"id": "llama-dp2tp2pp2-z3-full", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 3,
      "recompute": "full"},
@@ -169,6 +169,11 @@ def launch(nproc: int, configs: list[dict], tmp: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+# GPT-2 as its default config builds it (dropout 0.1 in embeddings, attention, residuals)
+EVAL_4 = [{"id": "eval-gpt2-tp2pp2", "kind": "eval", "layers": 4, "dp": 1, "tp": 2, "pp": 2},
+          {"id": "eval-gpt2-dp2tp2-z3", "kind": "eval", "dp": 2, "tp": 2, "pp": 1, "zero": 3}]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +203,8 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
                  no_dropout=True).save_pretrained(phi3)
     ckpts += [{**c, "model": str(phi3), "dir": str(phi3)} for c in (SAVE_PHI3, RESUME_PHI3)]
     released = {"id": "released-tp2pp2", "kind": "release", **L4, "dp": 1, "tp": 2, "pp": 2}
-    return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4 + [released], tmp)
+    return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4 + [released] + EVAL_4,
+                  tmp)
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +260,39 @@ def test_save_pretrained_loads_in_transformers(results4: dict, ckpt_dir: Path) -
     r = results4[SAVE["id"]]
     assert "crash" not in r, r.get("crash")
     assert r["logits_err"] <= TOL
-    assert sorted(p.name for p in (ckpt_dir / "hf").iterdir()) == ["config.json",
-                                                                   "model.safetensors"]
+    assert sorted(p.name for p in (ckpt_dir / "hf").iterdir()) == [
+        "collie_compile_save.json", "config.json", "model.safetensors"]
     assert not list(ckpt_dir.glob("*.tmp"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("cfg", [SAVE, SAVE_BF16_Z3], ids=["tp2pp2", "dp2tp2-z3"])
+def test_saves_refuse_each_other_and_damage_on_every_rank(results4: dict, cfg: dict) -> None:
+    """A checkpoint over a save_pretrained folder, the reverse, and a checkpoint with 4 KiB
+    of 0xff in one rank's file: refused on every rank, in one line; the run then goes on
+    (its later losses are the resumed runs' reference)."""
+    r = results4[cfg["id"]]
+    assert "crash" not in r, r.get("crash")
+    said = r["refusals"]
+    assert len(said) == 3 * 4 and "\n" not in "".join(said)
+    for rank in range(4):
+        mine = [m.split(": ", 1)[1] for m in said if m.startswith(f"rank {rank}: ")]
+        assert "holds a collie-compile pretrained save, and this is a checkpoint" in mine[0]
+        assert "holds a collie-compile checkpoint save, and this is a pretrained" in mine[1]
+        assert "rank00001.safetensors does not match the checksum" in mine[2], mine[2]
+
+
+@pytest.mark.parametrize("cfg", EVAL_4, ids=[c["id"] for c in EVAL_4])
+def test_evaluation_is_the_hf_model_in_eval_mode(results4: dict, cfg: dict) -> None:
+    """forward and eval_loss ran with dropout on (two calls differed by 0.45); a batch key
+    training does not use was ignored."""
+    r = results4[cfg["id"]]
+    assert "crash" not in r, r.get("crash")
+    assert f"tp={cfg['tp']} pp={cfg['pp']}" in r["layout"]
+    assert r["logits_twice_equal"] and r["eval_twice"][0] == r["eval_twice"][1]
+    assert r["logits_err"] <= TOL
+    assert r["eval_twice"][0] == pytest.approx(r["hf_eval_sum"], rel=TOL)
+    assert "position_ids are not supported yet" in r["refused"][0]
+    assert "the batch holds bogus_key, which training does not use" in r["refused"][1]
 
 
 def test_resume_keeps_fp32_masters_of_bf16_weights(results4: dict) -> None:
@@ -363,32 +399,6 @@ def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
 
     assert len(load_file(out / "adapter_model.safetensors")) == 2 * 3 * 2  # layers x targets x A,B
     PeftModel.from_pretrained(build_model(load_config("tiny-llama"), device="cpu"), out)
-
-
-def test_saving_never_replaces_a_users_files(tmp_path: Path) -> None:
-    """Saving replaces the whole folder: it used to delete whatever was in it (and a
-    file given as the folder was moved aside, then a traceback)."""
-    from collie_compile.errors import CollieError
-    from collie_compile.runtime.state import check_replaceable
-
-    check_replaceable(tmp_path / "new")  # nothing there yet
-    (tmp_path / "empty").mkdir()
-    check_replaceable(tmp_path / "empty")
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    for name in ("config.json", "model.safetensors", "index.json", "rank00001.safetensors"):
-        (ours / name).write_text("x")
-    check_replaceable(ours)  # a previous save: replaced
-    (ours / "notes.txt").write_text("important")
-    with pytest.raises(CollieError, match=r"holds files a checkpoint does not \(notes.txt\)"):
-        check_replaceable(ours)
-    (tmp_path / "data.txt").write_text("text")
-    with pytest.raises(CollieError, match="exists and is not a folder"):
-        check_replaceable(tmp_path / "data.txt")
-    (tmp_path / "run.tmp").mkdir()
-    (tmp_path / "run.tmp" / "mine.py").write_text("")
-    with pytest.raises(CollieError, match="run.tmp holds files"):
-        check_replaceable(tmp_path / "run")
 
 
 def test_fused_only_options_are_refused_for_other_optimizers() -> None:

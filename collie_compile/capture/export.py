@@ -12,6 +12,7 @@ materialised mask and per-group K/V copies.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import os
 import re
@@ -111,13 +112,31 @@ def refuse_experts(model: torch.nn.Module) -> None:
                 "trains dense decoder-only models")
 
 
+def refuse_bidirectional(model: torch.nn.Module) -> None:
+    """Refuse a model whose attention is not causal: an encoder's causal-LM class (BERT's
+    ``BertLMHeadModel``, RoBERTa's, ...) attends both ways unless its config sets
+    ``is_decoder``, and a config marked ``is_encoder`` or ``causal=False`` always does.
+    Trained as a causal LM, each position would see the tokens it is to predict."""
+    cfg = getattr(model, "config", None)
+    wants_decoder = "config.is_decoder" in inspect.getsource(type(model).__init__)
+    if ((wants_decoder and getattr(cfg, "is_decoder", False) is False)
+            or getattr(cfg, "is_encoder", False) or getattr(cfg, "causal", True) is False):
+        hint = (f"set \"is_decoder\": true in its config for a causal {type(model).__name__}"
+                if wants_decoder else "use a decoder-only model")
+        raise CaptureError(f"{type(model).__name__} attends in both directions (its "
+                           f"{getattr(cfg, 'model_type', '')} config is an encoder's): as a "
+                           f"causal LM every position would see the tokens it predicts; "
+                           f"{hint}")
+
+
 def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedProgram]
                     ) -> ExportedProgram:
     """``export(swap)`` with the model's attention as it is (``swap``: SDPA may become
     ours), else with each of :data:`FALLBACKS`; the first error if none captures. The
     model gets its own attention implementation back. Refuses mixture-of-experts models
-    first."""
+    and bidirectional models first."""
     refuse_experts(model)
+    refuse_bidirectional(model)
     config = getattr(model, "config", None)
     start = getattr(config, "_attn_implementation", None)
     first: CaptureError | None = None

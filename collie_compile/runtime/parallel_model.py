@@ -225,10 +225,9 @@ class ParallelModel:
         """Every parameter (or its gradient) whole, on every rank, under its HF name."""
         return saving.full_state_dict(self.program, grads)
 
-    @staticmethod
-    def check_save_path(directory: str | Path) -> None:
-        """Raise on every rank if rank 0 may not save to ``directory``."""
-        saving.check_save_path(directory)
+    def check_save_path(self, directory: str | Path, merge: bool = False) -> None:
+        """Raise on every rank if :meth:`save_pretrained` may not write ``directory``."""
+        saving.check_save_path(directory, saving.save_kind(self.lora, merge))
 
     def save_pretrained(self, directory: str | Path, merge: bool = False) -> None:
         """Write a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained``
@@ -241,9 +240,10 @@ class ParallelModel:
         ``extra``: text files (name -> content) rank 0 adds to the folder."""
         saving.save_checkpoint(self.program, self.updates, self.step_count, directory, extra)
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        """Restore weights, optimizer states and step from :meth:`save_checkpoint`."""
-        step = saving.load_checkpoint(self.program, self.updates, directory)
+    def load_checkpoint(self, directory: str | Path, fresh_optimizer: bool = False) -> None:
+        """Restore weights, optimizer states and step from :meth:`save_checkpoint`; the
+        states must be of this optimizer, unless ``fresh_optimizer`` starts it afresh."""
+        step = saving.load_checkpoint(self.program, self.updates, directory, fresh_optimizer)
         self.stepper.step_count = step
         if self.updates.fused is not None:
             self.updates.fused.step_count = step

@@ -4,7 +4,8 @@ Every rank captures the model at the plan's micro-batch shape and applies the pa
 its coordinates in the (pp, dp, tp) mesh, in this order:
 
     capture -> tensor_parallel -> lora -> outline_blocks -> pipeline_split, then per stage
-    move_to_device -> expand_grouped_kv -> (weights read) -> recompute -> data_parallel
+    move_to_device -> expand_grouped_kv -> (weights read) -> recompute -> dropout ->
+    data_parallel
 
 :func:`build_rank_program` is that list, one pass per line; what the passes found (the
 shards, the groups that sum partial gradients, which stage holds which weight) comes
@@ -32,6 +33,7 @@ from collie_compile.models.attention import fused_gqa
 from collie_compile.models.probe import attention_heads
 from collie_compile.models.registry import tied_names
 from collie_compile.passes.data_parallel import data_parallel
+from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
@@ -266,6 +268,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
             cdist.agree(lambda st=st: program.load_weights(st, pieces, weights))
         st = named_pass("recompute", lambda st=st: recompute_pass(
             st.to(device), ag.block_prefix, c.layer_modes()))
+        st = named_pass("dropout", lambda st=st: dropout_follows_mode(st))
         st = named_pass("data_parallel", lambda st=st: data_parallel(
             st, dp_mesh, zero, ag.block_prefix))
         program.stages.append(st)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
 from collie_compile.optim.in_backward import STATE_KEYS
 from collie_compile.runtime import distributed as cdist
+from collie_compile.runtime import folders
 from collie_compile.runtime import state as ckpt
 from collie_compile.runtime.options import ADAPTER_PREFIX
 from collie_compile.runtime.program import RankProgram
@@ -59,10 +60,15 @@ def full_state_dict(prog: RankProgram, grads: bool = False) -> dict[str, torch.T
     return out
 
 
-def check_save_path(directory: str | Path) -> None:
-    """Raise on every rank if rank 0, the writer, may not save to ``directory``: a
-    file, or a folder with files of the user's in it."""
-    cdist.agree(lambda: ckpt.check_replaceable(Path(directory))
+def save_kind(lora: object | None, merge: bool) -> str:
+    """The kind of folder :func:`save_pretrained` writes (:mod:`.folders`)."""
+    return "adapter" if lora is not None and not merge else "pretrained"
+
+
+def check_save_path(directory: str | Path, kind: str) -> None:
+    """Raise on every rank if rank 0, the writer, may not write a ``kind`` save to
+    ``directory`` (:func:`.folders.check_target`)."""
+    cdist.agree(lambda: folders.check_target(directory, kind)
                 if dist.get_rank() == 0 else None)
 
 
@@ -73,15 +79,13 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
     into the weights. Rank 0 writes."""
     from safetensors.torch import save_file
 
-    final = Path(directory)
-    check_save_path(final)
+    kind = save_kind(lora, merge)
+    check_save_path(directory, kind)
     weights = full_state_dict(prog)
     if dist.get_rank() == 0:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        adapters = {k: v for k, v in weights.items() if ".lora_" in k}
-        if adapters and not merge:
+        tmp = folders.begin(directory, kind)
+        if kind == "adapter":
+            adapters = {k: v for k, v in weights.items() if ".lora_" in k}
             save_file({ADAPTER_PREFIX + k: v.contiguous() for k, v in adapters.items()},
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             lora.save_pretrained(str(tmp))
@@ -93,7 +97,7 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
             save_file({k: v.contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
             prog.config.save_pretrained(tmp)
-        ckpt.replace_dir(tmp, final)
+        folders.finish(tmp, directory, kind)
     dist.barrier()
 
 
@@ -102,12 +106,10 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
     """The training state (weights, optimizer states, step) sharded: each rank saves the
     boxes it alone holds; rank 0 adds the text files ``extra`` (name -> content) before
     the folder is renamed into place."""
-    final = Path(directory)
-    check_save_path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    check_save_path(directory, "checkpoint")
+    tmp = Path(str(directory) + ".tmp")
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        folders.begin(directory, "checkpoint")
     dist.barrier()
     tensors, scalars = {}, {}
     states = updates.states(prog)
@@ -132,24 +134,28 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
                         for n, p in local.items() if prog.tp_first(n)
                         for k, v in states.get(n, {}).items()
                         if torch.is_tensor(v) and v.shape == p.shape})
-    entries = ckpt.write_rank_file(tmp / f"rank{dist.get_rank():05d}.safetensors", tensors)
+    mine = tmp / f"rank{dist.get_rank():05d}.safetensors"
+    entries = ckpt.write_rank_file(mine, tensors)
     _fault_point("save", step)
-    every = cdist.all_strings(json.dumps({"tensors": entries, "scalars": scalars}))
+    every = cdist.all_strings(json.dumps({"tensors": entries, "scalars": scalars,
+                                          "digest": [mine.name, folders.sha256(mine)]}))
     if dist.get_rank() == 0:
         index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
                        "model": prog.plan.model, "step": step,
-                       "optimizer": (updates.rule if updates.fused is not None
-                                     else type(updates.inner()).__name__),
+                       "optimizer": {"rule": updates.rule,
+                                     "hyperparameters": updates.hyperparameters()},
                        "scalars": {}, "tensors": {}}
+        digests = {}
         for text in every:
             part = json.loads(text)
+            digests[part["digest"][0]] = part["digest"][1]
             index["scalars"].update(part["scalars"])
             for k, e in part["tensors"].items():
                 index["tensors"].setdefault(k, []).extend(e)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
-        ckpt.replace_dir(tmp, final)
+        folders.finish(tmp, directory, "checkpoint", digests)
     dist.barrier()
 
 
@@ -161,14 +167,22 @@ def _fault_point(where: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path) -> int:
+def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path,
+                    fresh_optimizer: bool = False) -> int:
     """Weights and optimizer states from :func:`save_checkpoint`'s directory, whatever
-    plan wrote it; each rank reads only what it holds. Returns the step."""
+    plan wrote it; each rank reads only what it holds. The states must be of this run's
+    optimizer; ``fresh_optimizer`` reads the weights alone and starts the optimizer
+    afresh. Returns the step."""
     def read() -> tuple[dict, dict]:
+        # each rank hashes its share of the files: all of them read once in all
+        if not folders.verify(directory, dist.get_rank(), dist.get_world_size()):
+            _warn_unverified(directory)
         meta, pieces = ckpt.read_index(Path(directory))
         if meta.get("model") != prog.plan.model:
             raise CollieError(f"{directory} holds model {meta.get('model')!r}, not "
                               f"{prog.plan.model!r}")
+        if not fresh_optimizer:
+            _check_optimizer(directory, meta.get("optimizer"), updates)
         return meta, pieces
 
     meta, pieces = cdist.agree(read)
@@ -180,12 +194,37 @@ def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path) 
                 raise CollieError(f"{directory} has no tensor {name!r}")
             with torch.no_grad():
                 local_tensor(p).copy_(prog.read(name, p, pieces[stored], name))
-            if p.requires_grad:
+            if p.requires_grad and not fresh_optimizer:
                 _restore_state(prog, updates, name, p, pieces, meta["scalars"])
 
     cdist.agree(load)
     dist.barrier()
     return int(meta["step"])
+
+
+def _check_optimizer(directory: str | Path, saved: object, updates: Updates) -> None:
+    """Refuse the states of another optimizer rule (they would be read as this one's, or
+    be missing: a raw KeyError at the next step); say where the settings differ."""
+    if not isinstance(saved, dict):  # written before the rule was recorded
+        return
+    rule = saved.get("rule")
+    if rule != updates.rule:
+        raise CollieError(f"{directory} holds the states of the {rule} optimizer, and this "
+                          f"run uses {updates.rule}; resume with {rule}, or start the "
+                          "optimizer afresh (fresh_optimizer=True, --fresh-optimizer)")
+    now, then = updates.hyperparameters(), saved.get("hyperparameters", {})
+    # settings both record (inside and after backward keep different sets)
+    changed = sorted(k for k in set(now) & set(then) if now[k] != then[k])
+    if changed and dist.get_rank() == 0:
+        warnings.warn(f"{directory}: {rule}'s " + ", ".join(
+            f"{k} was {then[k]}, now {now[k]}" for k in changed)
+            + "; resuming with the new settings", stacklevel=4)
+
+
+def _warn_unverified(directory: str | Path) -> None:
+    if dist.get_rank() == 0:
+        warnings.warn(f"{directory} was saved before checkpoints recorded checksums: its "
+                      "files are read unchecked", stacklevel=3)
 
 
 def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tensor,

@@ -9,15 +9,13 @@ of files that overlap what it now holds (safetensors reads slices without loadin
 rest). A Hugging Face checkpoint directory is the special case of whole tensors, which is
 how ``weights=DIR`` loads a model no rank could hold whole.
 
-Writes go to a temporary directory renamed into place, so a crash never leaves half a
-checkpoint behind.
+Which folder a save may write, and how it is put in place and verified:
+:mod:`collie_compile.runtime.folders`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,42 +190,3 @@ def read_box(pieces: list[Piece], box: Box, name: str) -> torch.Tensor:
         raise CollieError(f"the checkpoint does not cover all of {name} "
                           f"(box at {list(box.offset)} of shape {list(box.shape)})")
     return out
-
-
-# What our saves write: a directory holding only these is one we may replace.
-SAVED_FILES = ("config.json", "generation_config.json", "model*.safetensors",
-               "model.safetensors.index.json", "adapter_config.json",
-               "adapter_model.safetensors", "README.md", "index.json", "rank*.safetensors",
-               "trainer_state.json")
-
-
-def check_replaceable(final: Path) -> None:
-    """Refuse to save over a file, or over a folder holding anything a save of ours does
-    not write (replacing a folder deletes what is in it)."""
-    for path in (final, final.with_name(final.name + ".tmp"),
-                 final.with_name(final.name + ".old")):
-        if not path.exists() and not path.is_symlink():
-            continue
-        if not path.is_dir() or path.is_symlink():
-            raise CollieError(f"cannot save to {final}: {path} exists and is not a folder; "
-                              "give a new folder name")
-        foreign = sorted(f.name for f in path.iterdir()
-                         if not any(fnmatch.fnmatch(f.name, pat) for pat in SAVED_FILES))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise CollieError(f"cannot save to {final}: {path} holds files a checkpoint does "
-                              f"not ({shown}) and saving replaces the whole folder; give a "
-                              "new or empty folder")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` directory to ``final``, replacing an older one (that
-    :func:`check_replaceable` allowed)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)

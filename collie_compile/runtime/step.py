@@ -9,6 +9,9 @@ loss and gradients equal those of one process on the whole batch with HF's mean 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,6 +35,26 @@ def token_loss(out: object, target: torch.Tensor) -> torch.Tensor:
     logits = _first(out)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+def check_batch_keys(batch: dict) -> None:
+    """Refuse a batch key the program would not use (it used to be ignored in silence)."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise CollieError("a batch is a dict with input_ids (and optionally labels and "
+                          "attention_mask)")
+    if "position_ids" in batch:  # packed documents whose positions restart
+        raise CollieError("position_ids are not supported yet: every row is one causal "
+                          "sequence at positions 0..seq-1 (documents packed into a row "
+                          "attend to each other, as collie-compile train packs them); "
+                          "remove position_ids")
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        raise CollieError(f"the batch holds {', '.join(map(str, unknown))}, which training "
+                          f"does not use (it takes {', '.join(BATCH_KEYS)}); remove "
+                          f"{'it' if len(unknown) == 1 else 'them'}")
 
 
 class Stepper:
@@ -117,6 +140,7 @@ class Stepper:
     def _targets(self, batch: dict, rows: int, local: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and their next-token targets (-100: not counted), checked."""
+        check_batch_keys(batch)
         ids = torch.as_tensor(batch["input_ids"])
         labels = torch.as_tensor(batch.get("labels", ids)).clone()
         mask = batch.get("attention_mask")
@@ -247,11 +271,12 @@ class Stepper:
         update either, inside backward or after it."""
         ids, targets, tokens = self._local_batch(batch, local)
         total = torch.zeros((), dtype=torch.float32)
-        for x, y in zip(ids.split(self.micro_batch), targets.split(self.micro_batch),
-                        strict=True):
-            out = self._forward_micro_batch(x)
-            if out is not None:  # the last stage: every tp rank takes part in the loss
-                total += self._token_loss(out, y).float().cpu()
+        with self._evaluating():
+            for x, y in zip(ids.split(self.micro_batch), targets.split(self.micro_batch),
+                            strict=True):
+                out = self._forward_micro_batch(x)
+                if out is not None:  # the last stage: every tp rank takes part in the loss
+                    total += self._token_loss(out, y).float().cpu()
         return self._global_loss(total), tokens
 
 
@@ -269,17 +294,30 @@ class Stepper:
         mine = ids[dp * share:(dp + 1) * share].to(device)
         vocab = int(prog.config.vocab_size)
         local = torch.zeros(share, self.seq, vocab, device=device)
-        for i, x in enumerate(mine.split(self.micro_batch)):
-            out = self._forward_micro_batch(x)
-            rows = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-            if out is not None and prog.vocab_slice is not None:  # each tp rank its slice
-                local[rows, :, prog.vocab_slice[0]:prog.vocab_slice[1]] = out
-            elif out is not None and prog.coords.tp == 0:
-                local[rows] = out
+        with self._evaluating():
+            for i, x in enumerate(mine.split(self.micro_batch)):
+                out = self._forward_micro_batch(x)
+                rows = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+                if out is not None and prog.vocab_slice is not None:  # tp: its vocab slice
+                    local[rows, :, prog.vocab_slice[0]:prog.vocab_slice[1]] = out
+                elif out is not None and prog.coords.tp == 0:
+                    local[rows] = out
         full = torch.zeros(self.global_batch, self.seq, vocab, device=device)
         full[dp * share:(dp + 1) * share] = local
         dist.all_reduce(full)
         return full.cpu()
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """The stages in eval mode (no dropout: passes.dropout), as HF's ``model.eval()``;
+        back in training mode after."""
+        for st in self.program.stages:
+            st.eval()
+        try:
+            yield
+        finally:
+            for st in self.program.stages:
+                st.train()
 
     def _forward_micro_batch(self, x: torch.Tensor) -> torch.Tensor | None:
         """Run one micro-batch through the stages in order, passing boundary tensors

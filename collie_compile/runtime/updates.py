@@ -60,6 +60,17 @@ class Updates:
             for group in opt.param_groups:
                 group["lr"] = lr
 
+    def hyperparameters(self) -> dict:
+        """The rule's settings a checkpoint records beside its states (not the learning
+        rate, which schedules move): JSON values."""
+        if self.fused is not None:
+            found = {"weight_decay": self.fused.weight_decay, **self.fused.options}
+        else:
+            found = {k: v for k, v in self.inner().param_groups[0].items()
+                     if k not in ("params", "lr", "initial_lr")}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(found.items())
+                if isinstance(v, (bool, int, float, str, tuple, type(None)))}
+
     def writes_states(self, program: RankProgram) -> bool:
         """False under ZeRO-1 (stateful rules), where each state lives on one dp rank."""
         c = program.chosen

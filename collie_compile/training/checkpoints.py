@@ -11,21 +11,22 @@
 
 A checkpoint is written to ``step-N.tmp`` and renamed when every rank's file and the
 index are in it, so a folder named ``step-N`` is complete; what a killed job left
-(``.tmp``, ``.old``) is never read and is cleared by the next run.
+(``.tmp``, ``.old``, marked as ours) is never read and is cleared by the next run.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from collie_compile.errors import CollieError
+from collie_compile.runtime import folders
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"step-(\d+)")
+_LEFT = re.compile(r"step-\d+\.(tmp|old)")  # what a stopped save leaves
 
 
 @dataclass
@@ -77,12 +78,12 @@ def read_state(folder: Path) -> TrainerState:
 
 
 def clear_partial(output: Path) -> list[Path]:
-    """Remove what a killed save left (``step-N.tmp``, ``step-N.old``); returns them."""
+    """Remove what a killed save of ours left (``step-N.tmp``, ``step-N.old``, marked by
+    its manifest: :mod:`collie_compile.runtime.folders`); returns them. Any other folder
+    (``step-best`` a user keeps, a copy) stays."""
     root = checkpoints_dir(output)
-    gone = [d for d in root.glob("step-*") if d.is_dir() and not _NAME.fullmatch(d.name)]
-    for d in gone:
-        shutil.rmtree(d, ignore_errors=True)
-    return gone
+    left = [d for d in root.glob("step-*") if _LEFT.fullmatch(d.name) and d.is_dir()]
+    return [d for d in left if folders.remove_ours(d)]
 
 
 def prune(output: Path, keep_last: int | None) -> None:
@@ -90,6 +91,8 @@ def prune(output: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
     for _, d in complete_checkpoints(output)[:-keep_last]:
+        if folders.read_manifest(d) is None:
+            continue  # not one of ours (or saved before manifests): left alone
         old = d.with_name(d.name + ".old")  # renamed first: never half a "step-N"
         d.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
+        folders.remove_ours(old)

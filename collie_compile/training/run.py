@@ -79,6 +79,7 @@ class TrainConfig:
     update_in_backward: bool | None = None  # None: the plan's choice
     max_grad_norm: float | None = None  # clip the global gradient norm
     clip_mode: str = "two-pass"  # inside backward: measure first, or the previous norm
+    fresh_optimizer: bool = False  # resume --output's weights under another optimizer
 
     def schedule(self, lr: float) -> LRSchedule:
         return LRSchedule(lr, self.steps, self.lr_schedule, self.warmup_steps,
@@ -134,6 +135,27 @@ def check_data_options(cfg: TrainConfig) -> None:
         if cfg.check and complete_checkpoints(out):
             raise CollieError(f"--check trains one process from the start, but {out} holds "
                               "checkpoints this run would resume from; use a new --output")
+    check_outputs_apart(cfg)
+
+
+def check_outputs_apart(cfg: TrainConfig) -> None:
+    """A folder the run writes (--save, --output) is none it reads from, nor inside or
+    around one: a save would replace the base model, or the next run read its own
+    checkpoints as data."""
+    reads = {"--weights": [cfg.weights], "--tokenizer": [cfg.tokenizer], "MODEL": [cfg.model],
+             "--data": cfg.data, "--eval-data": cfg.eval_data or []}
+    for out_flag, out in (("--save", cfg.save), ("--output", cfg.output)):
+        if out is None:
+            continue
+        o = Path(out).resolve()
+        for in_flag, paths in reads.items():
+            for src in paths:
+                if src is None or not Path(src).exists():
+                    continue  # a preset name, or a missing path refused elsewhere
+                i = Path(src).resolve()
+                if o == i or i in o.parents or o in i.parents:
+                    raise CollieError(f"{out_flag} {out} overlaps {in_flag} {src}, which this "
+                                      f"run reads; write to a folder outside it")
 
 
 def prepare_data(cfg: TrainConfig, vocab_size: int) -> tuple[Path, Path | None]:
@@ -175,7 +197,7 @@ def train(cfg: TrainConfig) -> list[float]:
                      **cfg.pins.given())
     finals = [p for p in (cfg.save, cfg.output and Path(cfg.output) / FINAL) if p]
     for final in finals:  # before the training, not after it
-        pm.check_save_path(final)
+        pm.check_save_path(final, cfg.merge)
     seq = pm.plan.seq_len
     data = PackedTokens.from_cache(train_file, "train", seq, cfg.seed, name=" ".join(cfg.data))
     eval_data = None
@@ -186,7 +208,8 @@ def train(cfg: TrainConfig) -> list[float]:
     schedule = cfg.schedule(cfg.lr or pm.lr)
     trainer = Trainer(pm, data, steps=cfg.steps, schedule=schedule, eval_data=eval_data,
                       eval_every=cfg.eval_every, output=cfg.output, save_every=cfg.save_every,
-                      keep_last=cfg.keep_last, seed=cfg.seed, tensorboard=cfg.tensorboard)
+                      keep_last=cfg.keep_last, seed=cfg.seed, tensorboard=cfg.tensorboard,
+                      fresh_optimizer=cfg.fresh_optimizer)
     # the adapters' random init, for --check's one-process run to start from
     start_adapters = ({k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
                       if cfg.check and pm.lora is not None else None)

@@ -45,8 +45,10 @@ class Trainer:
                  eval_every: int | None = None, output: str | Path | None = None,
                  save_every: int | None = None, keep_last: int | None = None,
                  seed: int = 0, tensorboard: bool | None = None,
+                 fresh_optimizer: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self.pm, self.steps, self.seed = model, steps, seed
+        self.fresh_optimizer = fresh_optimizer
         plan = model.plan
         self.seq, self.batch_size = plan.seq_len, plan.global_batch_size
         check_options(steps, eval_data is not None, eval_every, output, save_every, keep_last)
@@ -63,7 +65,6 @@ class Trainer:
         self.tensorboard = tensorboard
         self.rank0 = dist.get_rank() == 0
         self._print = log
-        self.dropout = dropout_of(model)
         self.step = self.position = 0
 
     def _packed(self, data: object, name: str) -> PackedTokens:
@@ -163,13 +164,8 @@ class Trainer:
         loss = total / max(tokens, 1)
         ppl = math.exp(loss) if loss < 700 else math.inf
         self.say(f"eval at step {self.step}: loss {loss:.4f}  perplexity {ppl:.2f}  "
-                 f"({tokens:,} tokens)" + (f"  with dropout {self.dropout:g}: the graph "
-                                           "was captured for training" if self.dropout
-                                           else ""))
-        record = {"step": self.step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens}
-        if self.dropout:
-            record["eval_dropout"] = self.dropout
-        return record
+                 f"({tokens:,} tokens)")
+        return {"step": self.step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens}
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -207,7 +203,10 @@ class Trainer:
         if not folder:
             return
         state = cdist.agree(lambda: ck.read_state(Path(folder)))
-        self.pm.load_checkpoint(folder)
+        self.pm.load_checkpoint(folder, fresh_optimizer=self.fresh_optimizer)
+        if self.fresh_optimizer:
+            self.say(f"note: the optimizer starts afresh (--fresh-optimizer): {folder}'s "
+                     "weights are read, not its optimizer states")
         self.step, self.position = state.step, state.position
         if self.step != self.pm.step_count:
             raise CollieError(f"{folder}: trainer_state.json says step {self.step} but the "
@@ -221,16 +220,6 @@ class Trainer:
             self.say("note: the training data differs from the checkpoint's; reading on "
                      f"from sequence position {self.position}")
         self.say(f"resuming from {folder} (step {self.step} of {self.steps})")
-
-
-def dropout_of(model: object) -> float:
-    """The largest dropout probability in the model's config (and LoRA's): evaluation
-    runs the graph captured for training, so it applies them too."""
-    cfg = model.program.config
-    ps = [v for k, v in cfg.to_dict().items()
-          if ("dropout" in k or "pdrop" in k) and isinstance(v, float)]
-    ps.append(float(getattr(model.lora, "lora_dropout", 0.0) or 0.0))
-    return max(ps)
 
 
 def _rng_state() -> str:

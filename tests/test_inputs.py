@@ -1,0 +1,109 @@
+"""What a run takes in is honoured or refused, never ignored (issue 31, items 4-6): dropout
+off in evaluation as in the HF model's ``eval()``, on in training as in its ``train()``;
+batch keys training does not use; encoder configs whose attention is bidirectional.
+Models from transformers' own config classes and defaults, at two shapes. (The same
+under tp2·pp2 and dp2·ZeRO-3: test_runtime.py's EVAL_4.)"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, BertConfig, GPT2Config
+
+from collie_compile.errors import CollieError
+
+SHAPES = [(2, 16), (4, 8)]  # (global batch, seq)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg",
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def gpt2() -> torch.nn.Module:
+    """GPT-2's defaults: dropout 0.1 on embeddings, attention and residuals (weights
+    drawn wider than its init, so that dropout moves the loss visibly)."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.3))
+
+
+def ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_evaluation_is_the_model_in_eval_mode_and_training_keeps_dropout(
+        group, batch: int, seq: int) -> None:
+    from collie_compile import parallelize
+
+    model = gpt2()
+    hf = copy.deepcopy(model)
+    pm = parallelize(model, gpus=1, seq_len=seq, global_batch_size=batch, optimizer="sgd",
+                     lr=0.0)
+    x = ids(batch, seq)
+    logits = pm.forward(x)
+    assert torch.equal(logits, pm.forward(x))  # used to differ by 0.45
+    loss_sum, n = pm.eval_loss({"input_ids": x})
+    assert (loss_sum, n) == pm.eval_loss({"input_ids": x}) and n == batch * (seq - 1)
+    with torch.no_grad():
+        want = hf.eval()(input_ids=x, labels=x)
+    assert float((logits - want.logits).abs().max()) <= 1e-5 * float(want.logits.abs().max())
+    assert loss_sum / n == pytest.approx(float(want.loss), rel=1e-5)
+    # training: the same dropout masks as the HF model in train() from the same seed
+    hf.train()
+    torch.manual_seed(7)
+    train_hf = float(hf(input_ids=x, labels=x).loss)
+    torch.manual_seed(7)
+    train_ours = pm.train_step({"input_ids": x})
+    assert train_ours == pytest.approx(train_hf, rel=1e-5)
+    torch.manual_seed(8)
+    other_masks = float(hf(input_ids=x, labels=x).loss)
+    assert abs(train_ours - other_masks) > 1e-3  # dropout did act, and matched
+
+
+def test_a_batch_key_training_does_not_use_is_refused(group) -> None:
+    from collie_compile import parallelize
+
+    pm = parallelize(gpt2(), gpus=1, seq_len=8, global_batch_size=2, optimizer="sgd", lr=0.0)
+    x = ids(2, 8)
+    before = pm.full_state_dict()
+    for extra, says in (({"position_ids": torch.arange(8).repeat(2, 1)},
+                         "position_ids are not supported yet"),
+                        ({"bogus_key": x}, "the batch holds bogus_key, which training does "
+                                           "not use (it takes input_ids, labels, "
+                                           "attention_mask); remove it"),
+                        ({"token_type_ids": x, "pixel_values": x},
+                         "the batch holds pixel_values, token_type_ids")):
+        for call in (pm.train_step, pm.eval_loss):
+            with pytest.raises(CollieError, match=says.replace("(", r"\(").replace(")", r"\)")):
+                call({"input_ids": x, **extra})
+    after = pm.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(CollieError, match="a batch is a dict with input_ids"):
+        pm.train_step({"tokens": x})
+
+
+def test_an_encoder_config_is_refused_as_a_causal_lm(tmp_path: Path, capsys) -> None:
+    """BERT's causal-LM class attends both ways unless is_decoder is set: it used to
+    estimate and train as if causal."""
+    from collie_compile.cli import main
+
+    enc, dec = tmp_path / "bert", tmp_path / "bert-decoder"
+    small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64)
+    BertConfig(**small).save_pretrained(enc)
+    BertConfig(**small, is_decoder=True).save_pretrained(dec)
+    rc = main(["estimate", str(enc), "--gpus", "1", "--seq-len", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert ("BertLMHeadModel attends in both directions" in err[0]
+            and '"is_decoder": true' in err[0]), err
+    assert main(["estimate", str(dec), "--gpus", "1", "--seq-len", "16"]) == 0
