@@ -3,9 +3,9 @@
 import argparse
 import warnings
 
-from . import estimate, fidelity, optimizer_kernels, plan, rss, train, zoo
+from . import checkpoints, estimate, fidelity, optimizer_kernels, plan, rss, train, zoo
 
-SUITES = {"estimate": estimate.main, "fidelity": fidelity.main,
+SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main, "fidelity": fidelity.main,
           "kernels": optimizer_kernels.main, "plan": plan.main, "rss": rss.main,
           "train": train.main,
           "zoo": zoo.main}
