@@ -13,6 +13,10 @@ from collie_compile.dtypes import check_dtype
 from collie_compile.errors import CollieError, named
 from collie_compile.layout import LORA_TARGETS_WITHOUT_RANK, RECOMPUTE, SCHEDULES
 
+# parallelize's global batch when none is given: a fine-tuning run's size (8 sequences a
+# GPU: 64 on 8 GPUs), not the planner's pre-training default of ~2M tokens a step
+FINE_TUNING_SEQUENCES_PER_GPU = 8
+
 
 @dataclass(frozen=True)
 class Request:

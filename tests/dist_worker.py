@@ -304,9 +304,15 @@ def run_lora(cfg: dict) -> dict:
             if "lora_" in n:
                 p.data = torch.randn(p.shape, generator=gen) * 0.05
         peft_model.save_pretrained(f"{d}/init")
+        if cfg.get("from_disk"):
+            make_model(name, layers).save_pretrained(f"{d}/base")
     dist.barrier()
-    pm = parallelize(make_model(name, layers), seq_len=SEQ, global_batch_size=BATCH,
+    # from_disk: the base on the meta device, each rank reading its slices of a saved one
+    model = (build_model(with_layers(load_config(name), layers), device="meta")
+             if cfg.get("from_disk") else make_model(name, layers))
+    pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH,
                      lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
+                     weights=f"{d}/base" if cfg.get("from_disk") else None,
                      lora_adapter=f"{d}/init", **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
     data = batches()
     losses = [pm.train_step({"input_ids": b}) for b in data]

@@ -86,10 +86,12 @@ ERRORS_4 = [
 SAVE = {"id": "ckpt-save", "kind": "save", **L4, "dp": 1, "tp": 2, "pp": 2, "folders": True}
 RESUME_4 = {"id": "ckpt-resume-4", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 1, "zero": 3}
 RESUME_8 = {"id": "ckpt-resume-8", "kind": "resume", **L4, "dp": 2, "tp": 2, "pp": 2, "zero": 1}
-# LoRA (adapters on q/v: column-parallel bases, o/down: row-parallel) against peft.
-LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2},
+# LoRA (adapters on q/v: column-parallel bases, o/down: row-parallel) against peft, on a
+# base read from a saved folder onto a meta-device model (the way a big base is adapted).
+LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2,
+           "from_disk": True},
           {"id": "lora-dp2tp2-z3", "kind": "lora", "model": "tiny-llama", "dp": 2, "tp": 2,
-           "pp": 1, "zero": 3}]
+           "pp": 1, "zero": 3, "from_disk": True}]
 LORA_1 = {"id": "lora-single", "kind": "lora", "model": "tiny-llama", "dp": 1, "tp": 1, "pp": 1}
 WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
 # LOMO/AdaLomo updated inside backward: dp reduced in buckets (ZeRO-0) or by FSDP2's

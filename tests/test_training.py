@@ -271,6 +271,72 @@ def test_bad_input_is_one_line_and_writes_nothing(group, files, tmp_path: Path,
         assert not out.exists(), name
 
 
+def test_lora_on_weights_from_disk_matches_peft_and_saves_usable_folders(
+        group, files, tmp_path: Path, capsys) -> None:
+    """`train DIR --weights DIR --lora-rank 4` failed ("DIR has no weight
+    '...q_proj.lora_A.weight'"); --check with --weights trained random weights in its one
+    process; a saved model lacked its tokenizer, so pipeline() could not load it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, pipeline
+
+    base = tmp_path / "base"
+    tiny_llama(seed=3).save_pretrained(base)
+    assert (base / "generation_config.json").is_file()
+    common = [str(base), "--weights", str(base), "--tokenizer", str(files["tok"]),
+              "--data", str(files["train"]), "--seq-len", "32", "--global-batch", "2",
+              "--lr", "1e-2"]
+    adapter, full = tmp_path / "adapter", tmp_path / "full"
+    rc, _ = _cli([*common, "--steps", "4", "--lora-rank", "4", "--save", str(adapter),
+                  "--check"], capsys)
+    out = capsys.readouterr().out if rc else ""
+    assert rc == 0, out
+    tok_files = {f.name for f in Encoder(files["tok"]).files()}
+    assert tok_files and tok_files <= {f.name for f in adapter.iterdir()}
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert any(".lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())
+    rc, _ = _cli([*common, "--steps", "2", "--save", str(full)], capsys)
+    assert rc == 0
+    assert {"generation_config.json", *tok_files} <= {f.name for f in full.iterdir()}
+    text = pipeline("text-generation", model=str(full))("the cat", max_new_tokens=3)
+    assert text[0]["generated_text"].startswith("the cat")
+
+
+def test_lora_check_with_weights_equals_peft(group, files, tmp_path: Path, capsys) -> None:
+    """--check's one process starts from --weights and peft's LoRA from our init."""
+    from collie_compile.cli import main
+
+    base = tmp_path / "base"
+    tiny_llama(seed=4).save_pretrained(base)
+    rc = main(["train", str(base), "--weights", str(base), "--data", str(files["train"]),
+               "--tokenizer", str(files["tok"]), "--steps", "4", "--seq-len", "32",
+               "--global-batch", "2", "--lr", "1e-2", "--lora-rank", "4", "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    check = next(ln for ln in out.splitlines() if ln.startswith("one process"))
+    assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
+    assert "LoRA on randomly initialised weights" not in out
+
+
+def test_lora_on_a_random_base_says_so(group, files, tmp_path: Path, capsys) -> None:
+    from collie_compile.cli import main
+
+    rc = main(["train", str(files["model"]), "--data", str(files["train"]), "--tokenizer",
+               str(files["tok"]), "--steps", "1", "--seq-len", str(SEQ), "--global-batch",
+               "2", "--lora-rank", "4"])
+    assert rc == 0
+    assert "note: LoRA on randomly initialised weights (no --weights)" in capsys.readouterr().out
+
+
+def test_parallelize_defaults_to_a_fine_tuning_batch(group) -> None:
+    """Without global_batch_size it planned 131,072 sequences a step (the planner's ~2M
+    tokens) and then demanded input of that shape."""
+    from collie_compile import parallelize
+
+    pm = parallelize(tiny_llama(), gpus=1, seq_len=16)
+    assert pm.plan.global_batch_size == 8
+    pm.train_step({"input_ids": torch.randint(0, 64, (8, 16))})
+
+
 # -- 4 gloo ranks: kill, resume, compare ------------------------------------------------
 
 FLAGS = ["--eval-every", "2", "--save-every", "2", "--keep-last", "2", "--steps", "6",

@@ -58,15 +58,20 @@ class Encoder:
             raise CollieError(f"the EOS id {self.eos} is outside the model's vocabulary of "
                               f"{vocab_size}; use a tokenizer that matches the model")
 
+    def files(self) -> list[Path]:
+        """The tokenizer's own files (the folder may be a whole model's); none for bytes."""
+        if self.tok is None:
+            return []
+        return [f for f in sorted(Path(self.path).iterdir())
+                if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES)]
+
     def fingerprint(self) -> str:
         """What decides the ids: the tokenizer's files (or "bytes")."""
         if self.tok is None:
             return "bytes"
         h = hashlib.sha256()
-        for f in sorted(Path(self.path).iterdir()):
-            # the tokenizer's own files only: the folder may be a whole model's
-            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES):
-                h.update(f.name.encode() + b"\0" + f.read_bytes())
+        for f in self.files():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
         return h.hexdigest()
 
     def encode(self, record: Record, text_field: str | None) -> tuple[list[int], list[bool]]:

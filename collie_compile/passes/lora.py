@@ -28,6 +28,11 @@ from .tensor_parallel import linear_operands, tp_record
 aten = torch.ops.aten
 
 
+def is_adapter(name: str) -> bool:
+    """Whether parameter ``name`` is one of the adapters this pass adds."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's default init: A Kaiming-uniform (a = sqrt 5, as nn.Linear), B zeros."""
@@ -86,9 +91,12 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
         mod = gm.get_submodule(module)
+        # a base on the meta device is read from a checkpoint later; the adapters it has
+        # no copy of keep this init
+        device = "cpu" if weight.is_meta else weight.device
         for name, t in (("lora_A", a), ("lora_B", b)):
             holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(weight.device).clone())
+            holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
             mod.add_module(name, holder)
         weight.requires_grad_(False)
         _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout))

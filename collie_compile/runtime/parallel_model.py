@@ -9,6 +9,7 @@ coordinates), stepping it (:mod:`~collie_compile.runtime.step`) with its optimiz
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 update_in_backward: bool | None = None) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
-    Call once on every rank with the same arguments. ``plan`` is ``"auto"`` (solve it
+    Call once on every rank with the same arguments. ``global_batch_size`` (sequences per
+    step) defaults to 8 a GPU, a fine-tuning run's batch. ``plan`` is ``"auto"`` (solve it
     with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute,
     virtual_stages; see :class:`~collie_compile.config.Pins`), a
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
@@ -229,10 +231,13 @@ class ParallelModel:
         """Raise on every rank if :meth:`save_pretrained` may not write ``directory``."""
         saving.check_save_path(directory, saving.save_kind(self.lora, merge))
 
-    def save_pretrained(self, directory: str | Path, merge: bool = False) -> None:
+    def save_pretrained(self, directory: str | Path, merge: bool = False,
+                        files: Iterable[str | Path] = ()) -> None:
         """Write a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained``
-        loads; with LoRA a PEFT adapter, unless ``merge`` folds the adapters in."""
-        saving.save_pretrained(self.program, self.lora, directory, merge)
+        loads; with LoRA a PEFT adapter, unless ``merge`` folds the adapters in. ``files``
+        (a tokenizer's, ``generation_config.json``) are copied in beside the weights."""
+        saving.save_pretrained(self.program, self.lora, directory, merge,
+                               [Path(f) for f in files])
 
     def save_checkpoint(self, directory: str | Path, extra: dict[str, str] | None = None
                         ) -> None:

@@ -35,6 +35,7 @@ from collie_compile.models.registry import tied_names
 from collie_compile.passes.data_parallel import data_parallel
 from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
+from collie_compile.passes.lora import is_adapter
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
 from collie_compile.passes.outline_blocks import outline_blocks
@@ -134,9 +135,12 @@ class RankProgram:
 
     def load_weights(self, stage: fx.GraphModule, pieces: dict, source: object) -> None:
         """Replace each of ``stage``'s parameters by this rank's slice of it in ``pieces``
-        (a Hugging Face checkpoint's tensors, read from ``source``)."""
+        (a Hugging Face checkpoint's tensors, read from ``source``); LoRA adapters a base
+        model's checkpoint does not hold keep their init (or the adapter given)."""
         for name, p in list(stage.named_parameters()):
             key = self.stored_name(name, pieces)
+            if key is None and is_adapter(name):
+                continue
             if key is None:
                 raise CollieError(f"{source} has no weight {name!r}; is it a checkpoint of "
                                   f"{self.plan.model}?")

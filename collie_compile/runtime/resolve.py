@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from collie_compile.config import FINE_TUNING_SEQUENCES_PER_GPU
 from collie_compile.cost.estimate import check_heads
 from collie_compile.cost.hardware import CATALOG, local_gpu
 from collie_compile.errors import CollieError, flag
@@ -35,7 +36,8 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
         p = solve(cfg, gpus=world, gpu=gpu or local_gpu(),
                   gpus_per_node=cdist.local_world_size(),
                   seq_len=seq_len,
-                  global_batch_size=global_batch_size, optimizer=optimizer or "adamw",
+                  global_batch_size=global_batch_size or FINE_TUNING_SEQUENCES_PER_GPU * world,
+                  optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, tp_refusal=refusal,
                   update_in_backward=update_in_backward, **clipping,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -73,10 +75,11 @@ def check_save_path(directory: str | Path, kind: str) -> None:
 
 
 def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Path,
-                    merge: bool = False) -> None:
+                    merge: bool = False, files: Iterable[Path] = ()) -> None:
     """A plain Hugging Face checkpoint (config.json + model.safetensors); with ``lora``
     (a ``peft.LoraConfig``) a PEFT adapter instead, unless ``merge`` folds the adapters
-    into the weights. Rank 0 writes."""
+    into the weights. ``files`` (a tokenizer's, a generation config) are copied in beside
+    them. Rank 0 writes."""
     from safetensors.torch import save_file
 
     kind = save_kind(lora, merge)
@@ -97,6 +100,9 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
             save_file({k: v.contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
             prog.config.save_pretrained(tmp)
+        for f in files:
+            if not (tmp / f.name).exists():  # never in place of what the save wrote
+                shutil.copyfile(f, tmp / f.name)
         folders.finish(tmp, directory, kind)
     dist.barrier()
 

@@ -35,6 +35,9 @@ from collie_compile.training.metrics import TENSORBOARD_MISSING, tensorboard_ins
 from collie_compile.training.trainer import Trainer, check_options
 
 FINAL = "final"  # the trained model's folder under --output
+# --check's largest relative loss difference in fp32 (the tests see < 1e-5); 16-bit runs
+# are reported, not judged
+CHECK_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -218,18 +221,38 @@ def train(cfg: TrainConfig) -> list[float]:
         print(f"plan: {pm.chosen.layout_str()}", flush=True)
         for note in pm.plan.notes:
             print(f"note: {note}", flush=True)
+        if pm.lora is not None and not cfg.weights:
+            print("note: LoRA on randomly initialised weights (no --weights): the adapter "
+                  "is saved, the random base it adapts is not; give --weights DIR to adapt a "
+                  "pretrained model (or --merge to save the whole model)", flush=True)
     losses = trainer.fit()
     for final in finals:
-        pm.save_pretrained(final, merge=cfg.merge)
+        pm.save_pretrained(final, merge=cfg.merge, files=beside_the_model(cfg))
         if rank0:
             what = ("a PEFT LoRA adapter" if pm.lora is not None and not cfg.merge
                     else "a Hugging Face checkpoint")
             print(f"saved {what} to {final}", flush=True)
     if cfg.check:
+        verdict = ""
         if rank0:
-            compare_with_one_process(cfg, data, schedule, losses, pm.lora, start_adapters)
-        dist.barrier()
+            worst = compare_with_one_process(cfg, data, schedule, losses, pm.lora,
+                                             start_adapters)
+            if cfg.dtype == "fp32" and worst > CHECK_TOLERANCE:
+                verdict = (f"--check: the parallel run's losses differ from one process's by "
+                           f"{worst:.1e} (relative), more than {CHECK_TOLERANCE:.0e}")
+        verdict = cdist.broadcast_text(verdict)
+        if verdict:
+            raise CollieError(verdict)
     return losses
+
+
+def beside_the_model(cfg: TrainConfig) -> list[Path]:
+    """What a saved model needs to be used as is (``pipeline("text-generation", OUT)``):
+    the tokenizer's files and the base's generation config."""
+    files = Encoder(cfg.tokenizer).files() if cfg.tokenizer else []
+    if cfg.weights and (Path(cfg.weights) / "generation_config.json").is_file():
+        files.append(Path(cfg.weights) / "generation_config.json")
+    return files
 
 
 def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRSchedule,
@@ -243,7 +266,13 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
     from collie_compile.runtime.options import ADAPTER_PREFIX
 
     torch.manual_seed(cfg.seed)
-    model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))
+    if cfg.weights:  # the weights the parallel run started from
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.weights, config=load_config(cfg.model), dtype=torch_dtype(cfg.dtype))
+    else:
+        model = build_model(load_config(cfg.model), device="cpu", dtype=torch_dtype(cfg.dtype))
     if lora is not None:
         from peft import get_peft_model, set_peft_model_state_dict
 
