@@ -71,7 +71,7 @@ ERRORS_4 = [
     {"id": "err-heads", "model": "tiny-llama", "heads": 2, "tp": 4,
      "error": "does not divide"},
     {"id": "err-plan-model", "model": "tiny-llama", "plan": "{qwen_plan}",
-     "error": "the plan is for model 'tiny-qwen2'"},
+     "error": "the plan is for 'tiny-qwen2' of"},
     # the plan prices the weights' real dtype: a label that disagrees is refused
     {"id": "err-dtype", "model": "tiny-llama", "dtype": "bf16",
      "error": "dtype='bf16' but the model's weights are fp32"},

@@ -282,3 +282,32 @@ def test_train_output_keeps_folders_it_did_not_write(group, tmp_path: Path, caps
     assert main([*args, "--steps", "3", "--optimizer", "adamw", "--fresh-optimizer"]) == 0
     assert "the optimizer starts afresh (--fresh-optimizer)" in capsys.readouterr().out
     assert all((d / "notes.txt").read_text() == "mine" for d in kept)
+
+
+def test_a_plan_is_bound_to_its_model_not_its_path(group, tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    """`plan m --out p.json` in one folder, then `train m --plan p.json` in another whose
+    m is a 20x larger model trained without complaint; the same folder by absolute path
+    was refused."""
+    from transformers import LlamaConfig
+
+    from collie_compile.cli import main
+
+    small, big = tmp_path / "a" / "m", tmp_path / "b" / "m"
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(small)
+    LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(big)
+    data = tmp_path / "d.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    plan_file = tmp_path / "p.json"
+    monkeypatch.chdir(small.parent)
+    assert main(["plan", "m", "--gpus", "1", "--seq-len", str(SEQ), "--global-batch",
+                 str(BATCH), "--out", str(plan_file)]) == 0
+    run = ["--plan", str(plan_file), "--data", str(data), "--steps", "1"]
+    monkeypatch.chdir(big.parent)
+    capsys.readouterr()
+    assert main(["train", "m", *run]) == 2
+    err = capsys.readouterr().err
+    assert "the plan is for 'm' of 26,784 parameters, but this model ('m') has 771,200" in err, err
+    assert main(["train", str(small), *run]) == 0  # the planned model, by another path

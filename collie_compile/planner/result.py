@@ -115,6 +115,9 @@ class Plan:
     lora_targets: str | list[str] | None = None  # peft target_modules; None: q_proj, v_proj
     max_grad_norm: float | None = None  # global-norm clipping priced (two-pass: 2 passes)
     clip_mode: str = "two-pass"
+    # what binds the plan to a model, beside its name (a path names different models in
+    # different folders); 0: a plan file written before it was recorded
+    num_params: int = 0
 
     @property
     def update_in_backward(self) -> bool:

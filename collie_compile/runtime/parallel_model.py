@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from collie_compile.config import Pins, Request
 from collie_compile.errors import CollieError
-from collie_compile.models.registry import load_config, model_name
+from collie_compile.models.registry import count_params, load_config, model_name
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import saving
@@ -114,7 +114,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                               f"gpus={world}")
         p = resolve_plan(plan, cfg, name, world, gpu, optimizer, dtype, seq_len,
                          global_batch_size, pins.given(), lora_cfg, memory_reserve, refusal,
-                         update_in_backward, fused)
+                         update_in_backward, fused, count_params(model))
         fused.check(optimizer or p.optimizer, in_backward(optimizer or p.optimizer, p))
         return p
 
