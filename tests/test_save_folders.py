@@ -266,7 +266,7 @@ def test_train_output_keeps_folders_it_did_not_write(group, tmp_path: Path, caps
     out = tmp_path / "run"
     args = ["train", "tiny-llama", "--data", str(data), "--seq-len", str(SEQ),
             "--global-batch", str(BATCH), "--output", str(out), "--save-every", "1",
-            "--no-tensorboard"]
+            "--no-tensorboard", "--lr", "1e-3"]
     assert main([*args, "--steps", "2", "--optimizer", "lion"]) == 0
     root = out / "checkpoints"
     kept = [root / "step-best", root / "step-00000001-good", root / "step-00000009.tmp"]

@@ -337,6 +337,89 @@ def test_parallelize_defaults_to_a_fine_tuning_batch(group) -> None:
     pm.train_step({"input_ids": torch.randint(0, 64, (8, 16))})
 
 
+def test_a_resume_into_another_run_is_refused_or_said(group, files, tmp_path: Path,
+                                                      monkeypatch, capsys) -> None:
+    """The resume matrix (docs/training.md): each field that defines a run changed on
+    resume. It used to resume silently (model by path string, data by row count, seed,
+    seq-len, dtype crashed with KeyError 'step_t', --steps below the checkpoint, a cosine
+    run extended with its rate jumping 15x)."""
+    import json as _json
+
+    from transformers import LlamaConfig
+
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().config.save_pretrained(tmp_path / "m")
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(files["train"], data)
+    base = ["train", "m", "--data", "chat.jsonl", "--tokenizer", str(files["tok"]),
+            "--seq-len", "32", "--global-batch", "4", "--save-every", "1",
+            "--no-tensorboard", "--lr", "1e-3"]
+    first = tmp_path / "first"
+    assert main_ok([*base, "--steps", "2", "--output", str(first)], capsys)
+
+    def resume(extra: list[str], prepare: object = None) -> tuple[int, str, str]:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        shutil.copytree(first, out)
+        if prepare:
+            prepare()
+        from collie_compile.cli import main
+
+        rc = main([*base, "--output", str(out), *extra])
+        said = capsys.readouterr()
+        return rc, said.out, said.err
+
+    def other_rope() -> None:
+        cfg = LlamaConfig.from_pretrained(tmp_path / "m")
+        cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": 500000.0}
+        cfg.save_pretrained(tmp_path / "m2")
+
+    lines = [_json.loads(ln) for ln in data.read_text().splitlines()]
+    refused = {
+        "seed": (["--steps", "3", "--seed", "1"], None, "its seed is 0, this run's 1"),
+        "seq-len": (["--steps", "3", "--seq-len", "64"], None,
+                    "its sequences are 32 tokens, this run's 64"),
+        "data order": (["--steps", "3"], lambda: data.write_text("".join(
+            _json.dumps(r) + "\n" for r in lines[::-1])), "its training data held other "
+                                                          "tokens"),
+        "steps below": (["--steps", "1"], None, "it is at step 2, past this run's --steps 1"),
+        "schedule": (["--steps", "4", "--lr-schedule", "cosine"], None,
+                     "its learning rate at step 2 was"),
+        "dtype": (["--steps", "3", "--dtype", "bf16"], None,
+                  "saved with fp32 weights and this run's are bf16"),
+        "optimizer": (["--steps", "3", "--optimizer", "lion"], None,
+                      "holds the states of the adamw optimizer"),
+    }
+    for name, (extra, prepare, says) in refused.items():
+        rc, out, err = resume(extra, prepare)
+        data.write_text("".join(_json.dumps(r) + "\n" for r in lines))
+        err_lines = err.strip().splitlines()
+        assert rc == 2 and len(err_lines) == 1 and says in err_lines[0], (name, err)
+    # a model of the same name in another folder with another rope_theta
+    other_rope()
+    base_m = base[1]
+    base[1] = "m2"
+    rc, _, err = resume(["--steps", "3"])
+    assert rc == 2 and "holds another model than this one (rope_parameters" in err, err
+    base[1] = str(tmp_path / "m")  # the same folder by absolute path: the same model
+    rc, out, err = resume(["--steps", "3"])
+    assert rc == 0 and "resuming from" in out, err
+    base[1] = base_m
+    # handled and said: another global batch; the constant schedule extended (the same
+    # rates for the steps done)
+    rc, out, _ = resume(["--steps", "3", "--global-batch", "2"])
+    assert rc == 0 and "note: the global batch was 4 sequences and is 2 from step 3" in out
+    assert "the same rates for its 2 steps" in out
+
+
+def main_ok(args: list[str], capsys) -> bool:
+    from collie_compile.cli import main
+
+    rc = main(args)
+    said = capsys.readouterr()
+    assert rc == 0, said.err
+    return True
+
+
 # -- 4 gloo ranks: kill, resume, compare ------------------------------------------------
 
 FLAGS = ["--eval-every", "2", "--save-every", "2", "--keep-last", "2", "--steps", "6",

@@ -13,6 +13,7 @@ counts them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from collie_compile.errors import CollieError
 
 IGNORE_INDEX = -100
+_DIGEST_CHUNK = 1 << 24  # tokens hashed at a time
 
 
 class PackedTokens:
@@ -34,8 +36,20 @@ class PackedTokens:
         self.num_sequences = -(-self.num_tokens // seq_len)
         self.tokens_read = 0
         self._orders: dict[int, list[int]] = {}
+        self._digest: str | None = None
         if self.num_sequences == 0:
             raise CollieError(f"{name} holds no tokens")
+
+    def digest(self) -> str:
+        """SHA-256 of the token stream and its counts-in-loss flags: what the rows are made
+        of (another file, order, text or tokenizer changes it). Read once, in chunks."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for t in (self._ids, self._keep):
+                for start in range(0, self.num_tokens, _DIGEST_CHUNK):
+                    h.update(t[start:start + _DIGEST_CHUNK].contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     @classmethod
     def from_cache(cls, path: str | Path, split: str, seq_len: int, seed: int = 0,

@@ -72,6 +72,23 @@ def config_from_dict(data: dict[str, Any], name: str) -> PretrainedConfig:
     return cfg
 
 
+# Config fields that change neither the weights' shapes nor the computation: where the
+# config came from, runtime switches, token ids of the tokenizer
+_NOT_ARCHITECTURE = {"name_or_path", "transformers_version", "architectures", "dtype",
+                     "torch_dtype", "use_cache", "return_dict", "output_attentions",
+                     "output_hidden_states", "id2label", "label2id", "problem_type",
+                     "tokenizer_class", "bos_token_id", "eos_token_id", "pad_token_id",
+                     "sep_token_id", "decoder_start_token_id"}
+
+
+def architecture(cfg: PretrainedConfig) -> dict:
+    """The config's fields that define the model (what a checkpoint is bound to, rather
+    than the path it was loaded from), as JSON values."""
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k not in _NOT_ARCHITECTURE and not k.startswith("_")}
+    return json.loads(json.dumps(fields, default=str, sort_keys=True))
+
+
 def model_name(cfg: PretrainedConfig) -> str:
     return str(getattr(cfg, "name_or_path", "") or cfg.model_type)
 

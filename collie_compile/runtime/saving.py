@@ -19,6 +19,7 @@ import torch.distributed as dist
 from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
+from collie_compile.models.registry import architecture
 from collie_compile.optim.in_backward import STATE_KEYS
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import folders
@@ -147,7 +148,8 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
                                           "digest": [mine.name, folders.sha256(mine)]}))
     if dist.get_rank() == 0:
         index: dict = {"format": ckpt.FORMAT, "version": ckpt.VERSION,
-                       "model": prog.plan.model, "step": step,
+                       "model": prog.plan.model, "architecture": architecture(prog.config),
+                       "dtype": prog.plan.dtype, "step": step,
                        "optimizer": {"rule": updates.rule,
                                      "hyperparameters": updates.hyperparameters()},
                        "scalars": {}, "tensors": {}}
@@ -184,9 +186,7 @@ def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path,
         if not folders.verify(directory, dist.get_rank(), dist.get_world_size()):
             _warn_unverified(directory)
         meta, pieces = ckpt.read_index(Path(directory))
-        if meta.get("model") != prog.plan.model:
-            raise CollieError(f"{directory} holds model {meta.get('model')!r}, not "
-                              f"{prog.plan.model!r}")
+        _check_model(directory, meta, prog)
         if not fresh_optimizer:
             _check_optimizer(directory, meta.get("optimizer"), updates)
         return meta, pieces
@@ -206,6 +206,28 @@ def load_checkpoint(prog: RankProgram, updates: Updates, directory: str | Path,
     cdist.agree(load)
     dist.barrier()
     return int(meta["step"])
+
+
+def _check_model(directory: str | Path, meta: dict, prog: RankProgram) -> None:
+    """Refuse a checkpoint of another model (by its config's architecture fields, not the
+    path it was loaded from) or another weight dtype, naming what differs."""
+    saved = meta.get("architecture")
+    if saved is None:  # written before architectures were recorded: by name
+        if meta.get("model") != prog.plan.model:
+            raise CollieError(f"{directory} holds model {meta.get('model')!r}, not "
+                              f"{prog.plan.model!r}")
+        return
+    now = architecture(prog.config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k} {saved.get(k)!r} there, {now.get(k)!r} here"
+                          for k in changed[:3]) + ("; ..." if len(changed) > 3 else "")
+        raise CollieError(f"{directory} holds another model than this one ({shown}); "
+                          "resume with the model it was saved from")
+    if meta.get("dtype", prog.plan.dtype) != prog.plan.dtype:
+        raise CollieError(f"{directory} was saved with {meta['dtype']} weights and this run's "
+                          f"are {prog.plan.dtype}; resume in {meta['dtype']}, or start a new "
+                          "run from its weights")
 
 
 def _check_optimizer(directory: str | Path, saved: object, updates: Updates) -> None:

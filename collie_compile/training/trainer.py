@@ -172,10 +172,13 @@ class Trainer:
     def state(self) -> ck.TrainerState:
         """This run's position (a collective: every rank's RNG state is gathered)."""
         rng = cdist.all_strings(_rng_state())
+        # rank 0 writes the state: it alone reads the whole stream to fingerprint it
         return ck.TrainerState(
             step=self.step, position=self.position, schedule=self.schedule.to_dict(),
             seed=self.seed, rng=rng,
-            data={"sequences": self.data.num_sequences, "seq_len": self.seq})
+            data={"sequences": self.data.num_sequences, "seq_len": self.seq,
+                  "global_batch": self.batch_size,
+                  "digest": self.data.digest() if self.rank0 else ""})
 
     def save(self) -> Path:
         """A checkpoint of this step under ``output/checkpoints``, then the oldest beyond
@@ -203,6 +206,10 @@ class Trainer:
         if not folder:
             return
         state = cdist.agree(lambda: ck.read_state(Path(folder)))
+        other = cdist.broadcast_text(self._another_run(state) if self.rank0 else "")
+        if other:
+            raise CollieError(f"{folder} is a checkpoint of another run: {other}; resume "
+                              "with that run's settings, or give a new --output")
         self.pm.load_checkpoint(folder, fresh_optimizer=self.fresh_optimizer)
         if self.fresh_optimizer:
             self.say(f"note: the optimizer starts afresh (--fresh-optimizer): {folder}'s "
@@ -214,12 +221,41 @@ class Trainer:
         if len(state.rng) == dist.get_world_size():  # else another GPU count: fresh RNG
             _set_rng_state(state.rng[dist.get_rank()])
         if state.schedule and state.schedule != self.schedule.to_dict():
-            self.say(f"note: the learning-rate schedule differs from the checkpoint's; "
-                     f"step {self.step + 1} on follows the one given now")
-        if state.data.get("sequences") != self.data.num_sequences:
-            self.say("note: the training data differs from the checkpoint's; reading on "
-                     f"from sequence position {self.position}")
+            self.say(f"note: the learning-rate schedule's flags differ from the checkpoint's "
+                     f"run, with the same rates for its {self.step} steps; step "
+                     f"{self.step + 1} on follows the one given now")
+        if state.data.get("global_batch", self.batch_size) != self.batch_size:
+            self.say(f"note: the global batch was {state.data['global_batch']} sequences and "
+                     f"is {self.batch_size} from step {self.step + 1} on; the data reads on "
+                     f"from sequence {self.position}")
         self.say(f"resuming from {folder} (step {self.step} of {self.steps})")
+
+    def _another_run(self, state: ck.TrainerState) -> str:
+        """What makes ``state`` a checkpoint of another run than this one ("" if none):
+        whatever decides which rows come next or what the past steps were. (The model,
+        its dtype and the optimizer are the checkpoint's own checks.)"""
+        data = state.data
+        if state.seed != self.seed:
+            return (f"its seed is {state.seed}, this run's {self.seed} (the seed orders the "
+                    "data: another one would skip rows and repeat others)")
+        if data.get("seq_len", self.seq) != self.seq:
+            return (f"its sequences are {data['seq_len']} tokens, this run's {self.seq} (the "
+                    "data position counts sequences)")
+        if data.get("digest") and data["digest"] != self.data.digest():
+            return ("its training data held other tokens (another file, order, text or "
+                    "tokenizer): reading on would take other rows")
+        if state.step > self.steps:
+            return f"it is at step {state.step}, past this run's --steps {self.steps}"
+        if state.schedule:
+            old = LRSchedule.from_dict(state.schedule)
+            past = next((i for i in range(state.step) if old.at(i) != self.schedule.at(i)),
+                        None)
+            if past is not None:
+                return (f"its learning rate at step {past + 1} was {old.at(past):.3g}, this "
+                        f"run's schedule gives {self.schedule.at(past):.3g} there (to train "
+                        "on with another schedule, start a new run from its weights: "
+                        "--weights OUTPUT/final)")
+        return ""
 
 
 def _rng_state() -> str:
