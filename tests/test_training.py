@@ -86,7 +86,9 @@ def torch_schedule_lrs(opt: torch.optim.Optimizer, s: LRSchedule) -> list[float]
     else:  # wsd
         parts.append(L.ConstantLR(opt, factor=1.0, total_iters=0))
         milestones.append(s.steps - s.decay())
-        parts.append(L.LinearLR(opt, start_factor=1.0, end_factor=end, total_iters=s.decay()))
+        d = s.decay()  # the last update at min_lr
+        parts.append(L.LinearLR(opt, start_factor=1 - (1 - end) / d, end_factor=end,
+                                total_iters=max(d - 1, 1)))
     sched = parts[0] if len(parts) == 1 else L.SequentialLR(opt, parts, milestones)
     lrs = []
     for _ in range(s.steps):
@@ -121,6 +123,8 @@ def test_logged_learning_rates_are_torch_schedulers(group, files, tmp_path: Path
         reference = torch_schedule_lrs(cls([p], lr=1e-3), s)
         assert logged == pytest.approx(reference, rel=1e-12, abs=0), kind
         assert logged[:2] == pytest.approx([1e-3 / 3, 2e-3 / 3]) and max(logged) == 1e-3
+        if kind == "wsd":  # ended at 36% of the peak, not at --min-lr
+            assert logged[-1] == pytest.approx(1e-4, rel=1e-12)
     before = pm.full_state_dict()
     pm.set_lr(0.0)
     assert pm.lr == 0.0
@@ -409,6 +413,65 @@ def test_a_resume_into_another_run_is_refused_or_said(group, files, tmp_path: Pa
     rc, out, _ = resume(["--steps", "3", "--global-batch", "2"])
     assert rc == 0 and "note: the global batch was 4 sequences and is 2 from step 3" in out
     assert "the same rates for its 2 steps" in out
+
+
+def test_outputs_are_checked_before_training_and_never_truncated(group, files,
+                                                                 tmp_path: Path,
+                                                                 capsys) -> None:
+    """An unusable --save was found after all steps (a traceback, the weights lost); a
+    rerun on an --output without checkpoints truncated the earlier run's metrics."""
+    from collie_compile.cli import main
+
+    base = ["train", str(files["model"]), "--data", str(files["train"]), "--tokenizer",
+            str(files["tok"]), "--seq-len", str(SEQ), "--global-batch", "2", "--steps", "2",
+            "--no-tensorboard"]
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    for save, says in ((note / "out", f"{note} is a file"),
+                       (Path("/proc/sys/collie-out"), "/proc/sys is not writable")):
+        assert main([*base, "--save", str(save)]) == 2
+        err = capsys.readouterr()
+        assert says in err.err and "step" not in err.out, err
+    out = tmp_path / "run"
+    assert main([*base, "--output", str(out)]) == 0
+    kept = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*base, "--output", str(out)]) == 2
+    assert "holds the metrics of an earlier run but no checkpoint" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == kept
+
+
+def test_batches_with_no_counted_token_are_skipped(group, files, tmp_path: Path,
+                                                   capsys) -> None:
+    """Long prompts: 7 of 10 steps logged "loss 0.0000", applied weight decay and moved
+    the schedule."""
+    from training_data import WORDS
+
+    from collie_compile import parallelize
+    from collie_compile.cli import main
+
+    pm = parallelize(tiny_llama(), gpus=1, seq_len=SEQ, global_batch_size=2, lr=1e-2)
+    x = torch.randint(0, 64, (2, SEQ))
+    before = pm.full_state_dict()
+    assert pm.train_step({"input_ids": x, "labels": torch.full_like(x, IGNORE_INDEX)}) is None
+    assert pm.step_count == 0
+    assert all(torch.equal(v, pm.full_state_dict()[k]) for k, v in before.items())
+    rng = __import__("random").Random(0)
+    data = write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": " ".join(rng.choice(WORDS) for _ in range(60)),
+         "completion": " ".join(rng.choice(WORDS) for _ in range(3))} for _ in range(8)])
+    out = tmp_path / "run"
+    assert main(["train", str(files["model"]), "--data", str(data), "--tokenizer",
+                 str(files["tok"]), "--seq-len", str(SEQ), "--global-batch", "2",
+                 "--steps", "4", "--output", str(out), "--no-tensorboard", "--check"]) == 0
+    said = capsys.readouterr().out
+    records = metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and min(losses) > 0.5, losses
+    skipped = next(r["batches_skipped"] for r in records if "batches_skipped" in r)
+    assert skipped > 0 and f"note: {skipped} batches held no token that counts" in said
+    check = next(ln for ln in said.splitlines() if ln.startswith("one process"))
+    assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
 
 
 def main_ok(args: list[str], capsys) -> bool:

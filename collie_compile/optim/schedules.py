@@ -8,8 +8,9 @@ Update i (0-based) of ``steps`` runs at
   - ``constant``: ``lr``;
   - ``linear``: ``lr + (min_lr - lr) * t / n``;
   - ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * t / n)) / 2``;
-  - ``wsd`` (warm-up, stable, decay): ``lr`` until the last ``decay_steps`` updates, which
-    go linearly from ``lr`` towards ``min_lr`` as ``linear`` does.
+  - ``wsd`` (warm-up, stable, decay): ``lr`` until the last d = ``decay_steps`` updates,
+    which fall linearly to ``min_lr``, reached by the last: ``lr + (min_lr - lr) * (t' + 1)
+    / d`` for the t'-th of them.
 
 These are torch's ``LinearLR``, ``CosineAnnealingLR`` and ``ConstantLR`` chained by
 ``SequentialLR`` (the tests compare them), written in closed form so that a resumed run
@@ -73,10 +74,11 @@ class LRSchedule:
             return self.lr
         if self.kind == "cosine":
             return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * t / n)) / 2
-        if self.kind == "wsd":
-            t, n = i - (self.steps - self.decay()), self.decay()
+        if self.kind == "wsd":  # the last update runs at min_lr
+            t = i - (self.steps - self.decay())
             if t < 0:
                 return self.lr
+            return self.lr + (self.min_lr - self.lr) * (t + 1) / self.decay()
         return self.lr + (self.min_lr - self.lr) * t / n
 
     def to_dict(self) -> dict:

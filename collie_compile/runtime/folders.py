@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from collie_compile.errors import CollieError
@@ -102,6 +103,13 @@ def check_target(final: str | Path, kind: str) -> None:
     _ours(final, final, kind)
     for side in (_tmp(final), _old(final)):
         _ours(side, final, None)
+    # found now, not after the training: a folder where none can be made
+    parent = next(p for p in (final.parent.absolute(), *final.parent.absolute().parents)
+                  if p.exists())
+    if not parent.is_dir():
+        raise CollieError(f"cannot save to {final}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CollieError(f"cannot save to {final}: {parent} is not writable")
 
 
 def _tmp(final: Path) -> Path:

@@ -199,9 +199,10 @@ class ParallelModel:
         return slice(self.program.coords.dp * share, (self.program.coords.dp + 1) * share)
 
     # stepping
-    def train_step(self, batch: dict, local: bool = False) -> float:
+    def train_step(self, batch: dict, local: bool = False) -> float | None:
         """Forward, backward and one optimizer step over the global batch; returns its mean
-        token loss (the same on every rank). ``batch`` holds ``input_ids`` of
+        token loss (the same on every rank), or None without an update when no token of
+        the batch counts in the loss. ``batch`` holds ``input_ids`` of
         [global_batch, seq], and may hold ``labels`` (-100: not counted) and a right-padded
         ``attention_mask``; with ``local=True`` it holds only this rank's rows
         (:meth:`batch_rows`), so each replica reads only its share of the data."""

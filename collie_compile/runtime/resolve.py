@@ -22,7 +22,7 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   global_batch_size: int | None, pins: dict, lora: object | None,
                   memory_reserve: float | None = None, refusal: str | None = None,
                   update_in_backward: bool | None = None,
-                  fused: FusedOptions | None = None, num_params: int = 0) -> Plan:
+                  fused: FusedOptions | None = None, num_params: int | None = None) -> Plan:
     """The plan this run follows: solved for it (``plan`` \"auto\") or given (a Plan or
     a plan file), checked against the model (``num_params`` of it), the world and what the
     run asks for."""
@@ -55,11 +55,12 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                            "gpu='SPEC.json' (train --gpu SPEC.json)")
     else:
         p = Plan.load(plan)
-    if p.num_params and p.num_params != num_params:
+    counted = bool(p.num_params and num_params is not None)
+    if counted and p.num_params != num_params:
         raise CollieError(f"the plan is for {p.model!r} of {p.num_params:,} parameters, but "
                           f"this model ({name!r}) has {num_params:,}; plan this model "
                           "(collie-compile plan) or pass plan='auto'")
-    if not p.num_params and p.model != name:  # a plan file from before the count
+    if not counted and p.model != name:  # a plan file from before the count
         raise CollieError(f"the plan is for model {p.model!r} but this model is {name!r}; "
                           "plan this model (collie-compile plan) or pass plan='auto'")
     if str(plan).lower() != "auto":

@@ -167,10 +167,14 @@ class Stepper:
         targets[:, :-1] = labels[:, 1:]
         return ids, targets
 
-    def train_step(self, batch: dict, local: bool = False) -> float:
+    def train_step(self, batch: dict, local: bool = False) -> float | None:
         """Forward, backward and one optimizer step over the global batch (``local``: this
-        rank's dp share of it); returns its mean token loss (the same on every rank)."""
+        rank's dp share of it); returns its mean token loss (the same on every rank), or
+        None, with nothing run or updated, when no token of the batch counts in the loss
+        (a loss of 0 would pass for a perfect step, and weight decay would still act)."""
         ids, targets, tokens = self._local_batch(batch, local)
+        if tokens == 0:
+            return None
         fused, optimizer = self.updates.fused, self.updates.optimizer
         if fused is not None:  # updates happen inside backward
             total = fused.step(lambda: self._forward_backward(

@@ -17,6 +17,12 @@ import torch
 from collie_compile.errors import CollieError
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def has_records(output: Path) -> bool:
+    """Whether ``output`` holds the metrics of a run that logged something."""
+    path = Path(output) / METRICS_FILE
+    return path.is_file() and path.stat().st_size > 0
 TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package: pip install "
                        "'collie-compile[tensorboard]', or leave the flag out")
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from collie_compile.config import Pins
-from collie_compile.data.packing import PackedTokens
+from collie_compile.data.packing import IGNORE_INDEX, PackedTokens
 from collie_compile.data.records import ON_ERROR
 from collie_compile.data.tokenize import Encoder, tokenized
 from collie_compile.dtypes import torch_dtype
@@ -287,10 +287,15 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
         opt.engine.max_grad_norm, opt.engine.clip_mode = cfg.max_grad_norm, cfg.clip_mode
     batch_size = cfg.global_batch_size
     worst = 0.0
+    position = 0
     for i, ours in enumerate(losses):
         for group in opt.param_groups:
             group["lr"] = schedule.at(i)
-        batch = data.batch(i * batch_size, batch_size)
+        while True:  # the parallel run skipped batches of which no token counts
+            batch = data.batch(position, batch_size)
+            position += batch_size
+            if (batch["labels"][:, 1:] != IGNORE_INDEX).any():
+                break
 
         def closure(batch: dict = batch) -> float:
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss

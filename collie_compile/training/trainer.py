@@ -33,7 +33,7 @@ from collie_compile.errors import CollieError
 from collie_compile.optim.schedules import LRSchedule
 from collie_compile.runtime import distributed as cdist
 from collie_compile.training import checkpoints as ck
-from collie_compile.training.metrics import MetricsLog, peak_memory_gib
+from collie_compile.training.metrics import MetricsLog, has_records, peak_memory_gib
 
 
 class Trainer:
@@ -98,6 +98,7 @@ class Trainer:
         metrics = cdist.agree(lambda: MetricsLog(self.output, self.rank0, self.step,
                                                  self.tensorboard))
         losses: list[float] = []
+        skipped = 0
         rows = self.pm.batch_rows()
         # a terminal gets a progress bar; a log file a line every tenth of the run
         tty = self.rank0 and sys.stderr.isatty()
@@ -111,8 +112,11 @@ class Trainer:
                 batch = self.data.batch(self.position, self.batch_size, rows)
                 loss = self.pm.train_step(batch, local=True)
                 seconds = time.perf_counter() - start
-                self.step += 1
                 self.position += self.batch_size
+                if loss is None:  # no token of it counts: no update, no step, no loss
+                    skipped += 1
+                    continue
+                self.step += 1
                 if not math.isfinite(loss):
                     raise CollieError(f"the loss became {loss} at step {self.step}; lower the "
                                       "learning rate", shared=True)
@@ -134,7 +138,10 @@ class Trainer:
             # how the data was shared out: each replica reads 1/dp of every step's rows
             read = [int(x) for x in cdist.all_strings(str(self.data.tokens_read))]
             metrics.log({"step": self.step, "steps_run": len(losses),
-                         "data_tokens_read_per_rank": read})
+                         "batches_skipped": skipped, "data_tokens_read_per_rank": read})
+            if skipped:
+                self.say(f"note: {skipped} batches held no token that counts in the loss "
+                         "(prompts only): skipped, with no update and no step")
         finally:
             bar.close()
             metrics.close()
@@ -200,6 +207,11 @@ class Trainer:
                 for d in ck.clear_partial(self.output):
                     self.say(f"removed {d}, a checkpoint a stopped run did not finish")
             found = ck.complete_checkpoints(self.output)
+            if not found and has_records(self.output):
+                raise CollieError(f"{self.output} holds the metrics of an earlier run but no "
+                                  "checkpoint to resume from: starting over would overwrite "
+                                  "them; give a new --output (--save-every N keeps "
+                                  "checkpoints to resume from)")
             return str(found[-1][1]) if found else ""
 
         folder = cdist.broadcast_text(cdist.agree(newest) or "")
