@@ -492,13 +492,15 @@ LAYOUT = ["--dp", "2", "--tp", "2"]
 
 
 def launch(files: dict, output: Path, env: dict | None = None, port: int = 29641,
-           extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           extra: tuple[str, ...] = (), nproc: int = 4, log: Path | None = None
+           ) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(port), "-m", "collie_compile", "train", str(files["model"]),
            "--data", str(files["train"]), "--tokenizer", str(files["tok"]), "--eval-data",
-           str(files["eval"]), "--output", str(output), *FLAGS, *LAYOUT, *extra]
-    log = open(output.with_suffix(".log"), "a")  # noqa: SIM115 - the child writes it
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+           str(files["eval"]), "--output", str(output), *FLAGS,
+           *(LAYOUT if nproc == 4 else []), *extra]
+    out = open(log or output.with_suffix(".log"), "a")  # noqa: SIM115 - the child writes it
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})
 
 
@@ -633,6 +635,45 @@ def kill_job(job: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     job.wait()
+
+
+def _workers_of(output: Path) -> list[int]:
+    """Pids of processes training into ``output`` (its path in their command line)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(output).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_one_job_per_output_and_none_outlives_its_launcher(files, tmp_path: Path) -> None:
+    """Two jobs on one --output both trained (metrics with steps logged twice); killing
+    torchrun left its workers training."""
+    run = tmp_path / "run"
+    steps = ["--steps", "100000", "--save-every", "50000", "--eval-every", "50000"]
+    first = launch(files, run, port=29645, extra=tuple(steps), nproc=2)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        assert first.poll() is None, run.with_suffix(".log").read_text()
+        time.sleep(0.1)
+    second_log = tmp_path / "second.log"
+    start = time.time()
+    second = launch(files, run, port=29646, extra=tuple(steps), nproc=2, log=second_log)
+    assert second.wait(timeout=120) != 0
+    refused = [ln for ln in second_log.read_text().splitlines()
+               if "collie-compile: error:" in ln]
+    assert refused and f"--output {run} is in use by another job (pid" in refused[0], \
+        second_log.read_text()[-2000:]
+    assert time.time() - start < 60 and first.poll() is None  # the first trains on
+    os.kill(first.pid, signal.SIGKILL)  # the launcher alone, as a lost terminal does
+    first.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _workers_of(run):
+        time.sleep(0.2)
+    assert not _workers_of(run), "workers outlived their launcher"
 
 
 def _records(folder: Path) -> list[dict]:

@@ -8,6 +8,8 @@ the others would skip, so bad input fails on every rank instead of hanging.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -32,9 +34,26 @@ def ensure_initialized() -> None:
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend, rank=0, world_size=1)
     else:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            exit_with_launcher()
         dist.init_process_group(backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def exit_with_launcher(interval: float = 1.0) -> None:
+    """End this process when its parent (torchrun's agent) is gone. torchrun starts its
+    workers in sessions of their own, so a launcher stopped by SIGKILL (or a killed process
+    group) used to leave them training, and a relaunch then met them writing the same
+    checkpoints."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)  # orphaned: nobody collects this job's results any more
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def local_world_size() -> int:

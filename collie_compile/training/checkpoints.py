@@ -17,6 +17,7 @@ index are in it, so a folder named ``step-N`` is complete; what a killed job lef
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,34 @@ class TrainerState:
         except (ValueError, TypeError) as e:
             raise CollieError(f"{where} is damaged ({e}); delete that checkpoint folder to "
                               "resume from the one before") from None
+
+
+LOCK_FILE = ".collie-compile.lock"
+
+
+def lock_output(output: Path) -> object:
+    """Hold ``output``'s lock for this process's life (the OS drops it however the process
+    ends): the file object to keep. Raise if another job holds it, naming it. (An flock:
+    local file systems, and NFS where the server grants them.)"""
+    import fcntl
+    import socket
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    f = open(output / LOCK_FILE, "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise CollieError(f"--output {output} is in use by another job ({holder}); wait for "
+                          "it to end or stop it, or give another --output") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def checkpoints_dir(output: Path) -> Path:

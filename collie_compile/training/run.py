@@ -30,7 +30,7 @@ from collie_compile.optim.optimizers import optimizer_options
 from collie_compile.optim.schedules import LRSchedule
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
-from collie_compile.training.checkpoints import complete_checkpoints
+from collie_compile.training.checkpoints import complete_checkpoints, lock_output
 from collie_compile.training.metrics import TENSORBOARD_MISSING, tensorboard_installed
 from collie_compile.training.trainer import Trainer, check_options
 
@@ -187,6 +187,9 @@ def train(cfg: TrainConfig) -> list[float]:
     cfg = cdist.agree(lambda: resolve(cfg))
     model_cfg = cdist.agree(lambda: load_config(cfg.model))
     train_file, eval_file = prepare_data(cfg, int(model_cfg.vocab_size))
+    # one job per --output, for as long as it runs (rank 0 holds the lock)
+    lock = cdist.agree(lambda: lock_output(Path(cfg.output))  # noqa: F841 - held
+                       if cfg.output and dist.get_rank() == 0 else None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(model_cfg, device="meta" if cfg.weights else "cpu",
                         dtype=torch_dtype(cfg.dtype))
