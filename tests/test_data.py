@@ -57,6 +57,32 @@ def test_prompt_completion_text_counts_the_completion(tok_dir: Path) -> None:
     assert ids == [97, 98, 0xC3, 0xA9, 0] and keep == [False, False, True, True, True]
 
 
+def test_a_bpe_token_across_the_prompt_boundary_counts(tmp_path: Path) -> None:
+    """A byte-level BPE tokenizer (GPT-2's kind) merges a prompt's last space into the
+    completion's first word ("Ġthe"): that token used to be classed as prompt, so the
+    completion's first characters were never learned."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["what is the answer ? the answer is the cat ."] * 50,
+                            vocab_size=300, special_tokens=["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path / "bpe")
+    enc = Encoder(tmp_path / "bpe")
+    prompt, completion = "what is ", "the answer ."
+    ids, keep = enc.encode(Record("a:1", {"prompt": prompt, "completion": completion}), None)
+    pieces = enc.tok.convert_ids_to_tokens(ids)
+    assert "Ġthe" in pieces  # the space of the prompt joined the completion's word
+    spans = enc.tok(prompt + completion, return_offsets_mapping=True)["offset_mapping"]
+    # every completion character is inside a counted token, and no counted token is
+    # prompt alone
+    for c in range(len(prompt), len(prompt + completion)):
+        assert any(k and a <= c < b for (a, b), k in zip(spans, keep, strict=False)), c
+    assert not any(k and b <= len(prompt) for (a, b), k in zip(spans, keep, strict=False))
+    assert keep[pieces.index("Ġthe")] and keep[-1]
+
+
 def test_bad_records_name_file_and_line(tmp_path: Path, tok_dir: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "the cat"}\n{"text": "a dog"\n\n{"text": "one two"}\n')

@@ -101,8 +101,10 @@ class Encoder:
 
     def _tokens(self, text: str, spans: list[tuple[int, int]] | None, special: bool
                 ) -> tuple[list[int], list[bool]]:
-        """``text``'s ids; a token counts if it starts inside one of ``spans`` (character
-        ranges; None: every token counts)."""
+        """``text``'s ids; a token counts if it covers a character of one of ``spans``
+        (character ranges; None: every token counts): a BPE token across a span's start
+        (" the" from a prompt ending in a space) carries the span's first characters, which
+        would otherwise never be learned."""
         if self.tok is None:
             data = text.encode("utf-8")
             ids = list(data)
@@ -114,7 +116,7 @@ class Encoder:
             ids = self.tok(text, add_special_tokens=special)["input_ids"]
             return ids, [True] * len(ids)
         enc = self.tok(text, add_special_tokens=special, return_offsets_mapping=True)
-        keep = [end > start and any(a <= start < b for a, b in spans)
+        keep = [end > start and any(start < b and a < end for a, b in spans)
                 for start, end in enc["offset_mapping"]]
         return enc["input_ids"], keep
 
