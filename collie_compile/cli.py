@@ -269,6 +269,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     pins = Pins.from_args(args).given()
     inside = {"update_in_backward": True} if args.update_in_backward else {}
+    if not pins and (args.lora or inside):
+        # without pins this compared one process with one process and said PASS
+        pins = {"tp": 2}
     if pins or args.lora or inside:
         layout = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, **pins}
         if layout["pp"] > 1:

@@ -221,3 +221,12 @@ def test_a_family_whose_own_loss_differs_is_refused() -> None:
     why = loss_refusal(_probe(AutoConfig.for_model("cpmant")))
     assert why and "not next-token cross-entropy" in why
     assert loss_refusal(CONFIGS["llama"]) is None and loss_refusal(CONFIGS["gpt2"]) is None
+
+
+def test_check_lora_without_pins_checks_a_parallel_layout(capsys) -> None:
+    """`check --lora` with no pins compared one process with one process and said PASS."""
+    from collie_compile.cli import main
+
+    assert main(["check", "tiny-llama", "--lora"]) == 0
+    out = capsys.readouterr().out
+    assert "(tp2-lora; CPU processes on gloo)" in out and "\ntp2-lora " in out, out

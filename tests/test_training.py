@@ -441,6 +441,18 @@ def test_outputs_are_checked_before_training_and_never_truncated(group, files,
     assert (out / "metrics.jsonl").read_text() == kept
 
 
+def test_an_unwritable_cache_is_one_line_naming_the_variable(group, files, monkeypatch,
+                                                              capsys) -> None:
+    from collie_compile.cli import main
+
+    monkeypatch.setenv("COLLIE_COMPILE_CACHE", "/proc/sys/collie-cache")
+    rc = main(["train", str(files["model"]), "--data", str(files["train"]), "--tokenizer",
+               str(files["tok"]), "--seq-len", str(SEQ), "--global-batch", "2", "--steps", "1",
+               "--seed", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "set COLLIE_COMPILE_CACHE to a writable" in err[0], err
+
+
 def test_batches_with_no_counted_token_are_skipped(group, files, tmp_path: Path,
                                                    capsys) -> None:
     """Long prompts: 7 of 10 steps logged "loss 0.0000", applied weight decay and moved

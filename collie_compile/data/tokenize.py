@@ -253,10 +253,13 @@ def tokenized(paths: list[str | Path], encoder: Encoder, text_field: str | None 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except OSError as e:
+        raise CollieError(f"cannot write the token cache in {path.parent} ({e.strerror}); "
+                          "set COLLIE_COMPILE_CACHE to a writable folder") from None
     finally:
         tmp.unlink(missing_ok=True)
