@@ -107,3 +107,33 @@ def test_an_encoder_config_is_refused_as_a_causal_lm(tmp_path: Path, capsys) -> 
     assert ("BertLMHeadModel attends in both directions" in err[0]
             and '"is_decoder": true' in err[0]), err
     assert main(["estimate", str(dec), "--gpus", "1", "--seq-len", "16"]) == 0
+
+
+def test_one_line_errors_and_what_a_plan_file_decided(group, tmp_path: Path,
+                                                     capsys) -> None:
+    """Issue 31 item 13: a raw TypeError for a misspelt optimizer option; --gpu ignored
+    beside --plan; the optimizer and dtype a plan file decided never printed; --tp 2 in
+    one process not saying to launch under torchrun."""
+    from collie_compile import parallelize
+    from collie_compile.cli import main
+
+    with pytest.raises(CollieError, match=r"adamw takes .*betas.* in optimizer_kwargs, not "
+                                          r"betaz"):
+        parallelize(gpt2(), gpus=1, seq_len=8, global_batch_size=2,
+                    optimizer_kwargs={"betaz": 1})
+    data = tmp_path / "d.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    plan = tmp_path / "p.json"
+    assert main(["plan", "tiny-llama", "--gpus", "1", "--gpu", "a100-80gb", "--seq-len", "16",
+                 "--global-batch", "2", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    run = ["train", "tiny-llama", "--data", str(data), "--steps", "1"]
+    assert main([*run, "--plan", str(plan), "--gpu", "h100-80gb"]) == 2
+    assert "gpu='h100-80gb' (plan: 'a100-80gb')" in capsys.readouterr().err
+    assert main([*run, "--plan", str(plan)]) == 0
+    assert (f"from {plan}: adamw, bf16, seq 16, global batch 2, planned for 1 x a100-80gb"
+            in capsys.readouterr().out)
+    assert main([*run, "--tp", "2", "--seq-len", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("tp=2 needs at least 2 processes and this is one; launch it "
+                              "under torchrun --nproc-per-node 2") in err[0], err

@@ -9,6 +9,7 @@ coordinates), stepping it (:mod:`~collie_compile.runtime.step`) with its optimiz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,6 +113,12 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
             raise CollieError(f"gpus={gpus} but this job has {world} processes; launch "
                               f"torchrun with --nproc-per-node (x nodes) = {gpus}, or pass "
                               f"gpus={world}")
+        split = {k: v for k, v in pins.given().items() if k in ("dp", "tp", "pp") and v > 1}
+        if world == 1 and split:
+            need = math.prod(split.values())
+            raise CollieError(f"{' '.join(f'{k}={v}' for k, v in split.items())} needs at "
+                              f"least {need} processes and this is one; launch it under "
+                              f"torchrun --nproc-per-node {need}")
         p = resolve_plan(plan, cfg, name, world, gpu, optimizer, dtype, seq_len,
                          global_batch_size, pins.given(), lora_cfg, memory_reserve, refusal,
                          update_in_backward, fused, count_params(model))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from collie_compile.config import FINE_TUNING_SEQUENCES_PER_GPU
 from collie_compile.cost.estimate import check_heads
-from collie_compile.cost.hardware import CATALOG, local_gpu
+from collie_compile.cost.hardware import CATALOG, get_gpu, local_gpu
 from collie_compile.errors import CollieError, flag
 from collie_compile.layout import canonical_lora_targets
 from collie_compile.planner.result import Plan, lora_flags
@@ -70,7 +70,8 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                               "Re-plan with yours: collie-compile plan ... --memory-reserve "
                               f"{memory_reserve}")
         _check_given_plan(p, optimizer, dtype, seq_len, global_batch_size,
-                          {**pins, "update_in_backward": update_in_backward})
+                          {**pins, "update_in_backward": update_in_backward,
+                           "gpu": get_gpu(gpu).name if gpu else None})
         _check_plan_lora(p, lora_rank, lora_targets)
     c = p.chosen
     layers = int(cfg.num_hidden_layers)
@@ -97,7 +98,7 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
                           "infeasible plan); re-plan with its suggestions: "
                           f"{'; '.join(p.suggestions) or 'more GPUs'}")
     c = p.chosen
-    planned = dict(optimizer=p.optimizer, dtype=p.dtype, seq_len=p.seq_len,
+    planned = dict(gpu=p.gpu, optimizer=p.optimizer, dtype=p.dtype, seq_len=p.seq_len,
                    global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
                    zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
                    virtual_stages=c.virtual_stages, update_in_backward=c.update_in_backward,

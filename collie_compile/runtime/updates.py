@@ -5,6 +5,7 @@ the others)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,13 @@ def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: 
                      ) -> torch.optim.Optimizer:
     params = [p for st in program.stages for p in st.parameters() if p.requires_grad]
     cls = optimizer_class(name, params[0].dtype)
+    # the class's own options (a typo raised a raw TypeError from its constructor)
+    signature = inspect.signature(cls.__init__).parameters
+    allowed = set(signature) - {"self", "params", "lr"}
+    unknown = set(kwargs) - allowed
+    if unknown and all(p.kind != p.VAR_KEYWORD for p in signature.values()):
+        raise CollieError(f"{name} takes {', '.join(sorted(allowed))} in optimizer_kwargs, "
+                          f"not {', '.join(sorted(unknown))}")
     opts = optimizer_options(name, lr, kwargs)
     c = program.chosen
     if c.zero == 1 and c.dp > 1:

@@ -222,6 +222,10 @@ def train(cfg: TrainConfig) -> list[float]:
     rank0 = dist.get_rank() == 0
     if rank0:
         print(f"plan: {pm.chosen.layout_str()}", flush=True)
+        if cfg.plan.lower() != "auto":  # what the file decided, train's defaults aside
+            p = pm.plan
+            print(f"from {cfg.plan}: {p.optimizer}, {p.dtype}, seq {p.seq_len}, global batch "
+                  f"{p.global_batch_size}, planned for {p.gpus} x {p.gpu}", flush=True)
         for note in pm.plan.notes:
             print(f"note: {note}", flush=True)
         if pm.lora is not None and not cfg.weights:
