@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from collie_compile.config import Pins
 from collie_compile.cost.estimate import estimate, resolve_sizes
-from collie_compile.cost.hardware import CATALOG, GiB
+from collie_compile.cost.hardware import CATALOG, GiB, get_gpu
 from collie_compile.cost.memory import estimate_json
 from collie_compile.data.records import ON_ERROR
 from collie_compile.dtypes import DTYPE_NAMES
@@ -35,6 +35,11 @@ def _bytes(n: float, total: float) -> str:
     if total < GiB:
         return f"{n / 2**20:8.2f} MiB"
     return f"{n / GiB:8.2f} GiB"
+
+
+def _size(n: float) -> str:
+    """One figure in the unit that shows it (a small spec's 0.00 GiB read as nothing)."""
+    return _bytes(n, n).strip()
 
 
 def _count(n: int) -> str:
@@ -65,6 +70,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
+    if args.name:  # one spec: a file --gpu takes as it is, to edit for another card
+        print(json.dumps(asdict(get_gpu(args.name)), indent=2))
+        return 0
     if args.json:
         print(json.dumps([asdict(g) for g in CATALOG.values()], indent=2))
         return 0
@@ -74,7 +82,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         print(f"{g.name:10} {g.memory_bytes / GiB:7.1f} GiB {g.bf16_flops / 1e12:8.1f} "
               f"{g.fp32_flops / 1e12:8.1f} {g.hbm_bandwidth / 1e9:9.0f} "
               f"{g.intra_node_bandwidth / 1e9:10.1f} {g.inter_node_bandwidth / 1e9:10.1f}")
-    print("\nAny other GPU: pass a JSON file with the same fields (`collie-compile gpus --json`).")
+    print("\nAny other GPU: --gpu SPEC.json, a file with the same fields; start from one "
+          "(`collie-compile gpus h100-80gb > SPEC.json`) or measure it (`calibrate --out`).")
     return 0
 
 
@@ -124,7 +133,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     verdict = "fits" if est.fits else "DOES NOT FIT"
     print(f"  {'total':18}{_bytes(mem.total_bytes, mem.total_bytes)}   {verdict} "
           f"({100 * mem.total_bytes / cap:.0f}% of {cap / GiB:.1f} GiB; "
-          f"{est.usable_bytes / GiB:.2f} GiB usable with {100 * est.memory_reserve:g}% kept free)")
+          f"{_size(est.usable_bytes)} usable with {100 * est.memory_reserve:g}% kept free)")
     return 0
 
 
@@ -195,9 +204,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        ("total", "total_bytes")]:
         print(f"  {label:18}{_bytes(m[key], m['total_bytes'])}")
     if not result.feasible:
-        print(f"\ndoes not fit: the closest plan needs {c.memory_per_gpu_bytes / GiB:.2f} GiB "
-              f"per GPU, {result.shortfall_bytes / GiB:.2f} GiB more than the "
-              f"{result.usable_memory_bytes / GiB:.2f} GiB usable. What would fit:")
+        print(f"\ndoes not fit: the closest plan needs {_size(c.memory_per_gpu_bytes)} per GPU, "
+              f"{_size(result.shortfall_bytes)} more than the "
+              f"{_size(result.usable_memory_bytes)} usable. What would fit:")
         for s in result.suggestions:
             print(f"  - {s}")
         return 3
@@ -316,7 +325,8 @@ def _models_command(sub: argparse._SubParsersAction) -> None:
 
 def _gpus_command(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gpus", help="list the GPU catalog")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("name", nargs="?", help="print this GPU's spec as the JSON --gpu takes")
+    g.add_argument("--json", action="store_true", help="the whole catalog as a JSON list")
     g.set_defaults(func=cmd_gpus)
 
 

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,23 @@ def test_models_and_gpus_lists(capsys):
     assert rc == 0 and "llama-2-70b" in out and "68,976,648,192" in out
     rc, out, _ = run(capsys, "gpus", "--json")
     assert rc == 0 and {g["name"] for g in json.loads(out)} == set(CATALOG)
+
+
+def test_a_gpu_spec_from_gpus_is_what_gpu_takes(capsys, tmp_path: Path):
+    """`gpus --json` wrote a list that --gpu rejected; a small spec read "needs 0.00 GiB
+    ... 0.00 GiB usable"."""
+    listed = tmp_path / "all.json"
+    listed.write_text(run(capsys, "gpus", "--json")[1])
+    rc, _, err = run(capsys, "estimate", "tiny-llama", "--gpu", str(listed))
+    assert rc == 2 and "holds a list of GPU specs; --gpu takes one object" in err
+    rc, out, _ = run(capsys, "gpus", "rtx4090")
+    spec = json.loads(out)
+    assert rc == 0 and spec["name"] == "rtx4090"
+    spec.update(name="tiny-card", memory_bytes=64 * 2**20)
+    small = tmp_path / "tiny.json"
+    small.write_text(json.dumps(spec))
+    rc, out, _ = run(capsys, "estimate", "tiny-llama", "--gpu", str(small), "--seq-len", "16")
+    assert rc == 0 and "60.80 MiB usable with 5% kept free" in out, out
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -219,3 +237,9 @@ def test_update_in_backward_flags_price_and_record_it(capsys, tmp_path):
                  clip_mode="stale")
     assert clipped.chosen.step_time_s > 1.9 * plain.chosen.step_time_s
     assert stale.chosen.step_time_s == plain.chosen.step_time_s
+
+
+def test_lora_targets_that_match_nothing_name_the_models_linears(capsys):
+    """The hint suggested q_proj v_proj for GPT-2, which has neither."""
+    rc, _, err = run(capsys, "estimate", "gpt2", "--lora-rank", "8", "--seq-len", "64")
+    assert rc == 2 and "its blocks' linears are c_attn, c_fc, c_proj" in err, err

@@ -82,6 +82,9 @@ class GPUSpec:
     def from_dict(cls, data: dict, source: str = "spec") -> GPUSpec:
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING}
+        if isinstance(data, list):  # what `gpus --json` prints: the whole catalog
+            raise CollieError(f"{source} holds a list of GPU specs; --gpu takes one object: "
+                              "`collie-compile gpus NAME > SPEC.json` writes one to edit")
         if not isinstance(data, dict):
             raise CollieError(f"{source}: a GPU spec must be a JSON object with keys "
                               f"{', '.join(sorted(required))}")
@@ -91,8 +94,8 @@ class GPUSpec:
             what = "; ".join(filter(None, [
                 f"unknown keys {sorted(unknown)}" if unknown else "",
                 f"missing keys {sorted(missing)}" if missing else ""]))
-            raise CollieError(f"{source}: bad GPU spec ({what}); see `collie-compile gpus "
-                              "--json` for the format")
+            raise CollieError(f"{source}: bad GPU spec ({what}); `collie-compile gpus NAME` "
+                              "prints one in the format")
         for k, v in data.items():
             if k == "name":
                 if not isinstance(v, str) or not v:

@@ -228,8 +228,10 @@ def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple
             low_rank += seq * rank * item
             narrowest = min(narrowest or inp, inp, out)
     if not per_block:
+        names = sorted({n["module"].rpartition(".")[2] for n in profile.block_graph
+                        if n["kind"] == "linear"})
         raise CollieError(f"no linear of {profile.name} matches LoRA targets {targets!r}; "
-                          "name modules as peft's target_modules does, e.g. q_proj v_proj")
+                          f"its blocks' linears are {', '.join(names)} (--lora-targets)")
     if rank > narrowest:  # past min(in, out) an adapter is no longer low-rank
         raise CollieError(f"{named('lora_rank')}={rank} is more than the narrowest targeted "
                           f"linear's {narrowest} features: the adapters would outgrow the weights; "

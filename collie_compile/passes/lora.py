@@ -55,6 +55,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     record = tp_record(gm)
     shards, partial = record.shards, record.partial_grads
     adapters: dict[str, str] = {}
+    linears: set[str] = set()  # the model's own names, for the error below
     gen = torch.Generator().manual_seed(seed)
     r = int(config.r)
     scaling = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -64,6 +65,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             continue
         x, w_name, out_dim, _ = operands
         module = w_name.rpartition(".")[0]
+        linears.add(module.rpartition(".")[2])
         if not check_target_module_exists(config, module):
             continue
         weight = gm.get_parameter(w_name)
@@ -103,7 +105,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         adapters[a_name] = adapters[b_name] = w_name
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
-                          "name modules as they appear in the model (e.g. q_proj, v_proj)")
+                          f"this model's linears are {', '.join(sorted(linears))}")
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
     gm.graph.lint()
