@@ -463,6 +463,10 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--save", help="write a HF checkpoint here at the end (--output writes "
                                   "one to OUTPUT/final too)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--nproc-per-node", type=int, default=None,
+                   help="launch this many workers on this node (torchrun's job, with one line "
+                        "per error instead of its report); without it, run under torchrun or "
+                        "as one process")
     t.add_argument("--fresh-optimizer", action="store_true",
                    help="resuming --output under another optimizer: its states start afresh "
                         "(without it, such a resume is refused)")
@@ -509,8 +513,16 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc_per_node", None):
+            if "RANK" in os.environ:
+                raise CollieError("--nproc-per-node launches the workers itself; under "
+                                  "torchrun leave it out")
+            from collie_compile.launcher import launch_workers, without_nproc
+
+            return launch_workers(args.nproc_per_node, without_nproc(argv))
         return args.func(args)
     except CollieError as e:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun

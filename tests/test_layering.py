@@ -10,7 +10,7 @@ PACKAGE = Path(collie_compile.__file__).parent
 ORDER = ["leaf", "kernels", "models", "capture", "optim", "cost", "planner", "passes",
          "data", "runtime", "training", "entry"]
 LEAVES = {"errors", "dtypes", "dtensor", "layout", "recompute_policy", "config", "disk_cache"}
-ENTRIES = {"__init__", "__main__", "cli"}
+ENTRIES = {"__init__", "__main__", "cli", "launcher"}
 
 
 def _stage(module: str) -> str:

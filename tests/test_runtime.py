@@ -379,6 +379,21 @@ def test_train_cli_error_is_reported_once_under_torchrun() -> None:
     assert errors[0].endswith("collie-compile: error: --lr must be a positive number, got -1.0")
 
 
+def test_train_launches_its_workers_and_shows_an_error_once() -> None:
+    """`train --nproc-per-node 2`: the workers launched from the command itself; a refused
+    run ends with the one line and the workers' status, not torchrun's ~35-line report."""
+    base = [sys.executable, "-m", "collie_compile", "train", "tiny-llama", "--data",
+            str(ROOT / "README.md"), "--steps", "2", "--seq-len", "16", "--nproc-per-node", "2"]
+    bad = subprocess.run([*base, "--lr", "-1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "collie-compile: error: --lr must be a positive number, got -1.0"], bad.stderr
+    ok = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "plan: dp=2" in ok.stdout and "over 2 steps" in ok.stdout
+
+
 def test_train_cli_lora_matches_peft_in_one_process(tmp_path: Path) -> None:
     """`train --lora-rank` at tp=2: --check trains peft's own LoRA model from the same
     adapter init in one process, and --save writes an adapter peft loads."""
