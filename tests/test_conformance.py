@@ -35,7 +35,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, BloomConfig, LlamaConfig
 
 from collie_compile.errors import CollieError
 from collie_compile.models.probe import probe_config
@@ -96,6 +96,20 @@ CASES = [
     Case("gemma2-dp2-zero3-inside", FAMILY["gemma2"], {**LAYOUTS["dp2-zero3"], **INSIDE}),
     Case("tied-tp2-pp2-inside", TIED, {**LAYOUTS["tp2-pp2"], **INSIDE}),
 ]
+# Every tp family again at another sequence length and batch, with dp beside tp: shapes a
+# pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads
+# made the sequence dim pass for features, was refused at tp2)
+DP2_TP2 = dict(dp=2, tp=2, pp=1, zero=1)
+CASES += [Case(c.id.split("-")[0] + "-seq32-dp2tp2" + ("-lora" if "lora" in c.id else ""),
+               c.config,
+               {**DP2_TP2, **({"lora": True} if "lora" in c.id else {})}, seq=32, batch=4)
+          for c in CASES if c.layout == LAYOUTS["tp2"] or c.id == "gpt2-lora-tp2"
+          if not c.id.startswith(("gpt_bigcode", "doge"))]
+# BLOOM as the report built it: BloomConfig(vocab 512, hidden 64, 4 heads, 2 layers),
+# seq 32, batch 8, tp2 on 2 ranks
+CASES.append(Case("bloom-user-seq32-tp2", BloomConfig(
+    vocab_size=512, hidden_size=64, n_head=4, n_layer=2).to_dict(), LAYOUTS["tp2"], seq=32,
+    batch=8))
 SENSITIVE = {"doge-tp2"}
 # the reason, and what to do instead
 REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differently",

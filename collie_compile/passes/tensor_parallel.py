@@ -744,7 +744,11 @@ def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
     share only, and is summed over tp there. Returns whether it rewrote an input."""
     tensors = [a for a in n.args if isinstance(a, fx.Node)
                and isinstance(env.get(a), torch.Tensor)]
-    sharded = [env[a] for a in tensors if a in shrunk]
+    # each sharded input beside its shape before sharding: a dim it shares with a
+    # replicated input must be one that shrank, not one of equal size by chance (BLOOM
+    # at seq 32 with 16-wide heads took the sequence dim of ALiBi for features)
+    sharded = [(env[a], tuple(a.meta["val"].shape)) for a in tensors if a in shrunk
+               and isinstance(a.meta.get("val"), torch.Tensor)]
     if not sharded:
         return False
     done = False
@@ -756,7 +760,7 @@ def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
         for k in range(1, v.dim() + 1):
             size = v.shape[-k]
             if size % tp or not any(t.dim() >= k and t.shape[-k] == size // tp
-                                    for t in sharded):
+                                    and old[-k] == size for t, old in sharded):
                 continue
             d = v.dim() - k
             if k == 1:  # features: one contiguous slice per rank

@@ -57,6 +57,8 @@ class Case:
     id: str
     config: dict  # PretrainedConfig.to_dict() of the probe
     layout: dict  # dp, tp, pp, zero, schedule, recompute, lora
+    seq: int = SEQ  # the run's sequence length and global batch (shapes a pass may get
+    batch: int = BATCH  # right by chance at one size are tried at another)
 
     @property
     def nproc(self) -> int:
@@ -92,9 +94,10 @@ class Result:
         return cls(**d)
 
 
-def batches(vocab: int, n: int = STEPS) -> list[torch.Tensor]:
+def batches(vocab: int, n: int = STEPS, seq: int = SEQ, batch: int = BATCH
+            ) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (BATCH, SEQ), generator=g) for _ in range(n)]
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
 
 
 def tensor_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
@@ -225,9 +228,9 @@ def run_case(case: Case, workdir: Path) -> Result:
     if problem:
         return Result(case.id, "crash", f"transformers cannot build the probe: {problem}")
     model = AutoModelForCausalLM.from_pretrained(base)
-    data = batches(int(model.config.vocab_size))
+    data = batches(int(model.config.vocab_size), seq=case.seq, batch=case.batch)
     try:
-        pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH, optimizer="adamw",
+        pm = parallelize(model, seq_len=case.seq, global_batch_size=case.batch, optimizer="adamw",
                          lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
                          lora_adapter=adapter if lora else None, **pins)
     except CollieError as e:
