@@ -303,3 +303,14 @@ def test_virtual_stages_can_be_pinned():
         plan("tiny-llama", gpus=2, pp=2, virtual_stages=4, seq_len=64)
     with pytest.raises(CollieError, match="must be 2 or more"):
         plan("tiny-llama", gpus=2, virtual_stages=1, seq_len=64)
+
+
+def test_plans_say_the_zero_stage_that_runs():
+    """A LOMO plan said zero=1 while ZeRO-0 ran (a rule with no state has nothing for
+    ZeRO-1 to shard); the re-plan command of a dp=1 plan pinned --zero 1, which the
+    planner then refused."""
+    p = plan("tiny-llama", gpus=2, seq_len=16, global_batch_size=4, optimizer="lomo")
+    assert all(c.zero != 1 for c in [p.chosen, *p.alternatives])
+    p = plan("tiny-llama", gpus=2, seq_len=16, global_batch_size=4, dp=1, tp=2)
+    cmd = p.replan_command()
+    assert "--dp 1 --tp 2 --pp 1 --micro-batch" in cmd and "--zero" not in cmd

@@ -199,7 +199,9 @@ class Plan:
         if self.max_grad_norm is not None:
             args.append(f"--max-grad-norm {self.max_grad_norm} --clip-mode {self.clip_mode}")
         if c is not None:
-            args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp} --zero {c.zero} "
+            # no --zero with dp=1: ZeRO shards over dp ranks, and the planner refuses it
+            zero = f" --zero {c.zero}" if c.dp > 1 else ""
+            args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp}{zero} "
                         f"--micro-batch {c.micro_batch_size}")
             if c.pp > 1:
                 args.append(f"--schedule {c.schedule}")

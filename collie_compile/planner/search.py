@@ -309,7 +309,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     pins = {k: v for k, v in asdict(asked).items() if k != "recompute"}
-    outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins, tuple(variants))
+    outers = _outer_space(prof, gpus, gpus_per_node, global_batch_size, pins, tuple(variants),
+                          stateless=opt.state_bytes == 0 and not opt.factored)
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
@@ -453,10 +454,12 @@ def _update_note(best: Candidate, others: list[Candidate], two_pass: bool) -> st
 
 
 def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch: int,
-                 pins: dict, in_backward: tuple[bool, ...] = (False,)) -> list[Outer]:
+                 pins: dict, in_backward: tuple[bool, ...] = (False,),
+                 stateless: bool = False) -> list[Outer]:
     """Every (dp, tp, pp, zero, micro-batch, schedule, where the update runs) that
     matches the pins and can run; when none can, the error says which rule each pinned
-    choice breaks."""
+    choice breaks. A rule with no state (LOMO) updating inside backward has nothing for
+    ZeRO-1 to shard: it runs, and is planned, as ZeRO-0 (a plan line said zero=1)."""
     out, reasons = [], {}
     for tp in divisors(gpus):
         for pp in divisors(gpus // tp):
@@ -479,6 +482,8 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                             if why:  # one example of each rule broken, and how often
                                 n, first = reasons.get(why[0], (0, why[1]))
                                 reasons[why[0]] = (n + 1, first)
+                            elif ib and stateless and lay.zero == 1 and pins.get("zero") is None:
+                                out.append(Outer(replace(lay, zero=0), ib))
                             else:
                                 out.append(Outer(lay, ib))
     if not out:
