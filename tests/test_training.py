@@ -321,6 +321,21 @@ def test_lora_check_with_weights_equals_peft(group, files, tmp_path: Path, capsy
     assert "LoRA on randomly initialised weights" not in out
 
 
+def test_check_that_disagrees_fails_the_run(group, files, monkeypatch, capsys) -> None:
+    """--check reported a 0.85 difference and exited 0. (A tolerance below any difference
+    stands in for a parallel run that disagrees.)"""
+    import collie_compile.training.run as run
+    from collie_compile.cli import main
+
+    monkeypatch.setattr(run, "CHECK_TOLERANCE", -1.0)
+    rc = main(["train", str(files["model"]), "--data", str(files["train"]), "--tokenizer",
+               str(files["tok"]), "--steps", "2", "--seq-len", str(SEQ), "--global-batch",
+               "2", "--check"])
+    said = capsys.readouterr()
+    assert rc == 2 and "one process, same model and batches" in said.out
+    assert "--check: the parallel run's losses differ from one process's by" in said.err
+
+
 def test_lora_on_a_random_base_says_so(group, files, tmp_path: Path, capsys) -> None:
     from collie_compile.cli import main
 
