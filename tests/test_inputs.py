@@ -11,20 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, BertConfig, GPT2Config
 
 from collie_compile.errors import CollieError
 
 SHAPES = [(2, 16), (4, 8)]  # (global batch, seq)
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory: pytest.TempPathFactory):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg",
-                            rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def gpt2() -> torch.nn.Module:

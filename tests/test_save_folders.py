@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from collie_compile.errors import CollieError
@@ -27,14 +26,6 @@ def llama(vocab: int = 128, layers: int = 2) -> torch.nn.Module:
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
     return AutoModelForCausalLM.from_config(cfg)
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory: pytest.TempPathFactory):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg",
-                            rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def parallel(model: torch.nn.Module | None = None, **kw: object) -> object:

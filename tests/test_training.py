@@ -47,15 +47,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "eval": write_jsonl(d / "eval.jsonl", chat_records(12, seed=1))}
 
 
-@pytest.fixture(scope="module")
-def group(tmp_path_factory: pytest.TempPathFactory):
-    """A gloo group of one process, as `collie-compile train` without torchrun makes."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg",
-                            rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def packed(path: Path, tok: Path, seq: int = SEQ) -> PackedTokens:
     return PackedTokens.from_cache(tokenized([path], Encoder(tok, 64), log=lambda s: None),
                                    "train", seq)
