@@ -185,9 +185,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if c.virtual_stages == 1:
         print("  stages (layers): " + " ".join(f"{a}-{b}" for a, b in c.stages))
     else:  # each rank holds v chunks, spread over the model
-        chunks = c.chunks()
         print("  layers per pp rank: " + "; ".join(
-            ",".join(f"{a}-{b}" for a, b in chunks[r::c.pp]) for r in range(c.pp)))
+            ",".join(f"{a}-{b}" for a, b in rank) for rank in c.layers_per_rank()))
     if c.sharding:
         print("  sharding: " + ", ".join(f"{m.rsplit('.', 1)[-1]}={s}"
                                          for m, s in c.sharding.items()))

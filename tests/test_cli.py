@@ -243,3 +243,27 @@ def test_lora_targets_that_match_nothing_name_the_models_linears(capsys):
     """The hint suggested q_proj v_proj for GPT-2, which has neither."""
     rc, _, err = run(capsys, "estimate", "gpt2", "--lora-rank", "8", "--seq-len", "64")
     assert rc == 2 and "its blocks' linears are c_attn, c_fc, c_proj" in err, err
+
+
+def test_json_outputs_are_what_the_docs_list(capsys):
+    """docs/cli.md listed fewer keys of `estimate --json` than it prints; an interleaved
+    plan's `stages` read as the layers each rank holds, which they are not."""
+    import re
+
+    from collie_compile.models.registry import load_config, with_layers
+    from collie_compile.planner.search import plan
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    listed = doc.split("`--json` prints exactly `", 1)[1].split("`", 1)[0]
+    rc, out, _ = run(capsys, "estimate", "tiny-llama", "--json")
+    printed = json.loads(out)
+    keys = set(printed) | {k for v in printed.values() if isinstance(v, dict) for k in v}
+    assert rc == 0 and set(re.findall(r"[a-z_]+", listed)) == keys
+    p = plan(with_layers(load_config("tiny-llama"), 8), gpus=2, seq_len=16,
+             global_batch_size=8, pp=2, schedule="interleaved", virtual_stages=2)
+    ranks = p.summary()["plan"]["layers_per_rank"]
+    assert len(ranks) == 2 and all(len(r) == 2 for r in ranks)  # v chunks a rank
+    for (a, b), mine in zip(p.chosen.stages, ranks, strict=True):  # as many as priced
+        assert sum(hi - lo + 1 for lo, hi in mine) == b - a + 1
+    held = sorted(i for r in ranks for lo, hi in r for i in range(lo, hi + 1))
+    assert held == list(range(8))

@@ -202,7 +202,7 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
                         "suggestions", "notes"}
     keys = {"dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
             "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
-            "tokens_per_gpu_per_s", "mfu", "update_in_backward"}
+            "tokens_per_gpu_per_s", "mfu", "update_in_backward", "layers_per_rank"}
     assert set(doc["plan"]) == keys
     assert all(set(a) == keys | {"why_not"} for a in doc["alternatives"])
     rc = main(["plan", "llama-65b", "--gpus", "8", "--gpu", "rtx3090", "--seq-len", "512",

@@ -50,6 +50,9 @@ class Candidate:
 
     def summary(self, with_why: bool = False) -> dict:
         d = {k: getattr(self, k) for k in SUMMARY_KEYS}
+        # what each pp rank runs: interleaved, ``stages`` are the priced block counts, and
+        # a rank's layers are v chunks spread over the model
+        d["layers_per_rank"] = self.layers_per_rank()
         if with_why:
             d["why_not"] = self.why_not
         return d
@@ -69,6 +72,11 @@ class Candidate:
                 out.append([first, first + size - 1])
                 first += size
         return out
+
+    def layers_per_rank(self) -> list[list[list[int]]]:
+        """[first, last] of each chunk pp rank r holds, for every rank."""
+        chunks = self.chunks()
+        return [chunks[r::self.pp] for r in range(self.pp)]
 
     def layer_modes(self) -> list[str]:
         """Recomputation of each model layer as the runtime applies it: rank k's layers,
