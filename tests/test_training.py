@@ -383,6 +383,13 @@ def test_a_resume_into_another_run_is_refused_or_said(group, files, tmp_path: Pa
         cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": 500000.0}
         cfg.save_pretrained(tmp_path / "m2")
 
+    def other_tokenizer() -> None:
+        shutil.copytree(files["tok"], tmp_path / "tok2", dirs_exist_ok=True)
+        spec = _json.loads((tmp_path / "tok2" / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+        (tmp_path / "tok2" / "tokenizer.json").write_text(_json.dumps(spec))
+
     lines = [_json.loads(ln) for ln in data.read_text().splitlines()]
     refused = {
         "seed": (["--steps", "3", "--seed", "1"], None, "its seed is 0, this run's 1"),
@@ -398,6 +405,9 @@ def test_a_resume_into_another_run_is_refused_or_said(group, files, tmp_path: Pa
                   "saved with fp32 weights and this run's are bf16"),
         "optimizer": (["--steps", "3", "--optimizer", "lion"], None,
                       "holds the states of the adamw optimizer"),
+        # the same words at other ids: the tokenizer's files, so the token stream, differ
+        "tokenizer": (["--steps", "3", "--tokenizer", str(tmp_path / "tok2")],
+                      lambda: other_tokenizer(), "its training data held other tokens"),
     }
     for name, (extra, prepare, says) in refused.items():
         rc, out, err = resume(extra, prepare)
