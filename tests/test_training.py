@@ -19,7 +19,7 @@ import torch.distributed as dist
 from training_data import chat_records, make_tokenizer, write_jsonl
 
 from collie_compile.data.packing import IGNORE_INDEX, PackedTokens
-from collie_compile.data.tokenize import Encoder, tokenized
+from collie_compile.data.tokenize import Encoder, tokenized, tokenizer_files
 from collie_compile.optim.schedules import SCHEDULES, LRSchedule
 from collie_compile.training.trainer import Trainer
 
@@ -285,7 +285,7 @@ def test_lora_on_weights_from_disk_matches_peft_and_saves_usable_folders(
                   "--check"], capsys)
     out = capsys.readouterr().out if rc else ""
     assert rc == 0, out
-    tok_files = {f.name for f in Encoder(files["tok"]).files()}
+    tok_files = {f.name for f in tokenizer_files(files["tok"])}
     assert tok_files and tok_files <= {f.name for f in adapter.iterdir()}
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
     assert any(".lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())

@@ -40,6 +40,12 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "merges*", "*.model", "*.tiktoken", "chat_template*")
 
 
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """A tokenizer folder's own files (the folder may be a whole model's)."""
+    return [f for f in sorted(Path(folder).iterdir())
+            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES)]
+
+
 class Encoder:
     """Records to (ids, counts-in-loss flags) with a local HF tokenizer or UTF-8 bytes."""
 
@@ -58,19 +64,12 @@ class Encoder:
             raise CollieError(f"the EOS id {self.eos} is outside the model's vocabulary of "
                               f"{vocab_size}; use a tokenizer that matches the model")
 
-    def files(self) -> list[Path]:
-        """The tokenizer's own files (the folder may be a whole model's); none for bytes."""
-        if self.tok is None:
-            return []
-        return [f for f in sorted(Path(self.path).iterdir())
-                if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES)]
-
     def fingerprint(self) -> str:
         """What decides the ids: the tokenizer's files (or "bytes")."""
         if self.tok is None:
             return "bytes"
         h = hashlib.sha256()
-        for f in self.files():
+        for f in tokenizer_files(self.path):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         return h.hexdigest()
 

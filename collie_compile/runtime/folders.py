@@ -101,7 +101,7 @@ def check_target(final: str | Path, kind: str) -> None:
     what a killed save of ours left."""
     final = Path(final)
     _ours(final, final, kind)
-    for side in (_tmp(final), _old(final)):
+    for side in (staging(final), _old(final)):
         _ours(side, final, None)
     # found now, not after the training: a folder where none can be made
     parent = next(p for p in (final.parent.absolute(), *final.parent.absolute().parents)
@@ -112,7 +112,9 @@ def check_target(final: str | Path, kind: str) -> None:
         raise CollieError(f"cannot save to {final}: {parent} is not writable")
 
 
-def _tmp(final: Path) -> Path:
+def staging(final: str | Path) -> Path:
+    """The folder a save of ``final`` is written in before it is renamed into place."""
+    final = Path(final)
     return final.with_name(final.name + ".tmp")
 
 
@@ -141,7 +143,7 @@ def remove_ours(path: Path) -> bool:
 def begin(final: str | Path, kind: str) -> Path:
     """The empty ``final.tmp`` a ``kind`` save writes into (rank 0; after
     :func:`check_target`), marked as ours before any file goes in."""
-    tmp = _tmp(Path(final))
+    tmp = staging(Path(final))
     if tmp.exists():
         remove_ours(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -177,8 +179,8 @@ def missing(folder: str | Path) -> str:
         return (f"{folder} does not exist, but {_old(folder)} holds the save before it: a "
                 f"save was stopped between its two renames. Rename {_old(folder)} to "
                 f"{folder.name} to use it" + (
-                    f" (or {_tmp(folder)}, the newer one, if complete)"
-                    if (_tmp(folder) / MANIFEST).is_file() else ""))
+                    f" (or {staging(folder)}, the newer one, if complete)"
+                    if (staging(folder) / MANIFEST).is_file() else ""))
     return f"{folder} does not exist"
 
 

@@ -114,7 +114,7 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
     boxes it alone holds; rank 0 adds the text files ``extra`` (name -> content) before
     the folder is renamed into place."""
     check_save_path(directory, "checkpoint")
-    tmp = Path(str(directory) + ".tmp")
+    tmp = folders.staging(directory)
     if dist.get_rank() == 0:
         folders.begin(directory, "checkpoint")
     dist.barrier()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from collie_compile.config import Pins
 from collie_compile.data.packing import IGNORE_INDEX, PackedTokens
 from collie_compile.data.records import ON_ERROR
-from collie_compile.data.tokenize import Encoder, tokenized
+from collie_compile.data.tokenize import Encoder, tokenized, tokenizer_files
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError, flag
 from collie_compile.models.registry import build_model, load_config
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig) -> list[float]:
 def beside_the_model(cfg: TrainConfig) -> list[Path]:
     """What a saved model needs to be used as is (``pipeline("text-generation", OUT)``):
     the tokenizer's files and the base's generation config."""
-    files = Encoder(cfg.tokenizer).files() if cfg.tokenizer else []
+    files = tokenizer_files(cfg.tokenizer) if cfg.tokenizer else []
     if cfg.weights and (Path(cfg.weights) / "generation_config.json").is_file():
         files.append(Path(cfg.weights) / "generation_config.json")
     return files
