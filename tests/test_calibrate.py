@@ -22,7 +22,8 @@ def test_calibrate_writes_a_spec_the_planner_accepts(tmp_path, capsys):
     assert spec.checkpoint_op_overhead > spec.op_latency
     assert spec.selective_op_overhead > spec.op_latency
     # FSDP2 on gloo: copies into fresh pages and a reduce-scatter run as an all-reduce
-    # leave a ZeRO-3 unit well behind the ring model
-    assert 0 < spec.zero_efficiency < 1
+    # usually leave a ZeRO-3 unit behind the ring model; on a quiet CI machine it kept up
+    # (measured 1.0 there), so only the range is a property: a fraction, never above 1
+    assert 0 < spec.zero_efficiency <= 1
     p = plan("tiny-llama", gpus=2, gpu=str(out), seq_len=64, global_batch_size=4)
     assert p.feasible and p.gpu == "this-cpu" and p.chosen.step_time_s > 0
