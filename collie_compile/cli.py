@@ -259,7 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       memory_reserve=args.memory_reserve,
                       update_in_backward=args.update_in_backward,
                       max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode,
-                      fresh_optimizer=args.fresh_optimizer)
+                      fresh_optimizer=args.fresh_optimizer,
+                      separate_documents=args.separate_documents)
     ours = not dist.is_initialized()  # a caller's group outlives the command
     losses = train(cfg)
     if dist.get_rank() == 0 and losses:
@@ -466,6 +467,10 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
                    help="launch this many workers on this node (torchrun's job, with one line "
                         "per error instead of its report); without it, run under torchrun or "
                         "as one process")
+    t.add_argument("--separate-documents", action="store_true",
+                   help="documents packed into a row attend only to themselves (position_ids "
+                        "restarting per document, as DataCollatorWithFlattening's), not to "
+                        "the ones before them")
     t.add_argument("--fresh-optimizer", action="store_true",
                    help="resuming --output under another optimizer: its states start afresh "
                         "(without it, such a resume is refused)")

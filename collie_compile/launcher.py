@@ -29,7 +29,10 @@ def launch_workers(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "collie_compile", *argv)
     except ChildFailedError as e:  # each worker has said why (rank 0 alone, when agreed)
-        codes = [f.exitcode for f in e.failures.values()]
+        # rank 0's status speaks for the job: a peer may fail after it (its collective
+        # broken by rank 0's exit) with another code
+        failed = sorted(e.failures.items())
+        codes = [f.exitcode for rank, f in failed if rank == 0] + [f.exitcode for _, f in failed]
         return next((c for c in codes if c > 0), 1)
     return 0
 

@@ -12,6 +12,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from packed_documents import each_document_alone, flattened_rows
 
 from collie_compile.cost.measure import LiveBytes
 from collie_compile.dtensor import local_tensor
@@ -248,6 +249,66 @@ def run_eval(cfg: dict) -> dict:
         out["hf_eval_sum"] = float(want.loss) * n
     else:
         pm.forward(ids)
+    return out
+
+
+def packed_model(family: str, layers: int) -> torch.nn.Module:
+    """A model from transformers' own config class (dropout off: tp ranks draw other
+    masks than one process does)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    if family == "gpt2":  # learned absolute positions
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4,
+                         n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:  # rotary positions, grouped K/V
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def run_packed(cfg: dict) -> dict:
+    """Documents packed into rows (position_ids from DataCollatorWithFlattening) under the
+    layout: two AdamW steps, then eval_loss and forward, against the transformers model
+    given the same batches without a KV cache (rank 0)."""
+    layers = cfg.get("layers", 2)
+    model = packed_model(cfg["family"], layers)
+    hf = packed_model(cfg["family"], layers)
+    pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH, optimizer="adamw",
+                     lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
+                     position_ids=True, **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
+    train = [flattened_rows(BATCH, SEQ, VOCAB, 8, seed=s) for s in (1, 2)]
+    losses = [pm.train_step(b) for b in train]
+    grads, weights = pm.full_state_dict(grads=True), pm.full_state_dict()
+    held = flattened_rows(BATCH, SEQ, VOCAB, 8, seed=3)
+    total, tokens = pm.eval_loss(held)
+    logits = pm.forward(held["input_ids"], held["position_ids"])
+    out = {"layout": pm.chosen.layout_str(), "losses": losses, "eval": total / tokens}
+    if dist.get_rank() == 0:
+        opt = torch.optim.AdamW(hf.parameters(), **ADAMW)
+        ref_losses = []
+        for b in train:
+            opt.zero_grad(set_to_none=True)
+            loss = hf(**b, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            ref_losses.append(float(loss))
+        hf.eval()
+        with torch.no_grad():
+            want = hf(**held, use_cache=False)
+        alone = each_document_alone(hf, held["input_ids"][0], held["position_ids"][0])
+        ref_g = {n: p.grad for n, p in hf.named_parameters()}
+        ref_w = {n: p.detach() for n, p in hf.named_parameters()}
+        diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
+        out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g),
+                   weight_err=diff / sum(float(v.norm()) ** 2 for v in ref_w.values()) ** 0.5,
+                   weight_err_per_tensor=rel_err(weights, ref_w),
+                   ref_eval=float(want.loss),
+                   logits_err=float((logits - want.logits).abs().max()
+                                    / want.logits.abs().max()),
+                   hf_is_per_document=float((want.logits[0] - alone).abs().max()),
+                   documents=int((held["position_ids"][0] == 0).sum()))
     return out
 
 
@@ -495,7 +556,8 @@ def main() -> None:
             kind = cfg.get("kind") or ("error" if cfg.get("error") else "train")
             run = {"train": run_config, "error": run_error, "save": run_save,
                    "resume": run_resume, "weights": run_weights, "lora": run_lora,
-                   "fused": run_fused, "release": run_release, "eval": run_eval}[kind]
+                   "fused": run_fused, "release": run_release, "eval": run_eval,
+                   "packed": run_packed}[kind]
             results[cfg["id"]] = run(cfg)
         except Exception:  # record and go on: one broken layout must not hide the others
             results[cfg["id"]] = {"crash": traceback.format_exc()}

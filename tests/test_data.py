@@ -178,6 +178,29 @@ def test_users_documents_pack_with_their_labels() -> None:
         PackedTokens.from_documents([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 4, 3)
 
 
+def test_separate_documents_number_positions_as_transformers_flattening_does() -> None:
+    """--separate-documents: rows carry the position_ids and -100 first labels that
+    transformers' DataCollatorWithFlattening gives the same documents (EOS ends each;
+    a document cut by a row's end goes on from position 0 in the next row)."""
+    from transformers import DataCollatorWithFlattening
+
+    docs = [[5, 6, 7, 3], [8, 3], [9, 10, 11, 3], [12, 3]]
+    data = PackedTokens.from_documents([{"input_ids": d} for d in docs], seq_len=6, eos=3,
+                                       separate_documents=True)
+    rows = data.rows([0, 1])
+    # row 0 holds docs 0, 1; row 1 the rest
+    flat = [DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in part])
+            for part in (docs[:2], docs[2:])]
+    for key in ("input_ids", "labels", "position_ids"):
+        assert rows[key].tolist() == [f[key][0].tolist() for f in flat], key
+    cut = PackedTokens.from_documents([{"input_ids": d} for d in docs], seq_len=5, eos=3,
+                                      separate_documents=True).rows([1])
+    assert cut["input_ids"].tolist() == [[3, 9, 10, 11, 3]]
+    assert cut["position_ids"].tolist() == [[0, 0, 1, 2, 3]]
+    assert "position_ids" not in PackedTokens.from_documents(
+        [{"input_ids": d} for d in docs], seq_len=6, eos=3).rows([0])
+
+
 def test_more_bad_records_and_folders(tmp_path: Path, tok_dir: Path) -> None:
     f = tmp_path / "latin1.jsonl"
     f.write_bytes(b'{"text": "the cat"}\n{"text": "caf\xe9"}\n')

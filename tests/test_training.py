@@ -312,6 +312,29 @@ def test_lora_check_with_weights_equals_peft(group, files, tmp_path: Path, capsy
     assert "LoRA on randomly initialised weights" not in out
 
 
+def test_separate_documents_train_as_one_process_of_transformers_does(
+        group, files, capsys) -> None:
+    """`train --separate-documents`: rows carry position_ids restarting per document, and
+    --check's one process (transformers without a KV cache, given the same rows) agrees,
+    micro-batched; the documents did not attend to each other: other losses than without
+    the flag."""
+    from collie_compile.cli import main
+
+    common = ["train", str(files["model"]), "--data", str(files["train"]), "--tokenizer",
+              str(files["tok"]), "--steps", "3", "--seq-len", "32", "--global-batch", "4",
+              "--micro-batch-size", "2", "--lr", "1e-2"]
+    losses = []
+    for extra in (["--separate-documents", "--check"], []):
+        assert main([*common, *extra]) == 0
+        out = capsys.readouterr().out
+        losses.append([float(ln.split("loss ")[1].split()[0]) for ln in out.splitlines()
+                       if ln.startswith("step ")])
+        if extra:
+            check = next(ln for ln in out.splitlines() if ln.startswith("one process"))
+            assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
+    assert len(losses[0]) == 3 and min(abs(a - b) for a, b in zip(*losses)) > 1e-4, losses
+
+
 def test_check_that_disagrees_fails_the_run(group, files, monkeypatch, capsys) -> None:
     """--check reported a 0.85 difference and exited 0. (A tolerance below any difference
     stands in for a parallel run that disagrees.)"""
@@ -414,6 +437,9 @@ def test_a_resume_into_another_run_is_refused_or_said(group, files, tmp_path: Pa
         data.write_text("".join(_json.dumps(r) + "\n" for r in lines))
         err_lines = err.strip().splitlines()
         assert rc == 2 and len(err_lines) == 1 and says in err_lines[0], (name, err)
+    rc, _, err = resume(["--steps", "3", "--separate-documents"])
+    assert rc == 2 and ("its documents attended to those before them in a row, this run's "
+                        "are kept apart (--separate-documents)") in err, err
     # a model of the same name in another folder with another rope_theta
     other_rope()
     base_m = base[1]

@@ -75,13 +75,23 @@ def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
     return ep
 
 
-def capture_static(model: torch.nn.Module, input_ids: torch.Tensor) -> ExportedProgram:
+def capture_static(model: torch.nn.Module, input_ids: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> ExportedProgram:
     """Export ``model(input_ids=...)`` -> logits at this one shape (the runtime's graph:
-    pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted)."""
+    pipeline stages exchange fixed-size tensors, so no symbolic sizes are wanted). With
+    ``position_ids`` the graph takes them second: positions that restart within a row
+    start another document, which attends only to itself (transformers' packed-sequence
+    mask, as ``DataCollatorWithFlattening`` batches are read without a KV cache)."""
+    kwargs = {"input_ids": input_ids}
+    if position_ids is not None:
+        refuse_without_positions(model)
+        kwargs["position_ids"] = position_ids
+
     def export(swap: bool) -> ExportedProgram:
         try:
-            with causal_attention(model, swap), _no_cache(model):
-                return torch.export.export(model, (), {"input_ids": input_ids}, strict=False)
+            with (causal_attention(model, swap, packed=position_ids is not None),
+                  _no_cache(model)):
+                return torch.export.export(model, (), kwargs, strict=False)
         except Exception as e:  # export raises many types; all mean "cannot capture"
             raise CaptureError(_explain(model, e)) from e
 
@@ -127,6 +137,15 @@ def refuse_bidirectional(model: torch.nn.Module) -> None:
                            f"{getattr(cfg, 'model_type', '')} config is an encoder's): as a "
                            f"causal LM every position would see the tokens it predicts; "
                            f"{hint}")
+
+
+def refuse_without_positions(model: torch.nn.Module) -> None:
+    """Refuse ``position_ids`` for a family whose forward takes none (ALiBi's BLOOM, MPT):
+    transformers would reject the keyword, and positions there come from the mask."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise CaptureError(f"{type(model).__name__} takes no position_ids (its positions "
+                           "are not an input): train it on one sequence per row, without "
+                           "position_ids")
 
 
 def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedProgram]

@@ -9,6 +9,11 @@ from the position alone: that is what a checkpoint records, and a resumed or re-
 run reads on from there. A stream kept in the tokenization cache (a safetensors file) is
 read a slice at a time, so a rank reads only the rows it trains on; ``tokens_read``
 counts them.
+
+With ``separate_documents`` rows also carry ``position_ids`` that restart after each EOS
+(and at the row's start), and each document's first token does not count, as
+transformers' ``DataCollatorWithFlattening`` makes them: the model then keeps every
+document to itself instead of letting it attend to the ones before it in the row.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ class PackedTokens:
     """Rows of ``seq_len`` tokens over one stream of ids and counts-in-loss flags."""
 
     def __init__(self, ids: torch.Tensor, keep: torch.Tensor, seq_len: int, eos: int,
-                 seed: int = 0, name: str = "data") -> None:
+                 seed: int = 0, name: str = "data", separate_documents: bool = False) -> None:
         self._ids, self._keep = ids, keep  # 1-D tensors, or safetensors slices
         self.num_tokens = int(ids.get_shape()[0] if hasattr(ids, "get_shape") else len(ids))
         self.seq_len, self.eos, self.seed, self.name = seq_len, eos, seed, name
+        self.separate_documents = separate_documents
         self.num_sequences = -(-self.num_tokens // seq_len)
         self.tokens_read = 0
         self._orders: dict[int, list[int]] = {}
@@ -53,7 +59,8 @@ class PackedTokens:
 
     @classmethod
     def from_cache(cls, path: str | Path, split: str, seq_len: int, seed: int = 0,
-                   name: str | None = None) -> PackedTokens:
+                   name: str | None = None, separate_documents: bool = False
+                   ) -> PackedTokens:
         """Split ``split`` ("train" or "eval") of a :func:`~.tokenize.tokenized` file,
         read lazily."""
         from safetensors import safe_open
@@ -61,11 +68,11 @@ class PackedTokens:
         f = safe_open(str(path), framework="pt")
         eos = int(f.metadata()["eos"])
         return cls(f.get_slice(f"{split}/ids"), f.get_slice(f"{split}/keep"), seq_len, eos,
-                   seed, name or split)
+                   seed, name or split, separate_documents)
 
     @classmethod
-    def from_documents(cls, documents: object, seq_len: int, eos: int, seed: int = 0
-                       ) -> PackedTokens:
+    def from_documents(cls, documents: object, seq_len: int, eos: int, seed: int = 0,
+                       separate_documents: bool = False) -> PackedTokens:
         """A user's tokenized documents: a sequence of dicts with ``input_ids`` and
         optionally ``labels`` (-100 where a token does not count), as a tokenized
         ``datasets.Dataset`` holds them; EOS is added after each that lacks it."""
@@ -86,7 +93,7 @@ class PackedTokens:
             ids += d_ids
             keep += d_keep
         return cls(torch.tensor(ids, dtype=torch.int32), torch.tensor(keep, dtype=torch.uint8),
-                   seq_len, eos, seed)
+                   seq_len, eos, seed, separate_documents=separate_documents)
 
     def order(self, epoch: int) -> list[int]:
         """The sequences of ``epoch`` in the order it visits them."""
@@ -102,7 +109,8 @@ class PackedTokens:
 
     def rows(self, sequences: list[int]) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``labels`` [len(sequences), seq_len] of those sequences (a
-        negative index: a row that counts nothing, padding a last batch)."""
+        negative index: a row that counts nothing, padding a last batch), and their
+        ``position_ids`` with ``separate_documents``."""
         n, s = len(sequences), self.seq_len
         ids = torch.full((n, s), self.eos, dtype=torch.long)
         labels = torch.full((n, s), IGNORE_INDEX, dtype=torch.long)
@@ -115,7 +123,9 @@ class PackedTokens:
             ids[r, :b - a] = row
             labels[r, :b - a] = torch.where(kept, row, IGNORE_INDEX)
             self.tokens_read += b - a
-        return {"input_ids": ids, "labels": labels}
+        if not self.separate_documents:
+            return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, **document_positions(ids, labels, self.eos)}
 
     def batch(self, position: int, global_batch: int, rows: slice | None = None,
               shuffle: bool = True) -> dict[str, torch.Tensor]:
@@ -132,3 +142,17 @@ class PackedTokens:
             ks = [k if k < self.num_sequences else -1
                   for k in range(start, start + global_batch)]
             yield self.rows(ks[rows or slice(None)])
+
+
+def document_positions(ids: torch.Tensor, labels: torch.Tensor, eos: int
+                       ) -> dict[str, torch.Tensor]:
+    """``position_ids`` counting from 0 at each row's start and after each ``eos``, and
+    ``labels`` without each document's first token (nothing in its document predicts
+    it: DataCollatorWithFlattening's -100)."""
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos
+    index = torch.arange(ids.shape[1]).expand_as(ids)
+    # position = index - index of the latest start at or before it
+    latest = torch.where(starts, index, 0).cummax(dim=1).values
+    return {"position_ids": index - latest, "labels": labels.masked_fill(starts, IGNORE_INDEX)}

@@ -7,7 +7,8 @@ SDPA off its flash kernel and makes transformers copy K/V once per query group
 registered through transformers' own AttentionInterface and AttentionMaskInterface,
 replaces a plain causal mask by ``is_causal=True`` and hands grouped K/V to SDPA as they
 are (``enable_gqa``). Padding, sliding windows shorter than the sequence and other masks
-are left to transformers.
+are left to transformers, and so are documents packed into a row (``position_ids`` that
+restart per document): transformers' mask then keeps each document to itself.
 
 Where no fused kernel takes grouped-query attention in a dtype (CUDA: flash needs 16 bits
 and sm80+, the memory-efficient kernel takes no groups), SDPA would fall back to its math
@@ -54,18 +55,22 @@ def _mask(*, attention_mask: torch.Tensor | None = None, local_size: int | None 
     sliding window or chunk (``local_size``) shorter than the sequence, no model-specific
     mask functions (which transformers evaluates with vmap). Under export transformers
     also folds in a check for packed sequences, which it cannot evaluate while tracing; a
-    model given only input_ids numbers positions 0..s-1 per row: one sequence per row."""
+    model given only input_ids numbers positions 0..s-1 per row: one sequence per row.
+    Given ``position_ids`` (:func:`causal_attention`'s ``packed``), that check is the
+    point: transformers' mask keeps each packed document to itself."""
     window_covers = local_size is None or statically_known_true(
         kwargs.get("kv_length", local_size + 1) <= local_size)
-    _STATE["causal_dropped"] = attention_mask is None and window_covers and not use_vmap
+    _STATE["causal_dropped"] = (attention_mask is None and window_covers and not use_vmap
+                                and not _STATE["packed"])
     if _STATE["causal_dropped"]:
         return None
     return sdpa_mask(attention_mask=attention_mask, local_size=local_size, use_vmap=use_vmap,
                      **kwargs)
 
 
-# Whether the last causal mask was handed on as None (to become is_causal).
-_STATE = {"causal_dropped": False}
+# Whether the last causal mask was handed on as None (to become is_causal); whether the
+# model being captured is given position_ids (packed documents: the mask is needed).
+_STATE = {"causal_dropped": False, "packed": False}
 
 
 class MaskRewrittenError(RuntimeError):
@@ -95,10 +100,12 @@ AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 
 
 @contextlib.contextmanager
-def causal_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+def causal_attention(model: torch.nn.Module, enabled: bool = True, packed: bool = False
+                     ) -> Iterator[None]:
     """Run a transformers model that uses SDPA with ``collie_sdpa`` while inside (if
     ``enabled``); other implementations (eager, flash-attn) are the user's choice and
-    stay."""
+    stay. ``packed``: the model is given ``position_ids`` that may restart within a row,
+    so the causal mask transformers builds from them is kept."""
     config = getattr(model, "config", None)
     # families with attention classes of their own (Falcon) keep their SDPA path
     if (not enabled or getattr(config, "_attn_implementation", None) != "sdpa"
@@ -106,7 +113,9 @@ def causal_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[N
         yield
         return
     model.set_attn_implementation(IMPLEMENTATION)
+    _STATE["packed"] = packed
     try:
         yield
     finally:
+        _STATE["packed"] = False
         model.set_attn_implementation("sdpa")

@@ -45,7 +45,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 max_grad_norm: float | None = None, clip_mode: str = "two-pass",
                 clip_value: float | None = None, loss_scale: str | float | None = None,
                 stochastic_rounding: bool = False, memory_reserve: float | None = None,
-                update_in_backward: bool | None = None) -> ParallelModel:
+                update_in_backward: bool | None = None,
+                position_ids: bool = False) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``global_batch_size`` (sequences per
@@ -77,6 +78,11 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     ``clip_value`` clips elementwise, ``loss_scale`` ("dynamic" or a fixed number) scales
     the loss for fp16 and skips a step that overflows, and ``stochastic_rounding`` rounds
     updates into 16-bit weights randomly (then no fp32 master is kept).
+
+    ``position_ids=True``: batches may carry ``position_ids`` that restart within a row
+    (documents packed into rows, as transformers' ``DataCollatorWithFlattening`` makes
+    them); each document then attends only to itself, as in transformers without a KV
+    cache. Without it a row is one sequence and a batch with position_ids is refused.
     """
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
             memory_reserve=memory_reserve)
@@ -130,7 +136,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     chosen_plan = Plan.from_json(cdist.broadcast_text(solved.to_json()))
     optimizer = optimizer or chosen_plan.optimizer
     return ParallelModel(model, chosen_plan, optimizer, lr, optimizer_kwargs or {}, weights,
-                         lora_cfg, adapter[1] if adapter else None, fused)
+                         lora_cfg, adapter[1] if adapter else None, fused, position_ids)
 
 
 class ParallelModel:
@@ -140,12 +146,14 @@ class ParallelModel:
     def __init__(self, model: torch.nn.Module, plan: Plan, optimizer: str,
                  lr: float | None, optimizer_kwargs: dict,
                  weights: str | Path | None = None, lora: object | None = None,
-                 lora_init: dict | None = None, fused: FusedOptions | None = None) -> None:
+                 lora_init: dict | None = None, fused: FusedOptions | None = None,
+                 position_ids: bool = False) -> None:
         self.plan, self.chosen, self.lora = plan, plan.chosen, lora
         options = fused or FusedOptions()
         inside = in_backward(optimizer, plan)
         self.program: RankProgram = build_rank_program(
-            model, plan, weights, lora, lora_init, updates_in_backward=inside)
+            model, plan, weights, lora, lora_init, updates_in_backward=inside,
+            position_ids=position_ids)
         self.updates = make_updates(self.program, optimizer, lr, optimizer_kwargs, options,
                                     inside)
         release_weights(model, self.program)  # last: a refusal above leaves the model whole
@@ -211,7 +219,8 @@ class ParallelModel:
         token loss (the same on every rank), or None without an update when no token of
         the batch counts in the loss. ``batch`` holds ``input_ids`` of
         [global_batch, seq], and may hold ``labels`` (-100: not counted) and a right-padded
-        ``attention_mask``; with ``local=True`` it holds only this rank's rows
+        ``attention_mask``, or ``position_ids`` (parallelized with ``position_ids=True``);
+        with ``local=True`` it holds only this rank's rows
         (:meth:`batch_rows`), so each replica reads only its share of the data."""
         return self.stepper.train_step(batch, local)
 
@@ -225,10 +234,12 @@ class ParallelModel:
         """Clip the whole model's gradient to ``max_norm``; returns its norm."""
         return self.stepper.clip_grad_norm(max_norm)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for ``input_ids`` of the planned shape [global_batch, seq], gathered on
-        every rank."""
-        return self.stepper.forward(input_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits for ``input_ids`` of the planned shape [global_batch, seq] (and their
+        ``position_ids``, parallelized with ``position_ids=True``), gathered on every
+        rank."""
+        return self.stepper.forward(input_ids, position_ids)
 
     # state in and out (collectives)
     def full_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -82,6 +82,7 @@ class RankProgram:
     tied_groups: dict[str, object]  # ... and the group summing its copies' gradients
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # persistent, on CPU
     fan_in_fan_out: set[str] = field(default_factory=set)  # Conv1D modules ([in, out])
+    takes_positions: bool = False  # the first stage takes position_ids after input_ids
 
     @property
     def chosen(self) -> object:
@@ -198,12 +199,14 @@ def apply_pass(name: str, fn: Callable[[], T]) -> T:
 
 def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path | None = None,
                        lora: object | None = None, lora_init: dict | None = None,
-                       updates_in_backward: bool = False) -> RankProgram:
+                       updates_in_backward: bool = False, position_ids: bool = False
+                       ) -> RankProgram:
     """This rank's program for ``plan``: the model captured and rewritten by the passes
     for its coordinates. With ``weights`` (a safetensors checkpoint) each rank reads only
     the slices it holds, so the model may come on the meta device. ``lora`` (a
     ``peft.LoraConfig``) adds adapters, initialised from ``lora_init`` where given.
-    ``updates_in_backward``: the optimizer updates inside backward (ZeRO-1 by owners)."""
+    ``updates_in_backward``: the optimizer updates inside backward (ZeRO-1 by owners).
+    ``position_ids``: the program takes them too (documents packed into rows)."""
     c, cfg = plan.chosen, model.config
     mesh = cdist.build_mesh(c.pp, c.dp, c.tp)
     coords = Coordinates(*(mesh.get_local_rank(d) for d in ("pp", "dp", "tp")))
@@ -218,8 +221,10 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
         cdist.agree(lambda: materialize_buffers(model))
     ids = torch.zeros(c.micro_batch_size, plan.seq_len, dtype=torch.long,
                       device="meta" if on_meta else "cpu")
+    # distinct tensors: export would treat one tensor passed twice as an alias
+    pos = torch.zeros_like(ids) if position_ids else None
 
-    ep = apply_pass("capture", lambda: capture_static(model, ids))
+    ep = apply_pass("capture", lambda: capture_static(model, ids, pos))
     ag = annotate(ep, model)
     gm = drop_guards(ag.gm)
     layout = tp_layout(ag, cfg, c.tp, bool(tied))
@@ -254,7 +259,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
         buffers={n: b.detach().to("cpu", copy=True) for n, b in model.state_dict().items()
                  if n not in params and not b.is_meta},
         # weights stored [in, out] (GPT-2's Conv1D): a merged adapter goes in transposed
-        fan_in_fan_out={n for n, m in model.named_modules() if isinstance(m, Conv1D)})
+        fan_in_fan_out={n for n, m in model.named_modules() if isinstance(m, Conv1D)},
+        takes_positions=position_ids)
 
     pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
     dtype = next(iter(ag.gm.parameters())).dtype

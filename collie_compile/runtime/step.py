@@ -37,24 +37,56 @@ def token_loss(out: object, target: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
 def check_batch_keys(batch: dict) -> None:
     """Refuse a batch key the program would not use (it used to be ignored in silence)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise CollieError("a batch is a dict with input_ids (and optionally labels and "
-                          "attention_mask)")
-    if "position_ids" in batch:  # packed documents whose positions restart
-        raise CollieError("position_ids are not supported yet: every row is one causal "
-                          "sequence at positions 0..seq-1 (documents packed into a row "
-                          "attend to each other, as collie-compile train packs them); "
-                          "remove position_ids")
+        raise CollieError("a batch is a dict with input_ids (and optionally labels, "
+                          "attention_mask or position_ids)")
     unknown = sorted(set(batch) - set(BATCH_KEYS))
     if unknown:
         raise CollieError(f"the batch holds {', '.join(map(str, unknown))}, which training "
                           f"does not use (it takes {', '.join(BATCH_KEYS)}); remove "
                           f"{'it' if len(unknown) == 1 else 'them'}")
+
+
+def check_positions(batch: dict, ids: torch.Tensor, takes_positions: bool,
+                    max_positions: int | None) -> torch.Tensor | None:
+    """The batch's ``position_ids`` checked (the program's default, 0..seq-1 in every
+    row, where it takes them and the batch has none), or None where the program does not
+    take them. Positions that restart within a row start another document, which then
+    attends only to itself (``DataCollatorWithFlattening``'s batches)."""
+    pos = batch.get("position_ids")
+    if pos is None:
+        if not takes_positions:
+            return None
+        return torch.arange(ids.shape[1]).expand(ids.shape).contiguous()
+    if not takes_positions:
+        raise CollieError("the batch holds position_ids but this model was parallelized "
+                          "for one sequence per row: pass position_ids=True to "
+                          "parallelize (train: --separate-documents) to train on "
+                          "documents packed into rows, each attending only to itself")
+    if "attention_mask" in batch:
+        # transformers reads position_ids as packed documents only without a mask
+        raise CollieError("give position_ids (packed documents) or attention_mask (padded "
+                          "rows), not both: with position_ids a row's documents are told "
+                          "apart by their positions, so pack rows without padding, or "
+                          "label padding -100")
+    pos = torch.as_tensor(pos)
+    if pos.is_floating_point() or pos.dtype == torch.bool:
+        raise CollieError(f"position_ids must be integers, got {pos.dtype}")
+    if tuple(pos.shape) != tuple(ids.shape):
+        raise CollieError(f"position_ids must have the shape of input_ids {list(ids.shape)}, "
+                          f"got {list(pos.shape)}")
+    if int(pos.min()) < 0:
+        raise CollieError(f"position_ids hold {int(pos.min())}: positions count from 0, "
+                          "restarting at 0 with each document")
+    if max_positions is not None and int(pos.max()) >= max_positions:
+        raise CollieError(f"position_ids hold {int(pos.max())}, past the model's "
+                          f"{max_positions} positions (max_position_embeddings)")
+    return pos.long()
 
 
 class Stepper:
@@ -105,14 +137,15 @@ class Stepper:
                                             prog.mesh.get_group("tp"), IGNORE_INDEX)
 
     def _local_batch(self, batch: dict, local: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int]:
         """This rank's rows of ``batch`` (the global batch; with ``local`` only this dp
-        rank's share of it), their next-token targets, and the number of targets that
-        count in the whole global batch."""
+        rank's share of it) as the program's inputs (input_ids, and position_ids where it
+        takes them), their next-token targets, and the number of targets that count in
+        the whole global batch."""
         share = self.global_batch // self.program.chosen.dp
         rows = share if local else self.global_batch
         try:
-            ids, targets = self._targets(batch, rows, local)
+            inputs, targets = self._targets(batch, rows, local)
             problem = None
         except CollieError as e:
             problem = e
@@ -123,7 +156,8 @@ class Stepper:
             dp = self.program.coords.dp
             tokens = int((targets != IGNORE_INDEX).sum())
             rows_here = slice(dp * share, (dp + 1) * share)
-            return ids[rows_here].to(device), targets[rows_here].to(device), tokens
+            return (tuple(t[rows_here].to(device) for t in inputs),
+                    targets[rows_here].to(device), tokens)
         # Each replica checked its own rows: the count's all-reduce carries whether any
         # refused them, so that none goes on to a collective the others skip.
         count = torch.tensor([0 if problem else int((targets != IGNORE_INDEX).sum()),
@@ -135,11 +169,12 @@ class Stepper:
         if int(count[1]):
             raise CollieError("another data-parallel rank's share of the batch was refused "
                               "(that rank prints why)")
-        return ids.to(device), targets.to(device), int(count[0])
+        return tuple(t.to(device) for t in inputs), targets.to(device), int(count[0])
 
     def _targets(self, batch: dict, rows: int, local: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``input_ids`` and their next-token targets (-100: not counted), checked."""
+                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The program's inputs (``input_ids``, ``position_ids`` where it takes them) and
+        the next-token targets (-100: not counted), checked."""
         check_batch_keys(batch)
         ids = torch.as_tensor(batch["input_ids"])
         labels = torch.as_tensor(batch.get("labels", ids)).clone()
@@ -163,27 +198,31 @@ class Stepper:
                 raise CollieError("attention_mask has padding before real tokens (left "
                                   "padding); pad on the right or pack sequences")
             labels[~mask] = IGNORE_INDEX
+        pos = check_positions(batch, ids, self.program.takes_positions,
+                              getattr(self.program.config, "max_position_embeddings", None))
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
-        return ids, targets
+        # a document's last token predicting the next one's first counts, as in
+        # transformers: DataCollatorWithFlattening labels each document's first token -100
+        return ((ids,) if pos is None else (ids, pos)), targets
 
     def train_step(self, batch: dict, local: bool = False) -> float | None:
         """Forward, backward and one optimizer step over the global batch (``local``: this
         rank's dp share of it); returns its mean token loss (the same on every rank), or
         None, with nothing run or updated, when no token of the batch counts in the loss
         (a loss of 0 would pass for a perfect step, and weight decay would still act)."""
-        ids, targets, tokens = self._local_batch(batch, local)
+        inputs, targets, tokens = self._local_batch(batch, local)
         if tokens == 0:
             return None
         fused, optimizer = self.updates.fused, self.updates.optimizer
         if fused is not None:  # updates happen inside backward
             total = fused.step(lambda: self._forward_backward(
-                ids, targets, tokens, fused.loss_scale))
+                inputs, targets, tokens, fused.loss_scale))
             self.last_grad_norm = fused.last_grad_norm
         else:
             # Gradients of the previous step stay readable until here (full_state_dict).
             optimizer.zero_grad(set_to_none=True)
-            total = self._forward_backward(ids, targets, tokens)
+            total = self._forward_backward(inputs, targets, tokens)
             self._sum_partial_grads()
             self._sum_tied_grads()
             if self.max_grad_norm is not None:
@@ -192,8 +231,8 @@ class Stepper:
         self.step_count += 1
         return self._global_loss(total)
 
-    def _forward_backward(self, ids: torch.Tensor, targets: torch.Tensor, tokens: int,
-                          loss_scale: float = 1.0) -> torch.Tensor:
+    def _forward_backward(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
+                          tokens: int, loss_scale: float = 1.0) -> torch.Tensor:
         """Every micro-batch forward and backward (gradients summed and reduced over dp);
         returns this rank's share of the unscaled loss."""
         prog = self.program
@@ -203,17 +242,16 @@ class Stepper:
             reducer.accumulations = self.num_microbatches
         total = torch.zeros((), dtype=torch.float32)
         if self.schedule is None:
-            st = prog.stages[0]
-            for x, y in zip(ids.chunk(self.num_microbatches),
-                            targets.chunk(self.num_microbatches), strict=True):
-                loss = self._token_loss(st(x), y) * scale
+            st, m = prog.stages[0], self.num_microbatches
+            for *x, y in zip(*(t.chunk(m) for t in inputs), targets.chunk(m), strict=True):
+                loss = self._token_loss(st(*x), y) * scale
                 loss.backward()
                 total += loss.detach().float().cpu()
         else:
             self._loss_scale = scale
             losses: list[torch.Tensor] = []
             first, last = 0 in prog.stage_ids, prog.is_last()
-            args = (ids,) if first else ()
+            args = inputs if first else ()
             kwargs = {"target": targets, "losses": losses} if last else {}
             # the losses come through the loss function: keeping every micro-batch's
             # logits for a merged return would hold m x [b, s, V] on the last stage
@@ -273,33 +311,40 @@ class Stepper:
         """Sum of the token losses over ``batch`` (as :meth:`train_step` takes it) and how
         many tokens counted, the same on every rank; forward only: no gradient, so no
         update either, inside backward or after it."""
-        ids, targets, tokens = self._local_batch(batch, local)
+        inputs, targets, tokens = self._local_batch(batch, local)
         total = torch.zeros((), dtype=torch.float32)
+        b = self.micro_batch
         with self._evaluating():
-            for x, y in zip(ids.split(self.micro_batch), targets.split(self.micro_batch),
-                            strict=True):
-                out = self._forward_micro_batch(x)
+            for *x, y in zip(*(t.split(b) for t in inputs), targets.split(b), strict=True):
+                out = self._forward_micro_batch(tuple(x))
                 if out is not None:  # the last stage: every tp rank takes part in the loss
                     total += self._token_loss(out, y).float().cpu()
         return self._global_loss(total), tokens
 
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for ``input_ids`` of the planned shape [global_batch, seq], gathered on
-        every rank."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits for ``input_ids`` of the planned shape [global_batch, seq] (and their
+        ``position_ids``, where the program takes them), gathered on every rank."""
         prog = self.program
         ids = torch.as_tensor(input_ids)
         if tuple(ids.shape) != (self.global_batch, self.seq):
             raise CollieError(f"forward takes the planned shape [{self.global_batch}, "
                               f"{self.seq}], got {list(ids.shape)}")
+        batch = {"input_ids": ids} | ({} if position_ids is None
+                                      else {"position_ids": position_ids})
+        pos = check_positions(batch, ids, prog.takes_positions,
+                              getattr(prog.config, "max_position_embeddings", None))
         share = self.global_batch // prog.chosen.dp
         dp, device = prog.coords.dp, prog.device
-        mine = ids[dp * share:(dp + 1) * share].to(device)
+        rows = slice(dp * share, (dp + 1) * share)
+        mine = [t[rows].to(device) for t in ((ids,) if pos is None else (ids, pos))]
         vocab = int(prog.config.vocab_size)
         local = torch.zeros(share, self.seq, vocab, device=device)
         with self._evaluating():
-            for i, x in enumerate(mine.split(self.micro_batch)):
+            for i, x in enumerate(zip(*(t.split(self.micro_batch) for t in mine),
+                                      strict=True)):
                 out = self._forward_micro_batch(x)
                 rows = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
                 if out is not None and prog.vocab_slice is not None:  # tp: its vocab slice
@@ -323,14 +368,15 @@ class Stepper:
             for st in self.program.stages:
                 st.train()
 
-    def _forward_micro_batch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Run one micro-batch through the stages in order, passing boundary tensors
-        point to point along the pp group; the logits on the last stage's ranks."""
+    def _forward_micro_batch(self, x: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """Run one micro-batch (the first stage's inputs) through the stages in order,
+        passing boundary tensors point to point along the pp group; the logits on the
+        last stage's ranks."""
         prog, c = self.program, self.program.chosen
         n = c.pp * c.virtual_stages
         dp, tp = prog.coords.dp, prog.coords.tp
         peer = [int(prog.mesh.mesh[j, dp, tp]) for j in range(c.pp)]
-        acts: tuple = (x,)
+        acts: tuple = x
         for k in range(n):
             here, prev = k % c.pp, (k - 1) % c.pp
             if here != prog.coords.pp:

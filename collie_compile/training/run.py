@@ -83,6 +83,7 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip the global gradient norm
     clip_mode: str = "two-pass"  # inside backward: measure first, or the previous norm
     fresh_optimizer: bool = False  # resume --output's weights under another optimizer
+    separate_documents: bool = False  # documents in a row attend only to themselves
 
     def schedule(self, lr: float) -> LRSchedule:
         return LRSchedule(lr, self.steps, self.lr_schedule, self.warmup_steps,
@@ -200,17 +201,21 @@ def train(cfg: TrainConfig) -> list[float]:
                      memory_reserve=cfg.memory_reserve,
                      update_in_backward=cfg.update_in_backward,
                      max_grad_norm=cfg.max_grad_norm, clip_mode=cfg.clip_mode,
-                     **cfg.pins.given())
+                     position_ids=cfg.separate_documents, **cfg.pins.given())
     finals = [p for p in (cfg.save, cfg.output and Path(cfg.output) / FINAL) if p]
     for final in finals:  # before the training, not after it
         pm.check_save_path(final, cfg.merge)
     seq = pm.plan.seq_len
-    data = PackedTokens.from_cache(train_file, "train", seq, cfg.seed, name=" ".join(cfg.data))
+    apart = cfg.separate_documents
+    data = PackedTokens.from_cache(train_file, "train", seq, cfg.seed, name=" ".join(cfg.data),
+                                   separate_documents=apart)
     eval_data = None
     if eval_file:  # its own file: all of it
-        eval_data = PackedTokens.from_cache(eval_file, "train", seq, cfg.seed, name="eval")
+        eval_data = PackedTokens.from_cache(eval_file, "train", seq, cfg.seed, name="eval",
+                                            separate_documents=apart)
     elif cfg.eval_split:
-        eval_data = PackedTokens.from_cache(train_file, "eval", seq, cfg.seed)
+        eval_data = PackedTokens.from_cache(train_file, "eval", seq, cfg.seed,
+                                            separate_documents=apart)
     schedule = cfg.schedule(cfg.lr or pm.lr)
     trainer = Trainer(pm, data, steps=cfg.steps, schedule=schedule, eval_data=eval_data,
                       eval_every=cfg.eval_every, output=cfg.output, save_every=cfg.save_every,
@@ -305,7 +310,8 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
                 break
 
         def closure(batch: dict = batch) -> float:
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            # without a KV cache, as training runs: position_ids then keep documents apart
+            loss = model(**batch, use_cache=False).loss
             loss.backward()
             return loss.item()
 

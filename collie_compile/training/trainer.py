@@ -75,7 +75,9 @@ class Trainer:
             return data
         eos = self.pm.program.config.eos_token_id
         eos = (eos[0] if isinstance(eos, (list, tuple)) else eos) or 0
-        return PackedTokens.from_documents(data, self.seq, int(eos), self.seed)
+        # documents apart where the model takes position_ids (parallelize's position_ids)
+        return PackedTokens.from_documents(data, self.seq, int(eos), self.seed,
+                                           self.pm.program.takes_positions)
 
     def say(self, text: str) -> None:
         if self.rank0:
@@ -185,6 +187,7 @@ class Trainer:
             seed=self.seed, rng=rng,
             data={"sequences": self.data.num_sequences, "seq_len": self.seq,
                   "global_batch": self.batch_size,
+                  "separate_documents": self.data.separate_documents,
                   "digest": self.data.digest() if self.rank0 else ""})
 
     def save(self) -> Path:
@@ -253,6 +256,12 @@ class Trainer:
         if data.get("seq_len", self.seq) != self.seq:
             return (f"its sequences are {data['seq_len']} tokens, this run's {self.seq} (the "
                     "data position counts sequences)")
+        apart = data.get("separate_documents", False)
+        if apart != self.data.separate_documents:
+            return ("its documents " + ("were kept apart (--separate-documents), this run's "
+                                        "attend to those before them in a row" if apart else
+                                        "attended to those before them in a row, this run's "
+                                        "are kept apart (--separate-documents)"))
         if data.get("digest") and data["digest"] != self.data.digest():
             return ("its training data held other tokens (another file, order, text or "
                     "tokenizer): reading on would take other rows")
