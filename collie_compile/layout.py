@@ -40,3 +40,8 @@ def vocab_parallel(vocab_size: int, tied: bool, tp: int) -> bool:
     vocabulary: the runtime's rule, priced here. Not where tp does not divide the
     vocabulary, nor where the head is tied to the embedding (both stay whole)."""
     return tp > 1 and vocab_size % tp == 0 and not tied
+
+
+# Graph node kinds (capture.annotate) whose time is matrix products, compute-bound, and
+# whose outputs selective recomputation keeps; "experts" are routed experts' grouped GEMMs
+MATMUL_KINDS = ("linear", "attention", "experts")

@@ -27,7 +27,11 @@ whole of it), chosen so each mechanism is hit once:
   scalar weights (xIELU's alphas) inside the tp-sharded MLP;
 - olmo2: q/k norms over all heads together (under tp the sum of squares is summed over
   ranks, forward and backward, and the norm weights are sharded with the heads);
-- LoRA on all linears at tp=2, reloaded by peft.
+- LoRA on all linears at tp=2, reloaded by peft;
+- mixtures of experts (models.experts): Mixtral (softmax top-2), Qwen3-MoE, DeepSeek-V3
+  (sigmoid routing in groups with a bias-corrected choice, a shared expert, latent
+  attention), gpt-oss (expert biases, clamped SwiGLU, attention sinks), in one process,
+  under pp2 and dp2·ZeRO-3; tp refused with the reason (no expert parallelism yet).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ FAMILY = {t: CONFIGS[t].to_dict()
           for t in ("qwen3", "gemma2", "phi3", "olmo2", "doge", "apertus", "gpt2", "bloom",
                     "gemma3_text", "gpt_bigcode")}
 
+MOE = {t: _probe(AutoConfig.for_model(t)).to_dict()
+       for t in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")}
+
 INSIDE = {"update_in_backward": True}
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
@@ -95,6 +102,13 @@ CASES = [
     Case("phi3-tp2-pp2-inside", FAMILY["phi3"], {**LAYOUTS["tp2-pp2"], **INSIDE}),
     Case("gemma2-dp2-zero3-inside", FAMILY["gemma2"], {**LAYOUTS["dp2-zero3"], **INSIDE}),
     Case("tied-tp2-pp2-inside", TIED, {**LAYOUTS["tp2-pp2"], **INSIDE}),
+    Case("mixtral-single", MOE["mixtral"], LAYOUTS["single"]),
+    Case("mixtral-pp2", MOE["mixtral"], LAYOUTS["pp2"]),
+    Case("mixtral-tp2", MOE["mixtral"], LAYOUTS["tp2"]),
+    Case("qwen3_moe-dp2-zero3", MOE["qwen3_moe"], LAYOUTS["dp2-zero3"]),
+    Case("deepseek_v3-pp2", MOE["deepseek_v3"], LAYOUTS["pp2"]),
+    Case("deepseek_v3-dp2-zero3", MOE["deepseek_v3"], LAYOUTS["dp2-zero3"]),
+    Case("gpt_oss-dp2-zero3", MOE["gpt_oss"], LAYOUTS["dp2-zero3"]),
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads
@@ -104,7 +118,7 @@ CASES += [Case(c.id.split("-")[0] + "-seq32-dp2tp2" + ("-lora" if "lora" in c.id
                c.config,
                {**DP2_TP2, **({"lora": True} if "lora" in c.id else {})}, seq=32, batch=4)
           for c in CASES if c.layout == LAYOUTS["tp2"] or c.id == "gpt2-lora-tp2"
-          if not c.id.startswith(("gpt_bigcode", "doge"))]
+          if not c.id.startswith(("gpt_bigcode", "doge", "mixtral"))]
 # BLOOM as the report built it: BloomConfig(vocab 512, hidden 64, 4 heads, 2 layers),
 # seq 32, batch 8, tp2 on 2 ranks
 CASES.append(Case("bloom-user-seq32-tp2", BloomConfig(
@@ -115,7 +129,9 @@ SENSITIVE = {"doge-tp2"}
 REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differently",
                                "dp, pp and ZeRO work"),
            "tied-tp2-pp2-inside": ("tied embedding and LM head on different stages",
-                                   "use pp=1 or update after backward")}
+                                   "use pp=1 or update after backward"),
+           "mixtral-tp2": ("routed experts are not split by tensor parallelism",
+                           "dp, pp and ZeRO work")}
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 
+from collie_compile.layout import MATMUL_KINDS  # noqa: F401 - the kinds it gives, for readers
 from collie_compile.models.attention import expanded_sdpa
 
 aten = torch.ops.aten
@@ -37,6 +38,10 @@ _VIEW_OPS = {
 }
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+# Routed experts' grouped products (collie_compile.models.experts): torch's fused kernel,
+# or transformers' per-expert fallback op; rows are the (token, expert) pairs routed.
+_GROUPED_OPS = {"aten._grouped_mm.default", "aten.grouped_mm.default",
+                "transformers.grouped_mm_fallback.default"}
 _ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 # a weight read through one of these is still the linear's weight (x @ W.T, Falcon)
 TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
@@ -61,7 +66,7 @@ class NodeInfo:
     params: list[str]
     shape: tuple | None
     dtype: torch.dtype | None
-    kind: str  # "linear", "attention", "view", "other"
+    kind: str  # "linear", "attention", "experts", "view", "other"
     sharded: bool = False
     residual: bool = False  # an add onto the block's residual stream
     flops: object = 0  # sympy expression in (batch, seq)
@@ -159,7 +164,7 @@ def _node_cost(node: fx.Node, kind: str, shape: tuple | None) -> tuple[object, o
     ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     traffic = sum((_tensor_bytes(a) for a in ins), _tensor_bytes(node))
     out = _numel(shape)
-    if kind == "linear":
+    if kind in ("linear", "experts"):  # experts: rows are the routed (token, expert) pairs
         a_shape = _val_shape(ins[1] if node.target == aten.addmm.default else ins[0])
         k = a_shape[-1]
         return 2 * out * k, traffic
@@ -190,7 +195,8 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
         if node.op != "call_function":
             continue
         used = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
-        if node.target in _LINEAR_OPS:
+        grouped = str(node.target) in _GROUPED_OPS
+        if node.target in _LINEAR_OPS or grouped:
             used += [w.target for a in node.all_input_nodes
                      if (w := weight_of(a)) is not a and w.target in params]
         if node.target in _VIEW_OPS or node.target is operator.getitem:
@@ -199,6 +205,8 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
             kind = "linear"
         elif node.target in _ATTENTION_OPS:
             kind = "attention"
+        elif grouped:
+            kind = "experts"
         else:
             kind = "other"
         module = _module_path(node)

@@ -24,6 +24,7 @@ from torch.export import Dim, ExportedProgram
 
 from collie_compile.errors import CaptureError
 from collie_compile.models.attention import causal_attention
+from collie_compile.models.experts import grouped_experts, has_experts
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -53,7 +54,7 @@ def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
     kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        with causal_attention(model, swap), _no_cache(model):
+        with causal_attention(model, swap), grouped_experts(model), _no_cache(model):
             return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         if "Constraints violated" not in str(e):
@@ -64,7 +65,7 @@ def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
     # still come out symbolic.
     auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
     try:
-        with causal_attention(model, swap), _no_cache(model):
+        with causal_attention(model, swap), grouped_experts(model), _no_cache(model):
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
     except Exception:
         raise CaptureError(_explain(model, first)) from first
@@ -90,7 +91,7 @@ def capture_static(model: torch.nn.Module, input_ids: torch.Tensor,
     def export(swap: bool) -> ExportedProgram:
         try:
             with (causal_attention(model, swap, packed=position_ids is not None),
-                  _no_cache(model)):
+                  grouped_experts(model), _no_cache(model)):
                 return torch.export.export(model, (), kwargs, strict=False)
         except Exception as e:  # export raises many types; all mean "cannot capture"
             raise CaptureError(_explain(model, e)) from e
@@ -110,16 +111,28 @@ EXPERT_MODULES = re.compile(r"(Experts|Router|Gating|SparseMoeBlock|MoE|Moe)$")
 
 
 def refuse_experts(model: torch.nn.Module) -> None:
-    """Refuse a mixture-of-experts model: its token routing has data-dependent shapes
-    (transformers' expert kernels do not export on the meta device, the loop over experts
-    not at all), and neither the cost model nor the passes know experts yet."""
-    for name, mod in model.named_modules():
-        if EXPERT_MODULES.search(type(mod).__name__):
-            raise CaptureError(
-                f"{type(model).__name__} is a mixture-of-experts model ({name}: "
-                f"{type(mod).__name__}): collie-compile cannot yet capture, price or shard "
-                "routed experts (data-dependent token routing, no expert parallelism); it "
-                "trains dense decoder-only models")
+    """Refuse a mixture-of-experts model whose experts do not run through transformers'
+    experts interface (a loop over experts has data-dependent shapes: torch.export cannot
+    capture it), and what the runtime does not compute yet: the router's auxiliary losses
+    (``output_router_logits``) and router jitter."""
+    moe = next(((n, m) for n, m in model.named_modules()
+                if EXPERT_MODULES.search(type(m).__name__)), None)
+    if moe is None:
+        return
+    name, mod = moe
+    cfg = getattr(model, "config", None)
+    what = f"{type(model).__name__} is a mixture-of-experts model ({name}: {type(mod).__name__})"
+    if not has_experts(model):
+        raise CaptureError(f"{what} whose experts do not run through transformers' experts "
+                           "interface (@use_experts_implementation): its loop over experts "
+                           "has data-dependent shapes, which torch.export cannot capture")
+    if getattr(cfg, "output_router_logits", False):
+        raise CaptureError(f"{what} with output_router_logits=True: the router's load-"
+                           "balancing loss is not added to the loss yet; set "
+                           "output_router_logits=False in its config")
+    if any(float(getattr(m, "jitter_noise", 0.0) or 0.0) > 0 for m in model.modules()):
+        raise CaptureError(f"{what} with router_jitter_noise > 0: the jitter would stay on "
+                           "in evaluation; set router_jitter_noise=0 in its config")
 
 
 def refuse_bidirectional(model: torch.nn.Module) -> None:

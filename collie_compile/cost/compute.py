@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from collie_compile.cost.hardware import GPUSpec
 from collie_compile.cost.profile import ModelProfile
+from collie_compile.layout import MATMUL_KINDS
 
 if TYPE_CHECKING:
     from collie_compile.capture.annotate import AnnotatedGraph, NodeInfo
@@ -51,7 +52,7 @@ def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
     costs their dispatch only), each op with the checkpoint's host overhead on top of its
     latency floor."""
     scale = micro_batch / tp
-    ops = [(n["kind"] in ("linear", "attention"),
+    ops = [(n["kind"] in MATMUL_KINDS,
             roofline(n["flops"] * scale, n["bytes"] * scale, gpu, p.dtype))
            for n in p.block_graph]
     fwd = sum(max(t, gpu.op_latency) for _, t in ops)

@@ -13,6 +13,7 @@ from collie_compile.capture.export import capture
 from collie_compile.cost.profile import PROBE_BLOCKS, ActivationBytes, ModelProfile
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError, named
+from collie_compile.layout import MATMUL_KINDS
 from collie_compile.models.probe import attention_heads
 from collie_compile.models.registry import (
     build_model,
@@ -73,9 +74,9 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         num_params=count_params(full), **params,
         block_flops=ag.flops(1, s, b), block_bytes=ag.bytes_moved(1, s, b),
         block_matmul_flops=sum(ag.subs(n.flops, 1, s) for n in ag.block_nodes(b)
-                               if n.kind in ("linear", "attention")),
+                               if n.kind in MATMUL_KINDS),
         block_other_bytes=sum(ag.subs(n.bytes, 1, s) for n in ag.block_nodes(b)
-                              if n.kind not in ("linear", "attention")),
+                              if n.kind not in MATMUL_KINDS),
         embed_flops=_rest_sum(ag, s, embed=True, what="flops"),
         head_flops=_rest_sum(ag, s, embed=False, what="flops"),
         act_none=act_none,
@@ -122,7 +123,7 @@ def _matmul_output_bytes(ag: AnnotatedGraph, seq: int, block: int) -> tuple[int,
     """Per-sample bytes of matmul and attention outputs in ``block``: what selective keeps."""
     rep = shard = 0
     for n in ag.block_nodes(block):
-        if n.kind in ("linear", "attention") and n.shape is not None:
+        if n.kind in MATMUL_KINDS and n.shape is not None:
             b = ag.subs(_prod(n.shape), 1, seq) * torch.tensor([], dtype=n.dtype).element_size()
             if n.sharded:
                 shard += b

@@ -35,8 +35,10 @@ from collie_compile.cost.compute import allgather_time, allreduce_time, roofline
 from collie_compile.cost.hardware import GPUSpec
 from collie_compile.cost.profile import ModelProfile
 
+# Routed experts stay whole on every tp rank (the tp pass shards no expert; expert
+# parallelism is what splits them)
 STRATEGIES = {"linear": ("column", "row", "replicate"), "attention": ("split", "replicate"),
-              "other": ("split", "replicate")}
+              "experts": ("replicate",), "other": ("split", "replicate")}
 OUT = {"column": "S", "row": "P", "replicate": "R", "split": "S"}
 IN = {"column": "R", "row": "S", "replicate": "R", "split": "S"}
 

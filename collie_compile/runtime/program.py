@@ -227,7 +227,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     ep = apply_pass("capture", lambda: capture_static(model, ids, pos))
     ag = annotate(ep, model)
     gm = drop_guards(ag.gm)
-    layout = tp_layout(ag, cfg, c.tp, bool(tied))
+    layout = named_pass("tensor_parallel", lambda: tp_layout(ag, cfg, c.tp, bool(tied)))
     gm = apply_pass("tensor_parallel", lambda: tensor_parallel(
         gm, layout, mesh.get_group("tp"), coords.tp, c.tp, *head_layout(cfg)))
     if lora is not None:
@@ -351,7 +351,12 @@ def drop_guards(gm: fx.GraphModule) -> fx.GraphModule:
 
 def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
     """How each linear of the blocks splits under tp ("column" in the sharded region,
-    else "row"), and the embedding and LM head ("vocab") where the vocabulary splits."""
+    else "row"), and the embedding and LM head ("vocab") where the vocabulary splits.
+    Refuses routed experts for tp > 1: their router and 3-D weights are no linear the
+    tp pass splits, and expert parallelism, which would, is not built yet."""
+    if tp > 1 and any(i.kind == "experts" for i in ag.nodes.values()):
+        raise CollieError("routed experts are not split by tensor parallelism (expert "
+                          "parallelism is not built yet); use tp=1")
     layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
               if i.kind == "linear" and i.block is not None}
     vocab = int(cfg.vocab_size)

@@ -15,7 +15,8 @@ from collie_compile.models.presets import config_identity
 # The code whose behaviour a tp verdict depends on (a change re-judges every model).
 _TP_CODE = ("collie_compile.passes.tensor_parallel", "collie_compile.capture.annotate",
             "collie_compile.capture.export", "collie_compile.models.attention",
-            "collie_compile.models.probe", "collie_compile.layout",
+            "collie_compile.models.probe", "collie_compile.models.experts",
+            "collie_compile.layout",
             "collie_compile.runtime.program", "collie_compile.runtime.refusals")
 
 
