@@ -110,10 +110,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
                             est.gpu.memory_bytes, est.usable_bytes, lay, est.optimizer,
-                            est.dtype, mem, est.update_in_backward))
+                            est.dtype, mem, est.update_in_backward, est.active_params))
         return 0
     cap = est.gpu.memory_bytes
-    print(f"{est.model}: {_count(est.num_params)} parameters, "
+    active = ("" if est.active_params is None
+              else f" ({_count(est.active_params)} active a token: routed experts, k of E)")
+    print(f"{est.model}: {_count(est.num_params)} parameters{active}, "
           f"{_count(est.trainable_params)} trainable")
     optional = not OPTIMIZERS[est.optimizer].fused_backward  # LOMO, AdaLomo: always inside
     where = " updated inside backward" if est.update_in_backward and optional else ""

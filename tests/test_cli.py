@@ -22,9 +22,10 @@ def test_estimate_json_keys_exact(capsys):
                      "--seq-len", "64", "--optimizer", "lion", "--dtype", "fp32", "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert set(doc) == {"model", "num_params", "trainable_params", "gpu", "gpu_memory_bytes",
-                        "usable_memory_bytes", "layout", "optimizer", "dtype", "per_gpu",
-                        "fits", "update_in_backward"}
+    assert set(doc) == {"model", "num_params", "trainable_params", "active_params", "gpu",
+                        "gpu_memory_bytes", "usable_memory_bytes", "layout", "optimizer",
+                        "dtype", "per_gpu", "fits", "update_in_backward"}
+    assert doc["active_params"] == doc["num_params"]  # dense: every parameter a token
     assert doc["update_in_backward"] is False
     assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
                              "num_microbatches": 1, "schedule": "1f1b", "virtual_stages": 1,

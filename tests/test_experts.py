@@ -112,3 +112,24 @@ def test_tp_is_refused_for_experts_with_the_reason(tmp_path) -> None:
     assert p.chosen.tp == 1 and why in p.notes
     with pytest.raises(CollieError, match="routed experts are not split"):
         plan(model.config, tp=2, **common)
+
+
+@pytest.mark.parametrize("preset,total,layers,experts,k,bank", [
+    # published configs; totals counted from the transformers model on meta
+    ("mixtral-8x7b", 46_702_792_704, 32, 8, 2, 3 * 4096 * 14336),
+    ("qwen3-30b-a3b", 30_532_122_624, 48, 128, 8, 3 * 2048 * 768)])
+def test_moe_presets_count_every_and_active_parameters(capsys, preset: str, total: int,
+                                                       layers: int, experts: int, k: int,
+                                                       bank: int) -> None:
+    """The estimate holds every expert in memory (the exact published count) and says how
+    many parameters a token uses: k of E experts in each layer's bank."""
+    import json
+
+    from collie_compile.cli import main
+
+    assert main(["estimate", preset, "--gpus", "8", "--gpu", "h100-80gb", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["num_params"] == total
+    assert doc["active_params"] == total - layers * (experts - k) * bank
+    assert main(["estimate", preset, "--gpus", "8", "--gpu", "h100-80gb"]) == 0
+    assert "active a token: routed experts, k of E" in capsys.readouterr().out

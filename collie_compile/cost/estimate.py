@@ -27,6 +27,7 @@ class Estimate:
     memory: MemoryBreakdown
     memory_reserve: float = 0.05  # kept free, as the planner keeps it
     update_in_backward: bool = False  # the optimizer updates inside backward
+    active_params: int | None = None  # a token's share: k of E routed experts (None: dense)
 
     @property
     def usable_bytes(self) -> float:
@@ -128,7 +129,7 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
     mem = MemoryModel(prof, opt, trainable / prof.num_params, lora,
                       expanded_kv=not spec.fused_gqa(dtype)).estimate(layout)
     return Estimate(prof.name, prof.num_params, trainable, spec, layout, opt.name, dtype, mem,
-                    memory_reserve, opt.fused_backward)
+                    memory_reserve, opt.fused_backward, prof.active_params)
 
 
 def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,

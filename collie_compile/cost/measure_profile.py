@@ -90,7 +90,28 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         row_linears_per_block=sum(1 for n in ag.block_nodes(b)
                                   if n.kind == "linear" and not n.sharded),
         block_graph=block_graph(ag, s, b),
+        active_params=active_params(full, ag, s),
     )
+
+
+def active_params(full: torch.nn.Module, ag: AnnotatedGraph, seq: int) -> int | None:
+    """Parameters one token uses: each routed experts bank of ``full`` counts k of its E
+    experts, k read from the probe's graph (its grouped products take k rows a token);
+    None for a dense model."""
+    from collie_compile.models.experts import has_experts
+
+    if not has_experts(full):
+        return None
+    rows = {n.module: ag.subs(n.shape[0], 1, seq) for n in ag.nodes.values()
+            if n.kind == "experts" and n.shape is not None}
+    k = {m.rpartition(".")[2] or m: r // seq for m, r in rows.items()}  # by the bank's name
+    unused = 0
+    for path, mod in full.named_modules():
+        name = path.rpartition(".")[2]
+        if hasattr(mod, "_apply_gate") and hasattr(mod, "num_experts") and name in k:
+            own = sum(p.numel() for p in mod.parameters(recurse=False))
+            unused += own * (mod.num_experts - k[name]) // mod.num_experts
+    return count_params(full) - unused
 
 
 def _priced_block(ag: AnnotatedGraph, probe_layers: int) -> int:

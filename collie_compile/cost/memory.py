@@ -436,10 +436,12 @@ def vocab_shards(profile: ModelProfile, tp: int) -> int:
 
 def estimate_json(model: str, num_params: int, trainable: int, gpu_name: str, gpu_memory: int,
                   usable_memory: float, layout: Layout, optimizer: str, dtype: str,
-                  mem: MemoryBreakdown, update_in_backward: bool = False) -> str:
+                  mem: MemoryBreakdown, update_in_backward: bool = False,
+                  active_params: int | None = None) -> str:
     """The ``estimate --json`` document (its keys are a contract other tools read)."""
     doc = {
         "model": model, "num_params": num_params, "trainable_params": trainable,
+        "active_params": num_params if active_params is None else active_params,
         "gpu": gpu_name, "gpu_memory_bytes": gpu_memory,
         "usable_memory_bytes": int(usable_memory),
         "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "zero": layout.zero,

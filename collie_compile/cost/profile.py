@@ -93,6 +93,8 @@ class ModelProfile:
     # why tp > 1 cannot run this model exactly (None: it can, or nobody asked); set by
     # the front (runtime.refusals.tp_refusal dry-runs the tensor_parallel pass), not measured here
     tp_refusal: str | None = None
+    # parameters one token uses: routed experts count k of E (None: every parameter, dense)
+    active_params: int | None = None
 
     @property
     def itemsize(self) -> int:

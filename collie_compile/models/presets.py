@@ -57,6 +57,16 @@ PRESETS: dict[str, Preset] = {
                          "mistralai/Mistral-7B-v0.1"),
     "qwen2-7b": Preset("qwen2", _llama(3584, 18944, 28, 28, kv=4, vocab=152064, max_pos=131072,
                                        rope_theta=1000000.0), "Qwen/Qwen2-7B"),
+    # Mixtures of experts: every expert in memory, k of E a token
+    "mixtral-8x7b": Preset("mixtral", _llama(
+        4096, 14336, 32, 32, kv=8, max_pos=32768, eps=1e-5, rope_theta=1000000.0,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+        "mistralai/Mixtral-8x7B-v0.1"),
+    "qwen3-30b-a3b": Preset("qwen3_moe", _llama(
+        2048, 6144, 48, 32, kv=4, vocab=151936, max_pos=40960, rope_theta=1000000.0,
+        head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+        "Qwen/Qwen3-30B-A3B"),
     # Tiny models for tests and CPU runs: same code paths, seconds to train.
     "tiny-llama": Preset("llama", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256),
                          "collie-compile test model"),
