@@ -135,6 +135,20 @@ def refuse_experts(model: torch.nn.Module) -> None:
                            "in evaluation; set router_jitter_noise=0 in its config")
 
 
+def refuse_sparse_attention(model: torch.nn.Module) -> None:
+    """Refuse DeepSeek-style sparse attention (an indexer scores the keys and each query
+    attends to its top-k): its selection reads the attention mask, which the captured
+    causal path does not hand it as transformers does, and the captured program then
+    computes another attention than the model's own (probes of DeepSeek-V3.2, GLM-MoE-DSA,
+    AXK2 and Dots3 disagreed with transformers by 0.08 in loss)."""
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("Indexer"):
+            raise CaptureError(f"{type(model).__name__} uses sparse attention ({name}: "
+                               f"{type(mod).__name__} picks the keys each query attends "
+                               "to): collie-compile cannot yet capture it as transformers "
+                               "runs it")
+
+
 def refuse_bidirectional(model: torch.nn.Module) -> None:
     """Refuse a model whose attention is not causal: an encoder's causal-LM class (BERT's
     ``BertLMHeadModel``, RoBERTa's, ...) attends both ways unless its config sets
@@ -165,9 +179,10 @@ def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedPro
                     ) -> ExportedProgram:
     """``export(swap)`` with the model's attention as it is (``swap``: SDPA may become
     ours), else with each of :data:`FALLBACKS`; the first error if none captures. The
-    model gets its own attention implementation back. Refuses mixture-of-experts models
-    and bidirectional models first."""
+    model gets its own attention implementation back. Refuses first what it cannot capture
+    faithfully: experts it cannot run, sparse attention, bidirectional models."""
     refuse_experts(model)
+    refuse_sparse_attention(model)
     refuse_bidirectional(model)
     config = getattr(model, "config", None)
     start = getattr(config, "_attn_implementation", None)

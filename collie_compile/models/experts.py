@@ -32,9 +32,11 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 IMPLEMENTATION = "collie_experts"
 
 
-def _grouped_kernel(x: torch.Tensor) -> bool:
-    """Whether torch's fused grouped GEMM takes ``x`` (the fallback is a per-expert loop)."""
+def _grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's fused grouped GEMM takes ``x`` @ ``w`` (bf16 on sm80+, rows of
+    16-byte multiples); the fallback is a per-expert loop."""
     return (hasattr(F, "grouped_mm") and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and w.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
@@ -44,7 +46,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     [experts, in, out] when ``transposed``, else [experts, out, in]), plus its bias rows."""
     w = weight if transposed else weight.transpose(-2, -1)
     x = x.to(w.dtype)
-    if _grouped_kernel(x):
+    if _grouped_kernel(x, w):
         out = F.grouped_mm(x, w, offs=offsets)
     else:
         out = torch.ops.transformers.grouped_mm_fallback(x, w, offsets)

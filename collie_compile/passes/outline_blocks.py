@@ -80,6 +80,18 @@ def outline_blocks(gm: fx.GraphModule, prefix: str) -> fx.GraphModule:
     return gm
 
 
+def _op_body(gm: fx.GraphModule, target: str) -> fx.GraphModule | None:
+    """The GraphModule at ``target`` if it is code only (no parameters or buffers)."""
+    try:
+        mod = gm.get_submodule(target)
+    except AttributeError:
+        return None
+    if not isinstance(mod, fx.GraphModule) or any(True for _ in mod.parameters()) \
+            or any(True for _ in mod.buffers()):
+        return None
+    return mod
+
+
 def _gather(nodes: list[fx.Node]) -> None:
     """Move the nodes that run between a block's first and last node without belonging to
     it (a mask's ``arange`` built on first use, a shape assert on a block's output): one
@@ -106,7 +118,9 @@ def _gather(nodes: list[fx.Node]) -> None:
 
 
 def _rebase(sub: fx.GraphModule, path: str) -> fx.GraphModule:
-    """The same module with attribute targets relative to ``path``."""
+    """The same module with attribute targets relative to ``path``. The body of a
+    higher-order op the block calls (export puts a ``torch.no_grad()`` region, such as
+    a router's, in a top-level ``submod_k`` holding no weights) moves into the block."""
     root = sub
     for part in path.split("."):
         root = getattr(root, part)
@@ -114,7 +128,11 @@ def _rebase(sub: fx.GraphModule, path: str) -> fx.GraphModule:
         if n.op in ("get_attr", "call_module"):
             t = str(n.target)
             if not t.startswith(path + "."):
-                raise CollieError(f"block {path} reads {t}, which lives outside it; "
-                                  "blocks sharing weights are not supported")
+                body = _op_body(sub, t)
+                if body is None:
+                    raise CollieError(f"block {path} reads {t}, which lives outside it; "
+                                      "blocks sharing weights are not supported")
+                root.add_module(t.replace(".", "_"), body)
+                t = f"{path}.{t.replace('.', '_')}"
             n.target = t[len(path) + 1:]
     return fx.GraphModule(root, sub.graph, class_name="Block")
