@@ -92,6 +92,9 @@ LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2,
            "from_disk": True},
           {"id": "lora-dp2tp2-z3", "kind": "lora", "model": "tiny-llama", "dp": 2, "tp": 2,
            "pp": 1, "zero": 3, "from_disk": True}]
+# LoRA on a mixture of experts' attention (a saved Mixtral probe), under pp and ZeRO-3
+LORA_MOE = {"id": "lora-mixtral-dp2pp2-z3", "kind": "lora", "dp": 2, "tp": 1, "pp": 2,
+            "zero": 3, "micro_batch_size": 2}
 LORA_1 = {"id": "lora-single", "kind": "lora", "model": "tiny-llama", "dp": 1, "tp": 1, "pp": 1}
 WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
 # LOMO/AdaLomo updated inside backward: dp reduced in buckets (ZeRO-0) or by FSDP2's
@@ -216,6 +219,11 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
     probe_config(AutoConfig.for_model("phi3"), heads=4, kv_heads=2,
                  no_dropout=True).save_pretrained(phi3)
     ckpts += [{**c, "model": str(phi3), "dir": str(phi3)} for c in (SAVE_PHI3, RESUME_PHI3)]
+    mixtral = tmp_path_factory.mktemp("mixtral")
+    probe_config(AutoConfig.for_model("mixtral"), heads=4, kv_heads=2,
+                 no_dropout=True).save_pretrained(mixtral)
+    ckpts.append({**LORA_MOE, "model": str(mixtral),
+                  "dir": str(tmp_path_factory.mktemp("lora-moe"))})
     released = {"id": "released-tp2pp2", "kind": "release", **L4, "dp": 1, "tp": 2, "pp": 2}
     return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4 + [released] + EVAL_4
                   + PACKED_4, tmp)
@@ -547,6 +555,15 @@ def check_lora(r: dict) -> None:
 
 def test_lora_single_process_matches_peft(tmp_path: Path) -> None:
     check_lora(launch(1, [{**LORA_1, "dir": str(tmp_path)}], tmp_path)[LORA_1["id"]])
+
+
+def test_lora_on_a_mixture_of_experts_matches_peft(results4: dict) -> None:
+    """Mixtral's attention and experts' neighbours adapted (q, v, o projections; its
+    experts are 3-D parameters peft's target_modules do not name), at dp2·pp2·ZeRO-3:
+    peft's own model in one process, the saved adapter and the merged weights."""
+    r = results4[LORA_MOE["id"]]
+    check_lora(r)
+    assert "dp=2 tp=1 pp=2 zero=3" in r["layout"]
 
 
 @pytest.mark.parametrize("cfg", LORA_4, ids=[c["id"] for c in LORA_4])
