@@ -19,6 +19,8 @@ from collie_compile.models.registry import count_params
 
 # phimoe: its router's no_grad region is a higher-order op whose body export puts at the
 # top of the graph (outline_blocks moves it into the block)
+pytestmark = pytest.mark.slow  # multi-process or minutes: not in `make test-fast`
+
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"]
 SHAPES = [(4, 16), (2, 32)]  # (global batch, seq)
 
