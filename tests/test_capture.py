@@ -71,7 +71,8 @@ def test_uncapturable_model_names_module_and_line():
                                                 "added to the loss yet"),
     ("qwen3_moe", {"router_jitter_noise": 0.1}, None),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise > 0"),
-    ("glm_moe_dsa", {}, "uses sparse attention (model.layers.0.self_attn.indexer")])
+    ("glm_moe_dsa", {}, "uses sparse attention (model.layers.0.self_attn.indexer"),
+    ("deepseek_v2", {}, "top_k=None experts; set num_experts_per_tok in its config")])
 def test_experts_the_runtime_cannot_run_exactly_are_refused(model_type, change, says,
                                                             tmp_path, capsys):
     """Mixtures of experts capture (models.experts) unless their experts loop in Python

@@ -126,6 +126,11 @@ def refuse_experts(model: torch.nn.Module) -> None:
         raise CaptureError(f"{what} whose experts do not run through transformers' experts "
                            "interface (@use_experts_implementation): its loop over experts "
                            "has data-dependent shapes, which torch.export cannot capture")
+    router = next((n for n, m in model.named_modules()
+                   if hasattr(m, "top_k") and m.top_k is None), None)
+    if router is not None:  # DeepSeek-V2's default config: transformers' forward fails too
+        raise CaptureError(f"{what}: its router ({router}) routes each token to top_k=None "
+                           "experts; set num_experts_per_tok in its config")
     if getattr(cfg, "output_router_logits", False):
         raise CaptureError(f"{what} with output_router_logits=True: the router's load-"
                            "balancing loss is not added to the loss yet; set "
