@@ -137,3 +137,17 @@ def test_moe_presets_count_every_and_active_parameters(capsys, preset: str, tota
     assert doc["active_params"] == total - layers * (experts - k) * bank
     assert main(["estimate", preset, "--gpus", "8", "--gpu", "h100-80gb"]) == 0
     assert "active a token: routed experts, k of E" in capsys.readouterr().out
+
+
+def test_leading_dense_layers_do_not_hide_the_experts(tmp_path) -> None:
+    """DeepSeek-V3's default config (transformers' own): 3 dense layers come first, and a
+    2-block probe of it used to hold no experts, pricing every block as a dense one (a
+    twentieth of its weights) and every parameter as active."""
+    from transformers import DeepseekV3Config
+
+    from collie_compile.cost.profile import profile_model
+
+    DeepseekV3Config().save_pretrained(tmp_path)
+    prof = profile_model(str(tmp_path), seq_len=256, dtype="bf16")
+    assert prof.block_params > 10e9  # an MoE layer's 256 experts, not a dense MLP
+    assert 37e9 < prof.active_params < 38e9 < 671e9 < prof.num_params  # 37B of 671B

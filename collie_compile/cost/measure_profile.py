@@ -43,6 +43,7 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
     layers = int(cfg.num_hidden_layers)
     probe_layers = min(layers, PROBE_BLOCKS)
     probe = build_model(with_layers(cfg, probe_layers), dtype=torch_dtype(dtype))
+    _probe_holds_experts(full, probe, name)
     # sequences up to seq_len only: a sliding window at least that long is then no mask
     ag = annotate(capture(probe, max_seq=seq_len), probe)
     b = _priced_block(ag, probe_layers)
@@ -92,6 +93,19 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         block_graph=block_graph(ag, s, b),
         active_params=active_params(full, ag, s),
     )
+
+
+def _probe_holds_experts(full: torch.nn.Module, probe: torch.nn.Module, name: str) -> None:
+    """Refuse to price a mixture of experts from a probe whose blocks hold none (MoE layers
+    only every k-th layer, or listed by index): its blocks would be priced as dense ones,
+    a fraction of their weights."""
+    from collie_compile.models.experts import has_experts
+
+    if has_experts(full) and not has_experts(probe):
+        raise CollieError(f"{name}: the first {PROBE_BLOCKS} blocks, which collie-compile "
+                          "prices every block by, hold no routed experts (its MoE layers "
+                          "come later or every few layers); pricing it would leave the "
+                          "experts out")
 
 
 def active_params(full: torch.nn.Module, ag: AnnotatedGraph, seq: int) -> int | None:

@@ -17,7 +17,10 @@ The router (softmax or sigmoid, top-k, groups, bias-corrected choice, normalisat
 shared experts stay the family's own code, captured as it is. ``grouped`` is torch's
 ``grouped_mm`` where it has a kernel (CUDA, bf16, sm80+), else transformers'
 registered per-expert fallback op; the graph prices either as the active experts'
-FLOPs (:mod:`collie_compile.capture.annotate`).
+FLOPs (:mod:`collie_compile.capture.annotate`). The choice is made while tracing, and
+rank programs are traced on the CPU or the meta device: their graphs call the fallback,
+a loop over experts, on GPUs too (correct, slower; swapping in the fused kernel per
+stage after move_to_device is still to do).
 """
 
 from __future__ import annotations

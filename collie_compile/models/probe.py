@@ -53,7 +53,8 @@ _POSITION_NAMES = {"max_position_embeddings", "n_positions", "n_ctx", "max_seq_l
                    "max_target_positions", "model_max_length", "context_length",
                    "max_sequence_length", "max_seq_length"}
 # layer counts/indices that must stay inside the kept stack (first k dense layers, ...)
-_LEADING_LAYERS = {"first_k_dense_replace", "num_dense_layers", "moe_layer_start_index",
+# counts of leading layers of another kind (dense before MoE, full before sliding)
+LEADING_LAYERS = {"first_k_dense_replace", "num_dense_layers", "moe_layer_start_index",
                    "max_window_layers", "loop_layer_index_start",
                    "moe_layer_end_index", "loop_layer_index_end"}
 _MTP_LAYERS = {"num_nextn_predict_layers", "num_mtp_layers"}
@@ -349,7 +350,7 @@ def _shrink_value(name: str, v: Any, s: _Scope, done: dict[str, Any]) -> Any:
     if _OFFSET.search(name):
         period = done.get(name.replace("offset", "period"), layers)
         return v % max(1, period)
-    if name in _LEADING_LAYERS:
+    if name in LEADING_LAYERS:
         return min(v, max(layers - 1, 0))
     if name in _MTP_LAYERS:
         return min(v, 1)

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from collie_compile.errors import CollieError, first_line
 from collie_compile.models.attention import IMPLEMENTATION
 from collie_compile.models.presets import PRESETS, config_path
+from collie_compile.models.probe import LEADING_LAYERS
 
 
 def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
@@ -94,9 +95,15 @@ def model_name(cfg: PretrainedConfig) -> str:
 
 
 def with_layers(cfg: PretrainedConfig, layers: int) -> PretrainedConfig:
-    """A copy of ``cfg`` with ``layers`` decoder blocks (for probing one block cheaply)."""
+    """A copy of ``cfg`` with ``layers`` decoder blocks (for probing one block cheaply).
+    Counts of leading layers of another kind (DeepSeek's first dense layers before its
+    MoE ones) are capped below ``layers``, so the probe still holds the later kind."""
     out = cfg.__class__.from_dict(cfg.to_dict())
     out.num_hidden_layers = layers
+    for name in LEADING_LAYERS:
+        v = getattr(out, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= layers:
+            setattr(out, name, max(layers - 1, 0))
     if getattr(out, "layer_types", None) is not None:
         out.layer_types = list(cfg.layer_types)[:layers]
     out.name_or_path = cfg.name_or_path
