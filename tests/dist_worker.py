@@ -92,6 +92,12 @@ def rel_err(a: dict, b: dict) -> float:
     return max(errs.values())
 
 
+def model_err(a: dict, b: dict) -> float:
+    """‖a - b‖ / ‖b‖ over every tensor of ``b`` together (2-norms)."""
+    diff = sum(float((a[k] - b[k]).norm()) ** 2 for k in b) ** 0.5
+    return diff / sum(float(v.norm()) ** 2 for v in b.values()) ** 0.5
+
+
 def run_config(cfg: dict) -> dict:
     name, layers = cfg["model"], cfg.get("layers", 2)
     opt = cfg.get("optimizer", "adamw")
@@ -135,14 +141,13 @@ def run_config(cfg: dict) -> dict:
         # Weights: relative error of all of them together. Per tensor, a zero-initialised
         # bias is nothing but three AdamW updates, which amplify rounding in small
         # gradients; its error is reported (weight_err_per_tensor) but not the criterion.
-        diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
-        norm = sum(float(v.norm()) ** 2 for v in ref_w.values()) ** 0.5
         m = make_model(name, layers)
         m.load_state_dict(ref_w, strict=False)
         with torch.no_grad():
             ref_eval = float(m(**held).loss)
         out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g), ref_eval=ref_eval,
-                   weight_err=diff / norm, weight_err_per_tensor=rel_err(weights, ref_w),
+                   weight_err=model_err(weights, ref_w),
+                   weight_err_per_tensor=rel_err(weights, ref_w),
                    names_match=sorted(weights) == sorted(ref_w))
     return out
 
@@ -300,9 +305,8 @@ def run_packed(cfg: dict) -> dict:
         alone = each_document_alone(hf, held["input_ids"][0], held["position_ids"][0])
         ref_g = {n: p.grad for n, p in hf.named_parameters()}
         ref_w = {n: p.detach() for n, p in hf.named_parameters()}
-        diff = sum(float((weights[k] - ref_w[k]).norm()) ** 2 for k in ref_w) ** 0.5
         out.update(ref_losses=ref_losses, grad_err=rel_err(grads, ref_g),
-                   weight_err=diff / sum(float(v.norm()) ** 2 for v in ref_w.values()) ** 0.5,
+                   weight_err=model_err(weights, ref_w),
                    weight_err_per_tensor=rel_err(weights, ref_w),
                    ref_eval=float(want.loss),
                    logits_err=float((logits - want.logits).abs().max()

@@ -23,7 +23,6 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 
-from collie_compile.layout import MATMUL_KINDS  # noqa: F401 - the kinds it gives, for readers
 from collie_compile.models.attention import expanded_sdpa
 
 aten = torch.ops.aten
@@ -66,7 +65,7 @@ class NodeInfo:
     params: list[str]
     shape: tuple | None
     dtype: torch.dtype | None
-    kind: str  # "linear", "attention", "experts", "view", "other"
+    kind: str  # "linear", "attention", "experts", "view", "other" (layout.MATMUL_KINDS)
     sharded: bool = False
     residual: bool = False  # an add onto the block's residual stream
     flops: object = 0  # sympy expression in (batch, seq)
