@@ -57,6 +57,7 @@ class Pins:
     schedule: str | None = None
     recompute: str | None = None  # the same mode for every layer
     virtual_stages: int | None = None  # model chunks per GPU; implies the interleaved one
+    ep: int | None = None  # ranks splitting the routed experts, out of dp
 
     HELP = {
         "dp": "pin the data-parallel size", "tp": "pin the tensor-parallel size",
@@ -65,10 +66,12 @@ class Pins:
         "schedule": f"pin the pipeline schedule ({', '.join(SCHEDULES)})",
         "recompute": f"pin recomputation for every layer ({', '.join(RECOMPUTE)})",
         "virtual_stages": "pin the interleaved schedule's model chunks per GPU (default 2)",
+        "ep": "pin the expert-parallel size (ranks splitting a mixture of experts' routed "
+              "experts, out of dp)",
     }
 
     def __post_init__(self) -> None:
-        for k in ("dp", "tp", "pp", "micro_batch_size"):
+        for k in ("dp", "tp", "pp", "micro_batch_size", "ep"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
                 raise CollieError(f"{named(k)} must be a positive integer, got {v!r}")

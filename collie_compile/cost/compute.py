@@ -101,3 +101,12 @@ def p2p_time(nbytes: float, gpu: GPUSpec, intra_node: bool = True) -> float:
     """One point-to-point send between pipeline stages."""
     bw, lat = _link(gpu, intra_node)
     return nbytes / bw + lat
+
+
+def alltoall_time(nbytes: float, n: int, gpu: GPUSpec, intra_node: bool = True) -> float:
+    """All-to-all of ``nbytes`` per GPU over ``n`` GPUs: each sends all but its own
+    1/n, one message to each peer."""
+    if n <= 1:
+        return 0.0
+    bw, lat = _link(gpu, intra_node)
+    return (n - 1) / n * nbytes / bw + (n - 1) * lat

@@ -92,14 +92,15 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
              dtype: str = "bf16", schedule: str = "1f1b", lora_rank: int | None = None,
              lora_targets: str | list[str] | None = None, memory_reserve: float = 0.05,
              virtual_stages: int | None = None, tp_refusal: str | None = None,
-             update_in_backward: bool | None = None) -> Estimate:
+             update_in_backward: bool | None = None, ep: int = 1) -> Estimate:
     """Per-GPU memory of training ``model`` under one layout (no GPU needed). With
     ``lora_rank`` only adapters on ``lora_targets`` (default q_proj, v_proj) train. It
     fits if it leaves ``memory_reserve`` of the GPU free, as :func:`plan` requires. The
     interleaved schedule holds ``virtual_stages`` model chunks per GPU (default 2, as the
     planner prices it). ``tp_refusal`` says why tp > 1 cannot run this model
     (:func:`collie_compile.runtime.refusals.tp_refusal`). ``update_in_backward``: Lion,
-    AdamW, Adam or Adan update inside backward (LOMO and AdaLomo always do)."""
+    AdamW, Adam or Adan update inside backward (LOMO and AdaLomo always do). ``ep``
+    splits a mixture of experts' routed experts over that many of the dp ranks."""
     Request(gpus=gpus, seq_len=seq_len, dtype=dtype, memory_reserve=memory_reserve)
     LoraRequest(rank=lora_rank, targets=lora_targets)
     spec = get_gpu(gpu)
@@ -115,7 +116,8 @@ def estimate(model: str, gpus: int | None = None, gpu: str | GPUSpec = "a100-80g
                     seq_len=seq_len, recompute=recompute, schedule=schedule,
                     num_microbatches=pp if num_microbatches is None else num_microbatches,
                     virtual_stages=virtual_stages or (
-                        INTERLEAVED_CHUNKS if schedule == "interleaved" and pp > 1 else 1))
+                        INTERLEAVED_CHUNKS if schedule == "interleaved" and pp > 1 else 1),
+                    ep=ep)
     layout.validate()
     prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
     check_tp(prof, tp)
@@ -160,6 +162,18 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
                                  f"the batch gives {m}"),
         ("rounds", lay.schedule == "interleaved" and m % lay.pp,
          f"the interleaved schedule needs micro-batches ({m}) a multiple of pp={lay.pp}"),
+        ("ep-experts", lay.ep > 1 and not prof.num_experts,
+         f"ep={lay.ep} splits routed experts, and {prof.name} has none; use ep=1"),
+        ("ep-divide", lay.ep > 1 and prof.num_experts % lay.ep,
+         f"ep={lay.ep} does not divide {prof.name}'s {prof.num_experts} experts"),
+        ("ep-dp", lay.dp % lay.ep, f"ep={lay.ep} must divide dp={lay.dp} (the ep group is "
+                                    "carved from the data-parallel ranks)"),
+        ("ep-zero1", lay.ep > 1 and lay.zero == 1 and lay.dp > 1,
+         f"ZeRO-1 shards optimizer states over all dp ranks, and under ep={lay.ep} they hold "
+         "different experts; use zero 0, 2 or 3 (experts stay split by ep)"),
+        ("ep-backward", lay.ep > 1 and in_backward,
+         f"ep={lay.ep} with an update inside backward is not built yet; update after "
+         "backward (--no-update-in-backward) or use ep=1"),
         ("tied", in_backward and lay.pp > 1 and prof.tied_params,
          f"pp={lay.pp} puts {prof.name}'s tied embedding and LM head on different stages, "
          "whose gradients must be summed before an update inside backward; use pp=1 or "

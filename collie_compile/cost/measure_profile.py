@@ -92,7 +92,24 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
                                   if n.kind == "linear" and not n.sharded),
         block_graph=block_graph(ag, s, b),
         active_params=active_params(full, ag, s),
+        **_block_experts(ag, s, b),
     )
+
+
+def _block_experts(ag: AnnotatedGraph, seq: int, b: int) -> dict[str, int]:
+    """Block ``b``'s routed experts: their count, parameters, the rows a sample sends
+    them and their FLOPs (each bank's grouped products; none for a dense block)."""
+    nodes = [n for n in ag.block_nodes(b) if n.kind == "experts"]
+    if not nodes:
+        return {}
+    banks = {n.module for n in nodes}
+    params = {p for p in ag.param_shapes if p.rpartition(".")[0] in banks}
+    experts = max(ag.param_shapes[p][0] for p in params)
+    rows = {n.module: ag.subs(n.shape[0], 1, seq) for n in nodes}  # one product per bank
+    return dict(num_experts=int(experts),
+                block_expert_params=sum(_prod(ag.param_shapes[p]) for p in params),
+                expert_rows=int(sum(rows.values())),
+                block_expert_flops=sum(ag.subs(n.flops, 1, seq) for n in nodes))
 
 
 def _probe_holds_experts(full: torch.nn.Module, probe: torch.nn.Module, name: str) -> None:

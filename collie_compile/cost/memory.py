@@ -53,6 +53,7 @@ class Layout:
     num_microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1  # model chunks per GPU (interleaved 1F1B)
+    ep: int = 1  # routed experts split over ep of the dp ranks (expert parallelism)
 
     @property
     def gpus(self) -> int:
@@ -71,6 +72,9 @@ class Layout:
         if self.schedule not in SCHEDULES:
             raise CollieError(f"unknown schedule {self.schedule!r}; use one of "
                               f"{', '.join(SCHEDULES)}")
+        if self.ep < 1 or self.dp % self.ep:
+            raise CollieError(f"{named('ep')} must be a positive integer dividing dp={self.dp} "
+                              f"(experts are split over data-parallel ranks), got {self.ep}")
         if self.virtual_stages < 1:
             raise CollieError(f"{named('virtual_stages')} must be a positive integer, got "
                               f"{self.virtual_stages}")
@@ -298,6 +302,11 @@ class MemoryModel:
         p = self.profile
         return p.block_params_sharded / tp + (p.block_params - p.block_params_sharded)
 
+    def expert_params_per_rank(self, ep: int) -> float:
+        """A block's routed experts on one rank when ep splits them (0 when it does not:
+        then they are ordinary weights, in block_params_per_rank)."""
+        return self.profile.block_expert_params / ep if ep > 1 else 0.0
+
     def end_params_per_rank(self, tp: int, has_embed: bool, has_head: bool) -> float:
         p = self.profile
         vt = vocab_shards(p, tp)
@@ -330,7 +339,11 @@ class MemoryModel:
         w = p.itemsize
         # fp32 master copies for 16-bit weights; LOMO and AdaLomo update 16-bit weights directly.
         master = 0 if p.dtype == "fp32" or not opt.keeps_master else 4
-        psi = (self.end_params_per_rank(tp, has_embed, has_head), self.block_params_per_rank(tp))
+        # Experts split by ep are outside ZeRO (data_parallel leaves them to the ep group):
+        # the terms below are the other weights', the experts' are added at the end.
+        experts = self.expert_params_per_rank(layout.ep)
+        psi = (self.end_params_per_rank(tp, has_embed, has_head),
+               self.block_params_per_rank(tp) - (p.block_expert_params if experts else 0))
         trainable = tuple(x * self.trainable_fraction for x in psi)
         largest = p.largest_param / tp
 
@@ -419,6 +432,16 @@ class MemoryModel:
             head_grad = (whole, whole if fsdp_flat or not accumulate else 0.0)
         # The one gradient in flight and its update come after the loss's transients.
         fused_tmp = largest * w + step_tmp if fused else 0.0
+        if experts:
+            x = experts * self.trainable_fraction
+            weights = (weights[0], weights[1] + experts * w)
+            states = (states[0], states[1] + x * state_per_elem)
+            grads_b = (grads_b[0], grads_b[1] + x * w)
+            # summed over the ranks holding the same experts by a GradReducer (its flat
+            # buffers from the step's start) when there are such ranks
+            reduced = d > layout.ep and not opt.fused_backward
+            grads_kept = (grads_kept[0], grads_kept[1] + x * w * reduced)
+            grads_f = (grads_f[0], grads_f[1] + x * w * (accumulate or reduced))
         return StageTerms(
             weights=weights, gathered=gathered, states=states, grads_kept=grads_kept,
             grads_f=grads_f, grads_b=grads_b,

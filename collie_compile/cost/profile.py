@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 # Bump when ModelProfile or what it measures changes: disk-cached profiles are keyed by it,
 # and by the source of the modules that measure one.
-PROFILE_SCHEMA = 8
+PROFILE_SCHEMA = 9
 _PROFILE_CODE = ("collie_compile.cost.profile", "collie_compile.cost.measure_profile",
                  "collie_compile.capture.annotate", "collie_compile.capture.export",
                  "collie_compile.models.registry", "collie_compile.models.probe",
-                 "collie_compile.models.attention", "collie_compile.recompute_policy")
+                 "collie_compile.models.attention", "collie_compile.models.experts",
+                 "collie_compile.recompute_policy")
 PROBE_BLOCKS = 2
 
 
@@ -95,6 +96,13 @@ class ModelProfile:
     tp_refusal: str | None = None
     # parameters one token uses: routed experts count k of E (None: every parameter, dense)
     active_params: int | None = None
+    # routed experts of one block (0: dense): how many, their parameters (weights and
+    # biases, [experts, ...]), the rows a sample sends them (seq x k) and their forward
+    # FLOPs per sample; what expert parallelism splits, moves and waits for
+    num_experts: int = 0
+    block_expert_params: int = 0
+    expert_rows: int = 0
+    block_expert_flops: int = 0
 
     @property
     def itemsize(self) -> int:

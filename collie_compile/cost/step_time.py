@@ -13,6 +13,12 @@ last micro-batch's backward, U the optimizer step and P the forward/backward pas
 step: 2 where an update inside backward needs a measuring pass first (two-pass
 global-norm clipping), else 1. The planner's ILP minimises exactly
 this; :func:`step_time` evaluates it for a concrete split.
+
+Under expert parallelism (ep > 1) each block adds its all-to-alls (rows to the experts and
+back, forward and backward, and again where recomputation reruns the forward) to compute,
+the busiest rank of an ep group runs ``imbalance`` times the mean rows through its
+experts (:data:`EXPERT_IMBALANCE` unless set), and the experts' gradients are summed over
+the dp / ep ranks holding the same experts, outside ZeRO.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from collie_compile.cost.compute import (
     allgather_time,
     allreduce_time,
+    alltoall_time,
     block_time,
     head_time,
     p2p_time,
@@ -31,6 +38,11 @@ from collie_compile.cost.memory import Layout, vocab_shards
 from collie_compile.cost.profile import ModelProfile
 from collie_compile.layout import RECOMPUTE
 from collie_compile.optim.specs import OptimizerSpec
+
+# The busiest expert-parallel rank's rows over the mean: routing is never exactly even. An
+# assumption (a load-balancing loss keeps trained routers near even); --expert-imbalance
+# sets it, 1.0 prices perfect balance.
+EXPERT_IMBALANCE = 1.2
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,11 @@ def bubble_factor(layout: Layout) -> float:
 
 def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: Layout,
                has_embed: bool, has_head: bool, gpus_per_node: int,
-               params_per_rank: tuple[float, float], trainable_fraction: float = 1.0
-               ) -> StageTime:
-    """Linear time terms of one stage; ``params_per_rank`` = (fixed, per block)."""
-    p, b, tp, d = profile, layout.micro_batch_size, layout.tp, layout.dp
+               params_per_rank: tuple[float, float], trainable_fraction: float = 1.0,
+               imbalance: float = EXPERT_IMBALANCE) -> StageTime:
+    """Linear time terms of one stage; ``params_per_rank`` = (fixed, per block), a
+    block's routed experts counted whole (their 1/ep share is taken here)."""
+    p, b, tp, d, ep = profile, layout.micro_batch_size, layout.tp, layout.dp, layout.ep
     w = p.itemsize
     tp_intra = tp <= gpus_per_node
     dp_intra = tp * d <= gpus_per_node
@@ -98,6 +111,16 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     act_bytes = b * p.seq_len * p.hidden_size * w
     tp_comm = 2 * p.row_linears_per_block * allreduce_time(act_bytes, tp, gpu, tp_intra)
     per_block = {c: block_time(p, gpu, b, tp, c).total + tp_comm for c in RECOMPUTE}
+    experts = p.block_expert_params / ep if ep > 1 else 0.0
+    if experts:
+        # 2 all-to-alls forward, 2 backward, 2 more where the forward reruns
+        moved = alltoall_time(b * p.expert_rows * p.hidden_size * w, ep, gpu,
+                              tp * ep <= gpus_per_node)
+        share = p.block_expert_flops / max(p.block_flops, 1)
+        for c in RECOMPUTE:
+            waits = (imbalance - 1) * share * block_time(p, gpu, b, tp, c).total
+            per_block[c] += (4 + 2 * (c != "none")) * moved + waits
+        params_per_rank = (params_per_rank[0], params_per_rank[1] - p.block_expert_params)
     backward = block_time(p, gpu, b, tp, "none").backward
     fixed = 0.0  # the embedding lookup is negligible beside a block
     if has_head:
@@ -134,11 +157,14 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
         sync_fixed = via * allreduce_time(grad_fixed * trainable_fraction, d, gpu, dp_intra)
         sync_block = via * allreduce_time(grad_block * trainable_fraction, d, gpu, dp_intra)
     shard = d if layout.zero >= 1 else 1
-    per_elem = opt.update_bytes / (gpu.hbm_bandwidth * gpu.memory_efficiency) / shard
+    per_elem = opt.update_bytes / (gpu.hbm_bandwidth * gpu.memory_efficiency)
+    update_block = params_per_rank[1] * trainable_fraction * per_elem / shard
+    if experts:  # summed over the dp / ep ranks holding the same experts; never sharded
+        sync_block += allreduce_time(experts * w * trainable_fraction, d // ep, gpu, dp_intra)
+        update_block += experts * trainable_fraction * per_elem
     return StageTime(fixed, per_block, backward, zero3_fixed, zero3_block, sync_fixed,
-                     sync_block, params_per_rank[0] * trainable_fraction * per_elem,
-                     params_per_rank[1] * trainable_fraction * per_elem, gpu.comm_overlap,
-                     opt.backward_passes)
+                     sync_block, params_per_rank[0] * trainable_fraction * per_elem / shard,
+                     update_block, gpu.comm_overlap, opt.backward_passes)
 
 
 def step_time(layout: Layout, stages: list[StageTime], counts: list[dict[str, int]]) -> float:

@@ -56,6 +56,43 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return out if bias is None else out + bias
 
 
+@torch.library.custom_op("collie::expert_dispatch", mutates_args=())
+def expert_dispatch(x: torch.Tensor, sorted_experts: torch.Tensor, counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, offsets of each expert's rows, each row's expert, route) for ``x``, rows
+    sorted by expert, ``counts`` of each: in one process, what came in (the route is
+    unused). A marker the expert_parallel pass replaces by the all-to-all; an op of its
+    own so that capture keeps it whole. Copies: an op's outputs may not alias its inputs."""
+    return x.clone(), counts.cumsum(0).to(torch.int32), sorted_experts.clone(), counts.clone()
+
+
+@expert_dispatch.register_fake
+def _(x: torch.Tensor, sorted_experts: torch.Tensor, counts: torch.Tensor) -> tuple:
+    return (torch.empty_like(x), torch.empty(counts.shape, dtype=torch.int32,
+                                             device=counts.device),
+            torch.empty_like(sorted_experts), torch.empty_like(counts))
+
+
+@torch.library.custom_op("collie::expert_combine", mutates_args=())
+def expert_combine(y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """The experts' output rows back where :func:`expert_dispatch` took them from: in one
+    process, the rows themselves (a copy)."""
+    return y.clone()
+
+
+@expert_combine.register_fake
+def _(y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(y)
+
+
+def _rows_grad(ctx: object, g: torch.Tensor, *rest: object) -> tuple:
+    return g, None, None
+
+
+expert_dispatch.register_autograd(_rows_grad)
+expert_combine.register_autograd(lambda ctx, g: (g, None))
+
+
 def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor,
                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts of ``module`` (a transformers experts class) on ``hidden_states``
@@ -67,18 +104,21 @@ def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor,
     sorted_experts = experts[order]
     counts = torch.zeros(module.num_experts, dtype=torch.int64, device=experts.device)
     counts = counts.scatter_add(0, experts, torch.ones_like(experts))
-    offsets = counts.cumsum(0).to(torch.int32)
-    x = hidden_states[order // k]
+    # the rows each expert runs on; under expert parallelism, those of this rank's experts
+    # from every rank of its group (the expert_parallel pass swaps the op)
+    x, offsets, local, route = torch.ops.collie.expert_dispatch(
+        hidden_states[order // k], sorted_experts, counts)
     gated = module.has_gate
     up = module.gate_up_proj if gated else module.up_proj
-    up_bias = ((module.gate_up_proj_bias if gated else module.up_proj_bias)[sorted_experts]
+    up_bias = ((module.gate_up_proj_bias if gated else module.up_proj_bias)[local]
                if module.has_bias else None)
     h = grouped_linear(x, up, offsets, module.is_transposed, up_bias)
     h = module._apply_gate(h) if gated else module.act_fn(h)
-    down_bias = module.down_proj_bias[sorted_experts] if module.has_bias else None
+    down_bias = module.down_proj_bias[local] if module.has_bias else None
     y = grouped_linear(h, module.down_proj, offsets, module.is_transposed, down_bias)
     if module.has_post_expert_norm:
         y = module.post_expert_norm(y)
+    y = torch.ops.collie.expert_combine(y, route)
     y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
     # back into (token, k) order; summing over k in fp32 as transformers' grouped_mm does
     unsorted = torch.empty_like(y).index_copy(0, order, y)

@@ -13,6 +13,9 @@
   weights after its forward, ZeRO-2 keeps them until backward. FSDP2 works on plain
   (tp-local) tensors and pipelining stages drive its gradient sync, so it composes with
   the tensor-parallel and pipeline passes.
+- Experts split by expert parallelism are the ep group's alone: their gradients are
+  summed over the ranks holding the same experts (expert data parallelism), by a
+  GradReducer of their own at every ZeRO stage; FSDP leaves them whole.
 """
 
 from __future__ import annotations
@@ -151,38 +154,54 @@ class GradReducer:
         self.reset()
 
 
-_REDUCER = "collie_grad_reducer"
+_REDUCERS = "collie_grad_reducers"
 
 
-def grad_reducer(gm: torch.nn.Module) -> GradReducer | None:
-    """The :class:`GradReducer` :func:`data_parallel` attached to ``gm`` (ZeRO 0/1 over
-    more than one rank), else None."""
-    return getattr(gm, "meta", {}).get(_REDUCER)
+def grad_reducers(gm: torch.nn.Module) -> list[GradReducer]:
+    """The :class:`GradReducer` s :func:`data_parallel` attached to ``gm`` (ZeRO 0/1 over
+    more than one rank): one over dp, and one over the expert-data-parallel ranks for
+    experts split by expert parallelism."""
+    return getattr(gm, "meta", {}).get(_REDUCERS, [])
 
 
 def data_parallel(gm: fx.GraphModule, mesh: DeviceMesh | None, zero: int, prefix: str,
-                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
+                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, experts: frozenset[str] = frozenset(),
+                  expert_group: dist.ProcessGroup | None = None) -> fx.GraphModule:
     """Make ``gm`` (one pipeline stage) data-parallel over the 1-D ``mesh``.
 
-    ZeRO 0/1 attach a :class:`GradReducer` (see :func:`grad_reducer`); ZeRO 2/3
+    ZeRO 0/1 attach :class:`GradReducer` s (see :func:`grad_reducers`); ZeRO 2/3
     apply FSDP2 to each block submodule under ``prefix`` and to ``gm``. A mesh of size 1
     (or None) leaves ``gm`` as it is. Gradients are summed, not averaged: the runtime
     scales the loss by the global token count.
+
+    ``experts``: the parameters expert parallelism split over part of ``mesh`` (the ep
+    group). Only the ranks of ``expert_group`` hold the same experts, so their gradients
+    are summed over it alone, by a :class:`GradReducer` at every ZeRO stage (FSDP leaves
+    them whole: ep already splits them); None: no other rank holds them.
     """
     if mesh is None or mesh.size() == 1:
         return gm
+    named = dict(gm.named_parameters())
+    others = [p for n, p in named.items() if n not in experts]
+    mine = [p for n, p in named.items() if n in experts]
+    reducers = []
     if zero in (0, 1):
-        gm.meta[_REDUCER] = GradReducer(list(gm.parameters()), mesh.get_group(),
-                                              bucket_bytes)
+        reducers.append(GradReducer(others, mesh.get_group(), bucket_bytes))
+    if mine and expert_group is not None:
+        reducers.append(GradReducer(mine, expert_group, bucket_bytes))
+    if reducers:
+        gm.meta[_REDUCERS] = reducers
+    if zero in (0, 1):
         return gm
     from torch.distributed.fsdp import fully_shard
 
     reshard = zero == 3
     blocks = gm.get_submodule(prefix.rstrip(".")) if _has(gm, prefix.rstrip(".")) else None
     units = list(blocks.children()) if blocks is not None else []
+    ignored = set(mine) or None
     for block in units:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(gm, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored)
+    fully_shard(gm, mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored)
     for unit in [*units, gm]:  # sum, with plain SUM collectives (gloo has no PREMUL_SUM)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)

@@ -34,6 +34,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from collie_compile.capture.annotate import weight_of
 from collie_compile.errors import CollieError
+from collie_compile.passes.collectives import (
+    CopyToTP,
+    ReduceFromTP,
+    SumOverTP,
+    VocabParallelEmbedding,
+)
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -125,139 +131,6 @@ class Shard:
                 ranges[rank] += [(base + a, base + b) for a, b in r]
             base += part.size
         return Shard(0, base, tuple(tuple(r) for r in ranges))
-
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: object, g: torch.Tensor) -> tuple:
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx: object, g: torch.Tensor) -> tuple:
-        return g, None
-
-
-class _SumOverTP(torch.autograd.Function):
-    """The forward of _ReduceFromTP with the backward of _CopyToTP: a sum over tp both
-    ways."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _ReduceFromTP.forward(ctx, x, group)
-
-    backward = staticmethod(_CopyToTP.backward)
-
-
-class SumOverTP(torch.nn.Module):
-    """All-reduce (sum) over the tp group forward and backward: a statistic of features
-    split between ranks (an RMS norm's sum of squares over all heads), which every rank
-    then applies to its own features, so each rank's gradient of it is a part too."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SumOverTP.apply(x, self.group)
-
-
-class CopyToTP(torch.nn.Module):
-    """Identity forward, all-reduce of the input gradient over the tp group backward."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _CopyToTP.apply(x, self.group)
-
-
-class ReduceFromTP(torch.nn.Module):
-    """All-reduce (sum) of partial outputs over the tp group forward, identity backward."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ReduceFromTP.apply(x, self.group)
-
-
-class VocabParallelEmbedding(torch.nn.Module):
-    """Embedding of the ids in ``[start, stop)`` from this rank's rows (others give 0),
-    summed over the tp group."""
-
-    def __init__(self, group: dist.ProcessGroup, start: int, stop: int,
-                 padding_idx: int = -1) -> None:
-        super().__init__()
-        self.group, self.start, self.stop = group, start, stop
-        # the padding row gets no gradient, as in the unsharded embedding
-        self.padding_idx = padding_idx - start if start <= padding_idx < stop else None
-
-    def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.start) | (ids >= self.stop)
-        local = torch.where(outside, 0, ids - self.start)
-        out = torch.nn.functional.embedding(local, weight, padding_idx=self.padding_idx)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return _ReduceFromTP.apply(out, self.group)
-
-
-class _VocabParallelCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: object, logits: torch.Tensor, target: torch.Tensor, start: int,
-                group: dist.ProcessGroup, ignore_index: int) -> torch.Tensor:
-        width = logits.shape[-1]
-        top = logits.max(-1).values
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        # In place where autograd does not look (inside a Function): the loss's extra
-        # memory stays at one [tokens, vocab / tp] buffer beside the logits, and at one
-        # beside the saved softmax in backward, as the unsharded cross-entropy's.
-        z = logits - top.unsqueeze(-1)
-        valid = target != ignore_index
-        mine = valid & (target >= start) & (target < start + width)
-        idx = (target - start).clamp(0, width - 1)
-        picked = z.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * mine
-        dist.all_reduce(picked, group=group)
-        softmax = z.exp_()
-        total = softmax.sum(-1)
-        dist.all_reduce(total, group=group)
-        softmax.div_(total.unsqueeze(-1))
-        ctx.save_for_backward(softmax, idx, mine, valid)
-        return ((total.log() - picked) * valid).sum()
-
-    @staticmethod
-    def backward(ctx: object, g: torch.Tensor) -> tuple:
-        softmax, idx, mine, valid = ctx.saved_tensors
-        grad = softmax.clone()
-        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
-        grad.mul_((valid.to(grad.dtype) * g).unsqueeze(-1))
-        return grad, None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, start: int,
-                                 group: dist.ProcessGroup, ignore_index: int = -100
-                                 ) -> torch.Tensor:
-    """Sum over positions of cross-entropy, from each tp rank's logits for vocabulary ids
-    ``[start, start + logits.shape[-1])`` (max, sum of exponentials and the target's
-    logit reduced over ``group``): the same as on gathered logits, which never exist."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    return _VocabParallelCE.apply(flat, target.reshape(-1), start, group, ignore_index)
 
 
 def head_units(features: int, num_heads: int, num_kv_heads: int, head_dim: int

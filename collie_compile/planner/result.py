@@ -16,7 +16,7 @@ from collie_compile.cost.hardware import CATALOG
 from collie_compile.errors import CollieError
 from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
 
-SUMMARY_KEYS = ("dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
+SUMMARY_KEYS = ("dp", "tp", "pp", "ep", "zero", "micro_batch_size", "num_microbatches", "schedule",
                 "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
                 "tokens_per_gpu_per_s", "mfu", "update_in_backward")
 
@@ -47,6 +47,7 @@ class Candidate:
     fits: bool = True
     why_not: str = ""
     update_in_backward: bool = False  # the optimizer updates each weight inside backward
+    ep: int = 1  # routed experts split over ep of the dp ranks (expert parallelism)
 
     def summary(self, with_why: bool = False) -> dict:
         d = {k: getattr(self, k) for k in SUMMARY_KEYS}
@@ -95,7 +96,8 @@ class Candidate:
         counts = {m: self.recompute.count(m) for m in ("none", "selective", "full")}
         rc = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
         where = " update in backward" if self.update_in_backward else ""
-        return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
+        ep = f" ep={self.ep}" if self.ep > 1 else ""
+        return (f"dp={self.dp} tp={self.tp} pp={self.pp}{ep} zero={self.zero} "
                 f"micro-batch={self.micro_batch_size}x{self.num_microbatches} {sched} "
                 f"recompute: {rc}{where}")
 
@@ -188,6 +190,8 @@ class Plan:
             return
         if c.dp * c.tp * c.pp != self.gpus:
             raise ValueError(f"dp*tp*pp = {c.dp * c.tp * c.pp} but gpus = {self.gpus}")
+        if c.ep < 1 or c.dp % c.ep:
+            raise ValueError(f"ep = {c.ep} does not divide dp = {c.dp}")
         if c.dp * c.micro_batch_size * c.num_microbatches != self.global_batch_size:
             raise ValueError(f"dp x micro-batch x micro-batches = {c.dp} x "
                              f"{c.micro_batch_size} x {c.num_microbatches} but the global "
@@ -209,7 +213,8 @@ class Plan:
         if c is not None:
             # no --zero with dp=1: ZeRO shards over dp ranks, and the planner refuses it
             zero = f" --zero {c.zero}" if c.dp > 1 else ""
-            args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp}{zero} "
+            ep = f" --ep {c.ep}" if c.ep > 1 else ""
+            args.append(f"--dp {c.dp} --tp {c.tp} --pp {c.pp}{ep}{zero} "
                         f"--micro-batch {c.micro_batch_size}")
             if c.pp > 1:
                 args.append(f"--schedule {c.schedule}")

@@ -51,6 +51,7 @@ from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryModel, StageTerms, lora_cost
 from collie_compile.cost.profile import ModelProfile, profile_model
 from collie_compile.cost.step_time import (
+    EXPERT_IMBALANCE,
     StageTime,
     bubble_factor,
     model_flops_per_step,
@@ -275,7 +276,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          lora_targets: str | list[str] | None = None,
          virtual_stages: int | None = None, tp_refusal: str | None = None,
          update_in_backward: bool | None = None, max_grad_norm: float | None = None,
-         clip_mode: str = "two-pass") -> Plan:
+         clip_mode: str = "two-pass", ep: int | None = None,
+         expert_imbalance: float = EXPERT_IMBALANCE) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
@@ -288,7 +290,10 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     (:func:`collie_compile.runtime.refusals.tp_refusal`): then only tp = 1 is planned.
     ``update_in_backward`` pins where Lion, AdamW, Adam or Adan update (None: the faster,
     after backward on a tie); ``max_grad_norm`` with ``clip_mode`` "two-pass" prices the
-    measuring backward an update inside backward then needs.
+    measuring backward an update inside backward then needs. ``ep`` pins expert
+    parallelism for a mixture of experts (else the planner tries every ep dividing dp and
+    the expert count within a node); ``expert_imbalance`` is the busiest ep rank's expert
+    rows over the mean it prices.
     """
     start = time.perf_counter()
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
@@ -300,7 +305,10 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                           f"{gpus_per_node}")
     LoraRequest(rank=lora_rank, targets=lora_targets)
     asked = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
-                 schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
+                 schedule=schedule, recompute=recompute, virtual_stages=virtual_stages, ep=ep)
+    if expert_imbalance < 1:
+        raise CollieError(f"{named('expert_imbalance')} is the busiest expert-parallel "
+                          f"rank's rows over the mean, at least 1; got {expert_imbalance}")
     spec, opt = get_gpu(gpu), get_optimizer(optimizer)
     variants = update_variants(opt, update_in_backward,
                                two_pass=max_grad_norm is not None and clip_mode == "two-pass")
@@ -321,7 +329,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     mm = next(iter(mms.values()))
 
     problems = [_problem(o.layout, prof, spec, variants[o.in_backward], mms[o.in_backward],
-                         modes, capacity, gpus_per_node, o.in_backward) for o in outers]
+                         modes, capacity, gpus_per_node, o.in_backward, expert_imbalance)
+                for o in outers]
     order = sorted(range(len(problems)), key=lambda i: (problems[i].lower_bound(),
                                                         outers[i].key()))
     solved: list[tuple[float, Candidate]] = []
@@ -464,7 +473,9 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
     for tp in divisors(gpus):
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            for zero in _zero_stages(dp, pins.get("zero")):
+            for zero, ep in itertools.product(_zero_stages(dp, pins.get("zero")),
+                                              _expert_sizes(prof, dp, tp, gpus_per_node,
+                                                            pins.get("ep"))):
                 for b in ((pins["micro_batch_size"],) if pins.get("micro_batch_size")
                           else MICRO_BATCH_SIZES):
                     for sched in _schedules(pp, pins.get("schedule")):
@@ -473,7 +484,7 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
                         lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=b,
                                      seq_len=prof.seq_len, num_microbatches=max(
                                          1, global_batch // (dp * b)), schedule=sched,
-                                     virtual_stages=v)
+                                     virtual_stages=v, ep=ep)
                         if any(val is not None and getattr(lay, k) != val
                                for k, val in pins.items()):
                             continue
@@ -499,6 +510,17 @@ def _outer_space(prof: ModelProfile, gpus: int, gpus_per_node: int, global_batch
     return out
 
 
+def _expert_sizes(prof: ModelProfile, dp: int, tp: int, gpus_per_node: int,
+                  pinned: int | None) -> tuple[int, ...]:
+    """The ep sizes to try: a pin as it is (layout_problem says what it breaks); for a
+    mixture of experts, every ep dividing dp and the expert count whose group stays
+    inside a node (all-to-all over the slower links only where pinned); else 1."""
+    if pinned is not None:
+        return (pinned,)
+    return tuple(e for e in divisors(dp) if prof.num_experts % e == 0
+                 and e * tp <= gpus_per_node) if prof.num_experts else (1,)
+
+
 def _zero_stages(dp: int, pinned: int | None) -> tuple[int, ...]:
     """ZeRO-1 moves the same bytes as plain DP and keeps less: ZeRO-0 only if pinned."""
     if pinned is not None:
@@ -515,14 +537,15 @@ def _schedules(pp: int, pinned: str | None) -> tuple[str, ...]:
 
 def _problem(lay: Layout, prof: ModelProfile, spec: GPUSpec, opt: OptimizerSpec,
              mm: MemoryModel, modes: tuple[str, ...], capacity: float,
-             gpus_per_node: int, in_backward: bool = False) -> Problem:
+             gpus_per_node: int, in_backward: bool = False,
+             imbalance: float = EXPERT_IMBALANCE) -> Problem:
     memory, times = [], []
     for k in range(lay.pp):
         emb, head = k == 0, k == lay.pp - 1
         memory.append(mm.stage_terms(lay, k, emb, head))
         params = (mm.end_params_per_rank(lay.tp, emb, head), mm.block_params_per_rank(lay.tp))
         times.append(stage_time(prof, spec, opt, lay, emb, head, gpus_per_node, params,
-                                mm.trainable_fraction))
+                                mm.trainable_fraction, imbalance))
     return Problem(lay, prof.num_layers, modes, memory, times, capacity, in_backward)
 
 
@@ -540,7 +563,7 @@ def _candidate(prob: Problem, counts: list[dict[str, int]], prof: ModelProfile,
     mems = [m.breakdown(n, k) for k, (m, n) in enumerate(zip(prob.memory, counts))]
     tokens = global_batch * prof.seq_len
     mfu = model_flops_per_step(prof, global_batch) / (t * gpus * spec.peak_flops(prof.dtype))
-    return Candidate(dp=lay.dp, tp=lay.tp, pp=lay.pp, zero=lay.zero,
+    return Candidate(dp=lay.dp, tp=lay.tp, pp=lay.pp, zero=lay.zero, ep=lay.ep,
                      micro_batch_size=lay.micro_batch_size,
                      num_microbatches=lay.num_microbatches, schedule=lay.schedule,
                      virtual_stages=lay.virtual_stages, recompute=recompute, stages=stages,

@@ -46,13 +46,13 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 clip_value: float | None = None, loss_scale: str | float | None = None,
                 stochastic_rounding: bool = False, memory_reserve: float | None = None,
                 update_in_backward: bool | None = None,
-                position_ids: bool = False) -> ParallelModel:
+                position_ids: bool = False, ep: int | None = None) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``global_batch_size`` (sequences per
     step) defaults to 8 a GPU, a fine-tuning run's batch. ``plan`` is ``"auto"`` (solve it
     with the pins given: dp, tp, pp, zero, micro_batch_size, schedule, recompute,
-    virtual_stages; see :class:`~collie_compile.config.Pins`), a
+    virtual_stages, ep; see :class:`~collie_compile.config.Pins`), a
     :class:`Plan`, or a plan JSON file from ``collie-compile plan --out``; the optimizer
     defaults to the plan's (adamw for "auto"), the dtype is the model's weights'. An auto
     plan is made for ``gpu`` (a catalog name or spec file; default: the CUDA device this
@@ -87,7 +87,7 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
             memory_reserve=memory_reserve)
     pins = Pins(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch_size=micro_batch_size,
-                schedule=schedule, recompute=recompute, virtual_stages=virtual_stages)
+                schedule=schedule, recompute=recompute, virtual_stages=virtual_stages, ep=ep)
     cdist.ensure_initialized()
     world = dist.get_world_size()
     cfg = cdist.agree(lambda: load_config(model.config))  # one stack of blocks, or why not

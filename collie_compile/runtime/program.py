@@ -35,6 +35,7 @@ from collie_compile.models.registry import tied_names
 from collie_compile.passes.data_parallel import data_parallel
 from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
+from collie_compile.passes.expert_parallel import ep_record, expert_parallel
 from collie_compile.passes.lora import is_adapter
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
@@ -51,11 +52,14 @@ T = TypeVar("T")
 
 @dataclass
 class Coordinates:
-    """Where this rank sits in the (pp, dp, tp) mesh."""
+    """Where this rank sits in the (pp, dp, tp) mesh, and in its expert-parallel group
+    (carved from dp: dp rank d is rank d % ep of the ep group of dp ranks d // ep · ep to
+    d // ep · ep + ep - 1)."""
 
     pp: int
     dp: int
     tp: int
+    ep: int = 0
 
 
 @dataclass
@@ -83,6 +87,16 @@ class RankProgram:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # persistent, on CPU
     fan_in_fan_out: set[str] = field(default_factory=set)  # Conv1D modules ([in, out])
     takes_positions: bool = False  # the first stage takes position_ids after input_ids
+    ep_shards: dict[str, Shard] = field(default_factory=dict)  # expert weight -> its split
+    ep_group: object = None  # the ranks splitting the experts (None: ep = 1)
+
+    def shard(self, name: str) -> tuple[Shard, int] | None:
+        """How ``name`` is split between ranks (by tp, or by ep for routed experts) and
+        this rank's index among them; None for a weight held whole."""
+        if name in self.ep_shards:
+            return self.ep_shards[name], self.coords.ep
+        shard = self.tp_shards.get(name)
+        return None if shard is None else (shard, self.coords.tp)
 
     @property
     def chosen(self) -> object:
@@ -101,8 +115,8 @@ class RankProgram:
     def boxes(self, name: str, p: torch.Tensor) -> list[tuple[ckpt.Box, tuple]]:
         """The checkpoint boxes of this rank's ``p``, each with its index in the local
         tensor."""
-        return ckpt.local_boxes(p, self.tp_shards.get(name), self.coords.tp,
-                                self.param_shapes[name])
+        shard, rank = self.shard(name) or (None, 0)
+        return ckpt.local_boxes(p, shard, rank, self.param_shapes[name])
 
     def cut(self, name: str, p: torch.Tensor, v: torch.Tensor, dim: int | None = None
             ) -> list[tuple[torch.Tensor, ckpt.Box]]:
@@ -158,18 +172,24 @@ class RankProgram:
 
     def writes(self, name: str, p: torch.Tensor) -> bool:
         """Whether this rank saves ``name`` (and counts it in the gradient norm): one copy
-        of every box."""
+        of every box. Experts split by ep: the first ep group's copy."""
         stages = self.tied_stages.get(name)
-        return (self.tp_first(name) and (hasattr(p, "to_local") or self.coords.dp == 0)
+        replica = self.coords.dp // self.chosen.ep if name in self.ep_shards else self.coords.dp
+        return (self.tp_first(name) and (hasattr(p, "to_local") or replica == 0)
                 and (stages is None or self.coords.pp == stages[0]))
 
     def gather_tp(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (a tp slice of ``name``) whole, from every tp rank's slice."""
-        shard = self.tp_shards.get(name)
-        if shard is None:
+        """``t`` (a slice of ``name``: tp's, or ep's of routed experts) whole, from every
+        rank's slice."""
+        if name in self.ep_shards:
+            shard, ranks, group = self.ep_shards[name], self.chosen.ep, self.ep_group
+        elif name in self.tp_shards:
+            shard, ranks = self.tp_shards[name], self.chosen.tp
+            group = self.mesh.get_group("tp")
+        else:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.chosen.tp)]
-        dist.all_gather(parts, t.contiguous(), group=self.mesh.get_group("tp"))
+        parts = [torch.empty_like(t) for _ in range(ranks)]
+        dist.all_gather(parts, t.contiguous(), group=group)
         return shard.assemble(parts)
 
 
@@ -230,6 +250,9 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     layout = named_pass("tensor_parallel", lambda: tp_layout(ag, cfg, c.tp, bool(tied)))
     gm = apply_pass("tensor_parallel", lambda: tensor_parallel(
         gm, layout, mesh.get_group("tp"), coords.tp, c.tp, *head_layout(cfg)))
+    ep_group, edp_group = expert_groups(mesh, c.dp, c.ep)
+    coords.ep = coords.dp % c.ep
+    gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
     if lora is not None:
         gm = apply_pass("lora", lambda: lora_pass(gm, lora, c.tp, lora_init, tp_rank=coords.tp))
     record = tp_record(gm)
@@ -249,7 +272,9 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
         stage_ids=mine, block_prefix=ag.block_prefix, tp_shards=dict(record.shards),
         vocab_slice=record.vocab_slice,
         partial_groups=_partial_groups(mesh, record.partial_grads),
-        param_shapes={n: _full_shape(record.shards.get(n), p.shape) for n, p in every},
+        param_shapes={n: _full_shape(record.shards.get(n) or ep_record(gm).get(n), p.shape)
+                      for n, p in every},
+        ep_shards=dict(ep_record(gm)), ep_group=ep_group,
         param_dtypes={n: p.dtype for n, p in every}, owner=owner,
         stage_inputs=[[(tuple(n.meta["val"].shape), n.meta["val"].dtype)
                        for n in part.graph.nodes if n.op == "placeholder"] for part in parts],
@@ -280,7 +305,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
             st.to(device), ag.block_prefix, c.layer_modes()))
         st = named_pass("dropout", lambda st=st: dropout_follows_mode(st))
         st = named_pass("data_parallel", lambda st=st: data_parallel(
-            st, dp_mesh, zero, ag.block_prefix))
+            st, dp_mesh, zero, ag.block_prefix, experts=frozenset(program.ep_shards),
+            expert_group=edp_group))
         program.stages.append(st)
     return program
 
@@ -310,6 +336,22 @@ def _full_shape(shard: Shard | None, local: torch.Size) -> tuple[int, ...]:
     if shard is not None:
         shape[shard.dim] = shard.size
     return tuple(shape)
+
+
+def expert_groups(mesh: object, dp: int, ep: int) -> tuple[object, object]:
+    """This rank's expert-parallel group (``ep`` consecutive dp ranks, the same pp and tp
+    coordinates) and its expert-data-parallel group (the dp ranks holding the same
+    experts: one from each ep group); None where a group would be this rank alone."""
+    if ep == 1:
+        return None, None
+    if dp % ep:
+        raise CollieError(f"ep={ep} must divide dp={dp}: the expert-parallel group is "
+                          "carved from the data-parallel ranks")
+    ep_sets = [[j * ep + i for i in range(ep)] for j in range(dp // ep)]
+    edp_sets = [[j * ep + i for j in range(dp // ep)] for i in range(ep)]
+    ep_groups = cdist.subgroups(mesh, ep_sets, "dp")
+    edp_groups = cdist.subgroups(mesh, edp_sets, "dp") if dp > ep else {}
+    return next(iter(ep_groups.values())), next(iter(edp_groups.values()), None)
 
 
 def _partial_groups(mesh: object, partial: dict[str, list[list[int]]]) -> dict[str, object]:

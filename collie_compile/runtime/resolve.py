@@ -102,6 +102,7 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
                    global_batch_size=p.global_batch_size, dp=c.dp, tp=c.tp, pp=c.pp,
                    zero=c.zero, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
                    virtual_stages=c.virtual_stages, update_in_backward=c.update_in_backward,
+                   ep=c.ep,
                    recompute=c.recompute[0] if len(set(c.recompute)) == 1 else "mixed")
     asked = dict(optimizer=optimizer and optimizer.lower(), dtype=dtype, seq_len=seq_len,
                  global_batch_size=global_batch_size, **pins)

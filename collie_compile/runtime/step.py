@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
-from collie_compile.passes.data_parallel import grad_reducer
-from collie_compile.passes.tensor_parallel import vocab_parallel_cross_entropy
+from collie_compile.passes.collectives import vocab_parallel_cross_entropy
+from collie_compile.passes.data_parallel import grad_reducers
 from collie_compile.runtime.program import RankProgram
 from collie_compile.runtime.updates import Updates
 
@@ -237,7 +237,7 @@ class Stepper:
         returns this rank's share of the unscaled loss."""
         prog = self.program
         scale = loss_scale / max(tokens, 1)
-        reducers = [r for r in map(grad_reducer, prog.stages) if r is not None]
+        reducers = [r for st in prog.stages for r in grad_reducers(st)]
         for reducer in reducers:
             reducer.accumulations = self.num_microbatches
         total = torch.zeros((), dtype=torch.float32)

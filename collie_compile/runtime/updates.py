@@ -132,7 +132,7 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
     """The rule inside backward: after each gradient's dp reduction (the stage's
     GradReducer, or FSDP2's reduce-scatter hooks), with AdaLomo's sharded statistics
     summed over the ranks holding the other slices."""
-    from collie_compile.passes.data_parallel import grad_reducer
+    from collie_compile.passes.data_parallel import grad_reducers
 
     allowed = {"weight_decay", *DEFAULTS.get(rule, {})}
     unknown = set(kwargs) - allowed
@@ -158,12 +158,12 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
         counts_in_norm=lambda n: program.writes(n, params[n]), seed=0)
     fsdp = False
     for st in program.stages:
-        reducer = grad_reducer(st)
-        if reducer is not None:
+        reducers = grad_reducers(st)
+        for reducer in reducers:
             reducer.on_ready = engine.on_final
-        else:
-            engine.attach([p for p in st.parameters() if p.requires_grad])
-            fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
+        reduced = {id(p) for r in reducers for b in r.buckets for p in b}
+        engine.attach([p for p in st.parameters() if p.requires_grad and id(p) not in reduced])
+        fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
     # Under torch.distributed.pipelining an FSDP2 stage syncs gradients once, after
     # the last micro-batch, and runs the hooks then; otherwise FSDP2 reduce-scatters
     # every micro-batch (gradients stay sharded, as the memory model counts them) and
