@@ -14,6 +14,7 @@ from collie_compile.config import Pins
 from collie_compile.cost.estimate import estimate, resolve_sizes
 from collie_compile.cost.hardware import CATALOG, GiB, get_gpu
 from collie_compile.cost.memory import estimate_json
+from collie_compile.cost.step_time import EXPERT_IMBALANCE
 from collie_compile.data.records import ON_ERROR
 from collie_compile.dtypes import DTYPE_NAMES
 from collie_compile.errors import CollieError
@@ -105,7 +106,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    lora_targets=args.lora_targets, memory_reserve=args.memory_reserve,
                    virtual_stages=args.virtual_stages,
                    tp_refusal=_tp_refusal(args.model) if args.tp > 1 else None,
-                   update_in_backward=args.update_in_backward)
+                   update_in_backward=args.update_in_backward, ep=args.ep)
     mem, lay = est.memory, est.layout
     if args.json:
         print(estimate_json(est.model, est.num_params, est.trainable_params, est.gpu.name,
@@ -121,7 +122,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     where = " updated inside backward" if est.update_in_backward and optional else ""
     print(f"{lay.gpus} x {est.gpu.name} ({cap / GiB:.1f} GiB each), {est.optimizer}{where}, "
           f"{est.dtype}")
-    print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp} zero={lay.zero} "
+    print(f"layout: dp={lay.dp} tp={lay.tp} pp={lay.pp}"
+          + (f" ep={lay.ep}" if lay.ep > 1 else "") + f" zero={lay.zero} "
           f"micro-batch={lay.micro_batch_size} x {lay.num_microbatches} seq={lay.seq_len} "
           f"recompute={lay.recompute}" + (f" schedule={lay.schedule}" if lay.pp > 1 else "")
           + (f" (v={lay.virtual_stages})" if lay.virtual_stages > 1 else ""))
@@ -167,7 +169,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   lora_targets=args.lora_targets, **Pins.from_args(args).given(),
                   tp_refusal=_tp_refusal(args.model) if args.gpus > 1 and args.tp != 1
                   else None, update_in_backward=args.update_in_backward,
-                  max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode)
+                  max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode,
+                  expert_imbalance=args.expert_imbalance)
     if args.out:
         result.save(args.out)
     if args.json:
@@ -354,6 +357,8 @@ def _estimate_command(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dp", type=int, help="data-parallel size (default gpus/(tp*pp))")
     e.add_argument("--tp", type=int, default=1)
     e.add_argument("--pp", type=int, default=1)
+    e.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size: routed experts split over ep of the dp ranks")
     e.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     e.add_argument("--micro-batch", type=int, default=1)
     e.add_argument("--num-microbatches", type=int, default=None,
@@ -398,6 +403,9 @@ def _plan_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--top", type=int, default=3, help="runners-up to show")
     q.add_argument("--memory-reserve", type=float, default=0.05,
                    help="fraction of GPU memory kept free (default 0.05)")
+    q.add_argument("--expert-imbalance", type=float, default=EXPERT_IMBALANCE,
+                   help="mixtures of experts: the busiest expert-parallel rank's rows over "
+                        f"the mean, as priced (default {EXPERT_IMBALANCE}; 1: even routing)")
     Pins.add_arguments(q)
     _update_arguments(q)
     q.add_argument("--json", action="store_true")

@@ -19,7 +19,7 @@ from collie_compile.dtensor import local_tensor
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import build_model, load_config, with_layers
-from collie_compile.passes.data_parallel import grad_reducer
+from collie_compile.passes.data_parallel import grad_reducers
 from collie_compile.runtime.distributed import ensure_initialized
 from collie_compile.runtime.parallel_model import parallelize
 
@@ -126,7 +126,7 @@ def run_config(cfg: dict) -> dict:
     rows = pm.batch_rows()
     total, tokens = pm.eval_loss({k: v[rows] for k, v in held.items()}, local=True)
     same = [float(t) for t in _all_ranks(torch.tensor(losses))]
-    reducers = [r for r in map(grad_reducer, pm.stages) if r is not None]
+    reducers = [r for st in pm.stages for r in grad_reducers(st)]
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "losses_all_ranks": same,
            "eval_loss": total / tokens,
            "vocab_slice": pm.vocab_slice, "memory_errors": memory_errors,
@@ -159,7 +159,7 @@ def _all_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 PLAN_KEYS = ("dp", "tp", "pp", "zero", "schedule", "recompute", "micro_batch_size",
-             "optimizer", "lr", "update_in_backward")  # passed through to parallelize
+             "optimizer", "lr", "update_in_backward", "ep")  # passed through to parallelize
 
 
 def run_save(cfg: dict) -> dict:

@@ -27,7 +27,7 @@ def test_estimate_json_keys_exact(capsys):
                         "dtype", "per_gpu", "fits", "update_in_backward"}
     assert doc["active_params"] == doc["num_params"]  # dense: every parameter a token
     assert doc["update_in_backward"] is False
-    assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "zero": 0, "micro_batch_size": 1,
+    assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 1, "ep": 1, "zero": 0, "micro_batch_size": 1,
                              "num_microbatches": 1, "schedule": "1f1b", "virtual_stages": 1,
                              "seq_len": 64,
                              "recompute": "none"}

@@ -16,21 +16,23 @@ PINS = {f.name for f in fields(Pins)}
 
 def test_every_pin_reaches_every_entry_point():
     assert PINS == {"dp", "tp", "pp", "zero", "micro_batch_size", "schedule", "recompute",
-                    "virtual_stages"}
+                    "virtual_stages", "ep"}
     for fn in (plan, parallelize):
         assert PINS <= set(inspect.signature(fn).parameters), fn.__name__
     given = dict(dp="2", tp="1", pp="2", zero="1", micro_batch="4", schedule="interleaved",
-                 recompute="full", virtual_stages="2")
+                 recompute="full", virtual_stages="2", ep="2")
     argv = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", v)]
     for command in (["plan", "tiny-llama", "--gpus", "4"], ["train", "tiny-llama", "--data", "x"],
                     ["check", "tiny-llama"]):
         pins = Pins.from_args(build_parser().parse_args(command + argv))
         assert pins == Pins(dp=2, tp=1, pp=2, zero=1, micro_batch_size=4,
-                            schedule="interleaved", recompute="full", virtual_stages=2)
+                            schedule="interleaved", recompute="full", virtual_stages=2,
+                            ep=2)
 
 
 @pytest.mark.parametrize("pins, match", [
     (dict(tp=0), r"tp \(--tp\) must be a positive integer"),
+    (dict(ep=0), r"ep \(--ep\) must be a positive integer"),
     (dict(zero=4), r"zero \(--zero\) must be 0, 1, 2 or 3"),
     (dict(schedule="zigzag"), "unknown schedule"),
     (dict(recompute="half"), "unknown recompute"),

@@ -31,7 +31,9 @@ whole of it), chosen so each mechanism is hit once:
 - mixtures of experts (models.experts): Mixtral (softmax top-2), Qwen3-MoE, DeepSeek-V3
   (sigmoid routing in groups with a bias-corrected choice, a shared expert, latent
   attention), gpt-oss (expert biases, clamped SwiGLU, attention sinks), in one process,
-  under pp2 and dp2·ZeRO-3; tp refused with the reason (no expert parallelism yet).
+  under pp2 and dp2·ZeRO-3, and with expert parallelism (ep2, ep2·ZeRO-3, ep2·pp2,
+  dp4·ep2·ZeRO-3 where two ranks hold each expert, LoRA at ep2); tp refused with the
+  reason (use ep), ZeRO-1 with ep refused (its states would mix experts).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ MOE = {t: _probe(AutoConfig.for_model(t)).to_dict()
        for t in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")}
 
 INSIDE = {"update_in_backward": True}
+EP = {"ep2": dict(dp=2, tp=1, pp=1, zero=0, ep=2),
+      "ep2-zero3": dict(dp=2, tp=1, pp=1, zero=3, ep=2),
+      "ep2-pp2": dict(dp=2, tp=1, pp=2, zero=0, ep=2, schedule="1f1b", micro_batch_size=2),
+      # two ranks hold each expert: their gradients are summed over them, outside FSDP
+      "dp4-ep2-zero3": dict(dp=4, tp=1, pp=1, zero=3, ep=2)}
 CASES = [
     Case("llama-single", LLAMA, LAYOUTS["single"]),
     Case("gemma2-single", FAMILY["gemma2"], LAYOUTS["single"]),
@@ -109,6 +116,14 @@ CASES = [
     Case("deepseek_v3-pp2", MOE["deepseek_v3"], LAYOUTS["pp2"]),
     Case("deepseek_v3-dp2-zero3", MOE["deepseek_v3"], LAYOUTS["dp2-zero3"]),
     Case("gpt_oss-dp2-zero3", MOE["gpt_oss"], LAYOUTS["dp2-zero3"]),
+    # expert parallelism: experts split over the ep ranks, rows sent by all-to-all
+    Case("mixtral-ep2", MOE["mixtral"], EP["ep2"]),
+    Case("deepseek_v3-ep2-zero3", MOE["deepseek_v3"], EP["ep2-zero3"]),
+    Case("gpt_oss-ep2-zero3", MOE["gpt_oss"], EP["ep2-zero3"]),
+    Case("qwen3_moe-ep2-pp2", MOE["qwen3_moe"], EP["ep2-pp2"]),
+    Case("mixtral-dp4-ep2-zero3", MOE["mixtral"], EP["dp4-ep2-zero3"]),
+    Case("mixtral-lora-ep2", MOE["mixtral"], {**EP["ep2"], "lora": True}),
+    Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads
@@ -131,7 +146,8 @@ REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differentl
            "tied-tp2-pp2-inside": ("tied embedding and LM head on different stages",
                                    "use pp=1 or update after backward"),
            "mixtral-tp2": ("routed experts are not split by tensor parallelism",
-                           "dp, pp and ZeRO work")}
+                           "split them with expert parallelism"),
+           "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3")}
 
 
 @pytest.fixture(scope="module")

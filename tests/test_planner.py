@@ -200,7 +200,7 @@ def test_plan_cli_json_keys_and_exit_codes(capsys):
     assert set(doc) == {"feasible", "solve_time_s", "model", "gpus", "gpu", "plan",
                         "alternatives", "usable_memory_bytes", "shortfall_bytes",
                         "suggestions", "notes"}
-    keys = {"dp", "tp", "pp", "zero", "micro_batch_size", "num_microbatches", "schedule",
+    keys = {"dp", "tp", "pp", "ep", "zero", "micro_batch_size", "num_microbatches", "schedule",
             "virtual_stages", "recompute", "stages", "memory_per_gpu_bytes", "step_time_s",
             "tokens_per_gpu_per_s", "mfu", "update_in_backward", "layers_per_rank"}
     assert set(doc["plan"]) == keys

@@ -154,6 +154,15 @@ RESUME_BF16 = {**SAVE_BF16, "id": "adamw-bf16-resume", "kind": "resume"}
 SAVE_PHI3 = {"id": "phi3-save", "kind": "save", "layers": 4, "dp": 1, "tp": 2, "pp": 2}
 RESUME_PHI3 = {"id": "phi3-resume", "kind": "resume", "layers": 4, "dp": 2, "tp": 2, "pp": 1,
                "zero": 3}
+# Expert parallelism (Mixtral probe, 4 experts): saved at dp4·ep2 (two ranks hold each
+# expert: the first ep group writes it), resumed at dp2·pp2·ep2·ZeRO-3 and at dp4·ep4·ZeRO-2
+# (other ranks hold other experts); the HF save is compared with transformers' logits.
+SAVE_MOE = {"id": "moe-ep-save", "kind": "save", "layers": 2, "dp": 4, "tp": 1, "pp": 1,
+            "zero": 0, "ep": 2}
+RESUME_MOE = [{"id": "moe-ep-resume-pp2", "kind": "resume", "layers": 2, "dp": 2, "tp": 1,
+               "pp": 2, "zero": 3, "ep": 2},
+              {"id": "moe-ep-resume-ep4", "kind": "resume", "layers": 2, "dp": 4, "tp": 1,
+               "pp": 1, "zero": 2, "ep": 4}]
 # the same under ZeRO-3: FSDP2's DTensor shards get fp32 masters of their own
 SAVE_BF16_Z3 = {**SAVE_BF16, "id": "adamw-bf16-z3-save", "zero": 3, "folders": True}
 CONFIGS_8 = [
@@ -224,6 +233,8 @@ def results4(tmp_path_factory: pytest.TempPathFactory, ckpt_dir: Path) -> dict:
                  no_dropout=True).save_pretrained(mixtral)
     ckpts.append({**LORA_MOE, "model": str(mixtral),
                   "dir": str(tmp_path_factory.mktemp("lora-moe"))})
+    moe_dir = str(tmp_path_factory.mktemp("moe-ep-ckpt"))
+    ckpts += [{**c, "model": str(mixtral), "dir": moe_dir} for c in (SAVE_MOE, *RESUME_MOE)]
     released = {"id": "released-tp2pp2", "kind": "release", **L4, "dp": 1, "tp": 2, "pp": 2}
     return launch(4, CONFIGS_4 + errors + ckpts + FUSED_4 + STATEFUL_4 + [released] + EVAL_4
                   + PACKED_4, tmp)
@@ -371,6 +382,20 @@ def test_fused_projections_save_and_resume_under_another_plan(results4: dict) ->
     assert "zero=3" in r["layout"] and r["step"] == 4
     for ours, ref in zip(r["losses"], saved["continued"], strict=True):
         assert abs(ours - ref) <= TOL * abs(ref)
+
+
+def test_expert_parallel_checkpoint_resumes_under_another_ep(results4: dict) -> None:
+    """Experts split by ep are saved as boxes of the whole bank and read back by ranks
+    holding other experts; the HF save is the trained model."""
+    saved = results4[SAVE_MOE["id"]]
+    assert "crash" not in saved, saved.get("crash")
+    assert "ep=2" in saved["layout"] and saved["logits_err"] <= TOL
+    for cfg in RESUME_MOE:
+        r = results4[cfg["id"]]
+        assert "crash" not in r, r.get("crash")
+        assert f"ep={cfg['ep']}" in r["layout"] and r["step"] == 4
+        for ours, ref in zip(r["losses"], saved["continued"], strict=True):
+            assert abs(ours - ref) <= TOL * abs(ref)
 
 
 def test_meta_model_loads_only_its_slices(results4: dict) -> None:

@@ -149,10 +149,15 @@ def _priced_block(ag: AnnotatedGraph, probe_layers: int) -> int:
     """The probe block that stands for every block: block 0 where all are alike; where
     they differ (layers without RoPE, sliding-window beside full attention, a norm or bias
     on some layers only), the costliest in parameters, then FLOPs, then traffic, so that
-    every block is priced at most at what it costs and a plan that fits does fit."""
+    every block is priced at most at what it costs and a plan that fits does fit. A
+    mixture of experts is priced by its blocks with routed experts (what expert
+    parallelism splits): its leading dense ones, where it has some, are a few of many
+    (DeepSeek-V3: 3 of 61) and smaller in real configs."""
     if ag.blocks_identical:
         return 0
-    return max(range(probe_layers), key=lambda i: (
+    moe = [i for i in range(probe_layers)
+           if any(n.kind == "experts" for n in ag.block_nodes(i))]
+    return max(moe or range(probe_layers), key=lambda i: (
         sum(_prod(ag.param_shapes[p]) for p in {p for n in ag.block_nodes(i) for p in n.params}),
         ag.flops(1, 1024, i), ag.bytes_moved(1, 1024, i)))
 

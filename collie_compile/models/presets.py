@@ -67,6 +67,28 @@ PRESETS: dict[str, Preset] = {
         head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
         "Qwen/Qwen3-30B-A3B"),
+    "gpt-oss-20b": Preset("gpt_oss", dict(
+        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
+        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        max_position_embeddings=131072, rope_theta=150000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                          truncate=False, original_max_position_embeddings=4096)),
+        "openai/gpt-oss-20b"),
+    # latent attention, 1 shared + 256 routed experts (8 a token), 3 dense layers first;
+    # without the multi-token-prediction layer the checkpoint adds (transformers builds none)
+    "deepseek-v3": Preset("deepseek_v3", dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+        num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
+        routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+        max_position_embeddings=163840, rope_theta=10000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                          mscale=1.0, mscale_all_dim=1.0,
+                          original_max_position_embeddings=4096)),
+        "deepseek-ai/DeepSeek-V3"),
     # Tiny models for tests and CPU runs: same code paths, seconds to train.
     "tiny-llama": Preset("llama", _llama(64, 172, 2, 4, kv=2, vocab=256, max_pos=256),
                          "collie-compile test model"),
@@ -78,6 +100,10 @@ PRESETS: dict[str, Preset] = {
                                      n_head=4, bos_token_id=0, eos_token_id=0,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
                       "collie-compile test model"),
+    "tiny-mixtral": Preset("mixtral", _llama(64, 128, 2, 4, kv=2, vocab=256, max_pos=256,
+                                             num_local_experts=8, num_experts_per_tok=2,
+                                             sliding_window=None),
+                           "collie-compile test model"),
     # ~20M parameters: big enough that model states dominate memory, small enough for CPU.
     "small-llama": Preset("llama", _llama(384, 1024, 6, 6, kv=2, vocab=8192, max_pos=1024),
                           "collie-compile test model"),

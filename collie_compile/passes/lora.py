@@ -52,6 +52,13 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
 
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
         raise CollieError("DoRA and LoRA biases are not supported; use plain LoRA")
+    if getattr(config, "target_parameters", None):
+        # peft >= 0.21 puts them on a mixture of experts' router weight and fused experts
+        # for target_modules="all-linear"; training without them would not be that adapter
+        raise CollieError(f"LoRA on parameters (target_parameters="
+                          f"{sorted(config.target_parameters)}: a router's weight or fused "
+                          "experts) is not built yet; target linear modules by name, e.g. "
+                          "q_proj, k_proj, v_proj, o_proj")
     record = tp_record(gm)
     shards, partial = record.shards, record.partial_grads
     adapters: dict[str, str] = {}

@@ -402,6 +402,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     best = solved[0][1]
     if best.tp > 1:
         notes += _shard(best, prof, spec)
+    if prof.num_experts:
+        notes.append(_ep_note(best, [c for _, c in solved[1:]], expert_imbalance))
     if len(variants) > 1:
         notes.append(_update_note(best, [c for _, c in solved[1:]],
                                   variants[True].backward_passes > 1))
@@ -434,6 +436,25 @@ def update_variants(opt: OptimizerSpec, pinned: bool | None, two_pass: bool
     if pinned is None:
         return {False: opt, True: opt.in_backward(two_pass)}
     return {pinned: opt.in_backward(two_pass) if pinned else opt}
+
+
+def _ep_note(best: Candidate, others: list[Candidate], imbalance: float) -> str:
+    """Why the plan splits the routed experts as it does, against the best plan solved
+    with another ep."""
+    other = next((c for c in others if c.ep != best.ep), None)
+    cost = (f"four all-to-alls a layer (six recomputed) and the busiest rank's "
+            f"{imbalance:g}x rows (--expert-imbalance)")
+    if other is None:
+        return (f"experts: ep={best.ep}; no plan with another ep came close "
+                f"(ep > 1 costs {cost})")
+    ratio = other.step_time_s / best.step_time_s
+    gib = (other.memory_per_gpu_bytes - best.memory_per_gpu_bytes) / 2**30
+    if best.ep == 1:
+        return (f"experts: ep=1 (each rank runs every expert on its own tokens); splitting "
+                f"them (ep={other.ep}) is {ratio:.3f}x slower: {cost}, "
+                f"{-gib:.1f} GiB less per GPU")
+    return (f"experts: split over ep={best.ep} ranks, {gib:.1f} GiB less per GPU than "
+            f"ep={other.ep}, which is {ratio:.3f}x slower; ep costs {cost}")
 
 
 def _update_note(best: Candidate, others: list[Candidate], two_pass: bool) -> str:

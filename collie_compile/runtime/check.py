@@ -143,6 +143,12 @@ def _lora_init(base: Path, directory: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _lora_config())
+    linears = model.peft_config["default"]
+    if linears.target_parameters:  # a mixture of experts: all-linear adds router/experts
+        # parameters, which the LoRA pass refuses (not built yet): the linears alone
+        linears = _lora_config()
+        linears.target_modules = sorted(model.peft_config["default"].target_modules)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), linears)
     gen = torch.Generator().manual_seed(7)
     for n, p in model.named_parameters():
         if "lora_" in n:

@@ -395,10 +395,10 @@ def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
     """How each linear of the blocks splits under tp ("column" in the sharded region,
     else "row"), and the embedding and LM head ("vocab") where the vocabulary splits.
     Refuses routed experts for tp > 1: their router and 3-D weights are no linear the
-    tp pass splits, and expert parallelism, which would, is not built yet."""
+    tp pass splits; expert parallelism (ep) splits them instead."""
     if tp > 1 and any(i.kind == "experts" for i in ag.nodes.values()):
-        raise CollieError("routed experts are not split by tensor parallelism (expert "
-                          "parallelism is not built yet); use tp=1")
+        raise CollieError("routed experts are not split by tensor parallelism; split them "
+                          "with expert parallelism (ep, out of dp) and keep tp=1")
     layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
               if i.kind == "linear" and i.block is not None}
     vocab = int(cfg.vocab_size)
