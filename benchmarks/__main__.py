@@ -3,23 +3,24 @@
 import argparse
 import warnings
 
-from . import checkpoints, estimate, fidelity, optimizer_kernels, plan, rss, train, zoo
+from . import checkpoints, estimate, fidelity, moe, optimizer_kernels, plan, rss, train, zoo
 
 SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main, "fidelity": fidelity.main,
-          "kernels": optimizer_kernels.main, "plan": plan.main, "rss": rss.main,
+          "kernels": optimizer_kernels.main, "moe": moe.main, "plan": plan.main,
+          "rss": rss.main,
           "train": train.main,
           "zoo": zoo.main}
 
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
 parser.add_argument("suite", choices=sorted(SUITES))
 parser.add_argument("--out", help="directory for the markdown table and PNG plots")
-parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity)")
+parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity, moe)")
 parser.add_argument("--families", help="zoo: comma-separated model_types (default: all)")
 parser.add_argument("--front-only", action="store_true", help="zoo: capture and estimate only")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
-if args.nproc and args.suite not in ("train", "fidelity"):
-    parser.error(f"--nproc applies to train and fidelity, not {args.suite}")
+if args.nproc and args.suite not in ("train", "fidelity", "moe"):
+    parser.error(f"--nproc applies to train, fidelity and moe, not {args.suite}")
 extra = {"nproc": args.nproc} if args.nproc else {}
 if args.families:
     if args.suite != "zoo":

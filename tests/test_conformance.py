@@ -209,6 +209,16 @@ def test_check_command_passes_on_a_preset(capsys: pytest.CaptureFixture) -> None
     assert "PASS" in out and "0 failed" in out
 
 
+def test_check_command_runs_expert_parallelism(capsys: pytest.CaptureFixture) -> None:
+    """``collie-compile check`` on the tiny MoE preset with ``--ep``: the layout it names
+    ran (experts split over 2 ranks) and equals one process."""
+    from collie_compile.cli import main
+
+    assert main(["check", "tiny-mixtral", "--dp", "2", "--ep", "2", "--zero", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "dp2-zero3-ep2 PASS" in out and "0 failed" in out
+
+
 def test_planner_plans_without_tp_where_tp_is_refused() -> None:
     """The refusal is known at plan time: the auto plan keeps tp = 1 and says why, a tp
     pin is refused with the reason; models tp can run get no refusal."""

@@ -416,10 +416,11 @@ class MemoryModel:
                          for c in RECOMPUTE}
         gather_tmp = 0.0
         if layout.zero == 3 and d > 1:
-            # one block gathered, the next prefetched; and the stage's own unit
+            # one block gathered (all it holds but experts split by ep), the next
+            # prefetched; and the stage's own unit
             # (embeddings, final norm, LM head), gathered through its forward and at the
             # start of its backward
-            gather_tmp = (2 * (p.block_params_sharded / tp) + psi[0] * (1 - 1 / d)) * w
+            gather_tmp = (2 * psi[1] + psi[0] * (1 - 1 / d)) * w
         # the update's temporaries, and an fp32 copy of a 16-bit gradient for its master
         step_tmp = (opt.step_temporaries + (master > 0)) * largest * 4
         # The LM head's weight gradient is made before any block's backward and kept whole

@@ -1,0 +1,141 @@
+"""Expert parallelism in the planner, the cost model and the passes, without processes
+(the runs themselves, against one process on every tensor: test_conformance.py's ep
+cases and test_runtime.py's checkpoints resumed under another ep)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from collie_compile.capture.export import capture_static
+from collie_compile.cli import main
+from collie_compile.cost.compute import alltoall_time
+from collie_compile.cost.estimate import estimate
+from collie_compile.cost.hardware import get_gpu
+from collie_compile.cost.memory import Layout, MemoryModel
+from collie_compile.cost.profile import profile_model
+from collie_compile.cost.step_time import stage_time
+from collie_compile.errors import CollieError
+from collie_compile.models.probe import probe_config
+from collie_compile.optim.specs import get_optimizer
+from collie_compile.passes.expert_parallel import DISPATCH, expert_parallel
+from collie_compile.planner.result import Plan
+from collie_compile.planner.search import plan
+from collie_compile.runtime.program import drop_guards
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("model, total, active", [
+    ("gpt-oss-20b", 20_914_757_184, 4_187_440_704),  # the card's 3.6 B leaves out embeddings
+    ("deepseek-v3", 671_026_404_352, 37_552_282_624),  # no multi-token-prediction layer
+])
+def test_presets_count_what_transformers_builds(model: str, total: int, active: int) -> None:
+    p = profile_model(model, seq_len=4096)
+    assert (p.num_params, p.active_params) == (total, active)
+    assert p.num_experts == {"gpt-oss-20b": 32, "deepseek-v3": 256}[model]
+
+
+def test_experts_split_by_ep_leave_zero_and_are_priced_once() -> None:
+    """Per GPU, ep=8 holds 1/8 of every expert bank (weights, gradients, states), the rest
+    as before; ZeRO-3 shards only the rest."""
+    prof = profile_model("mixtral-8x7b", seq_len=4096)
+    mm = MemoryModel(prof, get_optimizer("adamw"))
+    base = Layout(dp=8, pp=8, zero=0, seq_len=4096, num_microbatches=8)
+    one, eight = (mm.estimate_stage(replace(base, ep=e), 1) for e in (1, 8))
+    experts = 4 * prof.block_expert_params * 7 / 8  # stage 1 holds 4 of 32 layers
+    assert one.params_bytes - eight.params_bytes == pytest.approx(experts * 2, rel=1e-9)
+    assert one.optimizer_bytes - eight.optimizer_bytes == pytest.approx(experts * 12, rel=1e-9)
+    # per block, without pp (which keeps ZeRO-3's gathered weights to the step's end)
+    w0, w3 = (mm.stage_terms(replace(base, pp=1, ep=8, zero=z), 0, True, True).weights[1]
+              for z in (0, 3))
+    dense = prof.block_params - prof.block_expert_params
+    assert w0 - w3 == pytest.approx(dense * 2 * 7 / 8, rel=1e-9)
+
+
+def test_step_time_adds_the_all_to_alls() -> None:
+    """With even routing (imbalance 1), each block pays four all-to-alls of its rows
+    (six where recomputation reruns the forward), inside a node."""
+    prof = profile_model("mixtral-8x7b", seq_len=4096)
+    gpu, opt = get_gpu("h100-80gb"), get_optimizer("adamw")
+    mm = MemoryModel(prof, opt)
+    lay = Layout(dp=8, seq_len=4096, num_microbatches=4)
+    params = (mm.end_params_per_rank(1, True, True), mm.block_params_per_rank(1))
+    t1, t8 = (stage_time(prof, gpu, opt, replace(lay, ep=e), True, True, 8, params,
+                         imbalance=1.0) for e in (1, 8))
+    a2a = alltoall_time(prof.expert_rows * prof.hidden_size * 2, 8, gpu, True)
+    assert t8.per_block["none"] - t1.per_block["none"] == pytest.approx(4 * a2a)
+    assert t8.per_block["full"] - t1.per_block["full"] == pytest.approx(6 * a2a)
+    uneven = stage_time(prof, gpu, opt, replace(lay, ep=8), True, True, 8, params)
+    assert uneven.per_block["none"] > t8.per_block["none"]  # the default 1.2x rows
+
+
+def test_planner_searches_ep_and_says_why() -> None:
+    pinned = plan("mixtral-8x7b", gpus=64, gpu="h100-80gb", seq_len=4096, ep=8, pp=4)
+    assert pinned.feasible and pinned.chosen.ep == 8
+    assert any(n.startswith("experts: split over ep=8") or n.startswith("experts: ep=8")
+               for n in pinned.notes), pinned.notes
+    auto = plan("mixtral-8x7b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    assert any(n.startswith("experts:") for n in auto.notes), auto.notes
+    again = Plan.from_json(pinned.to_json())
+    assert again.chosen.ep == 8 and "--ep 8" in again.replan_command()
+
+
+@pytest.mark.parametrize("pins, match", [
+    (dict(ep=2), "has none; use ep=1"),  # a dense model
+    (dict(model="tiny-mixtral", ep=3), "does not divide"),  # 8 experts
+    (dict(model="tiny-mixtral", ep=2, zero=1), "hold different experts"),
+    (dict(model="tiny-mixtral", ep=2, update_in_backward=True), "inside backward"),
+])
+def test_ep_that_cannot_run_is_refused_with_the_rule(pins: dict, match: str) -> None:
+    model = pins.pop("model", "tiny-llama")
+    with pytest.raises(CollieError, match=match):
+        plan(model, gpus=6 if pins.get("ep") == 3 else 4, seq_len=16, global_batch_size=24,
+             dtype="fp32", **pins)
+
+
+def test_plan_file_with_ep_not_dividing_dp_is_corrupted() -> None:
+    p = plan("tiny-mixtral", gpus=4, seq_len=16, global_batch_size=8, dtype="fp32", ep=2)
+    text = p.to_json().replace('"ep": 2', '"ep": 3')
+    with pytest.raises(CollieError, match="corrupted.*ep = 3 does not divide dp = 4"):
+        Plan.from_json(text)
+
+
+def test_estimate_cli_takes_ep(capsys: pytest.CaptureFixture) -> None:
+    assert main(["estimate", "tiny-mixtral", "--gpus", "4", "--ep", "4", "--zero", "3",
+                 "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "ep=4" in out and "active a token" in out
+
+
+def _mixtral_graph(experts: int = 4) -> torch.fx.GraphModule:
+    cfg = probe_config(AutoConfig.for_model("mixtral", num_local_experts=experts), heads=4,
+                       kv_heads=2, vocab=96, no_dropout=True)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    return drop_guards(capture_static(model, ids).module()), model
+
+
+def test_pass_refuses_what_it_cannot_split() -> None:
+    gm, _ = _mixtral_graph(experts=4)
+    assert sum(n.target == DISPATCH for n in gm.graph.nodes) == 2  # a marker per layer
+    assert expert_parallel(gm, None, 0, 1) is gm  # ep=1: nothing to do
+    with pytest.raises(CollieError, match="has 4 experts, which ep=3 does not divide"):
+        expert_parallel(gm, None, 0, 3)
+
+
+def test_lora_on_expert_parameters_is_refused_not_dropped() -> None:
+    """peft's all-linear adds the router's weight and the fused experts as
+    target_parameters on a mixture of experts: an adapter the pass would silently leave
+    out."""
+    from peft import LoraConfig
+
+    from collie_compile.passes.lora import lora
+
+    gm, _ = _mixtral_graph()
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["gate_up_proj"])
+    with pytest.raises(CollieError, match="target_parameters.*not built yet"):
+        lora(gm, cfg)
