@@ -14,7 +14,6 @@ import json
 
 import torch
 import torch.distributed as dist
-
 from train_worker import ADAMW, round_robin  # this script's folder is on sys.path
 
 SHAPE = {"seq": 128, "global_batch": 8}

@@ -19,9 +19,16 @@ from collections import Counter
 from pathlib import Path
 
 from collie_compile.errors import CollieError, first_line
-from collie_compile.runtime.check import LAYOUTS, Case, Result, read_results, run_cases
+from collie_compile.runtime.check import (
+    EP_LAYOUTS,
+    LAYOUTS,
+    Case,
+    Result,
+    read_results,
+    run_cases,
+)
 
-COLUMNS = ["capture", "estimate", *LAYOUTS]
+COLUMNS = ["capture", "estimate", *LAYOUTS, *EP_LAYOUTS]  # ep columns: MoE families
 TARGET_KINDS = ("decoder", "moe")  # dense decoder-only transformers, and MoE ones
 
 
@@ -92,8 +99,9 @@ def main(out: str | None = None, families: list[str] | None = None,
                 f"{k} {v['status']}" for k, v in entry["front"].items()), flush=True)
         entry = done[t]
         if entry["front"].get("capture", {}).get("status") == "pass":
+            extra = EP_LAYOUTS if entry["kind"] == "moe" else {}
             cases += [Case(f"{t}/{name}", entry["config"], layout)
-                      for name, layout in LAYOUTS.items()]
+                      for name, layout in {**LAYOUTS, **extra}.items()]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if layouts:
         run_cases(cases, store, work, timeout=4 * 3600)

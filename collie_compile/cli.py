@@ -278,11 +278,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from collie_compile.models.probe import family_kind
     from collie_compile.models.registry import load_config, model_name
-    from collie_compile.runtime.check import LAYOUTS, check_model, report
+    from collie_compile.runtime.check import EP_LAYOUTS, LAYOUTS, check_model, report
 
     pins = Pins.from_args(args).given()
     inside = {"update_in_backward": True} if args.update_in_backward else {}
+    cfg = load_config(args.model)
     if not pins and (args.lora or inside):
         # without pins this compared one process with one process and said PASS
         pins = {"tp": 2}
@@ -293,10 +295,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         name = "-".join(f"{k}{v}" for k, v in pins.items()) or "single"
         name += ("-lora" if args.lora else "") + ("-inside" if inside else "")
         layouts = {name: {**layout, "lora": args.lora, **inside}}
-    else:
+    else:  # each mechanism once; expert parallelism too for a mixture of experts
         layouts = {k: v for k, v in LAYOUTS.items() if k != "single"}
+        if family_kind(cfg) == "moe":
+            layouts |= EP_LAYOUTS
     layers = max(args.layers, max(v["pp"] for v in layouts.values()))
-    cfg = load_config(args.model)
     print(f"checking {model_name(cfg)} on a {layers}-layer probe against one process "
           f"({', '.join(layouts)}; CPU processes on gloo)...", flush=True)
     results = check_model(cfg, layouts, layers=layers, workdir=args.workdir)

@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from collie_compile.capture.export import capture_static
 from collie_compile.cli import main
 from collie_compile.cost.compute import alltoall_time
-from collie_compile.cost.estimate import estimate
 from collie_compile.cost.hardware import get_gpu
 from collie_compile.cost.memory import Layout, MemoryModel
 from collie_compile.cost.profile import profile_model

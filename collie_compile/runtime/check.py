@@ -48,6 +48,14 @@ LAYOUTS: dict[str, dict] = {
     "tp2-pp2": dict(dp=1, tp=2, pp=2, zero=0, schedule="1f1b", micro_batch_size=2),
     "lora-tp2": dict(dp=1, tp=2, pp=1, zero=0, lora=True),
 }
+# And for mixtures of experts, expert parallelism: experts split over 2 of the dp ranks
+EP_LAYOUTS: dict[str, dict] = {
+    "ep2": dict(dp=2, tp=1, pp=1, zero=0, ep=2),
+    "ep2-pp2": dict(dp=2, tp=1, pp=2, zero=0, ep=2, schedule="1f1b", micro_batch_size=2),
+    "tp2-ep2": dict(dp=2, tp=2, pp=1, zero=0, ep=2),
+    "dp2-zero3-ep2": dict(dp=2, tp=1, pp=1, zero=3, ep=2),
+    "lora-ep2": dict(dp=2, tp=1, pp=1, zero=0, ep=2, lora=True),
+}
 
 
 @dataclass
