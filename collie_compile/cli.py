@@ -14,11 +14,10 @@ from collie_compile.config import Pins
 from collie_compile.cost.estimate import estimate, resolve_sizes
 from collie_compile.cost.hardware import CATALOG, GiB, get_gpu
 from collie_compile.cost.memory import estimate_json
-from collie_compile.cost.step_time import EXPERT_IMBALANCE
 from collie_compile.data.records import ON_ERROR
 from collie_compile.dtypes import DTYPE_NAMES
 from collie_compile.errors import CollieError
-from collie_compile.layout import RECOMPUTE, SCHEDULES, canonical_lora_targets
+from collie_compile.layout import EXPERT_IMBALANCE, RECOMPUTE, SCHEDULES, canonical_lora_targets
 from collie_compile.models.presets import PRESETS
 from collie_compile.optim.schedules import SCHEDULES as LR_SCHEDULES
 from collie_compile.optim.specs import CLIP_MODES, OPTIMIZERS

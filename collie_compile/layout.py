@@ -45,3 +45,10 @@ def vocab_parallel(vocab_size: int, tied: bool, tp: int) -> bool:
 # Graph node kinds (capture.annotate) whose time is matrix products, compute-bound, and
 # whose outputs selective recomputation keeps; "experts" are routed experts' grouped GEMMs
 MATMUL_KINDS = ("linear", "attention", "experts")
+
+
+# Mixtures of experts under expert parallelism: the busiest rank's rows over the mean
+# (routing is never exactly even). An assumption, not a measurement (a load-balancing loss
+# keeps trained routers near even); ``--expert-imbalance`` sets it, 1.0 prices perfect
+# balance. Time and memory both price the busiest rank.
+EXPERT_IMBALANCE = 1.2

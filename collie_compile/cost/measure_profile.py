@@ -92,13 +92,16 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
                                   if n.kind == "linear" and not n.sharded),
         block_graph=block_graph(ag, s, b),
         active_params=active_params(full, ag, s),
-        **_block_experts(ag, s, b),
+        **_block_experts(ag, s, b, {k: two.by_node.get(k, 0) - v
+                                    for k, v in one.by_node.items()}),
     )
 
 
-def _block_experts(ag: AnnotatedGraph, seq: int, b: int) -> dict[str, int]:
+def _block_experts(ag: AnnotatedGraph, seq: int, b: int, saved: dict[str, int]
+                   ) -> dict[str, int]:
     """Block ``b``'s routed experts: their count, parameters, the rows a sample sends
-    them and their FLOPs (each bank's grouped products; none for a dense block)."""
+    them, their FLOPs (each bank's grouped products) and what they save for backward per
+    sample (``saved``: bytes per node and sample); none for a dense block."""
     nodes = [n for n in ag.block_nodes(b) if n.kind == "experts"]
     if not nodes:
         return {}
@@ -109,7 +112,9 @@ def _block_experts(ag: AnnotatedGraph, seq: int, b: int) -> dict[str, int]:
     return dict(num_experts=int(experts),
                 block_expert_params=sum(_prod(ag.param_shapes[p]) for p in params),
                 expert_rows=int(sum(rows.values())),
-                block_expert_flops=sum(ag.subs(n.flops, 1, seq) for n in nodes))
+                block_expert_flops=sum(ag.subs(n.flops, 1, seq) for n in nodes),
+                act_experts=sum(saved.get(n.name, 0) for n in ag.block_nodes(b)
+                                if n.module in banks))
 
 
 def _probe_holds_experts(full: torch.nn.Module, probe: torch.nn.Module, name: str) -> None:

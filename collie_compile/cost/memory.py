@@ -31,6 +31,7 @@ from collie_compile.cost.profile import ActivationBytes, ModelProfile
 from collie_compile.errors import CollieError, named
 from collie_compile.layout import (
     DEFAULT_LORA_TARGETS,
+    EXPERT_IMBALANCE,
     RECOMPUTE,
     SCHEDULES,
     even_split,
@@ -272,6 +273,9 @@ class MemoryModel:
     # Grouped-query attention runs with K/V expanded (no fused kernel for groups in this
     # dtype on the device: GPUSpec.fused_gqa); blocks that keep attention's inputs save more.
     expanded_kv: bool = False
+    # the busiest expert-parallel rank's rows over the mean: it holds that many experts'
+    # activations (layout.EXPERT_IMBALANCE)
+    expert_imbalance: float = EXPERT_IMBALANCE
 
     @functools.cached_property
     def block_backward(self) -> ActivationBytes:
@@ -398,6 +402,11 @@ class MemoryModel:
         act_fixed = in_flight * (held_out + b * (
             (p.act_embed if has_embed else 0) + (p.act_head / vt if has_head else 0)))
         act_block = {c: in_flight * b * self.activations(c).per_rank(tp) for c in RECOMPUTE}
+        # under ep the busiest rank's experts save imbalance x the mean rows' activations;
+        # recomputed (full), they come back in its backward
+        uneven = (self.expert_imbalance - 1) * p.act_experts * b if experts else 0.0
+        for c in ("none", "selective"):
+            act_block[c] += in_flight * uneven
         # A later backward (gradients accumulated) follows a forward in 1F1B's steady
         # phase; when every micro-batch is in flight (GPipe, or m <= pp - k) it follows a
         # backward, which freed one micro-batch's activations.
@@ -413,14 +422,14 @@ class MemoryModel:
         block_tmp = b * self.block_backward.per_rank(tp) - (
             b * p.act_head / vt if has_head else 0.0)
         recompute_tmp = {c: max(0.0, block_tmp + b * (none - self.activations(c).per_rank(tp)))
-                         for c in RECOMPUTE}
+                         + (uneven if c == "full" else 0.0) for c in RECOMPUTE}
         gather_tmp = 0.0
         if layout.zero == 3 and d > 1:
             # one block gathered (all it holds but experts split by ep), the next
-            # prefetched; and the stage's own unit
-            # (embeddings, final norm, LM head), gathered through its forward and at the
-            # start of its backward
-            gather_tmp = (2 * psi[1] + psi[0] * (1 - 1 / d)) * w
+            # prefetched, and in backward its whole gradient until the reduce-scatter; and
+            # the stage's own unit (embeddings, final norm, LM head), gathered through its
+            # forward and at the start of its backward
+            gather_tmp = (2 * psi[1] + trainable[1] + psi[0] * (1 - 1 / d)) * w
         # the update's temporaries, and an fp32 copy of a 16-bit gradient for its master
         step_tmp = (opt.step_temporaries + (master > 0)) * largest * 4
         # The LM head's weight gradient is made before any block's backward and kept whole

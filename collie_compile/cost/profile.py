@@ -103,6 +103,7 @@ class ModelProfile:
     block_expert_params: int = 0
     expert_rows: int = 0
     block_expert_flops: int = 0
+    act_experts: int = 0  # of act_none, what the experts save per sample (rows-bound)
 
     @property
     def itemsize(self) -> int:

@@ -36,13 +36,8 @@ from collie_compile.cost.compute import (
 from collie_compile.cost.hardware import GPUSpec
 from collie_compile.cost.memory import Layout, vocab_shards
 from collie_compile.cost.profile import ModelProfile
-from collie_compile.layout import RECOMPUTE
+from collie_compile.layout import EXPERT_IMBALANCE, RECOMPUTE
 from collie_compile.optim.specs import OptimizerSpec
-
-# The busiest expert-parallel rank's rows over the mean: routing is never exactly even. An
-# assumption (a load-balancing loss keeps trained routers near even); --expert-imbalance
-# sets it, 1.0 prices perfect balance.
-EXPERT_IMBALANCE = 1.2
 
 
 @dataclass(frozen=True)

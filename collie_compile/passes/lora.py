@@ -113,11 +113,31 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
                           f"this model's linears are {', '.join(sorted(linears))}")
+    _refuse_missed(gm, config, {w.rpartition(".")[0] for w in adapters.values()},
+                   set(init or {}) - set(adapters))
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
+                   unplaced: set[str]) -> None:
+    """Refuse, rather than train a different adapter than peft's: a targeted module with a
+    2-D weight whose linear the graph does not show as one (a router computing its
+    logits from a cast copy of its weight), or a given adapter tensor no linear took."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = {n.rpartition(".")[0] for n, p in gm.named_parameters()
+               if n.endswith(".weight") and p.dim() == 2}
+    missed = sorted(m for m in modules - adapted if check_target_module_exists(config, m))
+    if missed or unplaced:
+        what = missed[0] if missed else sorted(unplaced)[0]
+        raise CollieError(f"LoRA on {what} cannot be built here: its weight reaches the "
+                          "graph other than as a plain linear's (peft would adapt it); "
+                          f"leave {what.rpartition('.')[2] if missed else 'it'} out of "
+                          "the target modules")
 
 
 def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,

@@ -2,7 +2,8 @@
 
 Outer space (enumerated, pruned by a lower bound on step time): tp (within a node,
 dividing the attention heads, compatible with the KV heads), pp <= layers, dp = the
-rest; ZeRO stage; micro-batch size b (m = global_batch / (dp * b) micro-batches);
+rest; ZeRO stage; ep for a mixture of experts (dividing dp and the expert count, the ep
+group inside a node); micro-batch size b (m = global_batch / (dp * b) micro-batches);
 pipeline schedule; for Lion, AdamW, Adam and Adan, whether the update runs after
 backward or inside it (no gradient buffer at the peak, but two forward/backward passes
 with two-pass clipping). Inside each outer point, an integer program places decoder blocks on
@@ -51,7 +52,6 @@ from collie_compile.cost.hardware import GPUSpec, get_gpu
 from collie_compile.cost.memory import Layout, MemoryModel, StageTerms, lora_cost
 from collie_compile.cost.profile import ModelProfile, profile_model
 from collie_compile.cost.step_time import (
-    EXPERT_IMBALANCE,
     StageTime,
     bubble_factor,
     model_flops_per_step,
@@ -60,6 +60,7 @@ from collie_compile.cost.step_time import (
 )
 from collie_compile.errors import CollieError, flag, named
 from collie_compile.layout import (
+    EXPERT_IMBALANCE,
     INTERLEAVED_CHUNKS,
     RECOMPUTE,
     SCHEDULES,
@@ -324,7 +325,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     solver, solver_name = _solver()
     lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
     fraction = (lora.params if lora else prof.num_params) / prof.num_params
-    mms = {ib: MemoryModel(prof, o, fraction, lora, expanded_kv=not spec.fused_gqa(dtype))
+    mms = {ib: MemoryModel(prof, o, fraction, lora, expanded_kv=not spec.fused_gqa(dtype),
+                           expert_imbalance=expert_imbalance)
            for ib, o in variants.items()}
     mm = next(iter(mms.values()))
 
@@ -403,7 +405,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     if best.tp > 1:
         notes += _shard(best, prof, spec)
     if prof.num_experts:
-        notes.append(_ep_note(best, [c for _, c in solved[1:]], expert_imbalance))
+        notes.append(f"experts: ep={ep}, pinned" if ep is not None else
+                     _ep_note(best, [c for _, c in solved[1:]], expert_imbalance))
     if len(variants) > 1:
         notes.append(_update_note(best, [c for _, c in solved[1:]],
                                   variants[True].backward_passes > 1))

@@ -93,6 +93,10 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
     if not inside:
         return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
     cdist.agree(lambda: _refuse_split_ties(program, rule))
+    if program.ep_shards:  # a plan made by hand: the planner never gives this one
+        raise CollieError(f"{rule} inside backward with experts split by ep="
+                          f"{program.chosen.ep} is not built yet; update after backward or "
+                          "use ep=1")
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
 
 
@@ -109,6 +113,9 @@ def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: 
                           f"not {', '.join(sorted(unknown))}")
     opts = optimizer_options(name, lr, kwargs)
     c = program.chosen
+    if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
+        raise CollieError(f"ZeRO-1 shards optimizer states over all dp ranks, and under "
+                          f"ep={c.ep} they hold different experts; use zero 0, 2 or 3")
     if c.zero == 1 and c.dp > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls,
