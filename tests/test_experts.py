@@ -103,19 +103,26 @@ def test_estimate_counts_every_expert(tmp_path, model_type: str) -> None:
     assert estimate(str(tmp_path), gpus=1, seq_len=16).num_params == count_params(model)
 
 
-def test_tp_is_refused_for_experts_with_the_reason(tmp_path) -> None:
-    from collie_compile.planner.search import plan
+def test_tp_leaves_the_experts_sublayer_replicated() -> None:
+    """Under tp the router, experts and shared experts run whole on every tp rank (ep
+    splits experts): annotate marks them replicated, so the tp layout and the cost model
+    leave them out; attention still splits. (tp2 and tp2·ep2 against one process:
+    test_conformance.py.)"""
+    from collie_compile.cost.profile import profile_model
+    from collie_compile.runtime.program import tp_layout
     from collie_compile.runtime.refusals import tp_refusal
 
-    model = moe("qwen3_moe")
-    why = tp_refusal(model.config)
-    assert why and "routed experts are not split by tensor parallelism" in why
-    assert "dp, pp and ZeRO work" in why
-    common = dict(gpus=4, seq_len=16, global_batch_size=8, dtype="fp32", tp_refusal=why)
-    p = plan(model.config, **common)
-    assert p.chosen.tp == 1 and why in p.notes
-    with pytest.raises(CollieError, match="routed experts are not split"):
-        plan(model.config, tp=2, **common)
+    model = moe("qwen2_moe")  # a shared expert with its own gate beside the routed ones
+    ag = annotate(capture(model, max_seq=16), model)
+    moe_nodes = [i for i in ag.nodes.values() if ".mlp." in i.module and i.block == 0]
+    assert moe_nodes and all(i.replicated and not i.sharded for i in moe_nodes)
+    layout = tp_layout(ag, model.config, 2, False)
+    assert layout and not any(".mlp." in ag.nodes[n].module for n in layout)
+    assert any(".self_attn." in ag.nodes[n].module for n in layout)
+    assert tp_refusal(model.config) is None
+    prof = profile_model(model.config, seq_len=16, dtype="fp32")
+    assert prof.row_linears_per_block == 1  # o_proj; no MoE linear all-reduces
+
 
 
 @pytest.mark.parametrize("preset,total,layers,experts,k,bank", [

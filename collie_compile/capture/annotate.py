@@ -67,6 +67,9 @@ class NodeInfo:
     dtype: torch.dtype | None
     kind: str  # "linear", "attention", "experts", "view", "other" (layout.MATMUL_KINDS)
     sharded: bool = False
+    # inside a mixture-of-experts sublayer (the module holding a routed experts bank):
+    # replicated under tp, which splits none of it (ep splits the experts)
+    replicated: bool = False
     residual: bool = False  # an add onto the block's residual stream
     flops: object = 0  # sympy expression in (batch, seq)
     bytes: object = 0
@@ -298,8 +301,12 @@ def _mark_sharded_regions(gm: fx.GraphModule, nodes: dict[str, NodeInfo], prefix
             frontier = nxt
         return False
 
+    # a mixture of experts' sublayer (router, experts, shared experts) runs replicated
+    moe = {i.module.rpartition(".")[0] for i in nodes.values() if i.kind == "experts"}
+    for i in nodes.values():
+        i.replicated = any(i.module == m or i.module.startswith(m + ".") for m in moe)
     linears = [by_name[i.name] for i in nodes.values()
-               if i.kind == "linear" and i.block is not None]
+               if i.kind == "linear" and i.block is not None and not i.replicated]
     names = {n.name for n in linears}
 
     def reads_linear(n: fx.Node) -> bool:
@@ -500,5 +507,5 @@ def block_graph(ag: AnnotatedGraph, seq: int, block: int = 0) -> list[dict]:
             residual=info.residual,
             whole_features=(node.target in _FEATURE_REDUCTIONS
                             or not info.shape or ag.subs(info.shape[-1], 1, seq) == 1),
-            sharded=info.sharded))
+            sharded=info.sharded, replicated=info.replicated))
     return rows

@@ -150,9 +150,6 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
                                          "GPUs"),
         ("heads", heads, heads),
         ("tp-support", lay.tp > 1 and prof.tp_refusal, prof.tp_refusal),
-        ("tp-experts", lay.tp > 1 and prof.num_experts,
-         f"tp={lay.tp}: routed experts are not split by tensor parallelism; split them with "
-         "expert parallelism (ep, out of dp) and keep tp=1"),
         ("layers", lay.pp * lay.virtual_stages > prof.num_layers,
          f"pp={lay.pp}" + (f" x {lay.virtual_stages} chunks" if lay.virtual_stages > 1
                            else "") + f" needs {lay.pp * lay.virtual_stages} layers, "

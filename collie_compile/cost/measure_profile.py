@@ -89,7 +89,8 @@ def _profile(cfg_json: str, name: str, seq_len: int, dtype: str) -> ModelProfile
         act_fixed=max(0, one.rest - rest_slope),
         logits_bytes=s * int(cfg.vocab_size) * 4,
         row_linears_per_block=sum(1 for n in ag.block_nodes(b)
-                                  if n.kind == "linear" and not n.sharded),
+                                  if n.kind == "linear" and not n.sharded
+                                  and not n.replicated),
         block_graph=block_graph(ag, s, b),
         active_params=active_params(full, ag, s),
         **_block_experts(ag, s, b, {k: two.by_node.get(k, 0) - v
@@ -240,8 +241,8 @@ def _param_groups(full: torch.nn.Module, ag: AnnotatedGraph, b: int) -> dict[str
     first = _first_block_index(ag)
     numel = {k: _prod(v) for k, v in ag.param_shapes.items()}
     block = {p for n in ag.block_nodes(b) for p in n.params}
-    sharded = {p for n in ag.block_nodes(b) if n.kind == "linear" for p in n.params
-               if len(ag.param_shapes[p]) == 2}
+    sharded = {p for n in ag.block_nodes(b) if n.kind == "linear" and not n.replicated
+               for p in n.params if len(ag.param_shapes[p]) == 2}
     embed, head = set(), set()
     for i, name in enumerate(names):
         info = ag.nodes[name]

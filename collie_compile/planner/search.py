@@ -604,9 +604,11 @@ def _shard(cand: Candidate, prof: ModelProfile, spec: GPUSpec) -> list[str]:
     layout = linear_layout(prof, solve_block_sharding(prof, cand.tp, spec,
                                                       cand.micro_batch_size))
     cand.sharding = layout
+    # a mixture of experts' sublayer is replicated under tp: not the ILP's to split
+    whole = {n["module"] for n in prof.block_graph if n.get("replicated")}
     megatron = {n["module"]: "column" if n["sharded"] else "row"
-                for n in prof.block_graph if n["kind"] == "linear"}
-    if layout == megatron:
+                for n in prof.block_graph if n["kind"] == "linear" and n["module"] not in whole}
+    if {k: v for k, v in layout.items() if k not in whole} == megatron:
         return []
     return ["the per-op sharding ILP prefers a layout other than column/row for some "
             "linears (see sharding); step time and memory are priced for column/row"]

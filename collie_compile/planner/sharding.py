@@ -66,7 +66,7 @@ def solve_block_sharding(profile: ModelProfile, tp: int, gpu: GPUSpec, micro_bat
     dtype = profile.dtype
 
     def options(n: dict) -> tuple[str, ...]:
-        if n["residual"] or n["whole_features"]:
+        if n["residual"] or n["whole_features"] or n.get("replicated"):
             return ("replicate",)
         return STRATEGIES[n["kind"]]
 

@@ -393,14 +393,11 @@ def drop_guards(gm: fx.GraphModule) -> fx.GraphModule:
 
 def tp_layout(ag: object, cfg: object, tp: int, tied: bool) -> dict[str, str]:
     """How each linear of the blocks splits under tp ("column" in the sharded region,
-    else "row"), and the embedding and LM head ("vocab") where the vocabulary splits.
-    Refuses routed experts for tp > 1: their router and 3-D weights are no linear the
-    tp pass splits; expert parallelism (ep) splits them instead."""
-    if tp > 1 and any(i.kind == "experts" for i in ag.nodes.values()):
-        raise CollieError("routed experts are not split by tensor parallelism; split them "
-                          "with expert parallelism (ep, out of dp) and keep tp=1")
+    else "row"), and the embedding and LM head ("vocab") where the vocabulary splits. A
+    mixture of experts' sublayer (router, experts, shared experts) stays replicated: every
+    tp rank runs it whole on the same tokens (ep splits the experts)."""
     layout = {i.name: "column" if i.sharded else "row" for i in ag.nodes.values()
-              if i.kind == "linear" and i.block is not None}
+              if i.kind == "linear" and i.block is not None and not i.replicated}
     vocab = int(cfg.vocab_size)
     if vocab_parallel(vocab, tied, tp):
         # Vocabulary-parallel embedding and head: the logits stay split over tp.
