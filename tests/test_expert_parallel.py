@@ -137,3 +137,17 @@ def test_lora_on_expert_parameters_is_refused_not_dropped() -> None:
     cfg = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["gate_up_proj"])
     with pytest.raises(CollieError, match="target_parameters.*not built yet"):
         lora(gm, cfg)
+
+
+def test_tp_prices_the_experts_sublayer_whole_on_every_rank() -> None:
+    """tp splits attention only: Mixtral's experts (82% of a block's FLOPs) run whole on
+    each tp rank, and the block adds no all-reduce for the router."""
+    from collie_compile.cost.compute import block_time
+
+    prof = profile_model("mixtral-8x7b", seq_len=4096)
+    gpu = get_gpu("h100-80gb")
+    one, two = (block_time(prof, gpu, 1, tp).total for tp in (1, 2))
+    assert 0.8 * one < two < one
+    assert prof.row_linears_per_block == 1  # o_proj
+    # q and o [4096, 4096], k and v [1024, 4096]: the router's weight is not split
+    assert prof.block_params_sharded == 2 * 4096 * 4096 + 2 * 1024 * 4096

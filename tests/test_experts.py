@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from collie_compile.capture.annotate import annotate
 from collie_compile.capture.export import capture
-from collie_compile.errors import CollieError
 from collie_compile.models.probe import probe_config
 from collie_compile.models.registry import count_params
 

@@ -47,13 +47,16 @@ class BlockTime:
 def block_time(p: ModelProfile, gpu: GPUSpec, micro_batch: int, tp: int = 1,
                recompute: str = "none") -> BlockTime:
     """Seconds of one decoder block for one micro-batch on one tensor-parallel rank, op by
-    op from the captured block graph (views are free). Recomputation repeats the forward
+    op from the captured block graph (views are free; ops split by tp take 1/tp, a
+    mixture of experts' replicated sublayer all). Recomputation repeats the forward
     (full) or its non-matmul ops (selective: saved matmul outputs are replayed, which
     costs their dispatch only), each op with the checkpoint's host overhead on top of its
     latency floor."""
-    scale = micro_batch / tp
+    def scale(n: dict) -> float:  # a mixture of experts' sublayer runs whole on every rank
+        return micro_batch / (1 if n.get("replicated") else tp)
+
     ops = [(n["kind"] in MATMUL_KINDS,
-            roofline(n["flops"] * scale, n["bytes"] * scale, gpu, p.dtype))
+            roofline(n["flops"] * scale(n), n["bytes"] * scale(n), gpu, p.dtype))
            for n in p.block_graph]
     fwd = sum(max(t, gpu.op_latency) for _, t in ops)
     if recompute == "none":
