@@ -181,6 +181,7 @@ def run_save(cfg: dict) -> dict:
     states = pm._inner_optimizer().state.values() if pm.optimizer is not None else []
     masters = [st["master"] for st in states if "master" in st]  # fused ones update in place
     out = {"layout": pm.chosen.layout_str(), "first": first, "continued": rest,
+           "local_experts": local_experts(pm),
            "masters": len(masters), "master_dtypes": sorted({str(m.dtype) for m in masters}),
            "refusals": refusals}
     if dist.get_rank() == 0:
@@ -327,7 +328,14 @@ def run_resume(cfg: dict) -> dict:
                      **{k: cfg[k] for k in PLAN_KEYS if k in cfg})
     pm.load_checkpoint(f"{cfg['dir']}/ckpt")
     losses = [pm.train_step({"input_ids": b}) for b in batches(4)[2:]]
-    return {"layout": pm.chosen.layout_str(), "losses": losses, "step": pm.step_count}
+    return {"layout": pm.chosen.layout_str(), "losses": losses, "step": pm.step_count,
+            "local_experts": local_experts(pm)}
+
+
+def local_experts(pm: object) -> list[int]:
+    """The experts each bank of this rank holds (dim 0 of its 3-D weights)."""
+    return sorted({p.shape[0] for n, p in pm.program.local_parameters().items()
+                   if ".experts." in n and p.dim() == 3})
 
 
 def run_weights(cfg: dict) -> dict:

@@ -390,10 +390,12 @@ def test_expert_parallel_checkpoint_resumes_under_another_ep(results4: dict) -> 
     saved = results4[SAVE_MOE["id"]]
     assert "crash" not in saved, saved.get("crash")
     assert "ep=2" in saved["layout"] and saved["logits_err"] <= TOL
+    assert saved["local_experts"] == [2]  # 4 experts, 2 on each rank of the ep group
     for cfg in RESUME_MOE:
         r = results4[cfg["id"]]
         assert "crash" not in r, r.get("crash")
         assert f"ep={cfg['ep']}" in r["layout"] and r["step"] == 4
+        assert r["local_experts"] == [4 // cfg["ep"]]
         for ours, ref in zip(r["losses"], saved["continued"], strict=True):
             assert abs(ours - ref) <= TOL * abs(ref)
 

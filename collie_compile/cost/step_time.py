@@ -105,7 +105,8 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
     # gradient backward: 2 * row_linears all-reduces of [b, s, h] per block per micro-batch.
     act_bytes = b * p.seq_len * p.hidden_size * w
     tp_comm = 2 * p.row_linears_per_block * allreduce_time(act_bytes, tp, gpu, tp_intra)
-    per_block = {c: block_time(p, gpu, b, tp, c).total + tp_comm for c in RECOMPUTE}
+    blocks = {c: block_time(p, gpu, b, tp, c) for c in RECOMPUTE}
+    per_block = {c: blocks[c].total + tp_comm for c in RECOMPUTE}
     experts = p.block_expert_params / ep if ep > 1 else 0.0
     if experts:
         # 2 all-to-alls forward, 2 backward, 2 more where the forward reruns
@@ -113,10 +114,10 @@ def stage_time(profile: ModelProfile, gpu: GPUSpec, opt: OptimizerSpec, layout: 
                               tp * ep <= gpus_per_node)
         share = p.block_expert_flops / max(p.block_flops, 1)
         for c in RECOMPUTE:
-            waits = (imbalance - 1) * share * block_time(p, gpu, b, tp, c).total
+            waits = (imbalance - 1) * share * blocks[c].total
             per_block[c] += (4 + 2 * (c != "none")) * moved + waits
         params_per_rank = (params_per_rank[0], params_per_rank[1] - p.block_expert_params)
-    backward = block_time(p, gpu, b, tp, "none").backward
+    backward = blocks["none"].backward
     fixed = 0.0  # the embedding lookup is negligible beside a block
     if has_head:
         fixed += head_time(p, gpu, b, vocab_shards(p, tp))  # whole where tied

@@ -181,14 +181,12 @@ class RankProgram:
     def gather_tp(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` (a slice of ``name``: tp's, or ep's of routed experts) whole, from every
         rank's slice."""
-        if name in self.ep_shards:
-            shard, ranks, group = self.ep_shards[name], self.chosen.ep, self.ep_group
-        elif name in self.tp_shards:
-            shard, ranks = self.tp_shards[name], self.chosen.tp
-            group = self.mesh.get_group("tp")
-        else:
+        split = self.shard(name)
+        if split is None:
             return t
-        parts = [torch.empty_like(t) for _ in range(ranks)]
+        shard = split[0]
+        group = self.ep_group if name in self.ep_shards else self.mesh.get_group("tp")
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)
         return shard.assemble(parts)
 
