@@ -34,7 +34,8 @@ whole of it), chosen so each mechanism is hit once:
   under pp2 and dp2·ZeRO-3, and with expert parallelism (ep2, ep2·ZeRO-3, ep2·pp2,
   dp4·ep2·ZeRO-3 where two ranks hold each expert, LoRA at ep2), tp2 (the MoE sublayer
   replicated over tp) and tp2·ep2; gpt-oss's tp refused (its attention sinks), ZeRO-1 with
-  ep refused (its states would mix experts).
+  ep refused (its states would mix experts); the routers' load-balancing loss
+  (``output_router_logits``) per micro-batch, across pipeline stages and under tp·ep.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ FAMILY = {t: CONFIGS[t].to_dict()
 
 MOE = {t: _probe(AutoConfig.for_model(t)).to_dict()
        for t in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")}
+# the routers' load-balancing loss on, weighted so that leaving it out (or computing it
+# over other rows than transformers does) moves the routers by 1e-1
+AUX = {t: {**MOE[t], "output_router_logits": True, "router_aux_loss_coef": 0.5}
+       for t in ("mixtral", "qwen3_moe")}
 
 INSIDE = {"update_in_backward": True}
 EP = {"ep2": dict(dp=2, tp=1, pp=1, zero=0, ep=2),
@@ -128,6 +133,11 @@ CASES = [
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
     # tp on attention beside ep on the experts (the MoE sublayer whole on each tp rank)
     Case("qwen3_moe-tp2-ep2", MOE["qwen3_moe"], dict(dp=2, tp=2, pp=1, zero=0, ep=2)),
+    # the router loss over each micro-batch (four here), as transformers computes it per
+    # forward call; with the earlier stage's router logits sent on to the last stage
+    Case("mixtral-aux-mb2", AUX["mixtral"], {**LAYOUTS["single"], "micro_batch_size": 2}),
+    Case("mixtral-aux-ep2-pp2", AUX["mixtral"], EP["ep2-pp2"]),
+    Case("qwen3_moe-aux-tp2-ep2", AUX["qwen3_moe"], dict(dp=2, tp=2, pp=1, zero=0, ep=2)),
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads

@@ -151,3 +151,54 @@ def test_tp_prices_the_experts_sublayer_whole_on_every_rank() -> None:
     assert prof.row_linears_per_block == 1  # o_proj
     # q and o [4096, 4096], k and v [1024, 4096]: the router's weight is not split
     assert prof.block_params_sharded == 2 * 4096 * 4096 + 2 * 1024 * 4096
+
+
+def _router_loss_mixtral(coef: float) -> tuple[object, object]:
+    """A tiny Mixtral with its routers' loss on, and a copy for transformers itself."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2,
+                        output_router_logits=True, router_aux_loss_coef=coef)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg)
+    hf = MixtralForCausalLM(cfg)
+    hf.load_state_dict(model.state_dict())
+    return model, hf
+
+
+@pytest.mark.parametrize("rows, seq", [(4, 16), (2, 24)])
+def test_router_loss_equals_transformers_with_padding(group: None, rows: int, seq: int
+                                                      ) -> None:
+    """One micro-batch: the step's loss is the HF model's (cross-entropy plus
+    router_aux_loss_coef times its load-balancing loss over the real tokens only), and
+    the routers' weights get the gradient of both (after one SGD step, per tensor)."""
+    from collie_compile.runtime.parallel_model import parallelize
+
+    model, hf = _router_loss_mixtral(coef=0.5)
+    ids = torch.randint(0, 64, (rows, seq), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0  # right padding: out of the cross-entropy and the router loss
+    out = hf(input_ids=ids, labels=ids.masked_fill(mask == 0, -100), attention_mask=mask)
+    assert float(out.aux_loss.detach()) > 1  # the router loss counts for something here
+    pm = parallelize(model, seq_len=seq, global_batch_size=rows, micro_batch_size=rows,
+                     optimizer="sgd", lr=0.1)
+    loss = pm.train_step({"input_ids": ids, "attention_mask": mask})
+    assert loss == pytest.approx(float(out.loss), abs=1e-5)
+    out.loss.backward()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p -= 0.1 * p.grad
+    got, want = pm.full_state_dict(), hf.state_dict()
+    for name in ("model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"):
+        err = (got[name] - want[name]).norm() / want[name].norm()
+        assert err < 1e-5, (name, float(err))
+
+
+def test_planner_captures_a_model_with_router_loss() -> None:
+    """The planner's capture leaves the router loss out (priced as nothing) and plans."""
+    model, _ = _router_loss_mixtral(coef=0.02)
+    p = plan(model.config, gpus=2, gpu="h100-80gb", seq_len=64, global_batch_size=8)
+    assert p.chosen.dp * p.chosen.tp * p.chosen.pp == 2
+    assert model.config.output_router_logits  # the user's config is as it was

@@ -54,7 +54,8 @@ def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
     kwargs = {"input_ids": ids, "labels": labels}
     dims = {"input_ids": {0: b, 1: s}, "labels": {0: b, 1: s}}
     try:
-        with causal_attention(model, swap), grouped_experts(model), _no_cache(model):
+        with (causal_attention(model, swap), grouped_experts(model),
+              _config_off(model, "use_cache", "output_router_logits")):
             return torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     except Exception as e:  # export raises many types; all mean "cannot capture"
         if "Constraints violated" not in str(e):
@@ -65,7 +66,8 @@ def _capture(model: torch.nn.Module, batch: int, seq: int, max_seq: int | None,
     # still come out symbolic.
     auto = {"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "labels": {0: Dim.AUTO, 1: Dim.AUTO}}
     try:
-        with causal_attention(model, swap), grouped_experts(model), _no_cache(model):
+        with (causal_attention(model, swap), grouped_experts(model),
+              _config_off(model, "use_cache", "output_router_logits")):
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=auto, strict=False)
     except Exception:
         raise CaptureError(_explain(model, first)) from first
@@ -91,7 +93,7 @@ def capture_static(model: torch.nn.Module, input_ids: torch.Tensor,
     def export(swap: bool) -> ExportedProgram:
         try:
             with (causal_attention(model, swap, packed=position_ids is not None),
-                  grouped_experts(model), _no_cache(model)):
+                  grouped_experts(model), _config_off(model, "use_cache")):
                 return torch.export.export(model, (), kwargs, strict=False)
         except Exception as e:  # export raises many types; all mean "cannot capture"
             raise CaptureError(_explain(model, e)) from e
@@ -113,14 +115,12 @@ EXPERT_MODULES = re.compile(r"(Experts|Router|Gating|SparseMoeBlock|MoE|Moe)$")
 def refuse_experts(model: torch.nn.Module) -> None:
     """Refuse a mixture-of-experts model whose experts do not run through transformers'
     experts interface (a loop over experts has data-dependent shapes: torch.export cannot
-    capture it), and what the runtime does not compute yet: the router's auxiliary losses
-    (``output_router_logits``) and router jitter."""
+    capture it), and what the runtime does not compute yet: router jitter."""
     moe = next(((n, m) for n, m in model.named_modules()
                 if EXPERT_MODULES.search(type(m).__name__)), None)
     if moe is None:
         return
     name, mod = moe
-    cfg = getattr(model, "config", None)
     what = f"{type(model).__name__} is a mixture-of-experts model ({name}: {type(mod).__name__})"
     if not has_experts(model):
         raise CaptureError(f"{what} whose experts do not run through transformers' experts "
@@ -131,10 +131,6 @@ def refuse_experts(model: torch.nn.Module) -> None:
     if router is not None:  # DeepSeek-V2's default config: transformers' forward fails too
         raise CaptureError(f"{what}: its router ({router}) routes each token to top_k=None "
                            "experts; set num_experts_per_tok in its config")
-    if getattr(cfg, "output_router_logits", False):
-        raise CaptureError(f"{what} with output_router_logits=True: the router's load-"
-                           "balancing loss is not added to the loss yet; set "
-                           "output_router_logits=False in its config")
     if any(float(getattr(m, "jitter_noise", 0.0) or 0.0) > 0 for m in model.modules()):
         raise CaptureError(f"{what} with router_jitter_noise > 0: the jitter would stay on "
                            "in evaluation; set router_jitter_noise=0 in its config")
@@ -210,19 +206,21 @@ def _with_fallbacks(model: torch.nn.Module, export: Callable[[bool], ExportedPro
 
 
 @contextlib.contextmanager
-def _no_cache(model: torch.nn.Module) -> Iterator[None]:
-    """Capture the training forward: no KV cache, whatever the config says (transformers'
-    default ``use_cache=True`` returns a ``DynamicCache``, which export cannot output).
-    The user's config gets its value back."""
+def _config_off(model: torch.nn.Module, *names: str) -> Iterator[None]:
+    """The config's ``names`` set false while inside; the user's values come back after.
+    ``use_cache``: capture the training forward (transformers' default ``use_cache=True``
+    returns a ``DynamicCache``, which export cannot output). ``output_router_logits``: the
+    planner's capture leaves the routers' loss out (work of [tokens, experts], priced as
+    nothing; its histogram has no kernel for the integers it counts on the meta device)."""
     config = getattr(model, "config", None)
-    old = getattr(config, "use_cache", None)
-    if old:
-        config.use_cache = False
+    old = {n: getattr(config, n) for n in names if getattr(config, n, None)}
+    for n in old:
+        setattr(config, n, False)
     try:
         yield
     finally:
-        if old:
-            config.use_cache = old
+        for n, v in old.items():
+            setattr(config, n, v)
 
 
 def _explain(model: torch.nn.Module, err: BaseException) -> str:

@@ -4,7 +4,8 @@ Stage ``k`` gets blocks ``stages[k][0] .. stages[k][1]``; what runs before the f
 block (embedding, rotary tables, masks) joins stage 0 and what runs after the last block
 (final norm, LM head) joins the last stage. Every value computed before a boundary and
 used after it crosses it, so a stage passes on the values later stages need even when it
-does not use them itself (the rotary tables and the mask travel with the hidden states).
+does not use them itself (the rotary tables and the mask travel with the hidden states,
+and the router logits of earlier blocks on to the last stage, which returns them).
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ def pipeline_split(gm: fx.GraphModule, prefix: str, stages: list[list[int]]
     for n in placeholders:
         assigned[n] = 0
 
+    last_stage = len(stages) - 1
+
+    def later(user: fx.Node, k: int) -> bool:  # the output is the last stage's
+        return last_stage > k if user is output else assigned[user] > k
+
     def crossing(k: int) -> list[fx.Node]:
         """Values made in stages <= k and used by a later stage (or the output)."""
         return [n for n in placeholders + compute if assigned[n] <= k and any(
-            u is not output and assigned[u] > k for u in n.users)]
+            later(u, k) for u in n.users)]
 
     out = []
     for k in range(len(stages)):

@@ -165,12 +165,14 @@ def _lora_init(base: Path, directory: Path) -> None:
 
 
 def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
-               perturb: float = 0.0
+               perturb: float = 0.0, micro_batch: int | None = None
                ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Plain transformers (and peft) in one process: losses, final tensors, and masks of
     the elements whose gradient is rounding noise (by parameter name). ``perturb`` scales
     each trainable initial weight by 1 + perturb·N(0, 1) (fixed seed) first: the run's
-    own sensitivity to rounding-sized changes."""
+    own sensitivity to rounding-sized changes. A model with a router loss runs each
+    batch as transformers under gradient accumulation does: ``micro_batch`` rows a
+    forward call, the loss their mean (every row holds as many tokens)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -189,7 +191,9 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
     losses, grads = [], {}
     for b in data:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=b, labels=b, use_cache=False).loss
+        calls = b.split(micro_batch) if model.config.output_router_logits else [b]
+        loss = sum(model(input_ids=c, labels=c, use_cache=False).loss
+                   for c in calls) / len(calls)
         loss.backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
@@ -254,7 +258,8 @@ def run_case(case: Case, workdir: Path) -> Result:
     if dist.get_rank() != 0:
         return Result(case.id, "pass")
     try:
-        ref_losses, want, noise = _reference(base, data, adapter if lora else None)
+        ref_losses, want, noise = _reference(base, data, adapter if lora else None,
+                                             micro_batch=pm.plan.chosen.micro_batch_size)
     except Exception as e:  # transformers or peft fail on their own: nothing to judge by
         return Result(case.id, "crash", f"the reference itself (transformers/peft in one "
                                         f"process) fails: {first_line(e)}")
@@ -269,7 +274,7 @@ def run_case(case: Case, workdir: Path) -> Result:
     floor: dict[str, float] = {}
     if not ok:  # off: by more than the model itself moves on rounding-sized changes?
         moved_losses, moved, _ = _reference(base, data, adapter if lora else None,
-                                            PERTURBATION)
+                                            PERTURBATION, pm.plan.chosen.micro_batch_size)
         floor = tensor_errors(moved, want, masks)
         floor["loss"] = max(abs(a - b) for a, b in zip(moved_losses, ref_losses, strict=True))
         limit = {k: max(WEIGHT_TOLERANCE, SENSITIVITY_MARGIN * floor[k]) for k in judged}

@@ -3,9 +3,9 @@
 Every rank captures the model at the plan's micro-batch shape and applies the passes for
 its coordinates in the (pp, dp, tp) mesh, in this order:
 
-    capture -> tensor_parallel -> lora -> outline_blocks -> pipeline_split, then per stage
-    move_to_device -> expand_grouped_kv -> (weights read) -> recompute -> dropout ->
-    data_parallel
+    capture -> router_outputs -> tensor_parallel -> expert_parallel -> lora ->
+    outline_blocks -> pipeline_split, then per stage move_to_device -> expand_grouped_kv
+    -> (weights read) -> recompute -> dropout -> data_parallel
 
 :func:`build_rank_program` is that list, one pass per line; what the passes found (the
 shards, the groups that sum partial gradients, which stage holds which weight) comes
@@ -42,10 +42,12 @@ from collie_compile.passes.move_to_device import move_to_device
 from collie_compile.passes.outline_blocks import outline_blocks
 from collie_compile.passes.pipeline_split import pipeline_split
 from collie_compile.passes.recompute import recompute as recompute_pass
+from collie_compile.passes.router_outputs import router_outputs
 from collie_compile.passes.tensor_parallel import Shard, tensor_parallel, tp_record
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import state as ckpt
+from collie_compile.runtime.router_loss import RouterLoss, router_loss
 
 T = TypeVar("T")
 
@@ -89,6 +91,7 @@ class RankProgram:
     takes_positions: bool = False  # the first stage takes position_ids after input_ids
     ep_shards: dict[str, Shard] = field(default_factory=dict)  # expert weight -> its split
     ep_group: object = None  # the ranks splitting the experts (None: ep = 1)
+    router_loss: RouterLoss | None = None  # the last stage returns router logits for it
 
     def shard(self, name: str) -> tuple[Shard, int] | None:
         """How ``name`` is split between ranks (by tp, or by ep for routed experts) and
@@ -242,9 +245,10 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     # distinct tensors: export would treat one tensor passed twice as an alias
     pos = torch.zeros_like(ids) if position_ids else None
 
+    aux = router_loss(model)  # refused before any capture where it cannot be computed
     ep = apply_pass("capture", lambda: capture_static(model, ids, pos))
     ag = annotate(ep, model)
-    gm = drop_guards(ag.gm)
+    gm = router_outputs(drop_guards(ag.gm))
     layout = named_pass("tensor_parallel", lambda: tp_layout(ag, cfg, c.tp, bool(tied)))
     gm = apply_pass("tensor_parallel", lambda: tensor_parallel(
         gm, layout, mesh.get_group("tp"), coords.tp, c.tp, *head_layout(cfg)))
@@ -283,7 +287,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
                  if n not in params and not b.is_meta},
         # weights stored [in, out] (GPT-2's Conv1D): a merged adapter goes in transposed
         fan_in_fan_out={n for n, m in model.named_modules() if isinstance(m, Conv1D)},
-        takes_positions=position_ids)
+        takes_positions=position_ids, router_loss=aux)
 
     pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
     dtype = next(iter(ag.gm.parameters())).dtype

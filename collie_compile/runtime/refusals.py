@@ -10,6 +10,7 @@ import json
 import os
 
 from collie_compile import disk_cache
+from collie_compile.errors import CollieError
 from collie_compile.models.presets import config_identity
 
 # The code whose behaviour a tp verdict depends on (a change re-judges every model).
@@ -68,8 +69,9 @@ def _judge_tp(cfg: object) -> str | None:
 
 def loss_refusal(cfg: object) -> str | None:
     """Why the runtime's loss would not be this model's own (CPM-Ant's does not shift the
-    labels): both computed on a one-block CPU probe with random weights; None where they
-    agree (or the probe cannot run: capture then says why)."""
+    labels), a mixture of experts' router loss included: both computed on a one-block CPU
+    probe with random weights; None where they agree (or the probe cannot run: capture
+    then says why)."""
     from collie_compile.models.registry import model_name
 
     return _loss_refusal(cfg.to_json_string(), model_name(cfg))
@@ -81,6 +83,7 @@ def _loss_refusal(cfg_json: str, name: str) -> str | None:
 
     from collie_compile.models.probe import probe_config
     from collie_compile.models.registry import build_model, config_from_dict
+    from collie_compile.runtime.router_loss import router_loss
     from collie_compile.runtime.step import IGNORE_INDEX, token_loss
 
     try:
@@ -97,6 +100,12 @@ def _loss_refusal(cfg_json: str, name: str) -> str | None:
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[:, :-1] = ids[:, 1:]
     ours = float(token_loss(out.logits, targets)) / int((targets != IGNORE_INDEX).sum())
+    try:
+        aux = router_loss(model)  # the routers' loss, where the config asks for it
+    except CollieError as e:
+        return str(e)
+    if aux is not None:
+        ours += float(aux(out.router_logits, torch.ones_like(ids)))
     theirs = float(out.loss)
     if abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs)):
         return None

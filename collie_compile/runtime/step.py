@@ -5,6 +5,9 @@ otherwise), gradients completed over tp and tied copies, clipped, and the update
 Loss convention: each micro-batch contributes sum(token losses) / (valid tokens in the
 global batch) and gradients are summed over micro-batches and data-parallel ranks, so
 loss and gradients equal those of one process on the whole batch with HF's mean loss.
+A mixture of experts with ``output_router_logits`` adds its routers' loss over each
+micro-batch (:mod:`collie_compile.runtime.router_loss`) divided by the number of
+micro-batches in the step over all data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -30,9 +33,15 @@ def _first(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _labels(target: torch.Tensor) -> torch.Tensor:
+    """The next-token targets of a micro-batch's target (which also holds the padding
+    mask, as [..., 2], where the router loss needs it)."""
+    return target[..., 0] if target.dim() == 3 else target
+
+
 def token_loss(out: object, target: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies (fp32) over ``target`` positions that count."""
-    logits = _first(out)
+    logits, target = _first(out), _labels(target)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -100,7 +109,7 @@ class Stepper:
         self.micro_batch, self.seq = c.micro_batch_size, program.plan.seq_len
         self.num_microbatches = c.num_microbatches
         self.global_batch = program.plan.global_batch_size
-        self._loss_scale = 1.0
+        self._token_scale = self._aux_scale = 1.0
         self.schedule = self._make_schedule() if c.pp > 1 else None
         self.step_count = 0
 
@@ -117,7 +126,7 @@ class Stepper:
         group = prog.mesh.get_group("pp")
         pstages = [PipelineStage(st, k, n, prog.device, group=group)
                    for st, k in zip(prog.stages, prog.stage_ids, strict=True)]
-        loss_fn = self._pipeline_loss
+        loss_fn = self._micro_batch_loss
         if c.schedule == "interleaved":
             return ScheduleInterleaved1F1B(pstages, c.num_microbatches, loss_fn=loss_fn,
                                            scale_grads=False)
@@ -126,14 +135,21 @@ class Stepper:
 
     # -- training ---------------------------------------------------------------------
 
-    def _pipeline_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
-        return self._token_loss(out, target) * self._loss_scale
+    def _micro_batch_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the step's loss: its token losses over the step's
+        tokens, and its router loss (where the model has one) over the step's
+        micro-batches."""
+        loss = self._token_loss(out, target) * self._token_scale
+        aux = self.program.router_loss
+        if aux is not None:
+            loss = loss + aux(out[1:], target[..., 1]) * self._aux_scale
+        return loss
 
     def _token_loss(self, out: object, target: torch.Tensor) -> torch.Tensor:
         prog = self.program
         if prog.vocab_slice is None:
             return token_loss(out, target)
-        return vocab_parallel_cross_entropy(_first(out), target, prog.vocab_slice[0],
+        return vocab_parallel_cross_entropy(_first(out), _labels(target), prog.vocab_slice[0],
                                             prog.mesh.get_group("tp"), IGNORE_INDEX)
 
     def _local_batch(self, batch: dict, local: bool = False
@@ -154,13 +170,13 @@ class Stepper:
             if problem is not None:  # every rank has the same batch: all raise alike
                 raise problem
             dp = self.program.coords.dp
-            tokens = int((targets != IGNORE_INDEX).sum())
+            tokens = int((_labels(targets) != IGNORE_INDEX).sum())
             rows_here = slice(dp * share, (dp + 1) * share)
             return (tuple(t[rows_here].to(device) for t in inputs),
                     targets[rows_here].to(device), tokens)
         # Each replica checked its own rows: the count's all-reduce carries whether any
         # refused them, so that none goes on to a collective the others skip.
-        count = torch.tensor([0 if problem else int((targets != IGNORE_INDEX).sum()),
+        count = torch.tensor([0 if problem else int((_labels(targets) != IGNORE_INDEX).sum()),
                               int(problem is not None)], device=device)
         if self.program.chosen.dp > 1:
             dist.all_reduce(count, group=self.program.mesh.get_group("dp"))
@@ -174,7 +190,8 @@ class Stepper:
     def _targets(self, batch: dict, rows: int, local: bool
                  ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The program's inputs (``input_ids``, ``position_ids`` where it takes them) and
-        the next-token targets (-100: not counted), checked."""
+        the next-token targets (-100: not counted), checked; with a router loss, the
+        targets stacked with the padding mask (1: a real token) as [..., 2]."""
         check_batch_keys(batch)
         ids = torch.as_tensor(batch["input_ids"])
         labels = torch.as_tensor(batch.get("labels", ids)).clone()
@@ -204,6 +221,9 @@ class Stepper:
         targets[:, :-1] = labels[:, 1:]
         # a document's last token predicting the next one's first counts, as in
         # transformers: DataCollatorWithFlattening labels each document's first token -100
+        if self.program.router_loss is not None:  # it leaves padding out, as HF's does
+            real = torch.ones_like(ids) if mask is None else mask.long()
+            targets = torch.stack([targets, real], dim=-1)
         return ((ids,) if pos is None else (ids, pos)), targets
 
     def train_step(self, batch: dict, local: bool = False) -> float | None:
@@ -236,7 +256,8 @@ class Stepper:
         """Every micro-batch forward and backward (gradients summed and reduced over dp);
         returns this rank's share of the unscaled loss."""
         prog = self.program
-        scale = loss_scale / max(tokens, 1)
+        self._token_scale = loss_scale / max(tokens, 1)
+        self._aux_scale = loss_scale / (self.num_microbatches * prog.chosen.dp)
         reducers = [r for st in prog.stages for r in grad_reducers(st)]
         for reducer in reducers:
             reducer.accumulations = self.num_microbatches
@@ -244,11 +265,10 @@ class Stepper:
         if self.schedule is None:
             st, m = prog.stages[0], self.num_microbatches
             for *x, y in zip(*(t.chunk(m) for t in inputs), targets.chunk(m), strict=True):
-                loss = self._token_loss(st(*x), y) * scale
+                loss = self._micro_batch_loss(st(*x), y)
                 loss.backward()
                 total += loss.detach().float().cpu()
         else:
-            self._loss_scale = scale
             losses: list[torch.Tensor] = []
             first, last = 0 in prog.stage_ids, prog.is_last()
             args = inputs if first else ()
