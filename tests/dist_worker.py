@@ -370,8 +370,11 @@ def run_lora(cfg: dict) -> dict:
 
     name, layers, d = cfg["model"], cfg.get("layers", 2), cfg["dir"]
     if dist.get_rank() == 0:
+        # and LoRA on parameters (a mixture of experts' banks), with their own ranks
+        extra = {k: cfg[k] for k in ("target_parameters", "rank_pattern", "alpha_pattern")
+                 if k in cfg}
         peft_model = get_peft_model(make_model(name, layers), LoraConfig(
-            r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+            r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0, **extra))
         gen = torch.Generator().manual_seed(7)
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
@@ -395,6 +398,7 @@ def run_lora(cfg: dict) -> dict:
     logits = pm.forward(data[0])
     trainable = sum(p.numel() for p in pm.local_parameters().values() if p.requires_grad)
     out = {"layout": pm.chosen.layout_str(), "losses": losses, "trainable": trainable,
+           "expert_adapters": sum(".experts." in k for k in ours),
            "planned": [pm.plan.lora_rank, pm.plan.lora_targets]}
     if dist.get_rank() == 0:
         ref = PeftModel.from_pretrained(make_model(name, layers), f"{d}/init", is_trainable=True)

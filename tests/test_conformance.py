@@ -32,7 +32,8 @@ whole of it), chosen so each mechanism is hit once:
   (sigmoid routing in groups with a bias-corrected choice, a shared expert, latent
   attention), gpt-oss (expert biases, clamped SwiGLU, attention sinks), in one process,
   under pp2 and dp2·ZeRO-3, and with expert parallelism (ep2, ep2·ZeRO-3, ep2·pp2,
-  dp4·ep2·ZeRO-3 where two ranks hold each expert, LoRA at ep2), tp2 (the MoE sublayer
+  dp4·ep2·ZeRO-3 where two ranks hold each expert, LoRA at ep2 and tp2·ep2 with the
+  routers and experts banks adapted as peft's target_parameters), tp2 (the MoE sublayer
   replicated over tp) and tp2·ep2; gpt-oss's tp refused (its attention sinks), ZeRO-1 with
   ep refused (its states would mix experts); the routers' load-balancing loss
   (``output_router_logits``) per micro-batch, across pipeline stages and under tp·ep.
@@ -129,7 +130,14 @@ CASES = [
     Case("gpt_oss-ep2-zero3", MOE["gpt_oss"], EP["ep2-zero3"]),
     Case("qwen3_moe-ep2-pp2", MOE["qwen3_moe"], EP["ep2-pp2"]),
     Case("mixtral-dp4-ep2-zero3", MOE["mixtral"], EP["dp4-ep2-zero3"]),
+    # all-linear on Mixtral: peft adds its routers and both experts banks as parameters
     Case("mixtral-lora-ep2", MOE["mixtral"], {**EP["ep2"], "lora": True}),
+    Case("mixtral-lora-tp2-ep2", MOE["mixtral"], dict(dp=2, tp=2, pp=1, zero=0, ep=2,
+                                                      lora=True)),
+    # gpt-oss's banks stored [experts, in, out], with biases; its router a bias linear
+    Case("gpt_oss-lora-experts-ep2", MOE["gpt_oss"], {**EP["ep2"], "lora": {
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                              "mlp.router.weight"]}}),
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
     # tp on attention beside ep on the experts (the MoE sublayer whole on each tp rank)
     Case("qwen3_moe-tp2-ep2", MOE["qwen3_moe"], dict(dp=2, tp=2, pp=1, zero=0, ep=2)),
@@ -178,6 +186,8 @@ def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> No
     assert not r.sensitivity  # judged at the plain tolerances
     if "lora" in case:  # the adapters are compared, and there are some
         assert any(".lora_A" in k for k in r.tensor_errs)
+    if case.startswith(("mixtral-lora", "gpt_oss-lora")):  # on the experts banks too
+        assert any(".experts.base_layer.lora_A" in k for k in r.tensor_errs)
 
 
 @pytest.mark.parametrize("case", sorted(SENSITIVE))

@@ -125,18 +125,72 @@ def test_pass_refuses_what_it_cannot_split() -> None:
         expert_parallel(gm, None, 0, 3)
 
 
-def test_lora_on_expert_parameters_is_refused_not_dropped() -> None:
-    """peft's all-linear adds the router's weight and the fused experts as
-    target_parameters on a mixture of experts: an adapter the pass would silently leave
-    out."""
+def test_lora_on_expert_banks_follows_peft_and_refuses_what_it_cannot_take() -> None:
+    """target_parameters on a bank of experts: the adapter at peft's nested names and
+    shapes (the first bank targeted innermost, A [r·E, in], B [out, r·E], the rank from
+    rank_pattern), the bank frozen; a targeted parameter no linear or bank reads is
+    refused, and so is dropout (peft refuses it on parameters too)."""
     from peft import LoraConfig
 
-    from collie_compile.passes.lora import lora
+    from collie_compile.passes.lora import lora, lora_record
 
     gm, _ = _mixtral_graph()
-    cfg = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["gate_up_proj"])
-    with pytest.raises(CollieError, match="target_parameters.*not built yet"):
-        lora(gm, cfg)
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0,
+                     target_parameters=["gate_up_proj", "down_proj"],
+                     rank_pattern={"gate_up_proj": 4})
+    out = lora(gm, cfg)
+    params = dict(out.named_parameters())
+    bank = "model.layers.0.mlp.experts"
+    e, up, hidden = params[f"{bank}.gate_up_proj"].shape
+    assert params[f"{bank}.base_layer.lora_A.weight"].shape == (4 * e, hidden)
+    assert params[f"{bank}.base_layer.lora_B.weight"].shape == (up, 4 * e)
+    assert params[f"{bank}.lora_A.weight"].shape[0] == 2 * e
+    assert not params[f"{bank}.gate_up_proj"].requires_grad
+    assert lora_record(out)[f"{bank}.base_layer"].weight == f"{bank}.gate_up_proj"
+    gm, _ = _mixtral_graph()
+    with pytest.raises(CollieError, match="input_layernorm"):
+        lora(gm, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0,
+                            target_parameters=["input_layernorm.weight"]))
+    with pytest.raises(CollieError, match="lora_dropout=0"):
+        lora(gm, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1,
+                            target_parameters=["gate_up_proj"]))
+
+
+def test_merged_expert_adapters_match_peft() -> None:
+    """save_pretrained(merge=True)'s fold of expert adapters equals peft's merge, for a
+    bank stored [experts, out, in] (Mixtral) and one stored [experts, in, out]
+    (gpt-oss), with a rank and alpha from peft's patterns."""
+    from peft import LoraConfig, get_peft_model
+
+    from collie_compile.passes.lora import Adapter, scaling_of
+    from collie_compile.runtime.saving import merged
+
+    for family, transposed in (("mixtral", False), ("gpt_oss", True)):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(probe_config(
+            AutoConfig.for_model(family), layers=1, no_dropout=True))
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0,
+                         target_parameters=["gate_up_proj", "down_proj"],
+                         rank_pattern={"down_proj": 3}, alpha_pattern={"down_proj": 9})
+        model = get_peft_model(base, cfg)
+        weights = {}  # by the names full_state_dict gives (peft's, less its wrappers)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p)
+            n = n.removeprefix("base_model.model.").replace(".default", "")
+            weights[n if ".lora_" in n else n.replace(".base_layer", "")] = p.detach().clone()
+        bank = "model.layers.0.mlp.experts"
+        experts = weights[f"{bank}.gate_up_proj"].shape[0]
+        adapters = {f"{bank}.base_layer": Adapter(f"{bank}.gate_up_proj",
+                                                  scaling_of(cfg, f"{bank}.gate_up_proj")[1],
+                                                  experts, transposed),
+                    bank: Adapter(f"{bank}.down_proj", scaling_of(cfg, f"{bank}.down_proj")[1],
+                                  experts, transposed)}
+        ours = merged(weights, cfg, set(), adapters)
+        want = model.merge_and_unload().state_dict()
+        for k in (f"{bank}.gate_up_proj", f"{bank}.down_proj"):
+            assert not torch.allclose(want[k], weights[k])  # the fold moved the bank
+            torch.testing.assert_close(ours[k], want[k], rtol=1e-5, atol=1e-5)
 
 
 def test_tp_prices_the_experts_sublayer_whole_on_every_rank() -> None:

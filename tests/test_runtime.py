@@ -92,9 +92,13 @@ LORA_4 = [{"id": "lora-tp2pp2", "kind": "lora", **L4, "dp": 1, "tp": 2, "pp": 2,
            "from_disk": True},
           {"id": "lora-dp2tp2-z3", "kind": "lora", "model": "tiny-llama", "dp": 2, "tp": 2,
            "pp": 1, "zero": 3, "from_disk": True}]
-# LoRA on a mixture of experts' attention (a saved Mixtral probe), under pp and ZeRO-3
-LORA_MOE = {"id": "lora-mixtral-dp2pp2-z3", "kind": "lora", "dp": 2, "tp": 1, "pp": 2,
-            "zero": 3, "micro_batch_size": 2}
+# LoRA on a mixture of experts (a saved Mixtral probe): attention and, by peft's
+# target_parameters, both experts banks (one at its own rank and alpha), under ep, pp and
+# ZeRO-3
+LORA_MOE = {"id": "lora-mixtral-dp2pp2-z3-ep2", "kind": "lora", "dp": 2, "tp": 1, "pp": 2,
+            "zero": 3, "ep": 2, "micro_batch_size": 2,
+            "target_parameters": ["gate_up_proj", "down_proj"],
+            "rank_pattern": {"gate_up_proj": 8}, "alpha_pattern": {"gate_up_proj": 32}}
 LORA_1 = {"id": "lora-single", "kind": "lora", "model": "tiny-llama", "dp": 1, "tp": 1, "pp": 1}
 WEIGHTS_4 = {"id": "weights-meta", "kind": "weights", **L4, "dp": 1, "tp": 2, "pp": 2}
 # LOMO/AdaLomo updated inside backward: dp reduced in buckets (ZeRO-0) or by FSDP2's
@@ -585,12 +589,14 @@ def test_lora_single_process_matches_peft(tmp_path: Path) -> None:
 
 
 def test_lora_on_a_mixture_of_experts_matches_peft(results4: dict) -> None:
-    """Mixtral's attention and experts' neighbours adapted (q, v, o projections; its
-    experts are 3-D parameters peft's target_modules do not name), at dp2·pp2·ZeRO-3:
-    peft's own model in one process, the saved adapter and the merged weights."""
+    """Mixtral's attention (q, v, o projections) and its experts banks (3-D parameters,
+    peft's target_parameters; gate_up at rank 8 and alpha 32 by peft's patterns) adapted,
+    the experts split by ep2, at dp2·pp2·ZeRO-3: peft's own model in one process, the
+    saved adapter and the merged weights, every adapter tensor."""
     r = results4[LORA_MOE["id"]]
     check_lora(r)
-    assert "dp=2 tp=1 pp=2 zero=3" in r["layout"]
+    assert "dp=2 tp=1 pp=2 ep=2 zero=3" in r["layout"]
+    assert r["expert_adapters"] == 8  # A and B of two banks in each of 2 layers
 
 
 @pytest.mark.parametrize("cfg", LORA_4, ids=[c["id"] for c in LORA_4])

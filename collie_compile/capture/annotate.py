@@ -39,7 +39,7 @@ _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.ma
 _ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 # Routed experts' grouped products (collie_compile.models.experts): torch's fused kernel,
 # or transformers' per-expert fallback op; rows are the (token, expert) pairs routed.
-_GROUPED_OPS = {"aten._grouped_mm.default", "aten.grouped_mm.default",
+GROUPED_OPS = {"aten._grouped_mm.default", "aten.grouped_mm.default",
                 "transformers.grouped_mm_fallback.default"}
 _ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 # a weight read through one of these is still the linear's weight (x @ W.T, Falcon)
@@ -197,7 +197,7 @@ def annotate(ep: ExportedProgram, model: torch.nn.Module) -> AnnotatedGraph:
         if node.op != "call_function":
             continue
         used = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
-        grouped = str(node.target) in _GROUPED_OPS
+        grouped = str(node.target) in GROUPED_OPS
         if node.target in _LINEAR_OPS or grouped:
             used += [w.target for a in node.all_input_nodes
                      if (w := weight_of(a)) is not a and w.target in params]

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import fx
 
 from collie_compile.errors import CollieError
+from collie_compile.models import experts as _registers_the_marker_ops  # noqa: F401
 from collie_compile.passes.collectives import ExpertCombine, ExpertDispatch
 from collie_compile.passes.tensor_parallel import Shard
 

@@ -1,10 +1,25 @@
-"""LoRA as a graph rewrite, composable with tensor parallelism.
+"""LoRA as a graph rewrite, composable with tensor and expert parallelism.
 
 Beside every linear whose module matches a ``peft.LoraConfig``'s ``target_modules``
 (peft's own matcher decides), the pass adds ``scaling * B(A(dropout(x)))`` with
 ``A: [r, in]`` and ``B: [out, r]`` registered at ``<module>.lora_A.weight`` /
 ``<module>.lora_B.weight`` (peft's names less the adapter name). Base weights are
-frozen. Run after :mod:`.tensor_parallel`; the adapters follow their base weight:
+frozen. Ranks and alphas follow the config's ``rank_pattern``/``alpha_pattern``.
+
+``target_parameters`` (peft's ParamWrapper; peft >= 0.21 sets them for "all-linear" on a
+mixture of experts) adapt a parameter itself: a 2-D weight read by a linear (a router's)
+gets the same branch; a bank of experts ``[experts, ...]`` gets ``scaling · B_e A_e x``
+beside each grouped product, expert by expert (:func:`expert_branch`; peft's layout, A
+``[r·E, in]`` holding expert e's rows e·r …, B ``[out, r·E]`` its columns e, e + E, …),
+which is peft's ``(W_e + scaling·B_e A_e) x`` without forming ΔW. Several parameters of
+one module nest as in peft: the
+first targeted is the innermost, at ``<module>.base_layer.lora_A``. Under expert
+parallelism a rank adds the deltas of its own experts; A and B stay whole on every rank
+(their gradient rows for other ranks' experts are zero, so the data-parallel sum over
+all ranks completes them).
+
+Run after :mod:`.tensor_parallel` and :mod:`.expert_parallel`; the adapters of linears
+follow their base weight:
 
 - column-parallel base: B takes the same output rows, A is whole on every rank; the
   branch reads the base's tp-copied input, so no new collective in forward. A's
@@ -17,15 +32,88 @@ frozen. Run after :mod:`.tensor_parallel`; the adapters follow their base weight
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from collie_compile.capture.annotate import GROUPED_OPS
 from collie_compile.errors import CollieError
+from collie_compile.models.experts import grouped_linear
 
+from .expert_parallel import ep_record
 from .tensor_parallel import linear_operands, tp_record
 
 aten = torch.ops.aten
+_RECORD = "collie_lora"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What an adapter (``<prefix>.lora_A/B.weight``) adds to: ``scaling``·B·A onto the
+    parameter ``weight``; for a bank of ``experts`` (0: a linear's weight), expert by
+    expert, the bank stored [experts, in, out] where ``transposed``."""
+
+    weight: str
+    scaling: float
+    experts: int = 0
+    transposed: bool = False
+
+
+def lora_record(gm: fx.GraphModule) -> dict[str, Adapter]:
+    """The adapters :func:`lora` added (prefix -> :class:`Adapter`)."""
+    return gm.meta.setdefault(_RECORD, {})
+
+
+def scaling_of(config: object, key: str) -> tuple[int, float]:
+    """(rank, scaling) of the adapter on ``key`` (a module, or a parameter for
+    ``target_parameters``), with the config's rank and alpha patterns as peft reads them."""
+    from peft.utils.other import get_pattern_key
+
+    r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern, key), config.r))
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, key),
+                                     config.lora_alpha)
+    return r, alpha / (math.sqrt(r) if config.use_rslora else r)
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, experts: int, transposed: bool,
+                 first: int = 0, stop: int | None = None) -> torch.Tensor:
+    """ΔW of experts ``first`` to ``stop`` - 1 of a bank, in its own layout ([n, out, in],
+    or [n, in, out] where ``transposed``), from peft's factors: ``a`` [r·E, in] holds
+    expert e's rows e·r … e·r + r - 1, ``b`` [out, r·E] its columns e, e + E, …"""
+    stop = experts if stop is None else stop
+    a3 = a.reshape(experts, -1, a.shape[-1])[first:stop]  # [n, r, in]
+    b3 = b.reshape(b.shape[0], -1, experts)[..., first:stop].permute(2, 0, 1)  # [n, out, r]
+    if transposed:
+        return torch.bmm(a3.transpose(1, 2), b3.transpose(1, 2))
+    return torch.bmm(b3, a3)
+
+
+def expert_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
+                  scaling: float, experts: int, first: int, count: int) -> torch.Tensor:
+    """``scaling · B_e A_e x`` for the rows ``x`` of experts ``first`` … ``first + count - 1``
+    (expert e's rows end at ``offsets[e - first]``), by two grouped products of rank r:
+    the bank's ΔW is never formed (it would be as large as the experts, kept for
+    backward in every layer)."""
+    a3 = a.reshape(experts, -1, a.shape[-1])[first:first + count]  # [n, r, in]
+    b3 = b.reshape(b.shape[0], -1, experts)[..., first:first + count]  # [out, r, n]
+    h = grouped_linear(x, a3, offsets, transposed=False)
+    return scaling * grouped_linear(h, b3.permute(2, 0, 1), offsets, transposed=False)
+
+
+def _targets_parameter(config: object, name: str) -> bool:
+    """Whether peft's ``target_parameters`` take parameter ``name`` (peft's own rule)."""
+    targets = getattr(config, "target_parameters", None) or ()
+    return name in targets or any(name.endswith(f".{t}") for t in targets)
+
+
+def _prefix(gm: fx.GraphModule, config: object, name: str) -> str:
+    """Where peft puts the adapter of parameter ``name``: its module, and one
+    ``.base_layer`` for each parameter of that module wrapped after it."""
+    module, _, leaf = name.rpartition(".")
+    own = [n for n, _ in gm.get_submodule(module).named_parameters(recurse=False)
+           if _targets_parameter(config, f"{module}.{n}")]
+    return module + ".base_layer" * (len(own) - 1 - own.index(leaf))
 
 
 def is_adapter(name: str) -> bool:
@@ -42,30 +130,27 @@ def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Gene
 
 
 def lora(gm: fx.GraphModule, config: object, tp: int = 1,
-         init: dict[str, torch.Tensor] | None = None, seed: int = 0, tp_rank: int = 0
-         ) -> fx.GraphModule:
+         init: dict[str, torch.Tensor] | None = None, seed: int = 0, tp_rank: int = 0,
+         ep_rank: int = 0) -> fx.GraphModule:
     """Insert LoRA branches for ``config`` (a ``peft.LoraConfig``). ``init`` maps adapter
     names (``<module>.lora_A.weight``) to full tensors, e.g. from a saved PEFT adapter;
     missing ones get peft's default init. Adds the adapters' shards and partial
-    gradients to the graph's :func:`~collie_compile.passes.tensor_parallel.tp_record`."""
+    gradients to the graph's :func:`~collie_compile.passes.tensor_parallel.tp_record`, and
+    what each adapter adapts to :func:`lora_record`. ``ep_rank``: this rank's index in
+    its expert-parallel group (which experts it holds, :func:`.expert_parallel.ep_record`)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
         raise CollieError("DoRA and LoRA biases are not supported; use plain LoRA")
-    if getattr(config, "target_parameters", None):
-        # peft >= 0.21 puts them on a mixture of experts' router weight and fused experts
-        # for target_modules="all-linear"; training without them would not be that adapter
-        raise CollieError(f"LoRA on parameters (target_parameters="
-                          f"{sorted(config.target_parameters)}: a router's weight or fused "
-                          "experts) is not built yet; target linear modules by name, e.g. "
-                          "q_proj, k_proj, v_proj, o_proj")
+    if getattr(config, "target_parameters", None) and config.lora_dropout:
+        raise CollieError("LoRA on parameters (target_parameters) cannot have dropout (peft "
+                          "refuses it too: the input is not split from the weight); set "
+                          "lora_dropout=0")
     record = tp_record(gm)
     shards, partial = record.shards, record.partial_grads
     adapters: dict[str, str] = {}
     linears: set[str] = set()  # the model's own names, for the error below
     gen = torch.Generator().manual_seed(seed)
-    r = int(config.r)
-    scaling = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
     for lin in list(gm.graph.nodes):
         operands = linear_operands(lin)
         if operands is None:
@@ -73,8 +158,15 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         x, w_name, out_dim, _ = operands
         module = w_name.rpartition(".")[0]
         linears.add(module.rpartition(".")[2])
-        if not check_target_module_exists(config, module):
+        by_module = check_target_module_exists(config, module)
+        by_parameter = _targets_parameter(config, w_name)
+        if by_module and by_parameter:
+            raise CollieError(f"{w_name} is targeted twice, by target_modules and by "
+                              "target_parameters; name it in one of them")
+        if not (by_module or by_parameter):
             continue
+        key, prefix = (module, module) if by_module else (w_name, _prefix(gm, config, w_name))
+        r, scaling = scaling_of(config, key)
         weight = gm.get_parameter(w_name)
         shard = shards.get(w_name)
         full_out, full_in = weight.shape[out_dim], weight.shape[1 - out_dim]
@@ -82,11 +174,11 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             full_out, full_in = ((shard.size, full_in) if shard.dim == out_dim
                                  else (full_out, shard.size))
         a_full, b_full = init_adapter(full_in, full_out, r, gen)
-        a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        a_name, b_name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         a_full = (init or {}).get(a_name, a_full)
         b_full = (init or {}).get(b_name, b_full)
         if tuple(a_full.shape) != (r, full_in) or tuple(b_full.shape) != (full_out, r):
-            raise CollieError(f"adapter for {module} has shapes {list(a_full.shape)} / "
+            raise CollieError(f"adapter for {prefix} has shapes {list(a_full.shape)} / "
                               f"{list(b_full.shape)}, expected [{r}, {full_in}] / "
                               f"[{full_out}, {r}]: is it for this model and rank?")
         a, b = a_full, b_full
@@ -99,22 +191,17 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             shards[a_name] = shard.along(1)
             a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
-        mod = gm.get_submodule(module)
-        # a base on the meta device is read from a checkpoint later; the adapters it has
-        # no copy of keep this init
-        device = "cpu" if weight.is_meta else weight.device
-        for name, t in (("lora_A", a), ("lora_B", b)):
-            holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
-            mod.add_module(name, holder)
-        weight.requires_grad_(False)
+        _add_factors(gm, prefix, a, b, weight)
         _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout))
+        adapters[a_name] = adapters[b_name] = w_name
+        lora_record(gm)[prefix] = Adapter(w_name, scaling)
+    for w_name in _expert_banks(gm, config):
+        a_name, b_name = _adapt_experts(gm, config, w_name, init or {}, gen, ep_rank)
         adapters[a_name] = adapters[b_name] = w_name
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
                           f"this model's linears are {', '.join(sorted(linears))}")
-    _refuse_missed(gm, config, {w.rpartition(".")[0] for w in adapters.values()},
-                   set(init or {}) - set(adapters))
+    _refuse_missed(gm, config, set(adapters.values()), set(init or {}) - set(adapters))
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
     gm.graph.lint()
@@ -122,16 +209,94 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     return gm
 
 
+def _add_factors(gm: fx.GraphModule, prefix: str, a: torch.Tensor, b: torch.Tensor,
+                 weight: torch.Tensor) -> None:
+    """Register A and B at ``<prefix>.lora_A/B.weight`` in ``weight``'s dtype; ``weight``
+    frozen. (A base on the meta device is read from a checkpoint later; the adapters it
+    has no copy of keep this init.)"""
+    device = "cpu" if weight.is_meta else weight.device
+    mod = gm
+    for part in prefix.split("."):
+        if not hasattr(mod, part):  # a nested wrapper's .base_layer
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    for name, t in (("lora_A", a), ("lora_B", b)):
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
+        mod.add_module(name, holder)
+    weight.requires_grad_(False)
+
+
+def _expert_banks(gm: fx.GraphModule, config: object) -> list[str]:
+    """The [experts, ...] parameters ``target_parameters`` take."""
+    return [n for n, p in gm.named_parameters() if p.dim() == 3
+            and _targets_parameter(config, n)]
+
+
+def _adapt_experts(gm: fx.GraphModule, config: object, w_name: str,
+                   init: dict[str, torch.Tensor], gen: torch.Generator, ep_rank: int
+                   ) -> tuple[str, str]:
+    """Add ``scaling · B_e A_e x`` to each grouped product of the bank ``w_name`` (this
+    rank's experts); returns the adapter's names."""
+    weight = gm.get_parameter(w_name)
+    shard = ep_record(gm).get(w_name)
+    experts = shard.size if shard is not None else weight.shape[0]
+    first = shard.ranges[ep_rank][0][0] if shard is not None else 0
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == w_name]
+    users = [u for n in reads for u in n.users]
+    # stored [experts, out, in] where the graph transposes it before the grouped product
+    transposed = not any(u.target == aten.transpose.int for u in users)
+    products = [u for u in users + [v for u in users for v in u.users]
+                if str(u.target) in GROUPED_OPS and u.args[1] in (*reads, *users)]
+    if not products:
+        raise CollieError(f"LoRA on {w_name} cannot be built here: the graph does not read "
+                          "it as a grouped product of experts; leave it out of "
+                          "target_parameters")
+    out_dim, in_dim = (2, 1) if transposed else (1, 2)
+    prefix = _prefix(gm, config, w_name)
+    r, scaling = scaling_of(config, w_name)
+    a_full = torch.empty(r * experts, weight.shape[in_dim]).uniform_(
+        -1 / math.sqrt(weight.shape[in_dim]), 1 / math.sqrt(weight.shape[in_dim]),
+        generator=gen)  # peft's init of the experts' A: nn.Linear's kaiming, as for linears
+    b_full = torch.zeros(weight.shape[out_dim], r * experts)
+    a_name, b_name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+    a_full, b_full = init.get(a_name, a_full), init.get(b_name, b_full)
+    want = ((r * experts, weight.shape[in_dim]), (weight.shape[out_dim], r * experts))
+    if (tuple(a_full.shape), tuple(b_full.shape)) != want:
+        raise CollieError(f"adapter for {prefix} has shapes {list(a_full.shape)} / "
+                          f"{list(b_full.shape)}, expected {list(want[0])} / "
+                          f"{list(want[1])}: is it for this model?")
+    _add_factors(gm, prefix, a_full, b_full, weight)
+    g = gm.graph
+    for op in products:
+        x, offsets = op.args[0], op.args[2]
+        with g.inserting_before(op.next):  # inside the block, as outline_blocks wants it
+            a, b = g.get_attr(a_name), g.get_attr(b_name)
+            low = g.call_function(expert_branch, (x, a, b, offsets, scaling, experts, first,
+                                                  weight.shape[0]))
+            out = g.call_function(aten.add.Tensor, (op, low))
+        for n in (a, b, low, out):
+            n.meta["nn_module_stack"] = op.meta.get("nn_module_stack", {})
+        out.meta["val"] = op.meta.get("val")
+        op.replace_all_uses_with(out, delete_user_cb=lambda u, out=out: u is not out)
+    lora_record(gm)[prefix] = Adapter(w_name, scaling, experts, transposed)
+    return a_name, b_name
+
+
 def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
                    unplaced: set[str]) -> None:
     """Refuse, rather than train a different adapter than peft's: a targeted module with a
     2-D weight whose linear the graph does not show as one (a router computing its
-    logits from a cast copy of its weight), or a given adapter tensor no linear took."""
+    logits from a cast copy of its weight), a targeted parameter no linear or experts bank
+    took, or a given adapter tensor nothing took."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     modules = {n.rpartition(".")[0] for n, p in gm.named_parameters()
                if n.endswith(".weight") and p.dim() == 2}
-    missed = sorted(m for m in modules - adapted if check_target_module_exists(config, m))
+    done = {w.rpartition(".")[0] for w in adapted}
+    missed = sorted(m for m in modules - done if check_target_module_exists(config, m))
+    missed += sorted(n for n, _ in gm.named_parameters()
+                     if _targets_parameter(config, n) and n not in adapted)
     if missed or unplaced:
         what = missed[0] if missed else sorted(unplaced)[0]
         raise CollieError(f"LoRA on {what} cannot be built here: its weight reaches the "

@@ -14,8 +14,11 @@ returned unchanged.
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
 
 
 def router_outputs(gm: fx.GraphModule) -> fx.GraphModule:
@@ -31,5 +34,11 @@ def router_outputs(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph._codegen.pytree_info = gm.graph._codegen.pytree_info._replace(
         out_spec=gm._out_spec)
     gm.graph.eliminate_dead_code()
+    # export's dtype/device asserts keep the dropped loss's ops alive: drop the asserts
+    # on values nothing else reads, then what only they read
+    while dead := [n for n in gm.graph.nodes if n.target is _ASSERT and len(n.args[0].users) == 1]:
+        for n in dead:
+            gm.graph.erase_node(n)
+        gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

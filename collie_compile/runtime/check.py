@@ -137,26 +137,23 @@ def _initial_model(config: dict, directory: Path) -> None:
     model.save_pretrained(directory)
 
 
-def _lora_config() -> object:
+def _lora_config(**fields: object) -> object:
+    """LoRA on all linears, and ``fields`` (e.g. ``target_parameters``) as given."""
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear",
-                      lora_dropout=0.0)
+    return LoraConfig(**{"r": LORA_RANK, "lora_alpha": 2 * LORA_RANK,
+                         "target_modules": "all-linear", "lora_dropout": 0.0, **fields})
 
 
-def _lora_init(base: Path, directory: Path) -> None:
+def _lora_init(base: Path, directory: Path, fields: dict) -> None:
     """A PEFT adapter with random A and B (peft starts B at zero, which would hide a
-    wrong gradient of A for a step)."""
+    wrong gradient of A for a step); ``fields`` of its LoraConfig beside the defaults."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _lora_config())
-    linears = model.peft_config["default"]
-    if linears.target_parameters:  # a mixture of experts: all-linear adds router/experts
-        # parameters, which the LoRA pass refuses (not built yet): the linears alone
-        linears = _lora_config()
-        linears.target_modules = sorted(model.peft_config["default"].target_modules)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), linears)
+    # on a mixture of experts, all-linear also adapts routers' weights and the experts
+    # banks (peft's target_parameters) where peft knows the family
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _lora_config(**fields))
     gen = torch.Generator().manual_seed(7)
     for n, p in model.named_parameters():
         if "lora_" in n:
@@ -231,7 +228,7 @@ def run_case(case: Case, workdir: Path) -> Result:
 
     d = workdir / case.id
     base, adapter, out = d / "init", d / "adapter-init", d / "trained"
-    lora = bool(case.layout.get("lora"))
+    lora = bool(case.layout.get("lora"))  # True, or LoraConfig fields beside the defaults
     pins = {k: v for k, v in case.layout.items() if k != "lora"}
     problem = ""
     if dist.get_rank() == 0:
@@ -239,7 +236,8 @@ def run_case(case: Case, workdir: Path) -> Result:
             d.mkdir(parents=True, exist_ok=True)
             _initial_model(case.config, base)
             if lora:
-                _lora_init(base, adapter)
+                _lora_init(base, adapter, case.layout["lora"] if isinstance(
+                    case.layout["lora"], dict) else {})
         except Exception as e:  # the model itself does not build: not ours to judge
             problem = first_line(e)
     problem = all_strings(problem)[0]

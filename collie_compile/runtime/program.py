@@ -36,7 +36,7 @@ from collie_compile.passes.data_parallel import data_parallel
 from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
 from collie_compile.passes.expert_parallel import ep_record, expert_parallel
-from collie_compile.passes.lora import is_adapter
+from collie_compile.passes.lora import Adapter, is_adapter, lora_record
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
 from collie_compile.passes.outline_blocks import outline_blocks
@@ -92,6 +92,7 @@ class RankProgram:
     ep_shards: dict[str, Shard] = field(default_factory=dict)  # expert weight -> its split
     ep_group: object = None  # the ranks splitting the experts (None: ep = 1)
     router_loss: RouterLoss | None = None  # the last stage returns router logits for it
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # LoRA prefix -> its base
 
     def shard(self, name: str) -> tuple[Shard, int] | None:
         """How ``name`` is split between ranks (by tp, or by ep for routed experts) and
@@ -256,7 +257,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     coords.ep = coords.dp % c.ep
     gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
     if lora is not None:
-        gm = apply_pass("lora", lambda: lora_pass(gm, lora, c.tp, lora_init, tp_rank=coords.tp))
+        gm = apply_pass("lora", lambda: lora_pass(gm, lora, c.tp, lora_init,
+                                                  tp_rank=coords.tp, ep_rank=coords.ep))
     record = tp_record(gm)
     gm = apply_pass("outline_blocks", lambda: outline_blocks(gm, ag.block_prefix))
     parts = apply_pass("pipeline_split", lambda: pipeline_split(gm, ag.block_prefix,
@@ -287,7 +289,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
                  if n not in params and not b.is_meta},
         # weights stored [in, out] (GPT-2's Conv1D): a merged adapter goes in transposed
         fan_in_fan_out={n for n, m in model.named_modules() if isinstance(m, Conv1D)},
-        takes_positions=position_ids, router_loss=aux)
+        takes_positions=position_ids, router_loss=aux, adapters=dict(lora_record(gm)))
 
     pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
     dtype = next(iter(ag.gm.parameters())).dtype

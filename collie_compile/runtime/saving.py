@@ -21,6 +21,7 @@ from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
 from collie_compile.models.registry import architecture
 from collie_compile.optim.in_backward import STATE_KEYS
+from collie_compile.passes.lora import Adapter, expert_delta, scaling_of
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import folders
 from collie_compile.runtime import state as ckpt
@@ -94,7 +95,7 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             lora.save_pretrained(str(tmp))
         else:
-            weights = merged(weights, lora, prog.fan_in_fan_out)
+            weights = merged(weights, lora, prog.fan_in_fan_out, prog.adapters)
             # a tied weight once, under the name HF stores (it re-ties on load)
             weights = {k: v for k, v in weights.items() if prog.tied.get(k, k) == k}
             weights.update({k: v for k, v in prog.buffers.items() if k not in weights})
@@ -294,16 +295,22 @@ def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tens
 
 
 def merged(weights: dict[str, torch.Tensor], config: object | None,
-           fan_in_fan_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+           fan_in_fan_out: set[str] = frozenset(),
+           adapters: dict[str, Adapter] | None = None) -> dict[str, torch.Tensor]:
     """Base weights with each adapter folded in (W + scaling·B·A, transposed for the
-    modules in ``fan_in_fan_out`` that store W as [in, out]), adapters dropped."""
+    modules in ``fan_in_fan_out`` that store W as [in, out]; expert by expert for a bank
+    of experts), adapters dropped. ``adapters`` (the LoRA pass's record) says what each
+    adapts; by default the linear weight of the module holding it."""
     out = {k: v for k, v in weights.items() if ".lora_" not in k}
     for a_name in [k for k in weights if k.endswith(".lora_A.weight")]:
-        module = a_name.removesuffix(".lora_A.weight")
-        r = weights[a_name].shape[0]
-        scaling = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
-        b = weights[f"{module}.lora_B.weight"]
-        delta = scaling * (b @ weights[a_name])
-        out[f"{module}.weight"] = out[f"{module}.weight"] + (
-            delta.T if module in fan_in_fan_out else delta)
+        prefix = a_name.removesuffix(".lora_A.weight")
+        a, b = weights[a_name], weights[f"{prefix}.lora_B.weight"]
+        spec = (adapters or {}).get(prefix) or Adapter(f"{prefix}.weight",
+                                                       scaling_of(config, prefix)[1])
+        if spec.experts:
+            delta = expert_delta(a, b, spec.experts, spec.transposed)
+        else:
+            delta = b @ a
+            delta = delta.T if prefix in fan_in_fan_out else delta
+        out[spec.weight] = out[spec.weight] + spec.scaling * delta
     return out
