@@ -139,6 +139,10 @@ CASES = [
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                               "mlp.router.weight"]}}),
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
+    # AdamW updating inside backward, the experts' gradients reduced over their own ranks
+    Case("mixtral-ep2-inside", MOE["mixtral"], {**EP["ep2"], **INSIDE}),
+    Case("qwen3_moe-ep2-pp2-z3-inside", MOE["qwen3_moe"],
+         {**EP["ep2-pp2"], "zero": 3, **INSIDE}),
     # tp on attention beside ep on the experts (the MoE sublayer whole on each tp rank)
     Case("qwen3_moe-tp2-ep2", MOE["qwen3_moe"], dict(dp=2, tp=2, pp=1, zero=0, ep=2)),
     # the router loss over each micro-batch (four here), as transformers computes it per

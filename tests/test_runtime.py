@@ -117,6 +117,13 @@ FUSED_4 = [
      "tp": 2, "pp": 2, "max_grad_norm": 0.5},
     {"id": "lomo-dp2pp2-value", "kind": "fused", "optimizer": "lomo", **L4, "dp": 2,
      "tp": 1, "pp": 2, "zero": 0, "clip_value": 1e-3},
+    # experts split by ep: AdaLomo's whole-bank statistics summed over the ep group, the
+    # gradient norm over every rank counting each expert once
+    {"id": "adalomo-dp4-ep2-z3", "kind": "fused", "optimizer": "adalomo",
+     "model": "tiny-mixtral", "dp": 4, "tp": 1, "pp": 1, "zero": 3, "ep": 2},
+    {"id": "lomo-dp2pp2-ep2-clip", "kind": "fused", "optimizer": "lomo",
+     "model": "tiny-mixtral", "dp": 2, "tp": 1, "pp": 2, "zero": 0, "ep": 2,
+     "max_grad_norm": 0.5},
 ]
 # Lion, AdamW and Adan with update_in_backward against torch.optim.AdamW, lion-pytorch's
 # Lion and the Adan paper's update after a plain backward: ZeRO-1 (each weight updated by

@@ -171,9 +171,6 @@ def layout_problem(lay: Layout, prof: ModelProfile, gpus_per_node: int,
         ("ep-zero1", lay.ep > 1 and lay.zero == 1 and lay.dp > 1,
          f"ZeRO-1 shards optimizer states over all dp ranks, and under ep={lay.ep} they hold "
          "different experts; use zero 0, 2 or 3 (experts stay split by ep)"),
-        ("ep-backward", lay.ep > 1 and in_backward,
-         f"ep={lay.ep} with an update inside backward is not built yet; update after "
-         "backward (--no-update-in-backward) or use ep=1"),
         ("tied", in_backward and lay.pp > 1 and prof.tied_params,
          f"pp={lay.pp} puts {prof.name}'s tied embedding and LM head on different stages, "
          "whose gradients must be summed before an update inside backward; use pp=1 or "

@@ -127,6 +127,7 @@ class FusedBackward:
         device = next(iter(self.params.values())).device if self.params else None
         self._sumsq = torch.zeros((), dtype=torch.float64, device=device)
         self.accumulations = 1
+        self.accumulations_of: dict[int, int] = {}  # id(p) -> its own count, where it differs
         self._seen: dict[int, int] = {}
         self._hooks: list = []
 
@@ -159,7 +160,7 @@ class FusedBackward:
     def _on_accumulated(self, p: torch.nn.Parameter) -> None:
         n = self._seen.get(id(p), 0) + 1
         self._seen[id(p)] = n
-        if n == self.accumulations:
+        if n == self.accumulations_of.get(id(p), self.accumulations):
             del self._seen[id(p)]  # the next step counts afresh
             self.on_final(p)
 

@@ -49,7 +49,10 @@ class GradReducer:
     ``on_ready(p)``, when set, is called for each parameter as soon as its reduced
     gradient is ready (buckets in order, as their all-reduces complete): the hook for
     optimizer updates fused into backward. Those free each gradient once applied, so then
-    a bucket is a flat copy, made at launch and written back.
+    a bucket is a flat copy, made at launch and written back. With ``in_order`` each
+    bucket is waited for at launch, so ``on_ready`` runs at the same point of backward on
+    every rank: updates that run collectives of their own (AdaLomo's sums over the ranks
+    holding a weight's other slices) then meet in the same order on all of them.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], group: dist.ProcessGroup,
@@ -57,6 +60,7 @@ class GradReducer:
         self.group = group
         self.accumulations = 1
         self.on_ready: Callable[[torch.nn.Parameter], None] | None = None
+        self.in_order = False
         self.buckets: list[list[torch.nn.Parameter]] = [[]]
         size = 0
         for p in reversed([p for p in params if p.requires_grad]):
@@ -123,7 +127,7 @@ class GradReducer:
         self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True),
                               flat, params))
         if self.on_ready is not None:
-            self._drain(wait=False)
+            self._drain(wait=self.in_order)
 
     def _drain(self, wait: bool) -> None:
         """Finish the reduced buckets, in order: all of them, or (``wait=False``) those

@@ -93,10 +93,11 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
     if not inside:
         return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
     cdist.agree(lambda: _refuse_split_ties(program, rule))
-    if program.ep_shards:  # a plan made by hand: the planner never gives this one
-        raise CollieError(f"{rule} inside backward with experts split by ep="
-                          f"{program.chosen.ep} is not built yet; update after backward or "
-                          "use ep=1")
+    c = program.chosen
+    if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
+        raise CollieError(f"ZeRO-1 inside backward keeps each weight's states on one dp "
+                          f"rank, and under ep={c.ep} they hold different experts; use "
+                          "zero 0, 2 or 3")
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
 
 
@@ -163,20 +164,29 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
         # One seed everywhere: replicas of a parameter (dp under ZeRO-0, tp peers of a
         # replicated norm) must round it the same way or they drift apart.
         counts_in_norm=lambda n: program.writes(n, params[n]), seed=0)
-    fsdp = False
+    fsdp, outside_fsdp = False, []
     for st in program.stages:
         reducers = grad_reducers(st)
         for reducer in reducers:
             reducer.on_ready = engine.on_final
+            # with experts split by ep, updates sum over ep, dp or tp groups from several
+            # reducers' and FSDP's hooks: in backward's order, the same on every rank
+            reducer.in_order = bool(program.ep_shards)
         reduced = {id(p) for r in reducers for b in r.buckets for p in b}
-        engine.attach([p for p in st.parameters() if p.requires_grad and id(p) not in reduced])
+        attached = [p for p in st.parameters() if p.requires_grad and id(p) not in reduced]
+        engine.attach(attached)
         fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
+        # experts split by ep with no other rank holding them: FSDP leaves them alone
+        outside_fsdp += [p for n, p in st.named_parameters()
+                         if n in program.ep_shards and any(p is q for q in attached)]
     # Under torch.distributed.pipelining an FSDP2 stage syncs gradients once, after
     # the last micro-batch, and runs the hooks then; otherwise FSDP2 reduce-scatters
     # every micro-batch (gradients stay sharded, as the memory model counts them) and
     # runs them each time, as plain autograd does.
     pipelined = program.chosen.pp > 1
-    engine.accumulations = 1 if fsdp and pipelined else program.chosen.num_microbatches
+    m = program.chosen.num_microbatches
+    engine.accumulations = 1 if fsdp and pipelined else m
+    engine.accumulations_of = {id(p): m for p in outside_fsdp}
     return engine
 
 
@@ -207,12 +217,15 @@ def _send_from_owners(program: RankProgram, params: dict[str, torch.nn.Parameter
 
 
 def _allsum_for(program: RankProgram, name: str, p: torch.Tensor) -> object | None:
-    """Sum over the ranks holding the other slices of ``name``: tp (its shard dim)
-    and, under FSDP2, dp (dim 0). None for a parameter this rank holds whole."""
+    """Sum over the ranks holding the other slices of ``name``: tp (its shard dim), ep
+    (a bank of experts, dim 0) and, under FSDP2, dp (dim 0). None for a parameter this
+    rank holds whole."""
     splits = []
     shard = program.tp_shards.get(name)
     if shard is not None:
         splits.append((shard.dim, program.mesh.get_group("tp")))
+    if name in program.ep_shards:
+        splits.append((0, program.ep_group))
     for placement in getattr(p, "placements", ()):
         if placement.is_shard():
             splits.append((placement.dim, program.mesh.get_group("dp")))
