@@ -3,9 +3,21 @@
 import argparse
 import warnings
 
-from . import checkpoints, estimate, fidelity, moe, optimizer_kernels, plan, rss, train, zoo
+from . import (
+    checkpoints,
+    estimate,
+    experts_kernel,
+    fidelity,
+    moe,
+    optimizer_kernels,
+    plan,
+    rss,
+    train,
+    zoo,
+)
 
-SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main, "fidelity": fidelity.main,
+SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main,
+          "experts": experts_kernel.main, "fidelity": fidelity.main,
           "kernels": optimizer_kernels.main, "moe": moe.main, "plan": plan.main,
           "rss": rss.main,
           "train": train.main,

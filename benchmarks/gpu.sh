@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a CUDA machine adds to the CPU runs: the GPU tests (compiled Triton kernels, training
 # on the GPU against one CPU process), the kernels' bandwidth, estimate against
-# max_memory_allocated, and fidelity on the GPU. Each step logs to OUTDIR/STEP.log and the
+# max_memory_allocated, fidelity on the GPU, and routed experts (the fused grouped GEMM
+# against transformers' loop and its own grouped_mm). Each step logs to OUTDIR/STEP.log and the
 # suites write their tables there; a failing step does not stop the others.
 #   usage: benchmarks/gpu.sh OUTDIR        (about 5 minutes on one H100)
 set -u
@@ -26,4 +27,5 @@ step tests python3 -m pytest -q -rs tests/test_kernels.py tests/test_cuda.py
 step kernels python3 -m benchmarks kernels --out "$out"
 step estimate python3 -m benchmarks estimate --out "$out"
 step fidelity python3 -m benchmarks fidelity --out "$out"
+step experts python3 -m benchmarks experts --out "$out"
 exit $failed

@@ -18,9 +18,9 @@ shared experts stay the family's own code, captured as it is. ``grouped`` is tor
 ``grouped_mm`` where it has a kernel (CUDA, bf16, sm80+), else transformers'
 registered per-expert fallback op; the graph prices either as the active experts'
 FLOPs (:mod:`collie_compile.capture.annotate`). The choice is made while tracing, and
-rank programs are traced on the CPU or the meta device: their graphs call the fallback,
-a loop over experts, on GPUs too (correct, slower; swapping in the fused kernel per
-stage after move_to_device is still to do).
+rank programs are traced on the CPU or the meta device, so their graphs record the
+fallback; :mod:`collie_compile.passes.grouped_experts` points each such call at
+:func:`grouped_mm`, which takes the fused kernel on the device where it can.
 """
 
 from __future__ import annotations
@@ -43,16 +43,21 @@ def _grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``w[e]`` ([experts, in, out]):
+    torch's fused grouped GEMM where it takes the operands, else transformers' per-expert
+    loop (the op the graph then shows, and prices)."""
+    if _grouped_kernel(x, w):
+        return F.grouped_mm(x, w, offs=offsets)
+    return torch.ops.transformers.grouped_mm_fallback(x, w, offsets)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                    transposed: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times expert ``e``'s weight (stored
     [experts, in, out] when ``transposed``, else [experts, out, in]), plus its bias rows."""
     w = weight if transposed else weight.transpose(-2, -1)
-    x = x.to(w.dtype)
-    if _grouped_kernel(x, w):
-        out = F.grouped_mm(x, w, offs=offsets)
-    else:
-        out = torch.ops.transformers.grouped_mm_fallback(x, w, offsets)
+    out = grouped_mm(x.to(w.dtype), w, offsets)
     return out if bias is None else out + bias
 
 

@@ -4,8 +4,8 @@ Every rank captures the model at the plan's micro-batch shape and applies the pa
 its coordinates in the (pp, dp, tp) mesh, in this order:
 
     capture -> router_outputs -> tensor_parallel -> expert_parallel -> lora ->
-    outline_blocks -> pipeline_split, then per stage move_to_device -> expand_grouped_kv
-    -> (weights read) -> recompute -> dropout -> data_parallel
+    outline_blocks -> pipeline_split, then per stage move_to_device -> grouped_experts ->
+    expand_grouped_kv -> (weights read) -> recompute -> dropout -> data_parallel
 
 :func:`build_rank_program` is that list, one pass per line; what the passes found (the
 shards, the groups that sum partial gradients, which stage holds which weight) comes
@@ -36,6 +36,7 @@ from collie_compile.passes.data_parallel import data_parallel
 from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
 from collie_compile.passes.expert_parallel import ep_record, expert_parallel
+from collie_compile.passes.grouped_experts import fused_grouped_experts
 from collie_compile.passes.lora import Adapter, is_adapter, lora_record
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
@@ -301,6 +302,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
         # per-stage passes: local to this rank, no collective (ranks may differ, e.g. in
         # whether their GPU fuses grouped-query attention)
         st = named_pass("move_to_device", lambda k=k: move_to_device(parts[k], device))
+        st = named_pass("grouped_experts", lambda st=st: fused_grouped_experts(st))
         if not fused_gqa(device, dtype):
             st = named_pass("expand_grouped_kv", lambda st=st: expand_grouped_kv(st))
         if pieces is not None:  # read just this rank's slices
