@@ -134,6 +134,9 @@ CASES = [
     Case("mixtral-lora-ep2", MOE["mixtral"], {**EP["ep2"], "lora": True}),
     Case("mixtral-lora-tp2-ep2", MOE["mixtral"], dict(dp=2, tp=2, pp=1, zero=0, ep=2,
                                                       lora=True)),
+    # DeepSeek-V3's router computes in fp32 from a cast of its weight (F.linear(x.float(),
+    # W.float())): its adapter added in that dtype
+    Case("deepseek_v3-lora-ep2", MOE["deepseek_v3"], {**EP["ep2"], "lora": True}),
     # gpt-oss's banks stored [experts, in, out], with biases; its router a bias linear
     Case("gpt_oss-lora-experts-ep2", MOE["gpt_oss"], {**EP["ep2"], "lora": {
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",

@@ -152,10 +152,10 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     linears: set[str] = set()  # the model's own names, for the error below
     gen = torch.Generator().manual_seed(seed)
     for lin in list(gm.graph.nodes):
-        operands = linear_operands(lin)
+        operands = _linear_reading(lin)
         if operands is None:
             continue
-        x, w_name, out_dim, _ = operands
+        x, w_name, out_dim, cast = operands
         module = w_name.rpartition(".")[0]
         linears.add(module.rpartition(".")[2])
         by_module = check_target_module_exists(config, module)
@@ -192,7 +192,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
         _add_factors(gm, prefix, a, b, weight)
-        _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout))
+        _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout), cast)
         adapters[a_name] = adapters[b_name] = w_name
         lora_record(gm)[prefix] = Adapter(w_name, scaling)
     for w_name in _expert_banks(gm, config):
@@ -305,10 +305,33 @@ def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
                           "the target modules")
 
 
+_CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def _linear_reading(n: fx.Node) -> tuple[fx.Node, str, int, torch.dtype | None] | None:
+    """(input, weight name, output-feature dim, dtype) of a linear: as
+    :func:`~.tensor_parallel.linear_operands` finds them (dtype None), or an
+    ``aten.linear`` reading its weight through a cast (a router computing in fp32,
+    ``F.linear(x.float(), W.float())``), with the dtype it casts to."""
+    found = linear_operands(n)
+    if found is not None:
+        return (*found[:3], None)
+    w = n.args[1] if n.target == aten.linear.default else None
+    dtype = getattr(getattr(w, "meta", {}).get("val"), "dtype", None)
+    cast = False
+    while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _CASTS:
+        w, cast = w.args[0], True
+    if cast and w.op == "get_attr":
+        return n.args[0], w.target, 0, dtype
+    return None
+
+
 def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
-                   b_name: str, scaling: float, dropout: float) -> None:
-    """``lin + scaling * B(A(dropout(x)))`` for ``lin`` reading ``x``; every user of
-    ``lin`` (a tp all-reduce included) reads the sum instead."""
+                   b_name: str, scaling: float, dropout: float,
+                   cast: torch.dtype | None = None) -> None:
+    """``lin + scaling * B(A(dropout(x)))`` for ``lin`` reading ``x`` (A and B cast to
+    ``cast`` first where the linear casts its weight so); every user of ``lin`` (a tp
+    all-reduce included) reads the sum instead."""
     g = gm.graph
     inp = x
     with g.inserting_before(lin.next):
@@ -316,11 +339,14 @@ def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
             x = g.call_function(aten.dropout.default, (x, dropout, True))
         a = g.get_attr(a_name)
         b = g.get_attr(b_name)
+        if cast is not None:
+            a = g.call_function(aten.to.dtype, (a, cast))
+            b = g.call_function(aten.to.dtype, (b, cast))
         h = g.call_function(aten.linear.default, (x, a))
         low = g.call_function(aten.linear.default, (h, b))
         y = g.call_function(aten.mul.Tensor, (low, scaling))
         out = g.call_function(aten.add.Tensor, (lin, y))
-    for n in (x, h, low, y, out):
+    for n in (x, a, b, h, low, y, out):
         if isinstance(n, fx.Node) and n is not inp:
             n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     out.meta["val"] = lin.meta.get("val")

@@ -188,7 +188,8 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
     losses, grads = [], {}
     for b in data:
         opt.zero_grad(set_to_none=True)
-        calls = b.split(micro_batch) if model.config.output_router_logits else [b]
+        calls = (b.split(micro_batch) if getattr(model.config, "output_router_logits", False)
+                 else [b])
         loss = sum(model(input_ids=c, labels=c, use_cache=False).loss
                    for c in calls) / len(calls)
         loss.backward()
