@@ -67,8 +67,6 @@ def test_uncapturable_model_names_module_and_line():
 
 @pytest.mark.parametrize("model_type,change,says", [
     ("jetmoe", {}, "whose experts do not run through transformers' experts interface"),
-    ("mixtral", {"output_router_logits": True}, "the router's load-balancing loss is not "
-                                                "added to the loss yet"),
     ("qwen3_moe", {"router_jitter_noise": 0.1}, None),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise > 0"),
     ("glm_moe_dsa", {}, "uses sparse attention (model.layers.0.self_attn.indexer"),
@@ -76,9 +74,10 @@ def test_uncapturable_model_names_module_and_line():
 def test_experts_the_runtime_cannot_run_exactly_are_refused(model_type, change, says,
                                                             tmp_path, capsys):
     """Mixtures of experts capture (models.experts) unless their experts loop in Python
-    (JetMoE), or the loss would lack the router's auxiliary loss, or jitter would stay on
-    in evaluation, or DeepSeek's sparse attention picks keys from a mask the capture does
-    not hand it: refused before export, naming the layer, from the API and the CLI."""
+    (JetMoE), or jitter would stay on in evaluation, or DeepSeek's sparse attention picks
+    keys from a mask the capture does not hand it: refused before export, naming the
+    layer, from the API and the CLI. (The routers' loss is computed:
+    test_expert_parallel.)"""
     from transformers import AutoConfig
 
     from collie_compile.cli import main

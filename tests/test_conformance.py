@@ -142,6 +142,8 @@ CASES = [
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                               "mlp.router.weight"]}}),
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
+    # a recomputed block reruns its all-to-alls in backward, in the same order on each rank
+    Case("qwen3_moe-ep2-recompute-full", MOE["qwen3_moe"], {**EP["ep2"], "recompute": "full"}),
     # AdamW updating inside backward, the experts' gradients reduced over their own ranks
     Case("mixtral-ep2-inside", MOE["mixtral"], {**EP["ep2"], **INSIDE}),
     Case("qwen3_moe-ep2-pp2-z3-inside", MOE["qwen3_moe"],
