@@ -12,11 +12,10 @@ gets the same branch; a bank of experts ``[experts, ...]`` gets ``scaling · B_e
 beside each grouped product, expert by expert (:func:`expert_branch`; peft's layout, A
 ``[r·E, in]`` holding expert e's rows e·r …, B ``[out, r·E]`` its columns e, e + E, …),
 which is peft's ``(W_e + scaling·B_e A_e) x`` without forming ΔW. Several parameters of
-one module nest as in peft: the
-first targeted is the innermost, at ``<module>.base_layer.lora_A``. Under expert
-parallelism a rank adds the deltas of its own experts; A and B stay whole on every rank
-(their gradient rows for other ranks' experts are zero, so the data-parallel sum over
-all ranks completes them).
+one module nest as in peft: the first targeted is the innermost, at
+``<module>.base_layer.lora_A``. Under expert parallelism a rank adds the branches of its
+own experts; A and B stay whole on every rank (their gradient rows for other ranks'
+experts are zero, so the data-parallel sum over all ranks completes them).
 
 Run after :mod:`.tensor_parallel` and :mod:`.expert_parallel`; the adapters of linears
 follow their base weight:
