@@ -142,6 +142,9 @@ CASES = [
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                               "mlp.router.weight"]}}),
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
+    # LoRA on layer 0 only, pp2: the second stage would have nothing to update
+    Case("llama-lora-layer0-pp2", LLAMA, {**LAYOUTS["pp2"], "lora": {
+        "target_modules": ["q_proj"], "layers_to_transform": [0]}}),
     # a recomputed block reruns its all-to-alls in backward, in the same order on each rank
     Case("qwen3_moe-ep2-recompute-full", MOE["qwen3_moe"], {**EP["ep2"], "recompute": "full"}),
     # AdamW updating inside backward, the experts' gradients reduced over their own ranks
@@ -178,7 +181,8 @@ REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differentl
                                    "use pp=1 or update after backward"),
            # attention sinks, one per head, joined to the split logits whole
            "gpt_oss-tp2": ("fails on the local shapes", "dp, pp and ZeRO work"),
-           "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3")}
+           "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3"),
+           "llama-lora-layer0-pp2": ("holds no trainable weight", "use a smaller pp")}
 
 
 @pytest.fixture(scope="module")

@@ -275,3 +275,19 @@ def test_grouped_experts_pass_dispatches_to_the_fused_kernel_where_it_can() -> N
     assert sum(n.target is grouped_mm for n in out.graph.nodes) == loops
     assert not any(n.target is fallback for n in out.graph.nodes)
     torch.testing.assert_close(out(input_ids=ids), before, rtol=0, atol=0)
+
+
+def test_lora_on_a_linear_whose_forward_is_not_its_output_is_refused() -> None:
+    """PhiMoE's router is an nn.Linear returning (logits, weights, choices): peft's model
+    fails on it, so LoRA there is refused by name; Mixtral's all-linear is not."""
+    from peft import LoraConfig
+
+    from collie_compile.runtime.options import refuse_what_peft_cannot_adapt
+
+    phimoe = AutoModelForCausalLM.from_config(probe_config(
+        AutoConfig.for_model("phimoe"), layers=1, no_dropout=True))
+    with pytest.raises(CollieError, match=r"model.layers.0.mlp.router \(PhimoeTopKRouter\)"):
+        refuse_what_peft_cannot_adapt(phimoe, LoraConfig(target_modules=["router", "q_proj"]))
+    refuse_what_peft_cannot_adapt(phimoe, LoraConfig(target_modules=["q_proj"]))
+    _, mixtral = _mixtral_graph()
+    refuse_what_peft_cannot_adapt(mixtral, LoraConfig(target_modules="all-linear"))

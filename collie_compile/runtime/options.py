@@ -80,6 +80,28 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
                       lora_dropout=dropout)
 
 
+def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> None:
+    """Refuse LoRA on a targeted ``nn.Linear`` whose own forward returns something else
+    than its output tensor (PhiMoE's router returns logits, weights and choices): peft
+    adds its branch to that output and fails, so an adapter trained here could not be
+    loaded, run or merged by peft."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for name, mod in model.named_modules():
+        if (not isinstance(mod, torch.nn.Linear) or type(mod).forward is torch.nn.Linear.forward
+                or not check_target_module_exists(config, name)):
+            continue
+        w = mod.weight
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # jitter draws nothing
+            out = mod(torch.zeros(1, mod.in_features, device=w.device, dtype=w.dtype))
+        if not isinstance(out, torch.Tensor):
+            raise CollieError(f"LoRA on {name} ({type(mod).__name__}): its forward returns "
+                              f"a {type(out).__name__}, not the linear's output, which peft "
+                              "cannot adapt (its model fails on that forward: the adapter "
+                              "could not be used there); leave "
+                              f"{name.rpartition('.')[2]} out of the target modules")
+
+
 def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
     """(rank, targets) of a ``peft.LoraConfig`` as the planner prices them."""
     if config is None:

@@ -48,6 +48,7 @@ from collie_compile.passes.tensor_parallel import Shard, tensor_parallel, tp_rec
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import state as ckpt
+from collie_compile.runtime.options import refuse_what_peft_cannot_adapt
 from collie_compile.runtime.router_loss import RouterLoss, router_loss
 
 T = TypeVar("T")
@@ -258,6 +259,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     coords.ep = coords.dp % c.ep
     gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
     if lora is not None:
+        refuse_what_peft_cannot_adapt(model, lora)
         gm = apply_pass("lora", lambda: lora_pass(gm, lora, c.tp, lora_init,
                                                   tp_rank=coords.tp, ep_rank=coords.ep))
     record = tp_record(gm)

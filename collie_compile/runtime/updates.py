@@ -90,6 +90,7 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
                  options: FusedOptions, inside: bool = False) -> Updates:
     """The optimizer of ``program``'s trainable parameters, inside backward or not."""
     rule = optimizer.lower()
+    cdist.agree(lambda: _refuse_nothing_to_train(program))
     if not inside:
         return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
     cdist.agree(lambda: _refuse_split_ties(program, rule))
@@ -99,6 +100,17 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
                           f"rank, and under ep={c.ep} they hold different experts; use "
                           "zero 0, 2 or 3")
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
+
+
+def _refuse_nothing_to_train(program: RankProgram) -> None:
+    """A rank whose stages hold no trainable weight (pp cut a family whose layers the
+    block outline does not follow, LongCat-Flash's; or LoRA adapts no module there): it
+    would have nothing to update, and torch's optimizers refuse an empty list."""
+    if not any(p.requires_grad for st in program.stages for p in st.parameters()):
+        c = program.chosen
+        raise CollieError(f"pipeline stage {program.stage_ids} of pp={c.pp} holds no "
+                          f"trainable weight of {program.plan.model} (none of its own, or "
+                          "with LoRA no adapter): use a smaller pp (pp=1 works)")
 
 
 def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: dict
