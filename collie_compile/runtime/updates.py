@@ -91,14 +91,14 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
     """The optimizer of ``program``'s trainable parameters, inside backward or not."""
     rule = optimizer.lower()
     cdist.agree(lambda: _refuse_nothing_to_train(program))
+    c = program.chosen
+    if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
+        raise CollieError(f"ZeRO-1 keeps each weight's optimizer states on one dp rank, and "
+                          f"under ep={c.ep} the dp ranks hold different experts; use zero 0, "
+                          "2 or 3")
     if not inside:
         return Updates(rule, optimizer=_torch_optimizer(program, rule, lr, kwargs))
     cdist.agree(lambda: _refuse_split_ties(program, rule))
-    c = program.chosen
-    if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
-        raise CollieError(f"ZeRO-1 inside backward keeps each weight's states on one dp "
-                          f"rank, and under ep={c.ep} they hold different experts; use "
-                          "zero 0, 2 or 3")
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
 
 
@@ -126,9 +126,6 @@ def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: 
                           f"not {', '.join(sorted(unknown))}")
     opts = optimizer_options(name, lr, kwargs)
     c = program.chosen
-    if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
-        raise CollieError(f"ZeRO-1 shards optimizer states over all dp ranks, and under "
-                          f"ep={c.ep} they hold different experts; use zero 0, 2 or 3")
     if c.zero == 1 and c.dp > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls,
@@ -176,7 +173,7 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
         # One seed everywhere: replicas of a parameter (dp under ZeRO-0, tp peers of a
         # replicated norm) must round it the same way or they drift apart.
         counts_in_norm=lambda n: program.writes(n, params[n]), seed=0)
-    fsdp, outside_fsdp = False, []
+    fsdp, attached = False, []
     for st in program.stages:
         reducers = grad_reducers(st)
         for reducer in reducers:
@@ -185,12 +182,10 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
             # reducers' and FSDP's hooks: in backward's order, the same on every rank
             reducer.in_order = bool(program.ep_shards)
         reduced = {id(p) for r in reducers for b in r.buckets for p in b}
-        attached = [p for p in st.parameters() if p.requires_grad and id(p) not in reduced]
-        engine.attach(attached)
+        mine = [p for p in st.parameters() if p.requires_grad and id(p) not in reduced]
+        engine.attach(mine)
+        attached += mine
         fsdp = fsdp or hasattr(st, "set_requires_gradient_sync")
-        # experts split by ep with no other rank holding them: FSDP leaves them alone
-        outside_fsdp += [p for n, p in st.named_parameters()
-                         if n in program.ep_shards and any(p is q for q in attached)]
     # Under torch.distributed.pipelining an FSDP2 stage syncs gradients once, after
     # the last micro-batch, and runs the hooks then; otherwise FSDP2 reduce-scatters
     # every micro-batch (gradients stay sharded, as the memory model counts them) and
@@ -198,7 +193,9 @@ def _fused(program: RankProgram, rule: str, lr: float | None, kwargs: dict,
     pipelined = program.chosen.pp > 1
     m = program.chosen.num_microbatches
     engine.accumulations = 1 if fsdp and pipelined else m
-    engine.accumulations_of = {id(p): m for p in outside_fsdp}
+    # weights FSDP leaves alone (experts split by ep, held by no other rank: not DTensors)
+    # get a hook per micro-batch, as under plain autograd
+    engine.accumulations_of = {id(p): m for p in attached if not hasattr(p, "placements")}
     return engine
 
 
