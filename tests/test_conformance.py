@@ -158,6 +158,22 @@ CASES = [
     Case("mixtral-aux-mb2", AUX["mixtral"], {**LAYOUTS["single"], "micro_batch_size": 2}),
     Case("mixtral-aux-ep2-pp2", AUX["mixtral"], EP["ep2-pp2"]),
     Case("qwen3_moe-aux-tp2-ep2", AUX["qwen3_moe"], dict(dp=2, tp=2, pp=1, zero=0, ep=2)),
+    # peft methods beyond plain LoRA, each against peft's own training of the same adapter:
+    # DoRA (its norms summed over tp under the row-parallel o_proj/down_proj) with rsLoRA
+    # scaling; on GPT-2, Conv1D weights stored [in, out] and biases the norm leaves out
+    Case("llama-dora-rslora-tp2-pp2", LLAMA, {**LAYOUTS["tp2-pp2"], "lora": {
+        "use_dora": True, "use_rslora": True}}),
+    Case("llama-dora-dp2-zero3", LLAMA, {**LAYOUTS["dp2-zero3"], "lora": {"use_dora": True}}),
+    Case("gpt2-dora-tp2", FAMILY["gpt2"], {**LAYOUTS["tp2"], "lora": {"use_dora": True}}),
+    # IA3: outputs scaled (k, v, o: column- and row-parallel), inputs of the feed-forward
+    # modules (down_proj); peft's defaults for Llama (k, v, down_proj) under ZeRO-3
+    Case("llama-ia3-tp2-pp2", LLAMA, {**LAYOUTS["tp2-pp2"], "lora": {
+        "peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "o_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"]}}),
+    Case("llama-ia3-dp2-zero3", LLAMA, {**LAYOUTS["dp2-zero3"], "lora": {"peft_type": "IA3"}}),
+    Case("gpt2-ia3-tp2", FAMILY["gpt2"], {**LAYOUTS["tp2"], "lora": {
+        "peft_type": "IA3", "target_modules": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+        "feedforward_modules": ["mlp.c_proj"]}}),
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads
@@ -201,6 +217,12 @@ def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> No
         assert any(".lora_A" in k for k in r.tensor_errs)
     if case.startswith(("mixtral-lora", "gpt_oss-lora")):  # on the experts banks too
         assert any(".experts.base_layer.lora_A" in k for k in r.tensor_errs)
+    if "dora" in case:
+        assert any(".lora_magnitude_vector" in k for k in r.tensor_errs)
+    if "ia3" in case:  # inputs and outputs scaled, both compared
+        shapes = {k for k in r.tensor_errs if ".ia3_l" in k}
+        assert any("down_proj" in k or "mlp.c_proj" in k for k in shapes)
+        assert any("k_proj" in k or "c_attn" in k for k in shapes)
 
 
 @pytest.mark.parametrize("case", sorted(SENSITIVE))

@@ -17,6 +17,12 @@ one module nest as in peft: the first targeted is the innermost, at
 own experts; A and B stay whole on every rank (their gradient rows for other ranks'
 experts are zero, so the data-parallel sum over all ranks completes them).
 
+DoRA (``use_dora``) adds peft's magnitude ``m`` (``<module>.lora_magnitude_vector``)
+and rescales: ``y + (m/‖W + s·BA‖ - 1)·W x' + (m/‖W + s·BA‖)·s·B A x'``, the norm per
+output feature and detached (peft does not differentiate it), ``x'`` the dropped-out
+input. Under a row-parallel base the squared norms are summed over tp (the input
+features are split), the magnitude is whole and its gradient a partial sum.
+
 Run after :mod:`.tensor_parallel` and :mod:`.expert_parallel`; the adapters of linears
 follow their base weight:
 
@@ -34,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import fx
 
 from collie_compile.capture.annotate import GROUPED_OPS
@@ -41,7 +48,7 @@ from collie_compile.errors import CollieError
 from collie_compile.models.experts import grouped_linear
 
 from .expert_parallel import ep_record
-from .tensor_parallel import linear_operands, tp_record
+from .tensor_parallel import linear_operands, module_node, tp_record
 
 aten = torch.ops.aten
 _RECORD = "collie_lora"
@@ -115,9 +122,33 @@ def _prefix(gm: fx.GraphModule, config: object, name: str) -> str:
     return module + ".base_layer" * (len(own) - 1 - own.index(leaf))
 
 
+ADAPTER_NAMES = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")
+
+
 def is_adapter(name: str) -> bool:
-    """Whether parameter ``name`` is one of the adapters this pass adds."""
-    return ".lora_A." in name or ".lora_B." in name
+    """Whether parameter ``name`` is an adapter's (this pass's or :mod:`.ia3`'s), as peft
+    names them."""
+    return any(k in name for k in ADAPTER_NAMES)
+
+
+class DoraNorm(torch.nn.Module):
+    """DoRA's ``‖W + scaling·B·A‖`` per output feature, without gradient (peft detaches
+    it); summed over ``group`` where it splits the input features (a row-parallel base).
+    ``out_dim``: W's output-feature dim (1 for GPT-2's Conv1D, stored [in, out])."""
+
+    def __init__(self, scaling: float, out_dim: int, group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.scaling, self.out_dim, self.group = scaling, out_dim, group
+
+    def forward(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            delta = b @ a
+            full = w + self.scaling * (delta.T if self.out_dim else delta)
+            if self.group is None:
+                return torch.linalg.vector_norm(full, dim=1 - self.out_dim)
+            sq = full.pow(2).sum(1 - self.out_dim)
+            dist.all_reduce(sq, group=self.group)
+            return sq.sqrt()
 
 
 def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Generator
@@ -130,17 +161,22 @@ def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Gene
 
 def lora(gm: fx.GraphModule, config: object, tp: int = 1,
          init: dict[str, torch.Tensor] | None = None, seed: int = 0, tp_rank: int = 0,
-         ep_rank: int = 0) -> fx.GraphModule:
+         ep_rank: int = 0, tp_group: dist.ProcessGroup | None = None) -> fx.GraphModule:
     """Insert LoRA branches for ``config`` (a ``peft.LoraConfig``). ``init`` maps adapter
     names (``<module>.lora_A.weight``) to full tensors, e.g. from a saved PEFT adapter;
     missing ones get peft's default init. Adds the adapters' shards and partial
     gradients to the graph's :func:`~collie_compile.passes.tensor_parallel.tp_record`, and
     what each adapter adapts to :func:`lora_record`. ``ep_rank``: this rank's index in
-    its expert-parallel group (which experts it holds, :func:`.expert_parallel.ep_record`)."""
+    its expert-parallel group (which experts it holds, :func:`.expert_parallel.ep_record`);
+    ``tp_group``: the tp group (DoRA's norms of a row-parallel base are summed over it)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
-        raise CollieError("DoRA and LoRA biases are not supported; use plain LoRA")
+    if getattr(config, "lora_bias", False):
+        raise CollieError("LoRA biases (lora_bias=True) are not supported; leave them out")
+    dora = bool(getattr(config, "use_dora", False))
+    if dora and getattr(config, "target_parameters", None):
+        raise CollieError("DoRA on parameters (target_parameters) is not built; peft has "
+                          "no DoRA for them either: leave use_dora off or the parameters out")
     if getattr(config, "target_parameters", None) and config.lora_dropout:
         raise CollieError("LoRA on parameters (target_parameters) cannot have dropout (peft "
                           "refuses it too: the input is not split from the weight); set "
@@ -154,7 +190,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         operands = _linear_reading(lin)
         if operands is None:
             continue
-        x, w_name, out_dim, cast = operands
+        x, w_name, out_dim, bias, cast = operands
         module = w_name.rpartition(".")[0]
         linears.add(module.rpartition(".")[2])
         by_module = check_target_module_exists(config, module)
@@ -191,7 +227,25 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
         _add_factors(gm, prefix, a, b, weight)
-        _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout), cast)
+        if dora:
+            row_group = tp_group if shard is not None and shard.dim != out_dim else None
+            m_name = _add_magnitude(gm, prefix, w_name, out_dim, scaling, (init or {}),
+                                    full_out, shard if row_group is None else None,
+                                    tp_rank, row_group)
+            if row_group is not None:
+                partial[m_name] = everyone
+            elif shard is not None:
+                shards[m_name] = shard.along(0)
+            adapters[m_name] = w_name
+            if cast is not None:
+                raise CollieError(f"DoRA on {module}: its linear casts the weight "
+                                  f"({cast}) first, which the DoRA branch does not follow; "
+                                  "leave it out of the target modules")
+            _insert_dora(gm, lin, x, w_name, out_dim, bias, a_name, b_name, m_name, scaling,
+                         float(config.lora_dropout), DoraNorm(scaling, out_dim, row_group))
+        else:
+            _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout),
+                           cast)
         adapters[a_name] = adapters[b_name] = w_name
         lora_record(gm)[prefix] = Adapter(w_name, scaling)
     for w_name in _expert_banks(gm, config):
@@ -200,7 +254,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
                           f"this model's linears are {', '.join(sorted(linears))}")
-    _refuse_missed(gm, config, set(adapters.values()), set(init or {}) - set(adapters))
+    refuse_missed(gm, config, set(adapters.values()), set(init or {}) - set(adapters))
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
     gm.graph.lint()
@@ -224,6 +278,38 @@ def _add_factors(gm: fx.GraphModule, prefix: str, a: torch.Tensor, b: torch.Tens
         holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
         mod.add_module(name, holder)
     weight.requires_grad_(False)
+
+
+def _add_magnitude(gm: fx.GraphModule, prefix: str, w_name: str, out_dim: int,
+                   scaling: float, init: dict[str, torch.Tensor], full_out: int,
+                   column: object | None, tp_rank: int,
+                   row_group: dist.ProcessGroup | None) -> str:
+    """Register DoRA's magnitude at ``<prefix>.lora_magnitude_vector``: given in
+    ``init`` (whole), else peft's init, the norm of each output feature's weights (B is 0:
+    ‖W‖; summed over ``row_group``). ``column``: the base's column-parallel shard, whose
+    rows this rank takes. Returns its name."""
+    name = f"{prefix}.lora_magnitude_vector"
+    weight = gm.get_parameter(w_name)
+    m = init.get(name)
+    if m is None:
+        if weight.is_meta:
+            raise CollieError(f"DoRA's magnitudes start at the base weights' norms, and "
+                              f"{w_name} is not loaded yet (a model on the meta device); "
+                              "initialise the adapter with peft, save it, and continue "
+                              "from it (lora_adapter=DIR, --peft-adapter DIR)")
+        m = DoraNorm(0.0, out_dim, row_group)(weight.detach(), torch.zeros(1, 1),
+                                              torch.zeros(1, 1))
+    else:
+        if tuple(m.shape) != (full_out,):
+            raise CollieError(f"DoRA magnitude {name} has shape {list(m.shape)}, expected "
+                              f"[{full_out}]: is the adapter for this model?")
+        if column is not None:
+            m = column.along(0).take(m, tp_rank)
+    device = "cpu" if weight.is_meta else weight.device
+    gm.get_submodule(prefix).register_parameter(
+        "lora_magnitude_vector",
+        torch.nn.Parameter(m.detach().to(weight.dtype).to(device).clone()))
+    return name
 
 
 def _expert_banks(gm: fx.GraphModule, config: object) -> list[str]:
@@ -282,9 +368,9 @@ def _adapt_experts(gm: fx.GraphModule, config: object, w_name: str,
     return a_name, b_name
 
 
-def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
+def refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
                    unplaced: set[str]) -> None:
-    """Refuse, rather than train a different adapter than peft's: a targeted module with a
+    """Refuse, rather than train another adapter than peft's: a targeted module with a
     2-D weight whose linear the graph does not show as one (a router computing its
     logits from a cast copy of its weight), a targeted parameter no linear or experts bank
     took, or a given adapter tensor nothing took."""
@@ -298,7 +384,7 @@ def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
                      if _targets_parameter(config, n) and n not in adapted)
     if missed or unplaced:
         what = missed[0] if missed else sorted(unplaced)[0]
-        raise CollieError(f"LoRA on {what} cannot be built here: its weight reaches the "
+        raise CollieError(f"an adapter on {what} cannot be built here: its weight reaches the "
                           "graph other than as a plain linear's (peft would adapt it); "
                           f"leave {what.rpartition('.')[2] if missed else 'it'} out of "
                           "the target modules")
@@ -307,21 +393,22 @@ def _refuse_missed(gm: fx.GraphModule, config: object, adapted: set[str],
 _CASTS = (aten.to.dtype, aten._to_copy.default)
 
 
-def _linear_reading(n: fx.Node) -> tuple[fx.Node, str, int, torch.dtype | None] | None:
-    """(input, weight name, output-feature dim, dtype) of a linear: as
+def _linear_reading(n: fx.Node
+                    ) -> tuple[fx.Node, str, int, fx.Node | None, torch.dtype | None] | None:
+    """(input, weight name, output-feature dim, bias, dtype) of a linear: as
     :func:`~.tensor_parallel.linear_operands` finds them (dtype None), or an
     ``aten.linear`` reading its weight through a cast (a router computing in fp32,
     ``F.linear(x.float(), W.float())``), with the dtype it casts to."""
     found = linear_operands(n)
     if found is not None:
-        return (*found[:3], None)
+        return (*found, None)
     w = n.args[1] if n.target == aten.linear.default else None
     dtype = getattr(getattr(w, "meta", {}).get("val"), "dtype", None)
     cast = False
     while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _CASTS:
         w, cast = w.args[0], True
     if cast and w.op == "get_attr":
-        return n.args[0], w.target, 0, dtype
+        return n.args[0], w.target, 0, n.args[2] if len(n.args) > 2 else None, dtype
     return None
 
 
@@ -350,3 +437,41 @@ def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
             n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     out.meta["val"] = lin.meta.get("val")
     lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+
+
+def _insert_dora(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, w_name: str, out_dim: int,
+                 bias: fx.Node | None, a_name: str, b_name: str, m_name: str,
+                 scaling: float, dropout: float, norm: DoraNorm) -> None:
+    """``lin + (m/n - 1)·W x' + (m/n)·scaling·B(A(x'))`` as peft's DoRA computes it, ``n``
+    the detached norm (:class:`DoraNorm`), ``x'`` the dropped-out input; without dropout
+    ``W x'`` is ``lin`` less its bias, not a second product."""
+    g = gm.graph
+    inp = x
+    with g.inserting_before(lin.next):
+        if dropout:
+            x = g.call_function(aten.dropout.default, (x, dropout, True))
+        w, a, b, m = (g.get_attr(n) for n in (w_name, a_name, b_name, m_name))
+        if dropout:
+            base = g.call_function(aten.matmul.default if out_dim else aten.linear.default,
+                                   (x, w))
+        elif bias is not None:
+            base = g.call_function(aten.sub.Tensor, (lin, bias))
+        else:
+            base = lin
+        n = module_node(gm, norm, "lora_dora_norm", (w, a, b), lin, w_name)
+        scale = g.call_function(aten.div.Tensor, (m, n))
+        h = g.call_function(aten.linear.default, (x, a))
+        low = g.call_function(aten.linear.default, (h, b))
+        y = g.call_function(aten.mul.Tensor, (low, scaling))
+        lora_part = g.call_function(aten.mul.Tensor, (y, scale))
+        less = g.call_function(aten.sub.Tensor, (scale, 1.0))
+        base_part = g.call_function(aten.mul.Tensor, (base, less))
+        both = g.call_function(aten.add.Tensor, (base_part, lora_part))
+        out = g.call_function(aten.add.Tensor, (lin, both))
+    for node in (x, w, a, b, m, base, n, scale, h, low, y, lora_part, less, base_part, both,
+                 out):
+        if isinstance(node, fx.Node) and node is not inp and node is not lin:
+            node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+    out.meta["val"] = lin.meta.get("val")
+    keep = {out, base_part if base is lin else base}  # they read the base's own output
+    lin.replace_all_uses_with(out, delete_user_cb=lambda u: u not in keep)

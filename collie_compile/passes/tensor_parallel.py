@@ -194,7 +194,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                                   "frequency, which a vocabulary split cannot; use tp=1")
             (start, stop), = s.ranges[rank]
             with gm.graph.inserting_after(lin):
-                emb = _module_node(gm, VocabParallelEmbedding(group, start, stop,
+                emb = module_node(gm, VocabParallelEmbedding(group, start, stop,
                                                               padding_idx),
                                    "tp_embedding", lin.args[:2], lin, w_name)
             lin.replace_all_uses_with(emb)
@@ -236,7 +236,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
                     partial[b_node.target] = sharers
             if x not in copies:
                 with gm.graph.inserting_after(x):
-                    copies[x] = _module_node(gm, CopyToTP(group), "tp_copy", (x,), lin,
+                    copies[x] = module_node(gm, CopyToTP(group), "tp_copy", (x,), lin,
                                              w_name)
             lin.replace_input_with(x, copies[x])
         elif how == "row":
@@ -248,7 +248,7 @@ def tensor_parallel(gm: fx.GraphModule, layout: dict[str, str], group: dist.Proc
             _set_param(gm, w_name, s.take(weight, rank))
             shards[w_name] = s
             with gm.graph.inserting_after(lin):
-                red = _module_node(gm, ReduceFromTP(group), "tp_reduce", (lin,), lin, w_name)
+                red = module_node(gm, ReduceFromTP(group), "tp_reduce", (lin,), lin, w_name)
             lin.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
             if b_node is not None:  # add the bias once, after the sum
                 if lin.target == aten.addmm.default:
@@ -384,7 +384,7 @@ def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
                                           requires_grad=getattr(mod, leaf).requires_grad))
 
 
-def _module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, args: tuple,
+def module_node(gm: fx.GraphModule, mod: torch.nn.Module, stem: str, args: tuple,
                  like: fx.Node, w_name: str) -> fx.Node:
     """Call ``mod`` on ``args``, registered beside the weight ``w_name`` that ``like``
     reads (so it belongs to the same block)."""
@@ -531,7 +531,7 @@ def _spread_reduction(gm: fx.GraphModule, n: fx.Node, env: dict, tp: int,
     n.target = aten.sum.dim_IntList
     g = gm.graph
     with g.inserting_after(n):
-        total = _module_node(gm, SumOverTP(group), f"tp_sum_{n.name}", (n,), n,
+        total = module_node(gm, SumOverTP(group), f"tp_sum_{n.name}", (n,), n,
                              f"{_module_path(n)}.{n.name}")
     last = total
     if mean:
@@ -650,7 +650,7 @@ def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
             src, made = a, []
             with g.inserting_before(n):
                 if _reads_trainable(gm, a):
-                    src = _module_node(gm, CopyToTP(group), f"tp_copy_{a.name}", (a,), n,
+                    src = module_node(gm, CopyToTP(group), f"tp_copy_{a.name}", (a,), n,
                                        f"{_module_path(n)}.{a.name}")
                     src.meta["val"], env[src] = a.meta.get("val"), v
                 parts = src

@@ -138,25 +138,33 @@ def _initial_model(config: dict, directory: Path) -> None:
 
 
 def _lora_config(**fields: object) -> object:
-    """LoRA on all linears, and ``fields`` (e.g. ``target_parameters``) as given."""
-    from peft import LoraConfig
+    """LoRA on all linears, and ``fields`` (e.g. ``target_parameters``) as given; with
+    ``peft_type`` another peft method's config of ``fields`` (peft's defaults beside)."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, LoraConfig
 
+    kind = fields.pop("peft_type", "LORA")
+    if kind != "LORA":
+        return PEFT_TYPE_TO_CONFIG_MAPPING[kind](**fields)
     return LoraConfig(**{"r": LORA_RANK, "lora_alpha": 2 * LORA_RANK,
                          "target_modules": "all-linear", "lora_dropout": 0.0, **fields})
 
 
 def _lora_init(base: Path, directory: Path, fields: dict) -> None:
     """A PEFT adapter with random A and B (peft starts B at zero, which would hide a
-    wrong gradient of A for a step); ``fields`` of its LoraConfig beside the defaults."""
+    wrong gradient of A for a step), and magnitudes and IA3 vectors moved off their
+    init by 5%; ``fields`` of its config beside the defaults (:func:`_lora_config`)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     # on a mixture of experts, all-linear also adapts routers' weights and the experts
     # banks (peft's target_parameters) where peft knows the family
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _lora_config(**fields))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           _lora_config(**dict(fields)))
     gen = torch.Generator().manual_seed(7)
     for n, p in model.named_parameters():
-        if "lora_" in n:
+        if "lora_magnitude_vector" in n or "ia3_l" in n:
+            p.data = p.data * (1 + 0.05 * torch.randn(p.shape, generator=gen))
+        elif "lora_" in n:
             p.data = torch.randn(p.shape, generator=gen) * 0.05
     model.save_pretrained(directory)
 

@@ -63,13 +63,17 @@ class FusedOptions:
 
 
 def lora_config(config: object | None, rank: int | None, alpha: float | None,
-                targets: list[str] | None, dropout: float) -> object | None:
-    """A ``peft.LoraConfig`` from ``parallelize``'s LoRA arguments (None: no LoRA)."""
-    if config is not None:
-        if rank is not None or targets is not None:
-            raise CollieError("give LoRA either as lora=LoraConfig(...) or as lora_rank=/"
-                              "lora_targets=, not both")
-        return config
+                targets: list[str] | None, dropout: float, peft: object | None = None
+                ) -> object | None:
+    """The peft config a run trains (None: the whole model), from ``parallelize``'s
+    arguments: ``peft=`` (any supported peft config), ``lora=`` (a ``LoraConfig``) or
+    the ``lora_*`` shortcuts; checked by :func:`check_peft`."""
+    given = [k for k, v in (("peft", peft), ("lora", config),
+                            ("lora_rank/lora_targets", rank or targets)) if v is not None]
+    if len(given) > 1:
+        raise CollieError(f"give the adapters once: {' and '.join(given)} were both given")
+    if peft is not None or config is not None:
+        return check_peft(peft if peft is not None else config, fresh=True)
     LoraRequest(rank, alpha, None if targets is None else tuple(targets), dropout)  # checks
     if rank is None:
         return None
@@ -78,6 +82,71 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
                       target_modules=targets or list(DEFAULT_LORA_TARGETS),
                       lora_dropout=dropout)
+
+
+# peft methods built as passes, by peft_type, and those refused with the reason
+PEFT_METHODS = ("LORA", "IA3")
+PEFT_REFUSED = {
+    "ADALORA": "AdaLoRA reallocates ranks between steps from gradient statistics "
+               "(update_and_allocate), which the rank program does not run yet; use LoRA "
+               "or DoRA (use_dora=True)",
+    "PREFIX_TUNING": "prefix tuning feeds virtual keys and values to every attention as a "
+                     "KV cache, which a captured training graph has no input for; use "
+                     "prompt tuning or LoRA",
+}
+
+
+def check_peft(config: object, fresh: bool) -> object:
+    """``config`` if the passes build it exactly as peft trains it, else a refusal that
+    names why. ``fresh``: its adapters start from peft's init here (not from a saved
+    adapter), so only inits this project draws itself are allowed."""
+    kind = str(getattr(getattr(config, "peft_type", None), "value", config.__class__.__name__))
+    if kind in PEFT_REFUSED:
+        raise CollieError(f"{kind}: {PEFT_REFUSED[kind]}")
+    if kind not in PEFT_METHODS:
+        raise CollieError(f"peft method {kind} is not supported; the methods are "
+                          f"{', '.join(PEFT_METHODS)} (LoRA with use_dora, use_rslora)")
+    init = getattr(config, "init_lora_weights", True)
+    if kind == "LORA" and fresh and init is not True:
+        raise CollieError(
+            f"init_lora_weights={init!r}: only peft's default init is drawn here; for "
+            f"{init}, initialise the adapter with peft (get_peft_model, which also rewrites "
+            "the base weights for pissa/olora), save both (save_pretrained), and continue "
+            "from them: weights=BASE_DIR, lora_adapter=ADAPTER_DIR (--weights, --peft-adapter)")
+    if kind == "IA3" and fresh and not config.init_ia3_weights:
+        raise CollieError("init_ia3_weights=False starts IA3 at random scales, which only "
+                          "peft draws; initialise with peft, save, and continue from it "
+                          "(lora_adapter=DIR)")
+    return config
+
+
+def with_peft_defaults(config: object, model: torch.nn.Module) -> object:
+    """A copy of ``config`` with what ``get_peft_model`` fills in for ``model`` filled in:
+    default target (and IA3 feed-forward) modules by model type, "all-linear" expanded
+    (routers' and experts' parameters too, where peft knows the family). Saved with the
+    adapter, so peft reloads exactly the modules trained here."""
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.utils import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    )
+
+    config = copy.deepcopy(config)
+    kind, model_type = config.peft_type.value, model.config.model_type
+    defaults = {"LORA": [("target_modules", TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)],
+                "IA3": [("target_modules", TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+                        ("feedforward_modules",
+                         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)]}
+    for field, mapping in defaults.get(kind, []):
+        if getattr(config, field) is None:
+            if model_type not in mapping:
+                raise CollieError(f"peft has no default {field} for {model_type!r}; give "
+                                  f"{field} in the {type(config).__name__}")
+            setattr(config, field, set(mapping[model_type]))
+    return _maybe_include_all_linear_layers(config, model)
 
 
 def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> None:
@@ -103,28 +172,33 @@ def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> Non
 
 
 def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
-    """(rank, targets) of a ``peft.LoraConfig`` as the planner prices them."""
+    """(rank, targets) of a peft config as the planner prices it: LoRA and DoRA at their
+    rank, IA3 as a rank-1 LoRA on its targets (an upper bound: one vector per module,
+    of its input or output width, where rank 1 counts both)."""
     if config is None:
         return None, None
-    return config.r, canonical_lora_targets(config.target_modules)
+    return getattr(config, "r", 1), canonical_lora_targets(config.target_modules)
 
 
 ADAPTER_PREFIX = "base_model.model."
 
 
 def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
-    """(LoraConfig, adapter tensors by our names) of a saved PEFT adapter."""
-    from peft import LoraConfig
+    """(peft config, adapter tensors by our names) of a saved PEFT adapter."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig
     from safetensors.torch import load_file
 
     d = Path(directory)
     try:
-        config = LoraConfig.from_pretrained(str(d))
+        kind = PeftConfig.from_pretrained(str(d)).peft_type
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[kind].from_pretrained(str(d))
         tensors = load_file(str(d / "adapter_model.safetensors"))
     except Exception as e:  # peft and safetensors raise many types for bad files
-        raise CollieError(f"cannot read a PEFT LoRA adapter from {d}: {e}; give the directory "
+        raise CollieError(f"cannot read a PEFT adapter from {d}: {e}; give the directory "
                           "PeftModel.save_pretrained wrote") from None
-    return config, {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()}
+    config.inference_mode = False  # it trains on here
+    return (check_peft(config, fresh=False),
+            {k.removeprefix(ADAPTER_PREFIX): v for k, v in tensors.items()})
 
 
 def model_dtype(model: torch.nn.Module, asked: str | None) -> str:

@@ -22,7 +22,13 @@ from collie_compile.models.registry import count_params, load_config, model_name
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import saving
-from collie_compile.runtime.options import FusedOptions, lora_config, model_dtype, read_adapter
+from collie_compile.runtime.options import (
+    FusedOptions,
+    lora_config,
+    model_dtype,
+    read_adapter,
+    with_peft_defaults,
+)
 from collie_compile.runtime.program import RankProgram, build_rank_program, release_weights
 from collie_compile.runtime.refusals import loss_refusal, tp_refusal
 from collie_compile.runtime.resolve import resolve_plan
@@ -46,7 +52,8 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
                 clip_value: float | None = None, loss_scale: str | float | None = None,
                 stochastic_rounding: bool = False, memory_reserve: float | None = None,
                 update_in_backward: bool | None = None,
-                position_ids: bool = False, ep: int | None = None) -> ParallelModel:
+                position_ids: bool = False, ep: int | None = None,
+                peft: object | None = None) -> ParallelModel:
     """Split ``model`` over the ranks of this torchrun job and return its trainer.
 
     Call once on every rank with the same arguments. ``global_batch_size`` (sequences per
@@ -66,9 +73,12 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
     copies; read weights back through the returned object (``full_state_dict``,
     ``save_pretrained``).
 
-    LoRA: ``lora=peft.LoraConfig(...)`` or ``lora_rank=, lora_alpha=, lora_targets=``
-    (``target_modules`` as peft matches them); ``lora_adapter=DIR`` continues a saved PEFT
-    adapter. Only the adapters train; ``save_pretrained`` then writes a PEFT adapter.
+    Adapters: ``peft=`` a peft config (``LoraConfig``, with ``use_dora``/``use_rslora``
+    too, or ``IA3Config``; others are refused with the reason), ``lora=`` the same, or
+    ``lora_rank=, lora_alpha=, lora_targets=`` (``target_modules`` as peft matches them);
+    peft's defaults for the model type fill what the config leaves out.
+    ``lora_adapter=DIR`` continues a saved PEFT adapter of any of these methods. Only the
+    adapters train; ``save_pretrained`` then writes a PEFT adapter.
     ``max_grad_norm`` clips the whole model's gradient norm before each step.
 
     ``optimizer="lomo"`` or ``"adalomo"`` update each parameter inside backward (see
@@ -99,10 +109,12 @@ def parallelize(model: torch.nn.Module, gpus: int | None = None,
         update_in_backward = True  # options that only an update inside backward applies
 
     lora_cfg = cdist.agree(lambda: lora_config(lora, lora_rank, lora_alpha, lora_targets,
-                                               lora_dropout))
+                                               lora_dropout, peft))
     adapter = cdist.agree(lambda: read_adapter(lora_adapter)) if lora_adapter else None
     if adapter is not None and lora_cfg is None:
         lora_cfg = adapter[0]
+    if lora_cfg is not None:
+        lora_cfg = cdist.agree(lambda: with_peft_defaults(lora_cfg, model))
 
     why = cdist.agree(lambda: loss_refusal(cfg))
     if why:

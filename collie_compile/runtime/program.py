@@ -3,7 +3,7 @@
 Every rank captures the model at the plan's micro-batch shape and applies the passes for
 its coordinates in the (pp, dp, tp) mesh, in this order:
 
-    capture -> router_outputs -> tensor_parallel -> expert_parallel -> lora ->
+    capture -> router_outputs -> tensor_parallel -> expert_parallel -> lora | ia3 ->
     outline_blocks -> pipeline_split, then per stage move_to_device -> grouped_experts ->
     expand_grouped_kv -> (weights read) -> recompute -> dropout -> data_parallel
 
@@ -37,6 +37,7 @@ from collie_compile.passes.dropout import dropout_follows_mode
 from collie_compile.passes.expand_kv import expand_grouped_kv
 from collie_compile.passes.expert_parallel import ep_record, expert_parallel
 from collie_compile.passes.grouped_experts import fused_grouped_experts
+from collie_compile.passes.ia3 import ia3 as ia3_pass
 from collie_compile.passes.lora import Adapter, is_adapter, lora_record
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
@@ -228,7 +229,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     """This rank's program for ``plan``: the model captured and rewritten by the passes
     for its coordinates. With ``weights`` (a safetensors checkpoint) each rank reads only
     the slices it holds, so the model may come on the meta device. ``lora`` (a
-    ``peft.LoraConfig``) adds adapters, initialised from ``lora_init`` where given.
+    ``peft.LoraConfig`` or ``IA3Config``, defaults filled in) adds adapters, initialised
+    from ``lora_init`` where given.
     ``updates_in_backward``: the optimizer updates inside backward (ZeRO-1 by owners).
     ``position_ids``: the program takes them too (documents packed into rows)."""
     c, cfg = plan.chosen, model.config
@@ -258,10 +260,15 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     ep_group, edp_group = expert_groups(mesh, c.dp, c.ep)
     coords.ep = coords.dp % c.ep
     gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
-    if lora is not None:
+    if lora is not None and lora.peft_type.value == "IA3":
         refuse_what_peft_cannot_adapt(model, lora)
+        gm = apply_pass("ia3", lambda: ia3_pass(gm, lora, c.tp, lora_init, coords.tp))
+    elif lora is not None:
+        refuse_what_peft_cannot_adapt(model, lora)
+        tp_group = mesh.get_group("tp") if c.tp > 1 else None
         gm = apply_pass("lora", lambda: lora_pass(gm, lora, c.tp, lora_init,
-                                                  tp_rank=coords.tp, ep_rank=coords.ep))
+                                                  tp_rank=coords.tp, ep_rank=coords.ep,
+                                                  tp_group=tp_group))
     record = tp_record(gm)
     gm = apply_pass("outline_blocks", lambda: outline_blocks(gm, ag.block_prefix))
     parts = apply_pass("pipeline_split", lambda: pipeline_split(gm, ag.block_prefix,

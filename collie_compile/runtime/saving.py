@@ -21,7 +21,7 @@ from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
 from collie_compile.models.registry import architecture
 from collie_compile.optim.in_backward import STATE_KEYS
-from collie_compile.passes.lora import Adapter, expert_delta, scaling_of
+from collie_compile.passes.lora import Adapter, expert_delta, is_adapter, scaling_of
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import folders
 from collie_compile.runtime import state as ckpt
@@ -90,7 +90,7 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
     if dist.get_rank() == 0:
         tmp = folders.begin(directory, kind)
         if kind == "adapter":
-            adapters = {k: v for k, v in weights.items() if ".lora_" in k}
+            adapters = {k: v for k, v in weights.items() if is_adapter(k)}
             save_file({ADAPTER_PREFIX + k: v.contiguous() for k, v in adapters.items()},
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             lora.save_pretrained(str(tmp))
@@ -297,11 +297,13 @@ def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tens
 def merged(weights: dict[str, torch.Tensor], config: object | None,
            fan_in_fan_out: set[str] = frozenset(),
            adapters: dict[str, Adapter] | None = None) -> dict[str, torch.Tensor]:
-    """Base weights with each adapter folded in (W + scaling·B·A, transposed for the
-    modules in ``fan_in_fan_out`` that store W as [in, out]; expert by expert for a bank
-    of experts), adapters dropped. ``adapters`` (the LoRA pass's record) says what each
-    adapts; by default the linear weight of the module holding it."""
-    out = {k: v for k, v in weights.items() if ".lora_" not in k}
+    """Base weights with each adapter folded in as peft merges it, adapters dropped:
+    LoRA's W + scaling·B·A (transposed for the modules in ``fan_in_fan_out`` that store
+    W as [in, out]; expert by expert for a bank of experts), with DoRA's magnitude
+    rescaling each output feature to m/‖W + scaling·B·A‖; IA3's vector multiplying W's
+    input columns or output rows (and then the bias). ``adapters`` (the LoRA pass's
+    record) says what each LoRA adapts; by default the linear weight of its module."""
+    out = {k: v for k, v in weights.items() if not is_adapter(k)}
     for a_name in [k for k in weights if k.endswith(".lora_A.weight")]:
         prefix = a_name.removesuffix(".lora_A.weight")
         a, b = weights[a_name], weights[f"{prefix}.lora_B.weight"]
@@ -312,5 +314,18 @@ def merged(weights: dict[str, torch.Tensor], config: object | None,
         else:
             delta = b @ a
             delta = delta.T if prefix in fan_in_fan_out else delta
-        out[spec.weight] = out[spec.weight] + spec.scaling * delta
+        w = out[spec.weight] + spec.scaling * delta
+        m = weights.get(f"{prefix}.lora_magnitude_vector")
+        if m is not None:  # DoRA: each output feature's norm becomes its magnitude
+            dim = 0 if prefix in fan_in_fan_out else 1
+            w = w * (m / torch.linalg.vector_norm(w, dim=dim)).unsqueeze(dim)
+        out[spec.weight] = w
+    for l_name in [k for k in weights if k.endswith(".ia3_l")]:
+        module = l_name.removesuffix(".ia3_l")
+        vec, w_name = weights[l_name], f"{module}.weight"
+        outputs = vec.shape[1] == 1 and vec.shape[0] != 1  # [out, 1]; [1, in] scales inputs
+        as_stored = vec.T if module in fan_in_fan_out else vec
+        out[w_name] = out[w_name] * as_stored
+        if outputs and f"{module}.bias" in out:
+            out[f"{module}.bias"] = out[f"{module}.bias"] * vec.flatten()
     return out

@@ -28,6 +28,7 @@ from collie_compile.errors import CollieError, flag
 from collie_compile.models.registry import build_model, load_config
 from collie_compile.optim.optimizers import optimizer_options
 from collie_compile.optim.schedules import LRSchedule
+from collie_compile.passes.lora import is_adapter
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.training.checkpoints import complete_checkpoints, lock_output
@@ -222,7 +223,7 @@ def train(cfg: TrainConfig) -> list[float]:
                       keep_last=cfg.keep_last, seed=cfg.seed, tensorboard=cfg.tensorboard,
                       fresh_optimizer=cfg.fresh_optimizer)
     # the adapters' random init, for --check's one-process run to start from
-    start_adapters = ({k: v for k, v in pm.full_state_dict().items() if ".lora_" in k}
+    start_adapters = ({k: v for k, v in pm.full_state_dict().items() if is_adapter(k)}
                       if cfg.check and pm.lora is not None else None)
     rank0 = dist.get_rank() == 0
     if rank0:

@@ -1,0 +1,121 @@
+"""peft methods beyond plain LoRA, without processes: what a config becomes (peft's
+defaults filled in, refusals named), merging as peft merges, reading saved adapters.
+(The training itself, against peft's own on every tensor under tp, pp and ZeRO-3:
+test_conformance.py's dora and ia3 cases.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from collie_compile.errors import CollieError
+from collie_compile.models.probe import probe_config
+from collie_compile.runtime.options import (
+    ADAPTER_PREFIX,
+    lora_config,
+    read_adapter,
+    with_peft_defaults,
+)
+from collie_compile.runtime.saving import merged
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(probe_config(
+        AutoConfig.for_model(family), layers=2, no_dropout=True))
+
+
+def _random_adapters(model: torch.nn.Module) -> None:
+    """Move every adapter off its init (B = 0 and IA3 = 1 would merge to the base)."""
+    gen = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data + 0.3 * torch.randn(p.shape, generator=gen)
+
+
+@pytest.mark.parametrize("family, config", [
+    ("llama", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)),
+    ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                        use_dora=True, use_rslora=True, fan_in_fan_out=True)),
+    ("llama", IA3Config(target_modules=["k_proj", "o_proj", "down_proj"],
+                        feedforward_modules=["down_proj"])),
+    # Conv1D weights [in, out], and output scaling of a bias
+    ("gpt2", IA3Config(target_modules=["c_attn", "mlp.c_proj", "c_fc"],
+                       feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
+])
+def test_merge_equals_peft_merge_and_unload(family: str, config: object) -> None:
+    base = _model(family)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    conv1d = {n for n, m in base.named_modules() if isinstance(m, Conv1D)}  # [in, out]
+    model = get_peft_model(base, config)
+    _random_adapters(model)
+    adapters = {k.removeprefix(ADAPTER_PREFIX): v
+                for k, v in get_peft_model_state_dict(model).items()}
+    ours = merged({**weights, **adapters}, config, conv1d)
+    want = model.merge_and_unload().state_dict()
+    assert set(ours) == set(want)
+    changed = 0
+    for k, v in want.items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        changed += not torch.equal(v, weights[k])
+    assert changed >= 4  # the merge moved the adapted weights
+
+
+def test_peft_defaults_filled_in_as_get_peft_model_fills_them() -> None:
+    model = _model("llama")
+    ia3 = with_peft_defaults(IA3Config(), model)
+    assert ia3.target_modules == {"k_proj", "v_proj", "down_proj"}
+    assert ia3.feedforward_modules == {"down_proj"}
+    lora = with_peft_defaults(LoraConfig(target_modules="all-linear"), model)
+    assert {t.rpartition(".")[2] for t in lora.target_modules} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    given = LoraConfig(target_modules="all-linear")
+    with_peft_defaults(given, model)
+    assert given.target_modules == "all-linear"  # the user's config is left as it was
+
+
+@pytest.mark.parametrize("config, why", [
+    (AdaLoraConfig(total_step=10, target_modules=["q_proj"]), "reallocates ranks"),
+    (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "KV cache"),
+    (LoraConfig(init_lora_weights="pissa"), "initialise the adapter with peft"),
+    (LoraConfig(init_lora_weights="olora"), "--peft-adapter"),
+    (IA3Config(init_ia3_weights=False), "random scales"),
+])
+def test_methods_not_built_exactly_are_refused_with_the_reason(config: object,
+                                                               why: str) -> None:
+    with pytest.raises(CollieError, match=why):
+        lora_config(None, None, None, None, 0.0, peft=config)
+
+
+def test_adapters_given_twice_are_refused() -> None:
+    with pytest.raises(CollieError, match="peft and lora_rank"):
+        lora_config(None, 8, None, None, 0.0, peft=IA3Config())
+
+
+def test_saved_adapters_read_back_as_their_method(tmp_path: Path) -> None:
+    for name, config in (("ia3", IA3Config()), ("dora", LoraConfig(use_dora=True))):
+        model = get_peft_model(_model("llama"), config)
+        model.save_pretrained(tmp_path / name)
+        got, tensors = read_adapter(tmp_path / name)
+        assert type(got) is type(config) and not got.inference_mode
+        key = ("model.layers.0.mlp.down_proj.ia3_l" if name == "ia3"
+               else "model.layers.0.self_attn.q_proj.lora_magnitude_vector")
+        assert key in tensors
+    # a method the passes do not build is refused on reading too, not trained as another
+    model = get_peft_model(_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                               num_virtual_tokens=2))
+    model.save_pretrained(tmp_path / "prefix")
+    with pytest.raises(CollieError, match="PREFIX_TUNING"):
+        read_adapter(tmp_path / "prefix")
