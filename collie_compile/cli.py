@@ -259,7 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, plan=args.plan, gpu=args.gpu, tokenizer=args.tokenizer,
                       weights=args.weights, save=args.save, seed=args.seed, pins=pins,
                       check=args.check, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      lora_targets=args.lora_targets, merge=args.merge,
+                      lora_targets=args.lora_targets, merge=args.merge, peft=args.peft,
+                      peft_adapter=args.peft_adapter,
                       memory_reserve=args.memory_reserve,
                       update_in_backward=args.update_in_backward,
                       max_grad_norm=args.max_grad_norm, clip_mode=args.clip_mode,
@@ -492,11 +493,16 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
                    help="train LoRA adapters of this rank only; --save writes a PEFT adapter")
     t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale (default 2*rank)")
     t.add_argument("--lora-targets", nargs="+", default=None, help=LORA_TARGETS_HELP)
+    t.add_argument("--peft", default=None, metavar="CONFIG.json",
+                   help="train the adapters of a peft config (LoRA, DoRA, rsLoRA, IA3; a "
+                        "JSON file of its peft_type and fields) only")
+    t.add_argument("--peft-adapter", default=None, metavar="DIR",
+                   help="continue training a saved PEFT adapter (save_pretrained's folder)")
     t.add_argument("--memory-reserve", type=float, default=None,
                    help="fraction of each GPU's memory the auto plan keeps free (default "
                         "0.05)")
     t.add_argument("--merge", action="store_true",
-                   help="with LoRA, --save plain HF weights with the adapters folded in")
+                   help="with adapters, --save plain HF weights with them folded in")
     Pins.add_arguments(t)
     _update_arguments(t)
     t.set_defaults(func=cmd_train)

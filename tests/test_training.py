@@ -357,7 +357,50 @@ def test_lora_on_a_random_base_says_so(group, files, tmp_path: Path, capsys) -> 
                str(files["tok"]), "--steps", "1", "--seq-len", str(SEQ), "--global-batch",
                "2", "--lora-rank", "4"])
     assert rc == 0
-    assert "note: LoRA on randomly initialised weights (no --weights)" in capsys.readouterr().out
+    assert "note: adapters on randomly initialised weights (no --weights)" in \
+        capsys.readouterr().out
+
+
+def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: Path,
+                                                        capsys) -> None:
+    """`train --peft CONFIG.json`: DoRA and IA3 (peft's defaults for Llama) train as peft
+    trains them in one process (--check), save adapters peft loads, and
+    `--peft-adapter DIR` continues one; --merge folds IA3 into plain weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from collie_compile.cli import main
+
+    base = tmp_path / "base"
+    tiny_llama(seed=5).save_pretrained(base)
+    common = ["train", str(base), "--weights", str(base), "--data", str(files["train"]),
+              "--tokenizer", str(files["tok"]), "--seq-len", "32", "--global-batch", "2",
+              "--lr", "1e-2"]
+    configs = {"dora": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True,
+                        "target_modules": ["q_proj", "o_proj", "down_proj"]},
+               "ia3": {"peft_type": "IA3"}}
+    for name, fields in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(fields))
+        rc = main([*common, "--steps", "3", "--peft", str(tmp_path / f"{name}.json"),
+                   "--save", str(tmp_path / name), "--check"])
+        said = capsys.readouterr()
+        out = said.out
+        assert rc == 0, said.err
+        check = next(ln for ln in out.splitlines() if ln.startswith("one process"))
+        assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
+        assert "saved a PEFT adapter" in out
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                     tmp_path / "ia3")
+    scales = [p for n, p in peft.named_parameters() if "ia3_l" in n]
+    assert len(scales) == 3 * 2 and any((p - 1).abs().max() > 1e-4 for p in scales)
+    rc = main([*common, "--steps", "2", "--peft-adapter", str(tmp_path / "ia3"), "--save",
+               str(tmp_path / "merged"), "--merge"])
+    assert rc == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    moved = [k for k in start if not torch.equal(start[k], merged[k])]
+    assert moved and all(k.endswith(("k_proj.weight", "v_proj.weight", "down_proj.weight"))
+                         for k in moved)
 
 
 def test_parallelize_defaults_to_a_fine_tuning_batch(group) -> None:

@@ -52,6 +52,7 @@ from .tensor_parallel import linear_operands, module_node, tp_record
 
 aten = torch.ops.aten
 _RECORD = "collie_lora"
+_PENDING = "collie_dora_pending"
 
 
 @dataclass(frozen=True)
@@ -286,17 +287,16 @@ def _add_magnitude(gm: fx.GraphModule, prefix: str, w_name: str, out_dim: int,
                    row_group: dist.ProcessGroup | None) -> str:
     """Register DoRA's magnitude at ``<prefix>.lora_magnitude_vector``: given in
     ``init`` (whole), else peft's init, the norm of each output feature's weights (B is 0:
-    ‖W‖; summed over ``row_group``). ``column``: the base's column-parallel shard, whose
-    rows this rank takes. Returns its name."""
+    ‖W‖; summed over ``row_group``), which :func:`start_magnitudes` computes once a base
+    on the meta device is read. ``column``: the base's column-parallel shard, whose rows
+    this rank takes. Returns its name."""
     name = f"{prefix}.lora_magnitude_vector"
     weight = gm.get_parameter(w_name)
     m = init.get(name)
-    if m is None:
-        if weight.is_meta:
-            raise CollieError(f"DoRA's magnitudes start at the base weights' norms, and "
-                              f"{w_name} is not loaded yet (a model on the meta device); "
-                              "initialise the adapter with peft, save it, and continue "
-                              "from it (lora_adapter=DIR, --peft-adapter DIR)")
+    if m is None and weight.is_meta:  # read later: started by start_magnitudes
+        m = torch.full((weight.shape[out_dim],), float("nan"))
+        gm.meta.setdefault(_PENDING, {})[name] = (w_name, DoraNorm(0.0, out_dim, row_group))
+    elif m is None:
         m = DoraNorm(0.0, out_dim, row_group)(weight.detach(), torch.zeros(1, 1),
                                               torch.zeros(1, 1))
     else:
@@ -310,6 +310,25 @@ def _add_magnitude(gm: fx.GraphModule, prefix: str, w_name: str, out_dim: int,
         "lora_magnitude_vector",
         torch.nn.Parameter(m.detach().to(weight.dtype).to(device).clone()))
     return name
+
+
+def pending_magnitudes(gm: fx.GraphModule) -> dict[str, tuple[str, DoraNorm]]:
+    """DoRA magnitudes :func:`lora` could not start (their base on the meta device):
+    name -> (base weight, its norm)."""
+    return gm.meta.get(_PENDING, {})
+
+
+def start_magnitudes(gm: fx.GraphModule, pending: dict[str, tuple[str, DoraNorm]]) -> None:
+    """Start the ``pending`` magnitudes ``gm`` holds at their weights' norms, now that
+    the weights are read (peft's init: ‖W‖ per output feature). A collective over the tp
+    group where a norm is summed over it: every tp rank of the stage calls it."""
+    params = dict(gm.named_parameters())
+    with torch.no_grad():
+        for name, (w_name, norm) in pending.items():
+            if name in params:
+                zero = torch.zeros(1, 1, dtype=params[w_name].dtype,
+                                   device=params[w_name].device)
+                params[name].copy_(norm(params[w_name], zero, zero))
 
 
 def _expert_banks(gm: fx.GraphModule, config: object) -> list[str]:

@@ -183,6 +183,24 @@ def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] |
 ADAPTER_PREFIX = "base_model.model."
 
 
+def read_peft_config(path: str | Path) -> object:
+    """A peft config from a JSON file (``peft_type`` and the config's fields, as
+    ``adapter_config.json`` holds them) or a folder holding ``adapter_config.json``."""
+    import json
+
+    from peft import PeftConfig
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return PeftConfig.from_pretrained(str(p))
+        return PeftConfig.from_peft_type(**json.loads(p.read_text()))
+    except Exception as e:  # a missing file, bad JSON, an unknown type or field
+        raise CollieError(f"cannot read a peft config from {p}: {e}; give a JSON file with "
+                          'its peft_type and fields, e.g. {"peft_type": "IA3", '
+                          '"target_modules": ["k_proj", "v_proj", "down_proj"]}') from None
+
+
 def read_adapter(directory: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
     """(peft config, adapter tensors by our names) of a saved PEFT adapter."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig

@@ -38,7 +38,13 @@ from collie_compile.passes.expand_kv import expand_grouped_kv
 from collie_compile.passes.expert_parallel import ep_record, expert_parallel
 from collie_compile.passes.grouped_experts import fused_grouped_experts
 from collie_compile.passes.ia3 import ia3 as ia3_pass
-from collie_compile.passes.lora import Adapter, is_adapter, lora_record
+from collie_compile.passes.lora import (
+    Adapter,
+    is_adapter,
+    lora_record,
+    pending_magnitudes,
+    start_magnitudes,
+)
 from collie_compile.passes.lora import lora as lora_pass
 from collie_compile.passes.move_to_device import move_to_device
 from collie_compile.passes.outline_blocks import outline_blocks
@@ -270,6 +276,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
                                                   tp_rank=coords.tp, ep_rank=coords.ep,
                                                   tp_group=tp_group))
     record = tp_record(gm)
+    magnitudes = dict(pending_magnitudes(gm))  # DoRA's, started once weights are read
     gm = apply_pass("outline_blocks", lambda: outline_blocks(gm, ag.block_prefix))
     parts = apply_pass("pipeline_split", lambda: pipeline_split(gm, ag.block_prefix,
                                                                 c.chunks()))
@@ -316,6 +323,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
             st = named_pass("expand_grouped_kv", lambda st=st: expand_grouped_kv(st))
         if pieces is not None:  # read just this rank's slices
             cdist.agree(lambda st=st: program.load_weights(st, pieces, weights))
+            cdist.agree(lambda st=st: start_magnitudes(st, magnitudes))
         st = named_pass("recompute", lambda st=st: recompute_pass(
             st.to(device), ag.block_prefix, c.layer_modes()))
         st = named_pass("dropout", lambda st=st: dropout_follows_mode(st))

@@ -31,6 +31,7 @@ from collie_compile.optim.schedules import LRSchedule
 from collie_compile.passes.lora import is_adapter
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
+from collie_compile.runtime.options import read_peft_config
 from collie_compile.training.checkpoints import complete_checkpoints, lock_output
 from collie_compile.training.metrics import TENSORBOARD_MISSING, tensorboard_installed
 from collie_compile.training.trainer import Trainer, check_options
@@ -78,7 +79,9 @@ class TrainConfig:
     lora_rank: int | None = None  # train LoRA adapters only (peft's LoraConfig fields)
     lora_alpha: float | None = None
     lora_targets: list[str] | None = None
-    merge: bool = False  # with LoRA, save the adapters folded into plain HF weights
+    peft: str | None = None  # a peft config (JSON file): train its adapters only
+    peft_adapter: str | None = None  # a saved PEFT adapter to continue
+    merge: bool = False  # with adapters, save them folded into plain HF weights
     memory_reserve: float | None = None  # kept free by the auto plan (None: 0.05)
     update_in_backward: bool | None = None  # None: the plan's choice
     max_grad_norm: float | None = None  # clip the global gradient norm
@@ -103,15 +106,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise CollieError(f"{flag(k)} must be a positive integer, got {v}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise CollieError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.merge and cfg.lora_rank is None:
-        raise CollieError("--merge folds LoRA adapters into the weights; without --lora-rank "
-                          "there are none (--save alone writes the whole model)")
+    if cfg.merge and cfg.lora_rank is None and not (cfg.peft or cfg.peft_adapter):
+        raise CollieError("--merge folds adapters into the weights; without --lora-rank, "
+                          "--peft or --peft-adapter there are none (--save alone writes the "
+                          "whole model)")
     fill = dict(DEFAULTS)
     if cfg.plan.lower() != "auto":
         planned = Plan.load(cfg.plan)
         fill = dict(seq_len=planned.seq_len, global_batch_size=planned.global_batch_size,
                     optimizer=planned.optimizer, dtype=planned.dtype)
-        if cfg.lora_rank is None and cfg.lora_targets is None:
+        if all(a is None for a in (cfg.lora_rank, cfg.lora_targets, cfg.peft,
+                                   cfg.peft_adapter)):
             fill.update(lora_rank=planned.lora_rank, lora_targets=planned.lora_targets)
     cfg = replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     check_data_options(cfg)
@@ -199,7 +204,8 @@ def train(cfg: TrainConfig) -> list[float]:
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                     memory_reserve=cfg.memory_reserve,
+                     peft=cdist.agree(lambda: read_peft_config(cfg.peft)) if cfg.peft else None,
+                     lora_adapter=cfg.peft_adapter, memory_reserve=cfg.memory_reserve,
                      update_in_backward=cfg.update_in_backward,
                      max_grad_norm=cfg.max_grad_norm, clip_mode=cfg.clip_mode,
                      position_ids=cfg.separate_documents, **cfg.pins.given())
@@ -235,14 +241,14 @@ def train(cfg: TrainConfig) -> list[float]:
         for note in pm.plan.notes:
             print(f"note: {note}", flush=True)
         if pm.lora is not None and not cfg.weights:
-            print("note: LoRA on randomly initialised weights (no --weights): the adapter "
+            print("note: adapters on randomly initialised weights (no --weights): the adapter "
                   "is saved, the random base it adapts is not; give --weights DIR to adapt a "
                   "pretrained model (or --merge to save the whole model)", flush=True)
     losses = trainer.fit()
     for final in finals:
         pm.save_pretrained(final, merge=cfg.merge, files=beside_the_model(cfg))
         if rank0:
-            what = ("a PEFT LoRA adapter" if pm.lora is not None and not cfg.merge
+            what = ("a PEFT adapter" if pm.lora is not None and not cfg.merge
                     else "a Hugging Face checkpoint")
             print(f"saved {what} to {final}", flush=True)
     if cfg.check:
