@@ -142,7 +142,7 @@ CASES = [
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                               "mlp.router.weight"]}}),
     Case("mixtral-ep2-zero1", MOE["mixtral"], {**EP["ep2"], "zero": 1}),
-    # LoRA on layer 0 only, pp2: the second stage would have nothing to update
+    # LoRA on layer 0 only, pp2: the second stage runs backward and updates nothing
     Case("llama-lora-layer0-pp2", LLAMA, {**LAYOUTS["pp2"], "lora": {
         "target_modules": ["q_proj"], "layers_to_transform": [0]}}),
     # a recomputed block reruns its all-to-alls in backward, in the same order on each rank
@@ -174,6 +174,14 @@ CASES = [
     Case("gpt2-ia3-tp2", FAMILY["gpt2"], {**LAYOUTS["tp2"], "lora": {
         "peft_type": "IA3", "target_modules": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
         "feedforward_modules": ["mlp.c_proj"]}}),
+    # prompt tuning (continued from a saved adapter) and P-tuning (its MLP encoder drawn
+    # as peft draws it, the saved prompts compared): virtual tokens on the first stage,
+    # the later one updating nothing, the loss counting the first token as peft's does
+    *[Case(f"llama-{name}-{lay}", LLAMA, {**LAYOUTS[lay], "lora": {
+        "peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, **extra}})
+      for name, kind, extra in (("prompt", "PROMPT_TUNING", {}),
+                                ("ptuning", "P_TUNING", {"encoder_hidden_size": 32}))
+      for lay in ("tp2-pp2", "dp2-zero3")],
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads
@@ -197,8 +205,7 @@ REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differentl
                                    "use pp=1 or update after backward"),
            # attention sinks, one per head, joined to the split logits whole
            "gpt_oss-tp2": ("fails on the local shapes", "dp, pp and ZeRO work"),
-           "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3"),
-           "llama-lora-layer0-pp2": ("holds no trainable weight", "use a smaller pp")}
+           "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3")}
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +226,8 @@ def test_case_equals_one_process_on_every_tensor(results: dict, case: str) -> No
         assert any(".experts.base_layer.lora_A" in k for k in r.tensor_errs)
     if "dora" in case:
         assert any(".lora_magnitude_vector" in k for k in r.tensor_errs)
+    if "prompt" in case or "ptuning" in case:
+        assert "prompt_encoder.default.embedding.weight" in r.tensor_errs
     if "ia3" in case:  # inputs and outputs scaled, both compared
         shapes = {k for k in r.tensor_errs if ".ia3_l" in k}
         assert any("down_proj" in k or "mlp.c_proj" in k for k in shapes)

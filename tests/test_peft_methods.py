@@ -14,6 +14,8 @@ from peft import (
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     get_peft_model,
     get_peft_model_state_dict,
 )
@@ -22,13 +24,14 @@ from transformers.pytorch_utils import Conv1D
 
 from collie_compile.errors import CollieError
 from collie_compile.models.probe import probe_config
+from collie_compile.models.prompts import make_encoder, refuse_prompt_with, saved_prompts
 from collie_compile.runtime.options import (
     ADAPTER_PREFIX,
     lora_config,
     read_adapter,
     with_peft_defaults,
 )
-from collie_compile.runtime.saving import merged
+from collie_compile.runtime.saving import merged, save_kind
 
 
 def _model(family: str) -> torch.nn.Module:
@@ -92,6 +95,8 @@ def test_peft_defaults_filled_in_as_get_peft_model_fills_them() -> None:
     (LoraConfig(init_lora_weights="pissa"), "initialise the adapter with peft"),
     (LoraConfig(init_lora_weights="olora"), "--peft-adapter"),
     (IA3Config(init_ia3_weights=False), "random scales"),
+    (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                         encoder_reparameterization_type="LSTM"), "LSTM encoder"),
 ])
 def test_methods_not_built_exactly_are_refused_with_the_reason(config: object,
                                                                why: str) -> None:
@@ -119,3 +124,28 @@ def test_saved_adapters_read_back_as_their_method(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "prefix")
     with pytest.raises(CollieError, match="PREFIX_TUNING"):
         read_adapter(tmp_path / "prefix")
+
+
+def test_p_tuning_saves_the_prompts_peft_saves() -> None:
+    """peft saves P-tuning's encoder output, not the encoder: ours from the same weights
+    equals its ``get_prompt_embedding_to_save``; and such an adapter cannot continue."""
+    model = _model("llama")
+    config = with_peft_defaults(PromptEncoderConfig(task_type="CAUSAL_LM",
+                                                    num_virtual_tokens=3), model)
+    peft = get_peft_model(model, config)
+    _random_adapters(peft)
+    weights = {f"prompt_encoder.{k}": v
+               for k, v in peft.prompt_encoder["default"].state_dict().items()}
+    torch.testing.assert_close(saved_prompts(weights, config),
+                               peft.get_prompt_embedding_to_save("default"))
+    with pytest.raises(CollieError, match="cannot go on"):
+        make_encoder(config, model, {"prompt_embeddings": torch.zeros(3, 64)})
+
+
+def test_prompt_methods_refuse_what_they_cannot_do_exactly() -> None:
+    with pytest.raises(CollieError, match="nothing to merge"):
+        save_kind(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), True)
+    with pytest.raises(CollieError, match="separate-documents"):
+        refuse_prompt_with(None, True)
+    with pytest.raises(CollieError, match="load-balancing"):
+        refuse_prompt_with(object(), False)

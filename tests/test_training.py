@@ -378,7 +378,9 @@ def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: 
               "--lr", "1e-2"]
     configs = {"dora": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True,
                         "target_modules": ["q_proj", "o_proj", "down_proj"]},
-               "ia3": {"peft_type": "IA3"}}
+               "ia3": {"peft_type": "IA3"},
+               "prompt": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                          "num_virtual_tokens": 4}}
     for name, fields in configs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(fields))
         rc = main([*common, "--steps", "3", "--peft", str(tmp_path / f"{name}.json"),

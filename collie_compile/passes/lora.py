@@ -46,6 +46,7 @@ from torch import fx
 from collie_compile.capture.annotate import GROUPED_OPS
 from collie_compile.errors import CollieError
 from collie_compile.models.experts import grouped_linear
+from collie_compile.models.prompts import ENCODER
 
 from .expert_parallel import ep_record
 from .tensor_parallel import linear_operands, module_node, tp_record
@@ -127,9 +128,9 @@ ADAPTER_NAMES = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")
 
 
 def is_adapter(name: str) -> bool:
-    """Whether parameter ``name`` is an adapter's (this pass's or :mod:`.ia3`'s), as peft
-    names them."""
-    return any(k in name for k in ADAPTER_NAMES)
+    """Whether parameter ``name`` is an adapter's (this pass's, :mod:`.ia3`'s or a prompt
+    method's module), as peft names them."""
+    return name.startswith(f"{ENCODER}.") or any(k in name for k in ADAPTER_NAMES)
 
 
 class DoraNorm(torch.nn.Module):

@@ -278,7 +278,7 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          virtual_stages: int | None = None, tp_refusal: str | None = None,
          update_in_backward: bool | None = None, max_grad_norm: float | None = None,
          clip_mode: str = "two-pass", ep: int | None = None,
-         expert_imbalance: float = EXPERT_IMBALANCE) -> Plan:
+         expert_imbalance: float = EXPERT_IMBALANCE, virtual_tokens: int = 0) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
@@ -294,7 +294,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     measuring backward an update inside backward then needs. ``ep`` pins expert
     parallelism for a mixture of experts (else the planner tries every ep dividing dp and
     the expert count within a node); ``expert_imbalance`` is the busiest ep rank's expert
-    rows over the mean it prices.
+    rows over the mean it prices. ``virtual_tokens`` (prompt methods) lengthen every
+    sequence the model runs, not the data's: priced at ``seq_len + virtual_tokens``.
     """
     start = time.perf_counter()
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
@@ -314,7 +315,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     variants = update_variants(opt, update_in_backward,
                                two_pass=max_grad_norm is not None and clip_mode == "two-pass")
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
-    prof = replace(profile_model(model, seq_len=seq_len, dtype=dtype), tp_refusal=tp_refusal)
+    prof = replace(profile_model(model, seq_len=seq_len + virtual_tokens, dtype=dtype),
+                   tp_refusal=tp_refusal)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
         global_batch_size = -(-max(1, (1 << 21) // seq_len) // gpus) * gpus
     pins = {k: v for k, v in asdict(asked).items() if k != "recompute"}

@@ -169,7 +169,22 @@ def _lora_init(base: Path, directory: Path, fields: dict) -> None:
     model.save_pretrained(directory)
 
 
-def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
+def _trainable_peft_model(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """peft's model of ``adapter`` on ``model``, to train on. peft will not load a prompt
+    method's adapter as trainable: that one is a fresh peft model given its prompts."""
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    if not config.is_prompt_learning:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    config.inference_mode = False
+    model = get_peft_model(model, config)
+    set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+    return model
+
+
+def _reference(base: Path, data: list[torch.Tensor], adapter: Path | object | None,
                perturb: float = 0.0, micro_batch: int | None = None
                ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Plain transformers (and peft) in one process: losses, final tensors, and masks of
@@ -177,14 +192,23 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
     each trainable initial weight by 1 + perturb·N(0, 1) (fixed seed) first: the run's
     own sensitivity to rounding-sized changes. A model with a router loss runs each
     batch as transformers under gradient accumulation does: ``micro_batch`` rows a
-    forward call, the loss their mean (every row holds as many tokens)."""
+    forward call, the loss their mean (every row holds as many tokens). ``adapter``: a
+    saved adapter's folder, or a P-tuning config, started as the run starts it; its
+    tensors then are the prompts peft saves (the encoder's output), not the encoder."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
-    if adapter is not None:
-        from peft import PeftModel
+    if isinstance(adapter, Path):
+        model = _trainable_peft_model(model, adapter)
+    elif adapter is not None:  # P-tuning: peft's encoder at the run's init
+        from peft import get_peft_model
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        from collie_compile.models.prompts import make_encoder
+        from collie_compile.runtime.options import with_peft_defaults
+
+        start = make_encoder(with_peft_defaults(adapter, model), model).state_dict()
+        model = get_peft_model(model, adapter)
+        model.prompt_encoder["default"].load_state_dict(start)
     model.train()
     if perturb:
         gen = torch.Generator().manual_seed(2)
@@ -211,8 +235,12 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | None,
     # is not exactly 0: an exact 0 (a padding row) leaves only weight decay, judged as is
     top = max((float(g.max()) for g in grads.values() if g.numel()), default=0.0)
     noise = {n: (g <= 1e-7 * top) & (g > 0) for n, g in grads.items()}
-    return (losses, {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: m for n, m in noise.items() if bool(m.any())})
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if adapter is not None and not isinstance(adapter, Path):
+        final = {k: v for k, v in final.items() if not k.startswith("prompt_encoder.")}
+        final["prompt_encoder.default.embedding.weight"] = \
+            model.get_prompt_embedding_to_save("default")
+    return losses, final, {n: m for n, m in noise.items() if bool(m.any())}
 
 
 def _reload(directory: Path, base: Path, lora: bool) -> dict[str, torch.Tensor]:
@@ -238,15 +266,18 @@ def run_case(case: Case, workdir: Path) -> Result:
     d = workdir / case.id
     base, adapter, out = d / "init", d / "adapter-init", d / "trained"
     lora = bool(case.layout.get("lora"))  # True, or LoraConfig fields beside the defaults
+    fields = case.layout["lora"] if isinstance(case.layout.get("lora"), dict) else {}
+    # P-tuning cannot start from a saved adapter (peft saves its prompts, not its
+    # encoder): the run draws the encoder itself, and the reference the same
+    fresh = _lora_config(**dict(fields)) if fields.get("peft_type") == "P_TUNING" else None
     pins = {k: v for k, v in case.layout.items() if k != "lora"}
     problem = ""
     if dist.get_rank() == 0:
         try:
             d.mkdir(parents=True, exist_ok=True)
             _initial_model(case.config, base)
-            if lora:
-                _lora_init(base, adapter, case.layout["lora"] if isinstance(
-                    case.layout["lora"], dict) else {})
+            if lora and fresh is None:
+                _lora_init(base, adapter, fields)
         except Exception as e:  # the model itself does not build: not ours to judge
             problem = first_line(e)
     problem = all_strings(problem)[0]
@@ -257,7 +288,8 @@ def run_case(case: Case, workdir: Path) -> Result:
     try:
         pm = parallelize(model, seq_len=case.seq, global_batch_size=case.batch, optimizer="adamw",
                          lr=ADAMW["lr"], optimizer_kwargs={"eps": ADAMW["eps"]},
-                         lora_adapter=adapter if lora else None, **pins)
+                         lora_adapter=adapter if lora and fresh is None else None,
+                         peft=fresh, **pins)
     except CollieError as e:
         return Result(case.id, "refused", str(e))
     losses = [pm.train_step({"input_ids": b}) for b in data]
@@ -265,7 +297,8 @@ def run_case(case: Case, workdir: Path) -> Result:
     if dist.get_rank() != 0:
         return Result(case.id, "pass")
     try:
-        ref_losses, want, noise = _reference(base, data, adapter if lora else None,
+        start = fresh or (adapter if lora else None)
+        ref_losses, want, noise = _reference(base, data, start,
                                              micro_batch=pm.plan.chosen.micro_batch_size)
     except Exception as e:  # transformers or peft fail on their own: nothing to judge by
         return Result(case.id, "crash", f"the reference itself (transformers/peft in one "
@@ -280,7 +313,7 @@ def run_case(case: Case, workdir: Path) -> Result:
     ok = loss_err <= TOLERANCE and errs[worst] <= WEIGHT_TOLERANCE
     floor: dict[str, float] = {}
     if not ok:  # off: by more than the model itself moves on rounding-sized changes?
-        moved_losses, moved, _ = _reference(base, data, adapter if lora else None,
+        moved_losses, moved, _ = _reference(base, data, start,
                                             PERTURBATION, pm.plan.chosen.micro_batch_size)
         floor = tensor_errors(moved, want, masks)
         floor["loss"] = max(abs(a - b) for a, b in zip(moved_losses, ref_losses, strict=True))

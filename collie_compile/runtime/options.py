@@ -12,6 +12,7 @@ from collie_compile.config import LoraRequest
 from collie_compile.dtypes import dtype_name, torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.layout import DEFAULT_LORA_TARGETS, canonical_lora_targets
+from collie_compile.models.prompts import PROMPT_METHODS, is_prompt_method
 from collie_compile.optim.in_backward import LossScaler
 from collie_compile.optim.specs import CLIP_MODES, get_optimizer
 
@@ -85,7 +86,7 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
 
 
 # peft methods built as passes, by peft_type, and those refused with the reason
-PEFT_METHODS = ("LORA", "IA3")
+PEFT_METHODS = ("LORA", "IA3", *PROMPT_METHODS)
 PEFT_REFUSED = {
     "ADALORA": "AdaLoRA reallocates ranks between steps from gradient statistics "
                "(update_and_allocate), which the rank program does not run yet; use LoRA "
@@ -106,6 +107,10 @@ def check_peft(config: object, fresh: bool) -> object:
     if kind not in PEFT_METHODS:
         raise CollieError(f"peft method {kind} is not supported; the methods are "
                           f"{', '.join(PEFT_METHODS)} (LoRA with use_dora, use_rslora)")
+    encoder = getattr(config, "encoder_reparameterization_type", "MLP")
+    if kind == "P_TUNING" and str(getattr(encoder, "value", encoder)) != "MLP":
+        raise CollieError("P-tuning with an LSTM encoder is not built (its recurrence is "
+                          "not captured yet); use the MLP encoder (peft's default)")
     init = getattr(config, "init_lora_weights", True)
     if kind == "LORA" and fresh and init is not True:
         raise CollieError(
@@ -136,6 +141,12 @@ def with_peft_defaults(config: object, model: torch.nn.Module) -> object:
 
     config = copy.deepcopy(config)
     kind, model_type = config.peft_type.value, model.config.model_type
+    if is_prompt_method(config):  # token_dim, num_layers, heads from the model's config
+        from peft.utils.other import _prepare_prompt_learning_config
+
+        config = _prepare_prompt_learning_config(config, model.config)
+        config.num_transformer_submodules = 1  # a decoder-only model
+        return config
     defaults = {"LORA": [("target_modules", TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)],
                 "IA3": [("target_modules", TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
                         ("feedforward_modules",
@@ -174,12 +185,17 @@ def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> Non
 def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
     """(rank, targets) of a peft config as the planner prices it: LoRA and DoRA at their
     rank, IA3 as a rank-1 LoRA on its targets (an upper bound: one vector per module,
-    of its input or output width, where rank 1 counts both)."""
+    of its input or output width, where rank 1 counts both); prompt methods as a rank-1
+    LoRA on every linear (an upper bound: the base frozen, gradients through every
+    block, activations as if each linear's input were kept)."""
     if config is None:
         return None, None
+    if is_prompt_method(config):
+        return 1, ALL_LINEARS
     return getattr(config, "r", 1), canonical_lora_targets(config.target_modules)
 
 
+ALL_LINEARS = ".*"  # peft's target_modules regex matching every module
 ADAPTER_PREFIX = "base_model.model."
 
 

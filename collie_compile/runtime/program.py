@@ -31,6 +31,13 @@ from collie_compile.errors import CollieError
 from collie_compile.layout import vocab_parallel
 from collie_compile.models.attention import fused_gqa
 from collie_compile.models.probe import attention_heads
+from collie_compile.models.prompts import (
+    PromptedModel,
+    make_encoder,
+    refuse_prompt_with,
+    train_prompts_only,
+    virtual_tokens,
+)
 from collie_compile.models.registry import tied_names
 from collie_compile.passes.data_parallel import data_parallel
 from collie_compile.passes.dropout import dropout_follows_mode
@@ -102,6 +109,9 @@ class RankProgram:
     ep_group: object = None  # the ranks splitting the experts (None: ep = 1)
     router_loss: RouterLoss | None = None  # the last stage returns router logits for it
     adapters: dict[str, Adapter] = field(default_factory=dict)  # LoRA prefix -> its base
+    # prompt methods: positions before each sequence; the logits are of the real ones,
+    # shifted by one (models.prompts), so the labels are the targets, unshifted
+    virtual_tokens: int = 0
 
     def shard(self, name: str) -> tuple[Shard, int] | None:
         """How ``name`` is split between ranks (by tp, or by ep for routed experts) and
@@ -257,16 +267,27 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     pos = torch.zeros_like(ids) if position_ids else None
 
     aux = router_loss(model)  # refused before any capture where it cannot be computed
-    ep = apply_pass("capture", lambda: capture_static(model, ids, pos))
-    ag = annotate(ep, model)
+    v = virtual_tokens(lora)
+    target = model
+    if v:
+        refuse_prompt_with(aux, position_ids)
+        encoder = make_encoder(lora, model, lora_init)
+        prompts = {k: t.detach().clone() for k, t in encoder.state_dict().items()}
+        target = PromptedModel(model, encoder.to("meta") if on_meta else encoder, v)
+    ep = apply_pass("capture", lambda: capture_static(target, ids, pos))
+    ag = annotate(ep, target)
     gm = router_outputs(drop_guards(ag.gm))
+    if v:
+        gm = train_prompts_only(gm, prompts)
     layout = named_pass("tensor_parallel", lambda: tp_layout(ag, cfg, c.tp, bool(tied)))
     gm = apply_pass("tensor_parallel", lambda: tensor_parallel(
         gm, layout, mesh.get_group("tp"), coords.tp, c.tp, *head_layout(cfg)))
     ep_group, edp_group = expert_groups(mesh, c.dp, c.ep)
     coords.ep = coords.dp % c.ep
     gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
-    if lora is not None and lora.peft_type.value == "IA3":
+    if v:
+        pass  # the prompt module was captured with the model
+    elif lora is not None and lora.peft_type.value == "IA3":
         refuse_what_peft_cannot_adapt(model, lora)
         gm = apply_pass("ia3", lambda: ia3_pass(gm, lora, c.tp, lora_init, coords.tp))
     elif lora is not None:
@@ -306,7 +327,8 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
                  if n not in params and not b.is_meta},
         # weights stored [in, out] (GPT-2's Conv1D): a merged adapter goes in transposed
         fan_in_fan_out={n for n, m in model.named_modules() if isinstance(m, Conv1D)},
-        takes_positions=position_ids, router_loss=aux, adapters=dict(lora_record(gm)))
+        takes_positions=position_ids, router_loss=aux, adapters=dict(lora_record(gm)),
+        virtual_tokens=v)
 
     pieces = cdist.agree(lambda: ckpt.hf_pieces(Path(weights))) if weights else None
     dtype = next(iter(ag.gm.parameters())).dtype

@@ -10,6 +10,7 @@ from collie_compile.cost.estimate import check_heads
 from collie_compile.cost.hardware import CATALOG, get_gpu, local_gpu
 from collie_compile.errors import CollieError, flag
 from collie_compile.layout import canonical_lora_targets
+from collie_compile.models.prompts import virtual_tokens
 from collie_compile.planner.result import Plan, lora_flags
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime.options import FusedOptions, lora_plan_args
@@ -41,6 +42,7 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   optimizer=optimizer or "adamw",
                   dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, tp_refusal=refusal,
+                  virtual_tokens=virtual_tokens(lora),
                   update_in_backward=update_in_backward, **clipping,
                   **({} if memory_reserve is None else {"memory_reserve": memory_reserve}),
                   **pins)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.kernels.adalomo import adalomo_state
+from collie_compile.models.prompts import is_prompt_method, saved_prompts
 from collie_compile.models.registry import architecture
 from collie_compile.optim.in_backward import STATE_KEYS
 from collie_compile.passes.lora import Adapter, expert_delta, is_adapter, scaling_of
@@ -65,7 +66,12 @@ def full_state_dict(prog: RankProgram, grads: bool = False) -> dict[str, torch.T
 
 
 def save_kind(lora: object | None, merge: bool) -> str:
-    """The kind of folder :func:`save_pretrained` writes (:mod:`.folders`)."""
+    """The kind of folder :func:`save_pretrained` writes (:mod:`.folders`); refuses to
+    merge what peft cannot merge either (virtual tokens are not a weight)."""
+    if merge and is_prompt_method(lora):
+        raise CollieError(f"{lora.peft_type.value} adds virtual tokens, not weights: there "
+                          "is nothing to merge into the model (peft cannot either); save "
+                          "the adapter (leave out merge / --merge)")
     return "adapter" if lora is not None and not merge else "pretrained"
 
 
@@ -90,8 +96,10 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
     if dist.get_rank() == 0:
         tmp = folders.begin(directory, kind)
         if kind == "adapter":
-            adapters = {k: v for k, v in weights.items() if is_adapter(k)}
-            save_file({ADAPTER_PREFIX + k: v.contiguous() for k, v in adapters.items()},
+            adapters = {ADAPTER_PREFIX + k: v for k, v in weights.items() if is_adapter(k)}
+            if is_prompt_method(lora):  # peft saves the prompts alone, unprefixed
+                adapters = {"prompt_embeddings": saved_prompts(weights, lora)}
+            save_file({k: v.contiguous() for k, v in adapters.items()},
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             lora.save_pretrained(str(tmp))
         else:

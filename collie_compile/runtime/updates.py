@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError
 from collie_compile.optim.in_backward import STATE_KEYS, FusedBackward
 from collie_compile.optim.optimizers import DEFAULTS, optimizer_class, optimizer_options
@@ -90,7 +91,7 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
                  options: FusedOptions, inside: bool = False) -> Updates:
     """The optimizer of ``program``'s trainable parameters, inside backward or not."""
     rule = optimizer.lower()
-    cdist.agree(lambda: _refuse_nothing_to_train(program))
+    cdist.agree(lambda: _refuse_nothing_to_train(program, inside))
     c = program.chosen
     if c.zero == 1 and c.dp > 1 and program.ep_shards:  # a plan made by hand
         raise CollieError(f"ZeRO-1 keeps each weight's optimizer states on one dp rank, and "
@@ -102,21 +103,31 @@ def make_updates(program: RankProgram, optimizer: str, lr: float | None, kwargs:
     return Updates(rule, fused=_fused(program, rule, lr, kwargs, options))
 
 
-def _refuse_nothing_to_train(program: RankProgram) -> None:
-    """A rank whose stages hold no trainable weight (pp cut a family whose layers the
-    block outline does not follow, LongCat-Flash's; or LoRA adapts no module there): it
-    would have nothing to update, and torch's optimizers refuse an empty list."""
-    if not any(p.requires_grad for st in program.stages for p in st.parameters()):
-        c = program.chosen
+def _refuse_nothing_to_train(program: RankProgram, inside: bool) -> None:
+    """A rank whose stages hold no weight at all (pp cut a family whose layers the block
+    outline does not follow, LongCat-Flash's): its outline is wrong. One whose weights
+    are all frozen (the adapters on other stages: a prompt, LoRA on the first layers)
+    runs backward for the stages before it and updates nothing, after backward; an
+    update inside backward or by ZeRO-1's owners is not built for it."""
+    c = program.chosen
+    held = [p for st in program.stages for p in st.parameters()]
+    if not held:
+        raise CollieError(f"pipeline stage {program.stage_ids} of pp={c.pp} holds no weight "
+                          f"of {program.plan.model}: its blocks are not cut as the model "
+                          "runs them; use a smaller pp (pp=1 works)")
+    if not any(p.requires_grad for p in held) and (inside or (c.zero == 1 and c.dp > 1)):
+        how = "inside backward" if inside else "by ZeRO-1's owners"
         raise CollieError(f"pipeline stage {program.stage_ids} of pp={c.pp} holds no "
-                          f"trainable weight of {program.plan.model} (none of its own, or "
-                          "with LoRA no adapter): use a smaller pp (pp=1 works)")
+                          f"trainable weight (the adapters are on other stages), and its "
+                          f"update {how} is not built for that: update after backward "
+                          "(zero 0, 2 or 3), or use a smaller pp")
 
 
 def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: dict
                      ) -> torch.optim.Optimizer:
     params = [p for st in program.stages for p in st.parameters() if p.requires_grad]
-    cls = optimizer_class(name, params[0].dtype)
+    # a stage whose weights are all frozen steps an empty group (torch refuses no group)
+    cls = optimizer_class(name, params[0].dtype if params else torch_dtype(program.plan.dtype))
     # the class's own options (a typo raised a raw TypeError from its constructor)
     signature = inspect.signature(cls.__init__).parameters
     allowed = set(signature) - {"self", "params", "lr"}
@@ -130,7 +141,7 @@ def _torch_optimizer(program: RankProgram, name: str, lr: float | None, kwargs: 
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls,
                                        process_group=program.mesh.get_group("dp"), **opts)
-    return cls(params, **opts)
+    return cls(params or [{"params": []}], **opts)
 
 
 def _refuse_split_ties(program: RankProgram, rule: str) -> None:

@@ -25,6 +25,7 @@ from collie_compile.data.records import ON_ERROR
 from collie_compile.data.tokenize import Encoder, tokenized, tokenizer_files
 from collie_compile.dtypes import torch_dtype
 from collie_compile.errors import CollieError, flag
+from collie_compile.models.prompts import ENCODER, is_prompt_method
 from collie_compile.models.registry import build_model, load_config
 from collie_compile.optim.optimizers import optimizer_options
 from collie_compile.optim.schedules import LRSchedule
@@ -296,8 +297,12 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
         from peft import get_peft_model, set_peft_model_state_dict
 
         model = get_peft_model(model, lora)
-        set_peft_model_state_dict(model, {ADAPTER_PREFIX + k: v
-                                          for k, v in (adapters or {}).items()})
+        if is_prompt_method(lora):  # the whole prompt module (P-tuning's encoder too)
+            model.prompt_encoder["default"].load_state_dict(
+                {k.removeprefix(f"{ENCODER}."): v for k, v in (adapters or {}).items()})
+        else:
+            set_peft_model_state_dict(model, {ADAPTER_PREFIX + k: v
+                                              for k, v in (adapters or {}).items()})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = single_process_optimizer(cfg.optimizer, params, cfg.lr)
