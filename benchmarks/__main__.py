@@ -12,6 +12,7 @@ from . import (
     optimizer_kernels,
     plan,
     rss,
+    study_memory,
     train,
     zoo,
 )
@@ -19,7 +20,7 @@ from . import (
 SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main,
           "experts": experts_kernel.main, "fidelity": fidelity.main,
           "kernels": optimizer_kernels.main, "moe": moe.main, "plan": plan.main,
-          "rss": rss.main,
+          "rss": rss.main, "study-memory": study_memory.main,
           "train": train.main,
           "zoo": zoo.main}
 

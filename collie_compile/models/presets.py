@@ -33,6 +33,8 @@ _LLAMA3 = dict(vocab=128256, max_pos=8192, eps=1e-5, rope_theta=500000.0,
 PRESETS: dict[str, Preset] = {
     "gpt2": Preset("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
                                 n_head=12), "openai-community/gpt2"),
+    # CoLLiE's LLaMA 3B: OpenLLaMA's (LLaMA itself has no 3B)
+    "open-llama-3b": Preset("llama", _llama(3200, 8640, 26, 32), "openlm-research/open_llama_3b"),
     "llama-7b": Preset("llama", _llama(4096, 11008, 32, 32), "huggyllama/llama-7b"),
     "llama-13b": Preset("llama", _llama(5120, 13824, 40, 40), "huggyllama/llama-13b"),
     "llama-30b": Preset("llama", _llama(6656, 17920, 60, 52), "huggyllama/llama-30b"),

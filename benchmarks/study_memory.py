@@ -1,0 +1,170 @@
+"""CoLLiE's memory study, from our cost model and planner: GPU memory against model size
+for every optimizer and PEFT method, and the fewest GPUs each needs.
+
+CoLLiE's protocol (its paper, section 4.1): LLaMA 3B/7B/13B/30B/65B, bf16, batch 1 with
+gradient accumulation 2 (a global batch of 2 sequences), sequence 2048, activation
+recomputation, flash attention, tensor parallelism. Here every point is the planner's:
+for each model, method and GPU the fewest GPUs (of :data:`COUNTS`) for which it finds a
+plan that fits, full recomputation pinned, the rest (dp, tp, pp, ZeRO, where the update
+runs) its choice. "GB per billion parameters" is that plan's memory summed over its GPUs
+(the busiest GPU's estimate times the count, an upper bound) over the parameters.
+
+No GPU is used: these are estimates, held to ±5% of measured peaks by the
+``estimate`` and ``fidelity`` suites.
+"""
+
+from __future__ import annotations
+
+import time
+
+from collie_compile.errors import CollieError
+from collie_compile.models.prompts import virtual_tokens
+from collie_compile.models.registry import build_model, load_config
+from collie_compile.planner.search import plan
+from collie_compile.runtime.options import (
+    check_peft,
+    lora_plan_args,
+    with_peft_defaults,
+)
+
+from .report import Report, table
+
+MODELS = {"open-llama-3b": "3B", "llama-7b": "7B", "llama-13b": "13B", "llama-30b": "30B",
+          "llama-65b": "65B"}
+GPUS = ("a100-80gb", "a100-40gb", "rtx3090")
+COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
+SEQ, GLOBAL_BATCH = 2048, 2
+GiB = 2**30
+
+# CoLLiE's measured fits (total GB across GPUs per billion parameters) and its table of
+# the fewest A100s (7B/13B/30B/65B); its 80 GB and 40 GB parts are not told apart there
+COLLIE_FIT = {"Adan": 34.5, "Sophia": 34.5, "AdamW": 30.5, "Lion": 30.5, "LOMO": 2.1,
+              "LoRA": 2.1}
+COLLIE_MIN_A100 = {"AdamW": (2, 3, 6, 16), "LoRA": (1, 1, 1, 2), "LOMO": (1, 1, 1, 2)}
+
+
+def _peft(kind: str, **fields: object) -> object:
+    import peft
+
+    return getattr(peft, kind)(**fields)
+
+
+# name -> (optimizer, update inside backward, peft config factory or None)
+METHODS: dict[str, tuple[str, bool | None, object]] = {
+    "AdamW": ("adamw", False, None),
+    "AdamW inside backward": ("adamw", True, None),
+    "Lion": ("lion", False, None),
+    "Lion inside backward": ("lion", True, None),
+    "Adan": ("adan", False, None),
+    "Sophia": ("sophia", None, None),
+    "LOMO": ("lomo", None, None),
+    "AdaLomo": ("adalomo", None, None),
+    "LoRA": ("adamw", None, lambda: _peft("LoraConfig", r=8, lora_alpha=16)),
+    "DoRA": ("adamw", None, lambda: _peft("LoraConfig", r=8, lora_alpha=16, use_dora=True)),
+    "IA3": ("adamw", None, lambda: _peft("IA3Config")),
+    "Prompt tuning": ("adamw", None, lambda: _peft(
+        "PromptTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "P-tuning": ("adamw", None, lambda: _peft(
+        "PromptEncoderConfig", task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "Prefix tuning": ("adamw", None, lambda: _peft(
+        "PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "AdaLoRA": ("adamw", None, lambda: _peft("AdaLoraConfig", total_step=1000)),
+}
+
+
+def _plan_args(method: str, model: str) -> dict:
+    """The planner's arguments for ``method`` (a refusal raises CollieError)."""
+    optimizer, inside, make = METHODS[method]
+    args: dict = {"optimizer": optimizer}
+    if inside is not None:
+        args["update_in_backward"] = inside
+    if make is not None:
+        config = with_peft_defaults(check_peft(make(), fresh=True),
+                                    build_model(load_config(model)))
+        rank, targets = lora_plan_args(config)
+        args.update(lora_rank=rank, lora_targets=targets,
+                    virtual_tokens=virtual_tokens(config))
+    return args
+
+
+def fewest(model: str, gpu: str, args: dict) -> tuple[int, object] | None:
+    """The fewest GPUs of :data:`COUNTS` with a plan that fits, and that plan (a binary
+    search: more GPUs never hold more per GPU here), or None past the last count."""
+    def solve(n: int) -> object:
+        return plan(model, gpus=n, gpu=gpu, seq_len=SEQ, global_batch_size=GLOBAL_BATCH,
+                    dtype="bf16", recompute="full", quick=True, top_k=0, **args)
+
+    lo, hi, best = 0, len(COUNTS) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = solve(COUNTS[mid])
+        if p.feasible:
+            best, hi = (COUNTS[mid], p), mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def main(out: str | None = None) -> None:
+    start = time.perf_counter()
+    rep = Report("study-memory", out)
+    rep.add(__doc__.split("\n\n", 1)[1].strip())
+    rows, fits, minimum, refused = [], {}, {}, {}
+    for method in METHODS:
+        per_b = []
+        for model, size in MODELS.items():
+            try:
+                args = _plan_args(method, model)
+            except CollieError as e:
+                refused[method] = str(e)
+                break
+            counts = []
+            for gpu in GPUS:
+                found = fewest(model, gpu, args)
+                counts.append(found[0] if found else None)
+                if gpu == GPUS[0] and found:
+                    n, p = found
+                    total = p.chosen.memory_per_gpu_bytes * n / 1e9
+                    params = p.num_params / 1e9
+                    per_b.append((params, total))
+                    rows.append([method, size, n, p.chosen.layout_str().split(" recompute")[0],
+                                 f"{p.chosen.memory_per_gpu_bytes / GiB:.1f}",
+                                 f"{total / params:.1f}"])
+            minimum[(method, size)] = counts
+        if per_b:  # least squares through the origin: GB per billion parameters
+            fits[method] = (sum(p * t for p, t in per_b) / sum(p * p for p, _ in per_b), per_b)
+    rep.add("## Memory per model, on the fewest A100-80GB that fit\n\n"
+            + table(["method", "model", "A100-80GB", "plan", "GiB per GPU",
+                     "total GB per B params"], rows, right=(2, 4, 5)))
+    rep.add("## GB per billion parameters (fit over 3B-65B) beside CoLLiE's\n\n" + table(
+        ["method", "ours", "CoLLiE"],
+        [[m, f"{f[0]:.1f}", COLLIE_FIT.get(m.split(" ")[0], "")] for m, f in fits.items()],
+        right=(1, 2)))
+    sizes = list(MODELS.values())
+    rep.add("## The fewest GPUs (A100-80GB / A100-40GB / RTX 3090) beside CoLLiE's A100s\n\n"
+            + table(["method", *sizes, "CoLLiE A100s (7B/13B/30B/65B)"],
+                    [[m, *["/".join(str(c or ">128") for c in minimum[(m, s)])
+                           for s in sizes],
+                      "/".join(map(str, COLLIE_MIN_A100.get(m, ())))]
+                     for m in METHODS if m not in refused], right=tuple(range(1, 6))))
+    if refused:
+        rep.add("## Refused, with the reason\n\n" + "\n".join(
+            f"- {m}: {why}" for m, why in refused.items()))
+
+    def draw(ax: object) -> None:
+        for m, (slope, pts) in fits.items():
+            line = ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o",
+                           label=f"{m} ({slope:.1f} GB/B)")[0]
+            theirs = COLLIE_FIT.get(m.split(" ")[0])
+            if theirs and m in ("AdamW", "Adan", "LOMO", "LoRA"):
+                top = max(p for p, _ in pts)
+                ax.plot([0, top], [0, theirs * top], linestyle=":", color=line.get_color())
+        ax.set_xlabel("parameters (billions)")
+        ax.set_ylabel("GB summed over the GPUs")
+        ax.set_title("Estimated training memory (dotted: CoLLiE's measured fits)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=5, ncol=2)
+
+    rep.plot("study-memory", draw)
+    rep.add(f"Solved in {time.perf_counter() - start:.0f} s.")
+    rep.save()
