@@ -12,7 +12,9 @@ from . import (
     optimizer_kernels,
     plan,
     rss,
+    study_instruct,
     study_memory,
+    study_throughput,
     train,
     zoo,
 )
@@ -20,7 +22,9 @@ from . import (
 SUITES = {"checkpoints": checkpoints.main, "estimate": estimate.main,
           "experts": experts_kernel.main, "fidelity": fidelity.main,
           "kernels": optimizer_kernels.main, "moe": moe.main, "plan": plan.main,
-          "rss": rss.main, "study-memory": study_memory.main,
+          "rss": rss.main, "study-instruct": study_instruct.main,
+          "study-memory": study_memory.main,
+          "study-throughput": study_throughput.main,
           "train": train.main,
           "zoo": zoo.main}
 
@@ -30,6 +34,9 @@ parser.add_argument("--out", help="directory for the markdown table and PNG plot
 parser.add_argument("--nproc", type=int, help="ranks to launch (train, fidelity, moe)")
 parser.add_argument("--families", help="zoo: comma-separated model_types (default: all)")
 parser.add_argument("--front-only", action="store_true", help="zoo: capture and estimate only")
+parser.add_argument("--data", help="study-instruct: JSON Lines instruction records (the last "
+                    "150 held out)")
+parser.add_argument("--model", help="study-instruct: the base model folder (HF weights)")
 args = parser.parse_args()
 warnings.filterwarnings("ignore")
 if args.nproc and args.suite not in ("train", "fidelity", "moe"):
@@ -39,6 +46,11 @@ if args.families:
     if args.suite != "zoo":
         parser.error("--families applies to zoo")
     extra["families"] = args.families.split(",")
+if (args.data or args.model) and args.suite != "study-instruct":
+    parser.error("--data and --model apply to study-instruct")
+if args.data and not args.model:
+    parser.error("--data needs --model (the base to tune)")
+extra.update({k: v for k, v in (("data", args.data), ("model", args.model)) if v})
 if args.front_only:
     extra["layouts"] = False
 SUITES[args.suite](args.out, **extra)

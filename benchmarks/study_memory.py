@@ -2,12 +2,16 @@
 for every optimizer and PEFT method, and the fewest GPUs each needs.
 
 CoLLiE's protocol (its paper, section 4.1): LLaMA 3B/7B/13B/30B/65B, bf16, batch 1 with
-gradient accumulation 2 (a global batch of 2 sequences), sequence 2048, activation
-recomputation, flash attention, tensor parallelism. Here every point is the planner's:
-for each model, method and GPU the fewest GPUs (of :data:`COUNTS`) for which it finds a
-plan that fits, full recomputation pinned, the rest (dp, tp, pp, ZeRO, where the update
-runs) its choice. "GB per billion parameters" is that plan's memory summed over its GPUs
-(the busiest GPU's estimate times the count, an upper bound) over the parameters.
+gradient accumulation 2, sequence 2048, activation recomputation, flash attention, tensor
+parallelism. Here every point is the planner's: for each model, method and GPU the
+fewest GPUs N (of :data:`COUNTS`) for which it finds a plan that fits, with 2 sequences
+of 2048 tokens per GPU and step (a global batch of 2N: batch 1 and 2 accumulation steps
+where dp = N), full recomputation pinned, the rest (dp, tp, pp, ZeRO, where the update
+runs) its choice. A fixed global batch of 2 would cap every plan at 16 GPUs (dp ≤ 2,
+pp ≤ 2 micro-batches, tp ≤ 8 in a node). Prompt methods (20 virtual tokens) read
+sequences of 2028 tokens, so that the model runs LLaMA's 2048 positions. "GB per
+billion parameters" is that plan's memory summed over its GPUs (the busiest GPU's
+estimate times the count, an upper bound) over the parameters.
 
 No GPU is used: these are estimates, held to ±5% of measured peaks by the
 ``estimate`` and ``fidelity`` suites.
@@ -32,8 +36,8 @@ from .report import Report, table
 MODELS = {"open-llama-3b": "3B", "llama-7b": "7B", "llama-13b": "13B", "llama-30b": "30B",
           "llama-65b": "65B"}
 GPUS = ("a100-80gb", "a100-40gb", "rtx3090")
-COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
-SEQ, GLOBAL_BATCH = 2048, 2
+COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
+SEQ, PER_GPU = 2048, 2
 GiB = 2**30
 
 # CoLLiE's measured fits (total GB across GPUs per billion parameters) and its table of
@@ -91,14 +95,19 @@ def fewest(model: str, gpu: str, args: dict) -> tuple[int, object] | None:
     """The fewest GPUs of :data:`COUNTS` with a plan that fits, and that plan (a binary
     search: more GPUs never hold more per GPU here), or None past the last count."""
     def solve(n: int) -> object:
-        return plan(model, gpus=n, gpu=gpu, seq_len=SEQ, global_batch_size=GLOBAL_BATCH,
-                    dtype="bf16", recompute="full", quick=True, top_k=0, **args)
+        try:
+            # prompt methods: the model runs SEQ positions, virtual tokens included
+            seq = SEQ - args.get("virtual_tokens", 0)
+            return plan(model, gpus=n, gpu=gpu, seq_len=seq, global_batch_size=PER_GPU * n,
+                        dtype="bf16", recompute="full", quick=True, top_k=0, **args)
+        except CollieError:  # no layout of n GPUs runs this model (tp vs heads, ...)
+            return None
 
     lo, hi, best = 0, len(COUNTS) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
         p = solve(COUNTS[mid])
-        if p.feasible:
+        if p is not None and p.feasible:
             best, hi = (COUNTS[mid], p), mid - 1
         else:
             lo = mid + 1

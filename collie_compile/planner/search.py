@@ -67,6 +67,7 @@ from collie_compile.layout import (
     canonical_lora_targets,
     even_split,
 )
+from collie_compile.models.registry import load_config
 from collie_compile.optim.specs import OptimizerSpec, get_optimizer
 from collie_compile.planner.result import Candidate, Plan
 from collie_compile.planner.sharding import linear_layout, solve_block_sharding
@@ -315,6 +316,15 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     variants = update_variants(opt, update_in_backward,
                                two_pass=max_grad_norm is not None and clip_mode == "two-pass")
     seq_len = seq_len if seq_len is not None else default_seq_len(model)
+    if virtual_tokens:  # the data's sequences are shorter than what the model runs
+        cfg = load_config(model)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions",
+                                                                         None)
+        if limit and seq_len + virtual_tokens > limit:
+            raise CollieError(f"{named('seq_len')} {seq_len} and the prompt's {virtual_tokens} "
+                              f"virtual tokens make {seq_len + virtual_tokens} positions, past "
+                              f"the model's {limit}; use {named('seq_len')} at most "
+                              f"{limit - virtual_tokens}")
     prof = replace(profile_model(model, seq_len=seq_len + virtual_tokens, dtype=dtype),
                    tp_refusal=tp_refusal)
     if global_batch_size is None:  # ~2M tokens, a multiple of the GPUs: any dp divides it
