@@ -63,6 +63,17 @@ for shape in ((1, 1), (17, 33), (40, 7), (64, 96)):
         torch.testing.assert_close(p1, p2, rtol=max(eps, 1e-5), atol=1e-6)
         assert not torch.equal(p1, p)
 
+# An all-zero gradient (LoRA's A at its first step: B starts at 0): the factored moment's
+# r·cᵀ underflowed to 0 in fp32 and the update was 0/0 = NaN; it must leave p alone
+# (weight decay aside), and the next real gradient must still move it
+for update in (adalomo_update_triton, adalomo_update_reference):
+    p = torch.randn(17, 33)
+    q, state = p.clone(), adalomo_state(p)
+    update(q, torch.zeros_like(p), state, lr=1e-2)
+    assert torch.equal(q, p), update.__name__
+    update(q, torch.randn_like(p), state, lr=1e-2)
+    assert torch.isfinite(q).all() and not torch.equal(q, p), update.__name__
+
 # Stochastic rounding: every result is one of the two neighbours of the fp32 update, and
 # on average the update survives even when it is far below half an ulp.
 for dtype in (torch.bfloat16, torch.float16):

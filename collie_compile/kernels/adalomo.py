@@ -2,7 +2,7 @@
 
 For a matrix gradient G (m x n), ĝ = G / grad_scale, β = 1 - t^-0.8 at step t:
     r ← β·r + (1-β)·rowmean(ĝ² + ε₁);   c ← β·c + (1-β)·colmean(ĝ² + ε₁)
-    U = ĝ / sqrt(r·cᵀ / mean(r));        U ← U / max(1, RMS(U))
+    U = ĝ · sqrt(mean(r) / r) · 1/sqrt(cᵀ);   U ← U / max(1, RMS(U))
     p ← p·(1 - η·wd) - η·U,              η = lr·max(ε₂, RMS(p))
 Vectors keep a full second moment v instead of r and c. ε₁ = 1e-30, ε₂ = 1e-3.
 
@@ -58,14 +58,21 @@ def _torch_stats(p, g, inv):
     return sq.sum(1), sq.sum(0), p.float().square().sum()
 
 
+def _factor(row, col, rmean):
+    # sqrt(mean(r) / r) · 1/sqrt(c) as two factors, as Adafactor computes it: r·cᵀ
+    # itself underflows to 0 in fp32 where a gradient is all zero (r = c = ε₁ = 1e-30,
+    # LoRA's A at the first step), and 0/0 would make the update NaN
+    return torch.outer((rmean / row).sqrt(), col.rsqrt())
+
+
 def _torch_usq(g, row, col, scal, inv):
     sq = (g.float() * inv).square_()
-    return sq.mul_(scal[0]).div_(torch.outer(row, col)).sum()
+    return sq.mul_(_factor(row, col, scal[0]).square_()).sum()
 
 
 def _torch_apply(p, g, row, col, scal, inv, wd, stochastic, seed):
     rmean, eta, unorm = scal
-    u = (g.float() * inv).mul_(torch.outer(row, col).reciprocal_().mul_(rmean).sqrt_())
+    u = (g.float() * inv).mul_(_factor(row, col, rmean))
     new = p.float().mul_(1 - eta * wd).sub_(u.mul_(eta * unorm))
     gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
     p.copy_(round_to(new, p.dtype, stochastic, gen))
@@ -103,7 +110,8 @@ def _usq_kernel(g_ptr, row_ptr, col_ptr, out_ptr, scal_ptr, m, n, inv,
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv
     r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
     c = tl.load(col_ptr + cn, mask=cn < n, other=1.0)
-    u2 = g * g * rmean / (r[:, None] * c[None, :])
+    f = tl.sqrt(rmean / r)[:, None] * (1.0 / tl.sqrt(c))[None, :]  # see _factor
+    u2 = g * g * f * f
     tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
              tl.sum(tl.sum(u2, 1), 0))
 
@@ -117,7 +125,7 @@ def _apply_kernel(p_ptr, g_ptr, row_ptr, col_ptr, scal_ptr, m, n, inv, wd, seed,
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(row_ptr + rm, mask=rm < m, other=1.0)
     c = tl.load(col_ptr + cn, mask=cn < n, other=1.0)
-    u = g * tl.sqrt(rmean / (r[:, None] * c[None, :]))
+    u = g * (tl.sqrt(rmean / r)[:, None] * (1.0 / tl.sqrt(c))[None, :])  # see _factor
     store_rounded(p_ptr, offs, p * (1 - eta * wd) - eta * unorm * u, mask, seed, STOCHASTIC)
 
 
