@@ -206,6 +206,21 @@ def score(base: Path, out: Path, method: str, held: list[dict], enc: object
     return hits / len(held), float(loss)
 
 
+def _reading(results: dict, base_acc: float) -> str:
+    """The grid's ranking in words, from its numbers."""
+    mean = {k: statistics.mean(a for a, _ in v) for k, v in results.items()}
+    best = max(mean, key=mean.get)
+    by_method = {m: max((k for k in mean if k[0] == m), key=mean.get)
+                 for m in dict.fromkeys(k[0] for k in mean)}
+    full = {o: mean[("full", o)] for o in OPTIMIZERS if ("full", o) in mean}
+    return ("What this grid shows (exact match on held-out instances, mean of the seeds): "
+            f"the best run is {best[0]} with {best[1]} ({mean[best]:.3f}; the base "
+            f"{base_acc:.3f}). Best optimizer per method: " + ", ".join(
+                f"{m} {o} {mean[(m, o)]:.3f}" for m, (_, o) in by_method.items())
+            + ". Full fine-tuning by optimizer: " + ", ".join(
+                f"{o} {v:.3f}" for o, v in full.items()) + ".")
+
+
 def main(out: str | None = None, data: str | None = None, model: str | None = None,
          seeds: tuple[int, ...] = SEEDS) -> None:
     start = time.perf_counter()
@@ -256,6 +271,7 @@ def main(out: str | None = None, data: str | None = None, model: str | None = No
             f"{list(seeds)} (the adapters' init, the batches' order).\n\n" + table(
                 ["method", "optimizer", "exact match (mean ± sd)", "held-out loss",
                  "per seed"], rows, right=(2, 3)))
+    rep.add(_reading(results, base_acc))
     if refused:
         rep.add("Refused, with the reason:\n\n" + "\n".join(
             f"- {m}: {why}" for m, why in refused.items()))

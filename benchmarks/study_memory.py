@@ -114,6 +114,38 @@ def fewest(model: str, gpu: str, args: dict) -> tuple[int, object] | None:
     return best
 
 
+def _reading(fits: dict, minimum: dict) -> str:
+    """What the tables say beside CoLLiE's, from their numbers."""
+    def a100(method: str) -> str:
+        return "/".join(str(minimum[(method, s)][0]) for s in ("7B", "13B", "30B", "65B"))
+
+    adam = fits["AdamW"][0]
+    p30 = fits["AdamW"][1][3][0]  # billions of parameters of the 30B model
+    return (
+        "## Reading the tables\n\n"
+        f"- Full fine-tuning with AdamW: {adam:.1f} GB per billion parameters against "
+        "CoLLiE's 30.5. Summed over the GPUs, mixed-precision Adam needs its 16 bytes a "
+        "parameter (bf16 weight and gradient, fp32 master, m and v), and with full "
+        "recomputation little more: the rest is activations and the logits. CoLLiE's "
+        "figure is measured and holds what an estimate of tensors leaves out (the "
+        "allocator's cached and fragmented blocks, communication buffers, framework "
+        "workspaces: the planner keeps 5% of each GPU for them).\n"
+        f"- The fewest A100-80GB for AdamW (7B/13B/30B/65B): {a100('AdamW')} against "
+        f"CoLLiE's 2/3/6/16. At 30B ({p30:.1f}B parameters) the 16 bytes a parameter "
+        f"alone are {16 * p30:.0f} GB against the 480 GB of six 80 GB cards, so CoLLiE's "
+        "six must have kept fewer bytes a parameter (no fp32 master, or states "
+        "offloaded); our count is what mixed-precision AdamW needs.\n"
+        f"- Lion ({fits['Lion'][0]:.1f} GB/B) keeps one moment where Adam keeps two, so it "
+        f"needs fewer GPUs ({a100('Lion')}); CoLLiE groups Lion with Adam at 30.5. Updating "
+        "inside backward frees the gradients: Lion then fits 7B on "
+        f"{a100('Lion inside backward').split('/')[0]} A100.\n"
+        f"- LOMO ({fits['LOMO'][0]:.1f}) and LoRA ({fits['LoRA'][0]:.1f}) agree with "
+        f"CoLLiE's 2.1, and so does the count of GPUs: LOMO {a100('LOMO')}, LoRA "
+        f"{a100('LoRA')} (CoLLiE: 1/1/1/2 for both). DoRA, IA3 and the prompt methods "
+        "need the same: a frozen base in bf16 (2 bytes a parameter) dominates them all.\n"
+    )
+
+
 def main(out: str | None = None) -> None:
     start = time.perf_counter()
     rep = Report("study-memory", out)
@@ -156,6 +188,7 @@ def main(out: str | None = None) -> None:
                            for s in sizes],
                       "/".join(map(str, COLLIE_MIN_A100.get(m, ())))]
                      for m in METHODS if m not in refused], right=tuple(range(1, 6))))
+    rep.add(_reading(fits, minimum))
     if refused:
         rep.add("## Refused, with the reason\n\n" + "\n".join(
             f"- {m}: {why}" for m, why in refused.items()))
