@@ -35,7 +35,7 @@ def test_throughput_study_slower_network_slows_zero3_more_than_pipelines() -> No
     assert tgs("rtx3090-10g") >= tgs("rtx3090-10g", **zero3)  # the auto plan adapts
 
 
-def test_instruct_study_holds_out_instances_and_scores_a_run(tmp_path: Path) -> None:
+def test_instruct_study_holds_out_instances_and_scores_a_run(group, tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     files = study_instruct.make_data(tmp_path, n_pre=50, n_tune=200, n_eval=20)
