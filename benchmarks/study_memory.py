@@ -87,7 +87,8 @@ def _plan_args(method: str, model: str) -> dict:
                                     build_model(load_config(model)))
         rank, targets = lora_plan_args(config)
         args.update(lora_rank=rank, lora_targets=targets,
-                    virtual_tokens=virtual_tokens(config))
+                    virtual_tokens=virtual_tokens(config),
+                    lora_dora=bool(getattr(config, "use_dora", False)))
     return args
 
 

@@ -210,13 +210,18 @@ class LoraCost:
 
 
 def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple[str, ...]
-              | None = None) -> LoraCost:
+              | None = None, dora: bool = False) -> LoraCost:
     """Adapters of rank ``rank`` on every linear matching ``targets`` (matched as peft
     matches ``target_modules``: a list by name suffix, a string as a regex; default
-    q_proj and v_proj): r·(in + out) parameters each."""
+    q_proj and v_proj): r·(in + out) parameters each. An empty list: no adapter on any
+    linear, the whole base frozen (prompt methods: their few parameters are not
+    counted). ``dora``: DoRA keeps two more [seq, out] tensors per adapter for backward
+    (the base's output and the low-rank branch's, which the magnitude scales)."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    if targets is not None and not isinstance(targets, str) and not list(targets):
+        return LoraCost(0, ActivationBytes(0, 0))
     if rank < 1:
         raise CollieError(f"{named('lora_rank')} must be a positive integer, got {rank}")
     targets = DEFAULT_LORA_TARGETS if targets is None else targets
@@ -230,7 +235,7 @@ def lora_cost(profile: ModelProfile, rank: int, targets: str | list[str] | tuple
             inp = n["flops"] // (2 * seq * out)
             per_block += rank * (inp + out)
             inputs[tuple(n["inputs"])] = seq * inp * item  # q and v share theirs
-            low_rank += seq * rank * item
+            low_rank += seq * (rank + (2 * out if dora else 0)) * item
             narrowest = min(narrowest or inp, inp, out)
     if not per_block:
         names = sorted({n["module"].rpartition(".")[2] for n in profile.block_graph

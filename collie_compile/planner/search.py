@@ -279,7 +279,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
          virtual_stages: int | None = None, tp_refusal: str | None = None,
          update_in_backward: bool | None = None, max_grad_norm: float | None = None,
          clip_mode: str = "two-pass", ep: int | None = None,
-         expert_imbalance: float = EXPERT_IMBALANCE, virtual_tokens: int = 0) -> Plan:
+         expert_imbalance: float = EXPERT_IMBALANCE, virtual_tokens: int = 0,
+         lora_dora: bool = False) -> Plan:
     """The fastest plan for training ``model`` on ``gpus`` GPUs that fits their memory.
 
     Any of dp, tp, pp, zero, micro_batch_size, schedule, virtual_stages (chunks per GPU
@@ -296,7 +297,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     parallelism for a mixture of experts (else the planner tries every ep dividing dp and
     the expert count within a node); ``expert_imbalance`` is the busiest ep rank's expert
     rows over the mean it prices. ``virtual_tokens`` (prompt methods) lengthen every
-    sequence the model runs, not the data's: priced at ``seq_len + virtual_tokens``.
+    sequence the model runs, not the data's: priced at ``seq_len + virtual_tokens``;
+    ``lora_dora``: the adapters are DoRA's (more activations kept for backward).
     """
     start = time.perf_counter()
     Request(gpus=gpus, seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
@@ -335,7 +337,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
     modes = (recompute,) if recompute else RECOMPUTE
     capacity = spec.memory_bytes * (1 - memory_reserve)
     solver, solver_name = _solver()
-    lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets)
+    lora = None if lora_rank is None else lora_cost(prof, lora_rank, lora_targets,
+                                                    dora=lora_dora)
     fraction = (lora.params if lora else prof.num_params) / prof.num_params
     mms = {ib: MemoryModel(prof, o, fraction, lora, expanded_kv=not spec.fused_gqa(dtype),
                            expert_imbalance=expert_imbalance)

@@ -185,17 +185,15 @@ def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> Non
 def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
     """(rank, targets) of a peft config as the planner prices it: LoRA and DoRA at their
     rank, IA3 as a rank-1 LoRA on its targets (an upper bound: one vector per module,
-    of its input or output width, where rank 1 counts both); prompt methods as a rank-1
-    LoRA on every linear (an upper bound: the base frozen, gradients through every
-    block, activations as if each linear's input were kept)."""
+    of its input or output width, where rank 1 counts both); prompt methods as the
+    whole base frozen, no adapter on a linear (targets ``[]``)."""
     if config is None:
         return None, None
     if is_prompt_method(config):
-        return 1, ALL_LINEARS
+        return 1, []
     return getattr(config, "r", 1), canonical_lora_targets(config.target_modules)
 
 
-ALL_LINEARS = ".*"  # peft's target_modules regex matching every module
 ADAPTER_PREFIX = "base_model.model."
 
 

@@ -43,6 +43,7 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                   dtype=dtype, lora_rank=lora_rank,
                   lora_targets=lora_targets, tp_refusal=refusal,
                   virtual_tokens=virtual_tokens(lora),
+                  lora_dora=bool(getattr(lora, "use_dora", False)),
                   update_in_backward=update_in_backward, **clipping,
                   **({} if memory_reserve is None else {"memory_reserve": memory_reserve}),
                   **pins)
