@@ -279,14 +279,15 @@ def main(out: str | None = None, data: str | None = None, model: str | None = No
     def draw(ax: object) -> None:
         methods = [m for m in METHODS if m not in refused]
         for k, optimizer in enumerate(OPTIMIZERS):
-            means = [statistics.mean(a for a, _ in results.get((m, optimizer), [(0, 0)]))
-                     for m in methods]
-            ax.bar([i + (k - 1.5) * 0.2 for i in range(len(methods))], means, width=0.2,
-                   label=optimizer)
+            accs = [[a for a, _ in results.get((m, optimizer), [(0, 0)])] for m in methods]
+            ax.bar([i + (k - 1.5) * 0.2 for i in range(len(methods))],
+                   [statistics.mean(a) for a in accs], width=0.2, label=optimizer,
+                   yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+                   capsize=2)
         ax.axhline(base_acc, color="gray", linestyle=":", label="base")
         ax.set_xticks(range(len(methods)), methods, fontsize=7)
         ax.set_ylabel("exact match (held out)")
-        ax.set_title("Instruction tuning: optimizer x method, mean of seeds")
+        ax.set_title("Instruction tuning: optimizer x method, mean and sd over seeds")
         ax.legend(fontsize=6)
 
     rep.plot("study-instruct", draw)

@@ -239,13 +239,20 @@ def main(out: str | None = None) -> None:
             f"- {m}: {why}" for m, why in refused.items()))
 
     def draw(ax: object) -> None:
-        for m, (slope, pts) in fits.items():
-            line = ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o",
-                           label=f"{m} ({slope:.1f} GB/B)")[0]
-            theirs = COLLIE_FIT.get(m.split(" ")[0])
-            if theirs and m in ("AdamW", "Adan", "LOMO", "LoRA"):
-                top = max(p for p, _ in pts)
-                ax.plot([0, top], [0, theirs * top], linestyle=":", color=line.get_color())
+        import matplotlib
+
+        colors = matplotlib.colormaps["tab20"].colors
+        for k, (m, (slope, pts)) in enumerate(fits.items()):
+            xs, ys = [p for p, _ in pts], [t for _, t in pts]
+            ax.plot(xs, ys, marker="o", markersize=3, color=colors[k % len(colors)],
+                    label=f"{m} ({slope:.1f} GB/B)")
+        for m, who in (("AdamW", "Adam/Lion"), ("Adan", "Adan/Sophia"),
+                       ("LoRA", "LOMO/LoRA")):  # CoLLiE's fits, over the same sizes
+            xs = [p for p, _ in fits[m][1]]
+            ax.plot(xs, [COLLIE_FIT[m] * x for x in xs], linestyle=":", color="black")
+            ax.annotate(f"CoLLiE {who} {COLLIE_FIT[m]} GB/B",
+                        (xs[-1], COLLIE_FIT[m] * xs[-1]), fontsize=5, ha="right",
+                        va="bottom")
         ax.set_xlabel("parameters (billions)")
         ax.set_ylabel("GB summed over the GPUs")
         ax.set_title("Estimated training memory (dotted: CoLLiE's measured fits)")

@@ -267,13 +267,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                       fresh_optimizer=args.fresh_optimizer,
                       separate_documents=args.separate_documents)
     ours = not dist.is_initialized()  # a caller's group outlives the command
-    losses = train(cfg)
-    if dist.get_rank() == 0 and losses:
-        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-    elif dist.get_rank() == 0:
-        print(f"nothing to do: {cfg.output} holds a checkpoint at or past step {cfg.steps}")
-    if ours:
-        dist.destroy_process_group()
+    try:
+        losses = train(cfg)
+        if dist.get_rank() == 0 and losses:
+            print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+        elif dist.get_rank() == 0:
+            print(f"nothing to do: {cfg.output} holds a checkpoint at or past step "
+                  f"{cfg.steps}")
+    finally:
+        # also when refused: a group left to the interpreter's exit could abort the
+        # worker ("terminate called without an active exception") and turn its exit
+        # status 2 into 1
+        if ours and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
