@@ -22,7 +22,7 @@ from torch import fx
 
 from collie_compile.errors import CollieError
 
-from .lora import refuse_missed
+from .lora import finish_adapters
 from .tensor_parallel import linear_operands, tp_record
 
 aten = torch.ops.aten
@@ -81,15 +81,7 @@ def ia3(gm: fx.GraphModule, config: object, tp: int = 1,
         weight.requires_grad_(False)
         _insert_scale(gm, lin, x, name, ff)
         adapted[name] = w_name
-    if not adapted:
-        raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
-                          f"this model's linears are {', '.join(sorted(linears))}")
-    refuse_missed(gm, config, set(adapted.values()), set(init or {}) - set(adapted))
-    for name, p in gm.named_parameters():
-        p.requires_grad_(name in adapted)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return finish_adapters(gm, config, adapted, init or {}, linears)
 
 
 def _insert_scale(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, name: str, ff: bool) -> None:

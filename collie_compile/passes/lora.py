@@ -253,10 +253,18 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     for w_name in _expert_banks(gm, config):
         a_name, b_name = _adapt_experts(gm, config, w_name, init or {}, gen, ep_rank)
         adapters[a_name] = adapters[b_name] = w_name
+    return finish_adapters(gm, config, adapters, init or {}, linears)
+
+
+def finish_adapters(gm: fx.GraphModule, config: object, adapters: dict[str, str],
+                    init: dict[str, torch.Tensor], linears: set[str]) -> fx.GraphModule:
+    """An adapter pass's end: refuse a config that adapted nothing or missed what peft
+    adapts (:func:`refuse_missed`), train ``adapters`` (name -> the weight each adapts)
+    alone, and recompile."""
     if not adapters:
         raise CollieError(f"no linear matches target_modules={config.target_modules!r}; "
                           f"this model's linears are {', '.join(sorted(linears))}")
-    refuse_missed(gm, config, set(adapters.values()), set(init or {}) - set(adapters))
+    refuse_missed(gm, config, set(adapters.values()), set(init) - set(adapters))
     for name, p in gm.named_parameters():
         p.requires_grad_(name in adapters)
     gm.graph.lint()

@@ -217,10 +217,11 @@ class Stepper:
             labels[~mask] = IGNORE_INDEX
         pos = check_positions(batch, ids, self.program.takes_positions,
                               getattr(self.program.config, "max_position_embeddings", None))
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
         if self.program.virtual_tokens:  # its logits are already shifted (models.prompts)
             targets = labels
+        else:
+            targets = torch.full_like(labels, IGNORE_INDEX)
+            targets[:, :-1] = labels[:, 1:]
         # a document's last token predicting the next one's first counts, as in
         # transformers: DataCollatorWithFlattening labels each document's first token -100
         if self.program.router_loss is not None:  # it leaves padding out, as HF's does
