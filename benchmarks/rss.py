@@ -11,14 +11,27 @@ peak of live tensor bytes in the steps (:class:`~collie_compile.cost.measure.Liv
 told of the weights) and the three terms LOMO's promise is made of: weights, the largest
 gradient, the batch's activations (what a forward with autograd keeps, logits included).
 Linux only (``/proc``).
+
+The last table answers how much of the gradients' memory updating inside backward saves,
+by both measures. Inside backward a step still holds, beyond weights and states, the
+activations of the whole forward when the first (largest: the LM head's) gradient arrives,
+and that gradient; so the tensor-level saving is the gradients less those, not all of
+them. Each pair runs once more with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps
+every block of 64 KiB or more on its own and unmaps it when freed, where by default the
+threshold rises to the largest block freed (12 MiB here) and freed blocks below it stay
+resident in the heap. What RSS holds beyond the tensors then is the allocator's slack and
+``parallelize``'s own objects (graphs, code), its "parallelized" column less "built".
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
+
+from collie_compile.optim.in_backward import STATE_KEYS
 
 from .report import Report, table
 
@@ -92,15 +105,41 @@ def measure(optimizer: str, inside: bool, warm: bool) -> dict:
             "activations": acts.peak - weights}
 
 
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run(opt: str, inside: bool, warm: bool, env: dict | None = None) -> dict:
+    """One measurement in a fresh process (``env`` added to this one's)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rss", opt, str(inside), str(warm)],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def rows() -> list[dict]:
+    return [run(opt, inside, warm) for warm in (False, True) for opt, inside in RUNS]
+
+
+def saved_rows(warm_rows: list[dict]) -> list[list[str]]:
+    """For AdamW and Lion: what updating inside backward saves, tensor-level and in RSS
+    (default allocator and mmap threshold fixed), against the gradients' bytes."""
     out = []
-    for warm in (False, True):
-        for opt, inside in RUNS:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.rss", opt, str(inside),
-                                   str(warm)], capture_output=True, text=True, timeout=900)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-3000:])
-            out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for opt in ("adamw", "lion"):
+        after, inside = (next(r for r in warm_rows if r["optimizer"] == name)
+                         for name in (opt, opt + " in backward"))
+        mm_after, mm_inside = run(opt, False, True, MMAP), run(opt, True, True, MMAP)
+        grads = after["weights"]
+        states = len(STATE_KEYS[opt]) * grads  # fp32, shaped as the weights
+        floor = grads + states + inside["activations"] + inside["largest_grad"]
+        out.append([opt, f"{grads / MiB:.1f}", f"{inside['tensor_peak'] / MiB:.1f}",
+                    f"{floor / MiB:.1f}",
+                    *(f"{(a - b) / MiB:.1f} ({100 * (a - b) / grads:.0f}%)" for a, b in (
+                        (after["tensor_peak"], inside["tensor_peak"]),
+                        (after["peak"], inside["peak"]),
+                        (mm_after["peak"], mm_inside["peak"]))),
+                    f"{(mm_inside['peak'] - inside['tensor_peak']) / MiB:.1f}"])
     return out
 
 
@@ -122,6 +161,16 @@ def main(out: str | None = None) -> None:
                       f"{r['parallelized'] / MiB:.1f}", f"{r['peak'] / MiB:.1f}",
                       f"{r['peak'] / adamw['peak']:.2f}", f"{r['tensor_peak'] / MiB:.1f}"]
                      for r in part], right=range(1, 6)))
+    rep.add("Updating inside backward against the same rule after it, warm, MiB: the "
+            "gradients; the tensor peak inside backward beside its floor (weights, states, "
+            "the activations when the first, largest gradient arrives, and that gradient); "
+            "the peak saved, tensor-level and in RSS, by default and with "
+            "MALLOC_MMAP_THRESHOLD_=65536; last, RSS above the tensor peak inside backward "
+            "with that threshold (parallelize's graphs and objects, the allocator's slack)"
+            "\n\n" + table(
+                ["rule", "gradients", "inside: tensor peak", "its floor", "tensor saved",
+                 "RSS saved", "RSS saved (mmap 64K)", "RSS over tensors (mmap 64K)"],
+                saved_rows([r for r in rs if r["warm"]]), right=range(1, 8)))
     lomo = next(r for r in rs if r["optimizer"] == "lomo")
     floor = lomo["weights"] + lomo["largest_grad"] + lomo["activations"]
     rep.add(f"LOMO's tensor-level peak {lomo['tensor_peak'] / MiB:.1f} MiB against weights "

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, use_kernel
+from ._launch import REFERENCE_SLICE, interpreting, use_kernel
 from .rounding import check_stochastic, round_to, store_rounded
 
 EPS1 = 1e-30
@@ -53,9 +53,20 @@ def adalomo_state(p: torch.Tensor) -> dict[str, torch.Tensor | int]:
 
 # -- the three passes in plain torch --------------------------------------------------
 
+def _row_blocks(g: torch.Tensor) -> list[slice]:
+    # rows at a time, so the passes' fp32 temporaries are a block, not the whole matrix
+    # (REFERENCE_SLICE elements; on top of a backward's activations when inside it)
+    step = max(1, REFERENCE_SLICE // max(1, g.shape[1]))
+    return [slice(i, i + step) for i in range(0, g.shape[0], step)] or [slice(None)]
+
+
 def _torch_stats(p, g, inv):
-    sq = (g.float() * inv).square_()
-    return sq.sum(1), sq.sum(0), p.float().square().sum()
+    rows, cols, psq = [], 0, 0
+    for b in _row_blocks(g):
+        sq = (g[b].float() * inv).square_()
+        rows.append(sq.sum(1))
+        cols, psq = sq.sum(0) + cols, p[b].float().square().sum() + psq
+    return torch.cat(rows), cols, psq
 
 
 def _factor(row, col, rmean):
@@ -66,16 +77,18 @@ def _factor(row, col, rmean):
 
 
 def _torch_usq(g, row, col, scal, inv):
-    sq = (g.float() * inv).square_()
-    return sq.mul_(_factor(row, col, scal[0]).square_()).sum()
+    return sum((g[b].float() * inv).square_().mul_(_factor(row[b], col, scal[0]).square_()).sum()
+               for b in _row_blocks(g))
 
 
 def _torch_apply(p, g, row, col, scal, inv, wd, stochastic, seed):
     rmean, eta, unorm = scal
-    u = (g.float() * inv).mul_(_factor(row, col, rmean))
-    new = p.float().mul_(1 - eta * wd).sub_(u.mul_(eta * unorm))
     gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
-    p.copy_(round_to(new, p.dtype, stochastic, gen))
+    blocks = [slice(None)] if stochastic else _row_blocks(g)  # one draw of rounding noise
+    for b in blocks:
+        u = (g[b].float() * inv).mul_(_factor(row[b], col, rmean))
+        new = p[b].float().mul_(1 - eta * wd).sub_(u.mul_(eta * unorm))
+        p[b].copy_(round_to(new, p.dtype, stochastic, gen))
 
 
 # -- the three passes as Triton kernels ------------------------------------------------

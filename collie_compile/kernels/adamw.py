@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, slices, use_kernel
 from .rounding import check_stochastic, round_to, store_rounded
 
 
@@ -104,7 +104,11 @@ def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
         adamw_update_triton(p, g, m, v, lr, beta1, beta2, eps, wd, step, decoupled,
                             grad_scale, stochastic, seed)
-    else:
-        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+    elif stochastic:  # one draw of the rounding noise over the whole tensor
+        gen = torch.Generator(p.device).manual_seed(seed)
         adamw_update_reference(p, g, m, v, lr, beta1, beta2, eps, wd, step, decoupled,
                                grad_scale, stochastic, gen)
+    else:
+        for ps, gs, ms, vs in slices(p, g, m, v):
+            adamw_update_reference(ps, gs, ms, vs, lr, beta1, beta2, eps, wd, step,
+                                   decoupled, grad_scale)

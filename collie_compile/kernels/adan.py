@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, slices, use_kernel
 from .rounding import check_stochastic, round_to, store_rounded
 
 
@@ -105,6 +105,11 @@ def adan_update(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float,
     """The kernel where it runs, the reference elsewhere."""
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
         adan_update_triton(p, g, state, lr, betas, eps, wd, grad_scale, stochastic, seed)
-    else:
-        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+    elif stochastic:  # one draw of the rounding noise over the whole tensor
+        gen = torch.Generator(p.device).manual_seed(seed)
         adan_update_reference(p, g, state, lr, betas, eps, wd, grad_scale, stochastic, gen)
+    else:
+        keys = ("m", "v", "n", "prev_grad")
+        for ps, gs, *ss in slices(p, g, *(state[k] for k in keys)):
+            adan_update_reference(ps, gs, {"step": state["step"], **dict(zip(keys, ss))}, lr,
+                                  betas, eps, wd, grad_scale)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, slices, use_kernel
 from .rounding import check_stochastic, round_to, store_rounded
 
 
@@ -80,6 +80,9 @@ def lion_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, lr: float,
     """The kernel where it runs, the reference elsewhere."""
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
         lion_update_triton(p, g, m, lr, beta1, beta2, wd, stochastic, seed, grad_scale)
-    else:
-        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+    elif stochastic:  # one draw of the rounding noise over the whole tensor
+        gen = torch.Generator(p.device).manual_seed(seed)
         lion_update_reference(p, g, m, lr, beta1, beta2, wd, stochastic, gen, grad_scale)
+    else:
+        for ps, gs, ms in slices(p, g, m):
+            lion_update_reference(ps, gs, ms, lr, beta1, beta2, wd, grad_scale=grad_scale)

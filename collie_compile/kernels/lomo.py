@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, use_kernel
+from ._launch import AUTOTUNE_BLOCKS, INTERPRET_BLOCK, interpreting, slices, use_kernel
 from .rounding import check_stochastic, round_to, store_rounded
 
 
@@ -68,6 +68,9 @@ def lomo_update(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float = 0.0,
     """The kernel where it runs, the reference elsewhere."""
     if use_kernel(p) and p.is_contiguous() and g.is_contiguous():
         lomo_update_triton(p, g, lr, wd, grad_scale, stochastic, seed)
-    else:
-        gen = torch.Generator(p.device).manual_seed(seed) if stochastic else None
+    elif stochastic:  # one draw of the rounding noise over the whole tensor
+        gen = torch.Generator(p.device).manual_seed(seed)
         lomo_update_reference(p, g, lr, wd, grad_scale, stochastic, gen)
+    else:
+        for ps, gs in slices(p, g):
+            lomo_update_reference(ps, gs, lr, wd, grad_scale)
