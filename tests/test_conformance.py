@@ -27,7 +27,9 @@ whole of it), chosen so each mechanism is hit once:
   scalar weights (xIELU's alphas) inside the tp-sharded MLP;
 - olmo2: q/k norms over all heads together (under tp the sum of squares is summed over
   ranks, forward and backward, and the norm weights are sharded with the heads);
-- LoRA on all linears at tp=2, reloaded by peft;
+- LoRA on all linears at tp=2, reloaded by peft; DoRA, IA3, prompt tuning, P-tuning and
+  AdaLoRA (its orthogonality loss and rank budget, the pattern saved) against peft's own
+  training at tp2·pp2 and dp2·ZeRO-3;
 - mixtures of experts (models.experts): Mixtral (softmax top-2), Qwen3-MoE, DeepSeek-V3
   (sigmoid routing in groups with a bias-corrected choice, a shared expert, latent
   attention), gpt-oss (expert biases, clamped SwiGLU, attention sinks), in one process,
@@ -182,6 +184,16 @@ CASES = [
       for name, kind, extra in (("prompt", "PROMPT_TUNING", {}),
                                 ("ptuning", "P_TUNING", {"encoder_hidden_size": 32}))
       for lay in ("tp2-pp2", "dp2-zero3")],
+    # AdaLoRA over 3 steps: at tp2·pp2 a budget cut at step 1 and the final one at 2; at
+    # dp2·ZeRO-3 the final cut at 1, reapplied at 2; under tp2 and ZeRO-3 at once (B's
+    # column means once averaged over a ZeRO-3 shard's rows only: another pattern)
+    *[Case(f"llama-adalora-{lay}", LLAMA, {**layout, "lora": {
+        "peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2,
+        "lora_alpha": 8, "total_step": 3, "tfinal": tfinal,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}})
+      for lay, layout, tfinal in (
+          ("tp2-pp2", LAYOUTS["tp2-pp2"], 1), ("dp2-zero3", LAYOUTS["dp2-zero3"], 2),
+          ("dp2-tp2-zero3", dict(dp=2, tp=2, pp=1, zero=3), 1))],
 ]
 # Every tp family again at another sequence length and batch, with dp beside tp: shapes a
 # pass gets right by chance at one size (BLOOM's ALiBi at seq 32, where its 16-wide heads

@@ -57,6 +57,9 @@ def _random_adapters(model: torch.nn.Module) -> None:
     # Conv1D weights [in, out], and output scaling of a bias
     ("gpt2", IA3Config(target_modules=["c_attn", "mlp.c_proj", "c_fc"],
                        feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
+    # SVD form: B (A·E) · alpha / (r + 1e-5)
+    ("llama", AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10,
+                            target_modules=["q_proj", "o_proj", "down_proj"])),
 ])
 def test_merge_equals_peft_merge_and_unload(family: str, config: object) -> None:
     base = _model(family)
@@ -90,7 +93,6 @@ def test_peft_defaults_filled_in_as_get_peft_model_fills_them() -> None:
 
 
 @pytest.mark.parametrize("config, why", [
-    (AdaLoraConfig(total_step=10, target_modules=["q_proj"]), "reallocates ranks"),
     (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "KV cache"),
     (LoraConfig(init_lora_weights="pissa"), "initialise the adapter with peft"),
     (LoraConfig(init_lora_weights="olora"), "--peft-adapter"),
@@ -102,6 +104,66 @@ def test_methods_not_built_exactly_are_refused_with_the_reason(config: object,
                                                                why: str) -> None:
     with pytest.raises(CollieError, match=why):
         lora_config(None, None, None, None, 0.0, peft=config)
+
+
+def test_adalora_needs_its_schedule_and_cannot_continue_an_allocation() -> None:
+    config = AdaLoraConfig(total_step=10, target_modules=["q_proj"])
+    config.total_step = None  # peft refuses it on construction; a config changed after
+    with pytest.raises(CollieError, match="needs total_step"):
+        lora_config(None, None, None, None, 0.0, peft=config)
+    config = AdaLoraConfig(total_step=10, target_modules=["q_proj"],
+                           rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True]})
+    with pytest.raises(CollieError, match="already allocated"):
+        lora_config(None, None, None, None, 0.0, peft=config)
+
+
+def test_adalora_refuses_updates_inside_backward(group) -> None:
+    from collie_compile import parallelize
+
+    config = AdaLoraConfig(total_step=4, init_r=2, target_r=1, target_modules=["q_proj"])
+    with pytest.raises(CollieError, match="AdaLoRA with lion updating inside backward"):
+        parallelize(_model("llama"), gpus=1, seq_len=16, global_batch_size=2, peft=config,
+                    optimizer="lion", update_in_backward=True)
+
+
+def test_adalora_resumes_its_rank_allocation_exactly(group, tmp_path: Path) -> None:
+    """The importance averages and the rank pattern go into a training checkpoint: 6
+    steps straight equal 3, a checkpoint, a new run from it and 3 more (cuts at steps
+    1-3, the final one at 4, reapplied at 5), on every adapter tensor and pattern."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from collie_compile import parallelize
+
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=6, tinit=0,
+                           tfinal=1, target_modules=["q_proj", "v_proj", "down_proj"])
+    data = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))
+            for i in range(6)]
+
+    def run(steps: range, resume: Path | None = None):
+        pm = parallelize(_model("llama"), gpus=1, seq_len=16, global_batch_size=4,
+                         peft=config, optimizer="adamw", lr=1e-2)
+        if resume is not None:
+            pm.load_checkpoint(resume)
+        return pm, [pm.train_step({"input_ids": data[i]}) for i in steps]
+
+    straight, want = run(range(6))
+    straight.save_pretrained(tmp_path / "straight")
+    first, got = run(range(3))
+    first.save_checkpoint(tmp_path / "ckpt")
+    second, more = run(range(3, 6), tmp_path / "ckpt")
+    second.save_pretrained(tmp_path / "resumed")
+    assert got + more == pytest.approx(want, rel=1e-6)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text())
+               for d in ("straight", "resumed")]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
+    assert sum(map(sum, configs[0]["rank_pattern"].values())) == 2 * 6
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors")
+            for d in ("straight", "resumed"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_adapters_given_twice_are_refused() -> None:

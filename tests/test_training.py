@@ -363,8 +363,9 @@ def test_lora_on_a_random_base_says_so(group, files, tmp_path: Path, capsys) -> 
 
 def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: Path,
                                                         capsys) -> None:
-    """`train --peft CONFIG.json`: DoRA and IA3 (peft's defaults for Llama) train as peft
-    trains them in one process (--check), save adapters peft loads, and
+    """`train --peft CONFIG.json`: DoRA, IA3 (peft's defaults for Llama), prompt tuning and
+    AdaLoRA (its ranks allocated) train as peft trains them in one process (--check),
+    save adapters peft loads, and
     `--peft-adapter DIR` continues one; --merge folds IA3 into plain weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -380,7 +381,10 @@ def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: 
                         "target_modules": ["q_proj", "o_proj", "down_proj"]},
                "ia3": {"peft_type": "IA3"},
                "prompt": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
-                          "num_virtual_tokens": 4}}
+                          "num_virtual_tokens": 4},
+               # total_step from --steps: a budget cut at step 1, the final one at 2
+               "adalora": {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "tfinal": 1,
+                           "target_modules": ["q_proj", "v_proj", "down_proj"]}}
     for name, fields in configs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(fields))
         rc = main([*common, "--steps", "3", "--peft", str(tmp_path / f"{name}.json"),
@@ -391,6 +395,8 @@ def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: 
         check = next(ln for ln in out.splitlines() if ln.startswith("one process"))
         assert float(check.split("parallel run ")[1].split()[0]) < 1e-5, check
         assert "saved a PEFT adapter" in out
+    ada = json.loads((tmp_path / "adalora" / "adapter_config.json").read_text())
+    assert ada["total_step"] == 3 and sum(map(sum, ada["rank_pattern"].values())) == 2 * 6
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                      tmp_path / "ia3")
     scales = [p for n, p in peft.named_parameters() if "ia3_l" in n]

@@ -23,6 +23,12 @@ output feature and detached (peft does not differentiate it), ``x'`` the dropped
 input. Under a row-parallel base the squared norms are summed over tp (the input
 features are split), the magnitude is whole and its gradient a partial sum.
 
+AdaLoRA (an ``AdaLoraConfig``) adds peft's SVD form instead: ``A: [r, in]``,
+``E: [r, 1]``, ``B: [out, r]`` at ``<module>.lora_A/E/B`` and
+``(B((A·E)(x')))·scaling / (r + 1e-5)``; its orthogonality loss and rank allocation run
+between steps (:mod:`collie_compile.runtime.adalora`). E follows A: whole, with a partial
+gradient under tp.
+
 Run after :mod:`.tensor_parallel` and :mod:`.expert_parallel`; the adapters of linears
 follow their base weight:
 
@@ -124,13 +130,27 @@ def _prefix(gm: fx.GraphModule, config: object, name: str) -> str:
     return module + ".base_layer" * (len(own) - 1 - own.index(leaf))
 
 
-ADAPTER_NAMES = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")
+ADAPTER_NAMES = (".lora_A.", ".lora_B.", ".lora_E.", ".lora_magnitude_vector.", ".ia3_l.")
 
 
 def is_adapter(name: str) -> bool:
     """Whether parameter ``name`` is an adapter's (this pass's, :mod:`.ia3`'s or a prompt
     method's module), as peft names them."""
-    return name.startswith(f"{ENCODER}.") or any(k in name for k in ADAPTER_NAMES)
+    return name.startswith(f"{ENCODER}.") or any(k in name + "." for k in ADAPTER_NAMES)
+
+
+def is_svd(config: object) -> bool:
+    """Whether ``config`` is AdaLoRA's (SVD-form adapters)."""
+    return str(getattr(getattr(config, "peft_type", None), "value", "")) == "ADALORA"
+
+
+def svd_scaling(config: object) -> tuple[int, float, float]:
+    """(rank, scaling, divisor) of AdaLoRA's adapters as peft computes them: every
+    adapter starts at ``init_r``; ``lora_alpha`` (or r where it is 0), divided by its
+    fp32 ``ranknum + 1e-5``."""
+    r = int(config.init_r)
+    scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)
+    return r, scaling, float(torch.tensor(float(r)) + 1e-5)
 
 
 class DoraNorm(torch.nn.Module):
@@ -151,6 +171,13 @@ class DoraNorm(torch.nn.Module):
             sq = full.pow(2).sum(1 - self.out_dim)
             dist.all_reduce(sq, group=self.group)
             return sq.sqrt()
+
+
+def init_svd(in_features: int, out_features: int, rank: int, gen: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's AdaLoRA init of A and B: N(0, 0.02) each (E starts at zero)."""
+    return (torch.empty(rank, in_features).normal_(0.0, 0.02, generator=gen),
+            torch.empty(out_features, rank).normal_(0.0, 0.02, generator=gen))
 
 
 def init_adapter(in_features: int, out_features: int, rank: int, gen: torch.Generator
@@ -176,6 +203,10 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
     if getattr(config, "lora_bias", False):
         raise CollieError("LoRA biases (lora_bias=True) are not supported; leave them out")
     dora = bool(getattr(config, "use_dora", False))
+    svd = is_svd(config)
+    if svd and (dora or getattr(config, "target_parameters", None)):
+        raise CollieError("AdaLoRA adapts linears' modules only (no use_dora, no "
+                          "target_parameters), as in peft")
     if dora and getattr(config, "target_parameters", None):
         raise CollieError("DoRA on parameters (target_parameters) is not built; peft has "
                           "no DoRA for them either: leave use_dora off or the parameters out")
@@ -203,15 +234,26 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         if not (by_module or by_parameter):
             continue
         key, prefix = (module, module) if by_module else (w_name, _prefix(gm, config, w_name))
-        r, scaling = scaling_of(config, key)
+        if svd:
+            r, scaling, divisor = svd_scaling(config)
+        else:
+            r, scaling = scaling_of(config, key)
         weight = gm.get_parameter(w_name)
         shard = shards.get(w_name)
         full_out, full_in = weight.shape[out_dim], weight.shape[1 - out_dim]
         if shard is not None:
             full_out, full_in = ((shard.size, full_in) if shard.dim == out_dim
                                  else (full_out, shard.size))
-        a_full, b_full = init_adapter(full_in, full_out, r, gen)
-        a_name, b_name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+        if svd:
+            a_name, b_name = f"{prefix}.lora_A", f"{prefix}.lora_B"
+            adapters[_svd_values(gm, prefix, r, (init or {}), weight)] = w_name
+            if cast is not None:
+                raise CollieError(f"AdaLoRA on {module}: its linear casts the weight "
+                                  f"({cast}) first; leave it out of the target modules")
+            a_full, b_full = init_svd(full_in, full_out, r, gen)
+        else:
+            a_full, b_full = init_adapter(full_in, full_out, r, gen)
+            a_name, b_name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         a_full = (init or {}).get(a_name, a_full)
         b_full = (init or {}).get(b_name, b_full)
         if tuple(a_full.shape) != (r, full_in) or tuple(b_full.shape) != (full_out, r):
@@ -228,8 +270,13 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             shards[a_name] = shard.along(1)
             a = shards[a_name].take(a_full, tp_rank)
             partial[b_name] = everyone
-        _add_factors(gm, prefix, a, b, weight)
-        if dora:
+        _add_factors(gm, prefix, a, b, weight, bare=svd)
+        if svd:  # E scales A's rows: its gradient sums over the slices tp splits
+            if shard is not None:
+                partial[f"{prefix}.lora_E"] = everyone
+            _insert_svd_branch(gm, lin, x, prefix, scaling, divisor,
+                               float(config.lora_dropout))
+        elif dora:
             row_group = tp_group if shard is not None and shard.dim != out_dim else None
             m_name = _add_magnitude(gm, prefix, w_name, out_dim, scaling, (init or {}),
                                     full_out, shard if row_group is None else None,
@@ -249,7 +296,7 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
             _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout),
                            cast)
         adapters[a_name] = adapters[b_name] = w_name
-        lora_record(gm)[prefix] = Adapter(w_name, scaling)
+        lora_record(gm)[prefix] = Adapter(w_name, scaling / divisor if svd else scaling)
     for w_name in _expert_banks(gm, config):
         a_name, b_name = _adapt_experts(gm, config, w_name, init or {}, gen, ep_rank)
         adapters[a_name] = adapters[b_name] = w_name
@@ -273,10 +320,11 @@ def finish_adapters(gm: fx.GraphModule, config: object, adapters: dict[str, str]
 
 
 def _add_factors(gm: fx.GraphModule, prefix: str, a: torch.Tensor, b: torch.Tensor,
-                 weight: torch.Tensor) -> None:
-    """Register A and B at ``<prefix>.lora_A/B.weight`` in ``weight``'s dtype; ``weight``
-    frozen. (A base on the meta device is read from a checkpoint later; the adapters it
-    has no copy of keep this init.)"""
+                 weight: torch.Tensor, bare: bool = False) -> None:
+    """Register A and B at ``<prefix>.lora_A/B.weight`` (``bare``: at
+    ``<prefix>.lora_A/B``, AdaLoRA's names) in ``weight``'s dtype; ``weight`` frozen. (A
+    base on the meta device is read from a checkpoint later; the adapters it has no copy
+    of keep this init.)"""
     device = "cpu" if weight.is_meta else weight.device
     mod = gm
     for part in prefix.split("."):
@@ -284,10 +332,31 @@ def _add_factors(gm: fx.GraphModule, prefix: str, a: torch.Tensor, b: torch.Tens
             mod.add_module(part, torch.nn.Module())
         mod = getattr(mod, part)
     for name, t in (("lora_A", a), ("lora_B", b)):
+        p = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
+        if bare:
+            mod.register_parameter(name, p)
+            continue
         holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(t.to(weight.dtype).to(device).clone())
+        holder.weight = p
         mod.add_module(name, holder)
     weight.requires_grad_(False)
+
+
+def _svd_values(gm: fx.GraphModule, prefix: str, r: int, init: dict[str, torch.Tensor],
+                weight: torch.Tensor) -> str:
+    """Register AdaLoRA's E at ``<prefix>.lora_E`` ([r, 1], whole on every rank): given
+    in ``init``, else zero as peft starts it. Returns its name."""
+    name = f"{prefix}.lora_E"
+    e = init.get(name, torch.zeros(r, 1))
+    if tuple(e.shape) != (r, 1):
+        raise CollieError(f"AdaLoRA's {name} has shape {list(e.shape)}, expected [{r}, 1]: "
+                          "an adapter whose ranks were already allocated (rank_pattern) "
+                          "cannot continue here; give the adapter before its allocation, "
+                          "or train it afresh")
+    device = "cpu" if weight.is_meta else weight.device
+    gm.get_submodule(prefix).register_parameter(
+        "lora_E", torch.nn.Parameter(e.to(weight.dtype).to(device).clone()))
+    return name
 
 
 def _add_magnitude(gm: fx.GraphModule, prefix: str, w_name: str, out_dim: int,
@@ -462,6 +531,28 @@ def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
         out = g.call_function(aten.add.Tensor, (lin, y))
     for n in (x, a, b, h, low, y, out):
         if isinstance(n, fx.Node) and n is not inp:
+            n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+    out.meta["val"] = lin.meta.get("val")
+    lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+
+
+def _insert_svd_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, prefix: str,
+                       scaling: float, divisor: float, dropout: float) -> None:
+    """``lin + (B((A·E)(x')))·scaling / divisor`` in peft's order of operations."""
+    g = gm.graph
+    inp = x
+    with g.inserting_before(lin.next):
+        if dropout:
+            x = g.call_function(aten.dropout.default, (x, dropout, True))
+        a, e, b = (g.get_attr(f"{prefix}.lora_{k}") for k in "AEB")
+        ae = g.call_function(aten.mul.Tensor, (a, e))
+        h = g.call_function(aten.linear.default, (x, ae))
+        low = g.call_function(aten.linear.default, (h, b))
+        y = g.call_function(aten.mul.Tensor, (low, scaling))
+        y = g.call_function(aten.div.Tensor, (y, divisor))
+        out = g.call_function(aten.add.Tensor, (lin, y))
+    for n in (x, a, e, b, ae, h, low, y, y.args[0], out):
+        if n is not inp:
             n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     out.meta["val"] = lin.meta.get("val")
     lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from collie_compile.errors import CollieError, first_line
+from collie_compile.passes.lora import is_svd
 
 STEPS, SEQ, BATCH = 3, 16, 8
 # AdamW with eps 1e-6, not 1e-8: an element whose gradient is ~0 would otherwise move by
@@ -217,8 +218,9 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | object | No
                 if p.requires_grad:
                     p.mul_(1 + perturb * torch.randn(p.shape, generator=gen))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+    adalora = isinstance(adapter, Path) and is_svd(model.peft_config["default"])
     losses, grads = [], {}
-    for b in data:
+    for step, b in enumerate(data):
         opt.zero_grad(set_to_none=True)
         calls = (b.split(micro_batch) if getattr(model.config, "output_router_logits", False)
                  else [b])
@@ -230,12 +232,18 @@ def _reference(base: Path, data: list[torch.Tensor], adapter: Path | object | No
                 g = p.grad.detach().abs()
                 grads[n] = torch.maximum(grads[n], g) if n in grads else g
         opt.step()
+        if adalora:  # after the update, from its gradients (peft's docstring loop)
+            model.base_model.update_and_allocate(step)
         losses.append(float(loss))
     # elements whose gradient stayed at rounding level (1e-7 of the largest anywhere) but
     # is not exactly 0: an exact 0 (a padding row) leaves only weight decay, judged as is
     top = max((float(g.max()) for g in grads.values() if g.numel()), default=0.0)
     noise = {n: (g <= 1e-7 * top) & (g > 0) for n, g in grads.items()}
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if adalora:  # as peft saves it: each adapter cut to the ranks it kept
+        with tempfile.TemporaryDirectory() as saved:
+            model.save_pretrained(saved)
+            final = _reload(Path(saved), base, True)
     if adapter is not None and not isinstance(adapter, Path):
         final = {k: v for k, v in final.items() if not k.startswith("prompt_encoder.")}
         final["prompt_encoder.default.embedding.weight"] = \
@@ -252,7 +260,8 @@ def _reload(directory: Path, base: Path, lora: bool) -> dict[str, torch.Tensor]:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), directory)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    # AdaLoRA's ranknum is peft's constant, not saved (nor trained)
+    return {k: v.detach() for k, v in model.state_dict().items() if ".ranknum." not in k}
 
 
 def run_case(case: Case, workdir: Path) -> Result:

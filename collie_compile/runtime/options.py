@@ -86,11 +86,8 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
 
 
 # peft methods built as passes, by peft_type, and those refused with the reason
-PEFT_METHODS = ("LORA", "IA3", *PROMPT_METHODS)
+PEFT_METHODS = ("LORA", "ADALORA", "IA3", *PROMPT_METHODS)
 PEFT_REFUSED = {
-    "ADALORA": "AdaLoRA reallocates ranks between steps from gradient statistics "
-               "(update_and_allocate), which the rank program does not run yet; use LoRA "
-               "or DoRA (use_dora=True)",
     "PREFIX_TUNING": "prefix tuning feeds virtual keys and values to every attention as a "
                      "KV cache, which a captured training graph has no input for; use "
                      "prompt tuning or LoRA",
@@ -111,6 +108,14 @@ def check_peft(config: object, fresh: bool) -> object:
     if kind == "P_TUNING" and str(getattr(encoder, "value", encoder)) != "MLP":
         raise CollieError("P-tuning with an LSTM encoder is not built (its recurrence is "
                           "not captured yet); use the MLP encoder (peft's default)")
+    if kind == "ADALORA" and not (config.total_step or 0) > 0:
+        raise CollieError("AdaLoRA's budget schedule needs total_step, the number of "
+                          "optimizer steps of the run; set it in the AdaLoraConfig "
+                          "(train fills it in from --steps)")
+    if kind == "ADALORA" and config.rank_pattern:
+        raise CollieError("this AdaLoRA adapter's ranks were already allocated "
+                          "(rank_pattern); continuing it is not built: give the adapter "
+                          "before its allocation, or train it afresh")
     init = getattr(config, "init_lora_weights", True)
     if kind == "LORA" and fresh and init is not True:
         raise CollieError(
@@ -134,6 +139,7 @@ def with_peft_defaults(config: object, model: torch.nn.Module) -> object:
 
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
     from peft.utils import (
+        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -148,9 +154,15 @@ def with_peft_defaults(config: object, model: torch.nn.Module) -> object:
         config.num_transformer_submodules = 1  # a decoder-only model
         return config
     defaults = {"LORA": [("target_modules", TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)],
+                "ADALORA": [("target_modules",
+                             TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING)],
                 "IA3": [("target_modules", TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
                         ("feedforward_modules",
                          TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)]}
+    if kind == "ADALORA" and config.task_type is None:
+        # peft runs AdaLoRA's regulariser only under a task model (a bare PeftModel
+        # forwards past it); this is a causal LM, and it is trained with it here
+        config.task_type = "CAUSAL_LM"
     for field, mapping in defaults.get(kind, []):
         if getattr(config, field) is None:
             if model_type not in mapping:
@@ -184,22 +196,25 @@ def refuse_what_peft_cannot_adapt(model: torch.nn.Module, config: object) -> Non
 
 def lora_plan_args(config: object | None) -> tuple[int | None, str | list[str] | None]:
     """(rank, targets) of a peft config as the planner prices it: LoRA and DoRA at their
-    rank, IA3 as a rank-1 LoRA on its targets (an upper bound: one vector per module,
-    of its input or output width, where rank 1 counts both); prompt methods as the
-    whole base frozen, no adapter on a linear (targets ``[]``)."""
+    rank, AdaLoRA at its initial rank (E, one value per rank, is not counted), IA3 as a
+    rank-1 LoRA on its targets (an upper bound: one vector per module, of its input or
+    output width, where rank 1 counts both); prompt methods as the whole base frozen, no
+    adapter on a linear (targets ``[]``)."""
     if config is None:
         return None, None
     if is_prompt_method(config):
         return 1, []
-    return getattr(config, "r", 1), canonical_lora_targets(config.target_modules)
+    rank = config.init_r if config.peft_type.value == "ADALORA" else getattr(config, "r", 1)
+    return rank, canonical_lora_targets(config.target_modules)
 
 
 ADAPTER_PREFIX = "base_model.model."
 
 
-def read_peft_config(path: str | Path) -> object:
+def read_peft_config(path: str | Path, steps: int | None = None) -> object:
     """A peft config from a JSON file (``peft_type`` and the config's fields, as
-    ``adapter_config.json`` holds them) or a folder holding ``adapter_config.json``."""
+    ``adapter_config.json`` holds them) or a folder holding ``adapter_config.json``.
+    ``steps``: the run's length, AdaLoRA's ``total_step`` where the file leaves it out."""
     import json
 
     from peft import PeftConfig
@@ -208,7 +223,10 @@ def read_peft_config(path: str | Path) -> object:
     try:
         if p.is_dir():
             return PeftConfig.from_pretrained(str(p))
-        return PeftConfig.from_peft_type(**json.loads(p.read_text()))
+        fields = json.loads(p.read_text())
+        if fields.get("peft_type") == "ADALORA" and fields.get("total_step") is None:
+            fields["total_step"] = steps
+        return PeftConfig.from_peft_type(**fields)
     except Exception as e:  # a missing file, bad JSON, an unknown type or field
         raise CollieError(f"cannot read a peft config from {p}: {e}; give a JSON file with "
                           'its peft_type and fields, e.g. {"peft_type": "IA3", '

@@ -19,9 +19,11 @@ import torch.distributed as dist
 from collie_compile.config import Pins, Request
 from collie_compile.errors import CollieError
 from collie_compile.models.registry import count_params, load_config, model_name
+from collie_compile.passes.lora import is_svd
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import saving
+from collie_compile.runtime.adalora import ADALORA_FILE, AdaLoraSteps
 from collie_compile.runtime.options import (
     FusedOptions,
     lora_config,
@@ -163,13 +165,20 @@ class ParallelModel:
         self.plan, self.chosen, self.lora = plan, plan.chosen, lora
         options = fused or FusedOptions()
         inside = in_backward(optimizer, plan)
+        if is_svd(lora) and inside:
+            raise CollieError(f"AdaLoRA with {optimizer} updating inside backward: AdaLoRA "
+                              "adds its regulariser's gradient before the update and scores "
+                              "ranks from the gradients after it, which are freed there as "
+                              "they come; use an optimizer that steps after backward "
+                              "(adamw, lion, ...)")
         self.program: RankProgram = build_rank_program(
             model, plan, weights, lora, lora_init, updates_in_backward=inside,
             position_ids=position_ids)
         self.updates = make_updates(self.program, optimizer, lr, optimizer_kwargs, options,
                                     inside)
         release_weights(model, self.program)  # last: a refusal above leaves the model whole
-        self.stepper = Stepper(self.program, self.updates, options.max_grad_norm)
+        self.stepper = Stepper(self.program, self.updates, options.max_grad_norm,
+                               AdaLoraSteps(self.program, lora) if is_svd(lora) else None)
 
     # what this rank holds
     @property
@@ -267,19 +276,27 @@ class ParallelModel:
         """Write a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained``
         loads; with LoRA a PEFT adapter, unless ``merge`` folds the adapters in. ``files``
         (a tokenizer's, ``generation_config.json``) are copied in beside the weights."""
-        saving.save_pretrained(self.program, self.lora, directory, merge,
-                               [Path(f) for f in files])
+        lora = self.lora
+        if self.stepper.adalora is not None:  # the ranks allocated so far, as peft saves
+            lora = self.stepper.adalora.config_to_save()
+        saving.save_pretrained(self.program, lora, directory, merge, [Path(f) for f in files])
 
     def save_checkpoint(self, directory: str | Path, extra: dict[str, str] | None = None
                         ) -> None:
         """Write the training state sharded; resumable under another plan or GPU count.
         ``extra``: text files (name -> content) rank 0 adds to the folder."""
-        saving.save_checkpoint(self.program, self.updates, self.step_count, directory, extra)
+        ada = self.stepper.adalora
+        if ada is not None:  # its importance averages and the ranks allocated so far
+            extra = {**(extra or {}), ADALORA_FILE: ada.pattern_json()}
+        saving.save_checkpoint(self.program, self.updates, self.step_count, directory, extra,
+                               ada.states() if ada is not None else None)
 
     def load_checkpoint(self, directory: str | Path, fresh_optimizer: bool = False) -> None:
         """Restore weights, optimizer states and step from :meth:`save_checkpoint`; the
         states must be of this optimizer, unless ``fresh_optimizer`` starts it afresh."""
         step = saving.load_checkpoint(self.program, self.updates, directory, fresh_optimizer)
+        if self.stepper.adalora is not None:
+            self.stepper.adalora.load_checkpoint(directory)
         self.stepper.step_count = step
         if self.updates.fused is not None:
             self.updates.fused.step_count = step

@@ -22,7 +22,13 @@ from collie_compile.kernels.adalomo import adalomo_state
 from collie_compile.models.prompts import is_prompt_method, saved_prompts
 from collie_compile.models.registry import architecture
 from collie_compile.optim.in_backward import STATE_KEYS
-from collie_compile.passes.lora import Adapter, expert_delta, is_adapter, scaling_of
+from collie_compile.passes.lora import (
+    Adapter,
+    expert_delta,
+    is_adapter,
+    scaling_of,
+    svd_scaling,
+)
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime import folders
 from collie_compile.runtime import state as ckpt
@@ -97,6 +103,8 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
         tmp = folders.begin(directory, kind)
         if kind == "adapter":
             adapters = {ADAPTER_PREFIX + k: v for k, v in weights.items() if is_adapter(k)}
+            for e_name, keep in (getattr(lora, "rank_pattern", None) or {}).items():
+                adapters.update(ranks_kept(adapters, ADAPTER_PREFIX + e_name, keep))
             if is_prompt_method(lora):  # peft saves the prompts alone, unprefixed
                 adapters = {"prompt_embeddings": saved_prompts(weights, lora)}
             save_file({k: v.contiguous() for k, v in adapters.items()},
@@ -118,10 +126,12 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
 
 
 def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
-                    directory: str | Path, extra: dict[str, str] | None = None) -> None:
+                    directory: str | Path, extra: dict[str, str] | None = None,
+                    more: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """The training state (weights, optimizer states, step) sharded: each rank saves the
     boxes it alone holds; rank 0 adds the text files ``extra`` (name -> content) before
-    the folder is renamed into place."""
+    the folder is renamed into place. ``more``: other states shaped as their parameter
+    (name -> key -> this rank's slice; AdaLoRA's importance), saved as ``name/key``."""
     check_save_path(directory, "checkpoint")
     tmp = folders.staging(directory)
     if dist.get_rank() == 0:
@@ -150,6 +160,8 @@ def save_checkpoint(prog: RankProgram, updates: Updates, step: int,
                         for n, p in local.items() if prog.tp_first(n)
                         for k, v in states.get(n, {}).items()
                         if torch.is_tensor(v) and v.shape == p.shape})
+    tensors.update({f"{n}/{k}": prog.cut(n, local[n], v) for n, kv in (more or {}).items()
+                    if prog.writes(n, local[n]) for k, v in kv.items()})
     mine = tmp / f"rank{dist.get_rank():05d}.safetensors"
     entries = ckpt.write_rank_file(mine, tensors)
     _fault_point("save", step)
@@ -302,6 +314,16 @@ def _restore_state(prog: RankProgram, updates: Updates, name: str, p: torch.Tens
         inner.state[p] = state
 
 
+def ranks_kept(tensors: dict[str, torch.Tensor], e_name: str, keep: list[bool]
+               ) -> dict[str, torch.Tensor]:
+    """AdaLoRA's A, E and B of ``e_name`` (``<module>.lora_E``) cut to the ranks
+    ``keep`` marks, as peft saves them once ranks are allocated."""
+    prefix, idx = e_name.removesuffix(".lora_E"), torch.tensor(keep, dtype=torch.bool)
+    return {f"{prefix}.lora_A": tensors[f"{prefix}.lora_A"][idx],
+            e_name: tensors[e_name][idx],
+            f"{prefix}.lora_B": tensors[f"{prefix}.lora_B"][:, idx]}
+
+
 def merged(weights: dict[str, torch.Tensor], config: object | None,
            fan_in_fan_out: set[str] = frozenset(),
            adapters: dict[str, Adapter] | None = None) -> dict[str, torch.Tensor]:
@@ -328,6 +350,14 @@ def merged(weights: dict[str, torch.Tensor], config: object | None,
             dim = 0 if prefix in fan_in_fan_out else 1
             w = w * (m / torch.linalg.vector_norm(w, dim=dim)).unsqueeze(dim)
         out[spec.weight] = w
+    for e_name in [k for k in weights if k.endswith(".lora_E")]:  # AdaLoRA
+        prefix = e_name.removesuffix(".lora_E")
+        a, e, b = (weights[f"{prefix}.lora_{k}"] for k in "AEB")
+        _, scaling, divisor = svd_scaling(config)
+        spec = (adapters or {}).get(prefix) or Adapter(f"{prefix}.weight", scaling / divisor)
+        delta = b @ (a * e)
+        out[spec.weight] = out[spec.weight] + spec.scaling * (
+            delta.T if prefix in fan_in_fan_out else delta)
     for l_name in [k for k in weights if k.endswith(".ia3_l")]:
         module = l_name.removesuffix(".ia3_l")
         vec, w_name = weights[l_name], f"{module}.weight"

@@ -23,6 +23,7 @@ from collie_compile.dtensor import local_tensor
 from collie_compile.errors import CollieError
 from collie_compile.passes.collectives import vocab_parallel_cross_entropy
 from collie_compile.passes.data_parallel import grad_reducers
+from collie_compile.runtime.adalora import AdaLoraSteps
 from collie_compile.runtime.program import RankProgram
 from collie_compile.runtime.updates import Updates
 
@@ -102,8 +103,9 @@ class Stepper:
     """Runs ``program``'s training steps and forward passes with ``updates``."""
 
     def __init__(self, program: RankProgram, updates: Updates,
-                 max_grad_norm: float | None = None) -> None:
-        self.program, self.updates = program, updates
+                 max_grad_norm: float | None = None, adalora: AdaLoraSteps | None = None
+                 ) -> None:
+        self.program, self.updates, self.adalora = program, updates, adalora
         self.max_grad_norm, self.last_grad_norm = max_grad_norm, None
         c = program.chosen
         self.micro_batch, self.seq = c.micro_batch_size, program.plan.seq_len
@@ -248,11 +250,14 @@ class Stepper:
             total = self._forward_backward(inputs, targets, tokens)
             self._sum_partial_grads()
             self._sum_tied_grads()
+            orth = self.adalora.add_orth_grads() if self.adalora is not None else 0.0
             if self.max_grad_norm is not None:
                 self.last_grad_norm = self.clip_grad_norm(self.max_grad_norm)
             optimizer.step()
+            if self.adalora is not None:
+                self.adalora.allocate(self.step_count)
         self.step_count += 1
-        return self._global_loss(total)
+        return self._global_loss(total) + (orth if fused is None else 0.0)
 
     def _forward_backward(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
                           tokens: int, loss_scale: float = 1.0) -> torch.Tensor:

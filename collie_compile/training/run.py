@@ -29,7 +29,7 @@ from collie_compile.models.prompts import ENCODER, is_prompt_method
 from collie_compile.models.registry import build_model, load_config
 from collie_compile.optim.optimizers import optimizer_options
 from collie_compile.optim.schedules import LRSchedule
-from collie_compile.passes.lora import is_adapter
+from collie_compile.passes.lora import is_adapter, is_svd
 from collie_compile.planner.result import Plan
 from collie_compile.runtime import distributed as cdist
 from collie_compile.runtime.options import read_peft_config
@@ -205,7 +205,9 @@ def train(cfg: TrainConfig) -> list[float]:
                      seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                      gpu=cfg.gpu, weights=cfg.weights, lora_rank=cfg.lora_rank,
                      lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
-                     peft=cdist.agree(lambda: read_peft_config(cfg.peft)) if cfg.peft else None,
+                     # AdaLoRA's budget schedule spans the run unless the file says
+                     peft=cdist.agree(lambda: read_peft_config(cfg.peft, cfg.steps))
+                     if cfg.peft else None,
                      lora_adapter=cfg.peft_adapter, memory_reserve=cfg.memory_reserve,
                      update_in_backward=cfg.update_in_backward,
                      max_grad_norm=cfg.max_grad_norm, clip_mode=cfg.clip_mode,
@@ -279,8 +281,9 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
                              losses: list[float], lora: object | None = None,
                              adapters: dict[str, torch.Tensor] | None = None) -> float:
     """Train the same initial model on the same batches at the same learning rates in
-    this one process, with plain transformers (and peft's own LoRA, from the parallel
-    run's initial ``adapters``) and the same rule after a plain backward (LOMO and
+    this one process, with plain transformers (and peft's own adapters, from the parallel
+    run's initial ``adapters``; AdaLoRA's ranks allocated by peft after each update)
+    and the same rule after a plain backward (LOMO and
     AdaLomo inside it), clipped the same way; print how far the parallel losses are."""
     from collie_compile.optim.optimizers import single_process_optimizer
     from collie_compile.runtime.options import ADAPTER_PREFIX
@@ -334,6 +337,8 @@ def compare_with_one_process(cfg: TrainConfig, data: PackedTokens, schedule: LRS
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            if is_svd(lora):  # the rank budget, from this step's gradients
+                model.base_model.update_and_allocate(i)
             opt.zero_grad(set_to_none=True)
         worst = max(worst, abs(ours - loss) / abs(loss))
     print(f"one process, same model and batches: loss {losses[0]:.4f} -> {loss:.4f}; "
