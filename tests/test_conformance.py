@@ -27,9 +27,9 @@ whole of it), chosen so each mechanism is hit once:
   scalar weights (xIELU's alphas) inside the tp-sharded MLP;
 - olmo2: q/k norms over all heads together (under tp the sum of squares is summed over
   ranks, forward and backward, and the norm weights are sharded with the heads);
-- LoRA on all linears at tp=2, reloaded by peft; DoRA, IA3, prompt tuning, P-tuning and
-  AdaLoRA (its orthogonality loss and rank budget, the pattern saved) against peft's own
-  training at tp2·pp2 and dp2·ZeRO-3;
+- LoRA on all linears at tp=2, reloaded by peft; DoRA, IA3, prompt tuning, P-tuning,
+  prefix tuning and AdaLoRA (its orthogonality loss and rank budget, the pattern saved)
+  against peft's own training at tp2·pp2 and dp2·ZeRO-3;
 - mixtures of experts (models.experts): Mixtral (softmax top-2), Qwen3-MoE, DeepSeek-V3
   (sigmoid routing in groups with a bias-corrected choice, a shared expert, latent
   attention), gpt-oss (expert biases, clamped SwiGLU, attention sinks), in one process,
@@ -184,6 +184,15 @@ CASES = [
       for name, kind, extra in (("prompt", "PROMPT_TUNING", {}),
                                 ("ptuning", "P_TUNING", {"encoder_hidden_size": 32}))
       for lay in ("tp2-pp2", "dp2-zero3")],
+    # prefix tuning: virtual keys and values in every attention, cut by kv heads under
+    # tp (their gradient summed over tp), layer 1's sent to the second stage (and their
+    # gradient back, a slice of a concatenation's); with peft's projection MLP afresh
+    *[Case(f"llama-prefix-{lay}", LLAMA, {**LAYOUTS[lay], "lora": {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}})
+      for lay in ("tp2-pp2", "dp2-zero3")],
+    Case("llama-prefix-projection-tp2", LLAMA, {**LAYOUTS["tp2"], "lora": {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4,
+        "prefix_projection": True, "encoder_hidden_size": 32}}),
     # AdaLoRA over 3 steps: at tp2·pp2 a budget cut at step 1 and the final one at 2; at
     # dp2·ZeRO-3 the final cut at 1, reapplied at 2; under tp2 and ZeRO-3 at once (B's
     # column means once averaged over a ZeRO-3 shard's rows only: another pattern)

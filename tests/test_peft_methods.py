@@ -12,6 +12,7 @@ import torch
 from peft import (
     AdaLoraConfig,
     IA3Config,
+    LoHaConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -93,7 +94,6 @@ def test_peft_defaults_filled_in_as_get_peft_model_fills_them() -> None:
 
 
 @pytest.mark.parametrize("config, why", [
-    (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "KV cache"),
     (LoraConfig(init_lora_weights="pissa"), "initialise the adapter with peft"),
     (LoraConfig(init_lora_weights="olora"), "--peft-adapter"),
     (IA3Config(init_ia3_weights=False), "random scales"),
@@ -181,11 +181,31 @@ def test_saved_adapters_read_back_as_their_method(tmp_path: Path) -> None:
                else "model.layers.0.self_attn.q_proj.lora_magnitude_vector")
         assert key in tensors
     # a method the passes do not build is refused on reading too, not trained as another
-    model = get_peft_model(_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                               num_virtual_tokens=2))
-    model.save_pretrained(tmp_path / "prefix")
-    with pytest.raises(CollieError, match="PREFIX_TUNING"):
-        read_adapter(tmp_path / "prefix")
+    model = get_peft_model(_model("llama"), LoHaConfig(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "loha")
+    with pytest.raises(CollieError, match="LOHA is not supported"):
+        read_adapter(tmp_path / "loha")
+
+
+def test_prefix_tuning_refuses_what_it_cannot_do_exactly(group) -> None:
+    """A prefix's projection saves its output, not the MLP (it cannot go on); the
+    sequence after the virtual positions must fit the model's positions; a cache of
+    sliding-window layers is filled another way by peft."""
+    from collie_compile import parallelize
+
+    llama = _model("llama")
+    config = with_peft_defaults(PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+        encoder_hidden_size=16), llama)
+    with pytest.raises(CollieError, match="cannot go on"):
+        make_encoder(config, llama, {"prompt_embeddings": torch.zeros(4, 8)})
+    most = llama.config.max_position_embeddings
+    with pytest.raises(CollieError, match=f"use seq_len <= {most - 4}"):
+        parallelize(llama, gpus=1, seq_len=most, global_batch_size=2, peft=PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(CollieError, match="sliding windows"):
+        parallelize(_model("gemma2"), gpus=1, seq_len=16, global_batch_size=2,
+                    peft=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
 
 
 def test_p_tuning_saves_the_prompts_peft_saves() -> None:

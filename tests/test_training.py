@@ -363,8 +363,8 @@ def test_lora_on_a_random_base_says_so(group, files, tmp_path: Path, capsys) -> 
 
 def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: Path,
                                                         capsys) -> None:
-    """`train --peft CONFIG.json`: DoRA, IA3 (peft's defaults for Llama), prompt tuning and
-    AdaLoRA (its ranks allocated) train as peft trains them in one process (--check),
+    """`train --peft CONFIG.json`: DoRA, IA3 (peft's defaults for Llama), prompt and prefix
+    tuning and AdaLoRA (its ranks allocated) train as peft trains them in one process (--check),
     save adapters peft loads, and
     `--peft-adapter DIR` continues one; --merge folds IA3 into plain weights."""
     from peft import PeftModel
@@ -381,6 +381,8 @@ def test_peft_config_files_train_like_peft_and_continue(group, files, tmp_path: 
                         "target_modules": ["q_proj", "o_proj", "down_proj"]},
                "ia3": {"peft_type": "IA3"},
                "prompt": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                          "num_virtual_tokens": 4},
+               "prefix": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
                           "num_virtual_tokens": 4},
                # total_step from --steps: a budget cut at step 1, the final one at 2
                "adalora": {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "tfinal": 1,

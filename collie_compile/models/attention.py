@@ -52,16 +52,24 @@ def expanded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *
 def _mask(*, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
           use_vmap: bool = False, **kwargs: object) -> torch.Tensor | None:
     """The causal mask is ``is_causal`` when nothing narrows it: no padding mask, no
-    sliding window or chunk (``local_size``) shorter than the sequence, no model-specific
-    mask functions (which transformers evaluates with vmap). Under export transformers
-    also folds in a check for packed sequences, which it cannot evaluate while tracing; a
-    model given only input_ids numbers positions 0..s-1 per row: one sequence per row.
+    sliding window or chunk (``local_size``) shorter than the sequence, no cached keys
+    before the queries' (a prefix), no model-specific mask functions (which transformers
+    evaluates with vmap). Under export transformers also folds in a check for packed
+    sequences, which it cannot evaluate while tracing; a model given only input_ids
+    numbers positions 0..s-1 per row: one sequence per row.
     Given ``position_ids`` (:func:`causal_attention`'s ``packed``), that check is the
     point: transformers' mask keeps each packed document to itself."""
     window_covers = local_size is None or statically_known_true(
         kwargs.get("kv_length", local_size + 1) <= local_size)
+    # queries at the keys' own positions: not after a cache (prefix tuning's virtual keys
+    # come first, and is_causal would align the mask at the top left, not the bottom)
+    q_length = kwargs.get("q_length")
+    if q_length is None and isinstance(kwargs.get("cache_position"), torch.Tensor):
+        q_length = kwargs["cache_position"].shape[0]  # transformers before q_length
+    aligned = q_length is None or "kv_length" not in kwargs or (
+        not kwargs.get("q_offset") and statically_known_true(kwargs["kv_length"] == q_length))
     _STATE["causal_dropped"] = (attention_mask is None and window_covers and not use_vmap
-                                and not _STATE["packed"])
+                                and not _STATE["packed"] and aligned)
     if _STATE["causal_dropped"]:
         return None
     return sdpa_mask(attention_mask=attention_mask, local_size=local_size, use_vmap=use_vmap,

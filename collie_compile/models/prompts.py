@@ -1,4 +1,5 @@
-"""Prompt tuning and P-tuning: trained virtual tokens before every sequence.
+"""Prompt tuning, P-tuning and prefix tuning: trained virtual tokens before every
+sequence, as embeddings (the first two) or as every attention's keys and values.
 
 peft's ``PeftModelForCausalLM`` embeds the input ids, puts the prompt encoder's ``v``
 virtual tokens before them, runs the model on those embeddings (positions 0 … v + s - 1,
@@ -8,6 +9,14 @@ composed, not patched), so its graph goes through every pass like any other, and
 the logits at positions v - 1 … v + s - 2: position v - 1 + j predicts token j, the
 first one included. The step's targets are then the labels themselves, unshifted, which
 is peft's loss: every real token counts, the first predicted from the last virtual one.
+
+Prefix tuning: peft hands the model its ``PrefixEncoder``'s output as a KV cache of
+``v`` positions, so every layer's attention reads ``v`` virtual keys and values (not
+rotated, as cached keys are not) before the sequence's, under the causal mask of a
+sequence that starts at position ``v``. The captured model (:class:`PrefixedModel`)
+does exactly that: it fills transformers' own ``DynamicCache`` from peft's encoder, and
+export records the cache's concatenations and the mask, so the passes see plain tensors.
+Its logits are the sequence's own, and the loss is the usual shifted one.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import torch
 
 from collie_compile.errors import CollieError
 
-PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING")
+PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 ENCODER = "prompt_encoder"  # the prompt module's name in the captured model, as in peft
 SEED = 0  # the prompt encoder's init, the same on every rank and in a one-process run
 
@@ -25,9 +34,22 @@ def is_prompt_method(config: object | None) -> bool:
     return config is not None and config.peft_type.value in PROMPT_METHODS
 
 
+def is_prefix(config: object | None) -> bool:
+    return config is not None and config.peft_type.value == "PREFIX_TUNING"
+
+
 def virtual_tokens(config: object | None) -> int:
-    """How many positions a method puts before each sequence (0: none)."""
-    return int(config.num_virtual_tokens) if is_prompt_method(config) else 0
+    """How many positions a method puts before each sequence's input (0: none; prefix
+    tuning's go into the attentions' keys instead)."""
+    return int(config.num_virtual_tokens) if is_prompt_method(config) and not is_prefix(
+        config) else 0
+
+
+def _encoder_output_saved(config: object) -> bool:
+    """Whether peft saves the prompt module's output rather than its table (P-tuning's
+    MLP, prefix tuning's projection): such an adapter cannot continue training."""
+    return config.peft_type.value == "P_TUNING" or (
+        is_prefix(config) and bool(config.prefix_projection))
 
 
 def make_encoder(config: object, model: torch.nn.Module,
@@ -37,6 +59,7 @@ def make_encoder(config: object, model: torch.nn.Module,
     ``prompt_embeddings`` replace its table. P-tuning saves only its prompts, not its
     encoder, so it cannot continue from a saved adapter (nor can it in peft)."""
     from peft.tuners.p_tuning.model import PromptEncoder
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
     from peft.tuners.prompt_tuning.model import PromptEmbedding
 
     if config.num_transformer_submodules not in (None, 1):
@@ -52,14 +75,17 @@ def make_encoder(config: object, model: torch.nn.Module,
         torch.manual_seed(SEED)
         if config.peft_type.value == "P_TUNING":
             encoder = PromptEncoder(config)
+        elif is_prefix(config):
+            encoder = PrefixEncoder(config)
         else:
             encoder = PromptEmbedding(config, model.get_input_embeddings())
     if init:
-        if config.peft_type.value == "P_TUNING":
-            raise CollieError("a saved P-tuning adapter holds its prompts, not the encoder "
-                              "that makes them (peft saves only those), so its training "
-                              "cannot go on; start P-tuning afresh (peft=PromptEncoderConfig"
-                              "), or continue these prompts as prompt tuning")
+        if _encoder_output_saved(config):
+            raise CollieError(f"a saved {config.peft_type.value} adapter holds its prompts, "
+                              "not the encoder that makes them (peft saves only those), so "
+                              "its training cannot go on; start afresh, or continue these "
+                              "prompts as prompt tuning (prefix tuning: without "
+                              "prefix_projection)")
         table = init["prompt_embeddings"]
         if tuple(table.shape) != tuple(encoder.embedding.weight.shape):
             raise CollieError(f"the adapter's prompt_embeddings are {list(table.shape)}, "
@@ -100,6 +126,48 @@ class PromptedModel(torch.nn.Module):
         return out.logits[:, self.tokens - 1:-1]
 
 
+class PrefixedModel(torch.nn.Module):
+    """``model`` with ``encoder``'s virtual keys and values before every attention's, as
+    peft's prefix tuning hands them over (a KV cache of ``config.num_virtual_tokens``
+    positions): the causal LM's modules under their own names beside ``prompt_encoder``,
+    forward ``input_ids -> logits``."""
+
+    def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module, config: object
+                 ) -> None:
+        from transformers import DynamicCache
+
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        if next(model.parameters(recurse=False), None) is not None:
+            raise CollieError(f"{type(model).__name__} holds parameters outside its modules; "
+                              "prefix tuning cannot wrap it")
+        layers = DynamicCache(config=model.config).layers
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise CollieError(f"prefix tuning on {model.config.model_type}: its cache holds "
+                              "layers other than full attention (sliding windows), which "
+                              "peft fills another way; use prompt tuning or LoRA")
+        self.add_module(ENCODER, encoder)
+        self.prefix, self.config = config, model.config
+        object.__setattr__(self, "causal_lm", model)  # its modules are ours already
+
+    def set_attn_implementation(self, impl: str) -> None:
+        self.causal_lm.set_attn_implementation(impl)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        c, b = self.prefix, input_ids.shape[0]
+        v, heads = c.num_virtual_tokens, c.num_attention_heads
+        ids = torch.arange(v, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        kv = self.prompt_encoder(ids).view(b, v, c.num_layers * 2, heads, c.token_dim // heads)
+        cache = DynamicCache(config=self.config)
+        for layer, pair in enumerate(kv.permute(2, 0, 3, 1, 4).split(2)):
+            cache.update(pair[0], pair[1], layer)
+        return self.causal_lm(input_ids=input_ids, past_key_values=cache,
+                              use_cache=True).logits
+
+
 def refuse_prompt_with(router_loss: object | None, position_ids: bool) -> None:
     """Refuse what prompt methods cannot be exact with here: packed documents (peft drops
     position_ids under prompt methods, so its documents would attend to each other) and
@@ -112,6 +180,18 @@ def refuse_prompt_with(router_loss: object | None, position_ids: bool) -> None:
         raise CollieError("prompt methods with the routers' load-balancing loss "
                           "(output_router_logits) are not built; turn the loss off or "
                           "use LoRA")
+
+
+def refuse_prefix_past_positions(config: object, model_config: object, seq_len: int
+                                 ) -> None:
+    """Refuse a prefix whose sequence would run past the model's positions: after the
+    cache of ``num_virtual_tokens``, the sequence's positions start there."""
+    most = getattr(model_config, "max_position_embeddings", None)
+    v = int(config.num_virtual_tokens)
+    if most is not None and seq_len + v > most:
+        raise CollieError(f"prefix tuning puts the sequence after {v} virtual positions: "
+                          f"seq_len {seq_len} + {v} runs past the model's {most} positions; "
+                          f"use seq_len <= {most - v}")
 
 
 def train_prompts_only(gm: torch.fx.GraphModule, start: dict[str, torch.Tensor]
@@ -133,13 +213,15 @@ def saved_prompts(weights: dict[str, torch.Tensor], config: object,
                   model: torch.nn.Module | None = None) -> torch.Tensor:
     """The prompts peft saves (``prompt_embeddings``) from the trained prompt module's
     whole ``weights`` (by their names under :data:`ENCODER`): the table itself for prompt
-    tuning, the encoder's output for P-tuning."""
+    tuning and prefix tuning, the encoder's output for P-tuning and a prefix's
+    projection."""
     table = weights[f"{ENCODER}.embedding.weight"]
-    if config.peft_type.value != "P_TUNING":
+    if not _encoder_output_saved(config):
         return table.detach().clone()
     from peft.tuners.p_tuning.model import PromptEncoder
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
 
-    encoder = PromptEncoder(config).to(table.dtype)
+    encoder = (PrefixEncoder if is_prefix(config) else PromptEncoder)(config).to(table.dtype)
     encoder.load_state_dict({k.removeprefix(f"{ENCODER}."): v for k, v in weights.items()
                              if k.startswith(f"{ENCODER}.")})
     with torch.no_grad():

@@ -21,8 +21,9 @@ from .subgraph import extract
 def pipeline_split(gm: fx.GraphModule, prefix: str, stages: list[list[int]]
                    ) -> list[fx.GraphModule]:
     """One GraphModule per stage. Stage 0 takes the graph's inputs; stage k > 0 takes
-    stage k-1's outputs (a tuple of contiguous tensors); the last stage returns the
-    graph's output. Parameters keep their names in the stage that uses them."""
+    stage k-1's outputs (a tuple of contiguous tensors, whose gradients it returns
+    contiguous); the last stage returns the graph's output. Parameters keep their names
+    in the stage that uses them."""
     stage_of: dict[int, int] = {}
     for k, (first, last) in enumerate(stages):
         for b in range(first, last + 1):
@@ -63,5 +64,6 @@ def pipeline_split(gm: fx.GraphModule, prefix: str, stages: list[list[int]]
             if not hasattr(v.meta.get("val"), "shape"):
                 raise CollieError(f"pipeline_split: {v.name} crosses stage {k - 1}->{k} but is "
                                   "not a tensor; capture with static shapes")
-        out.append(extract(gm, nodes, ins, outs, name=f"Stage{k}", contiguous_outputs=not last))
+        out.append(extract(gm, nodes, ins, outs, name=f"Stage{k}", contiguous_outputs=not last,
+                           contiguous_input_grads=k > 0))
     return out

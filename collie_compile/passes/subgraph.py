@@ -34,14 +34,35 @@ def live_out(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if any(u not in inside for u in n.users)]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose gradient leaves contiguous."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, its gradient made contiguous: a pipeline stage sends its inputs' gradients
+    back, into buffers shaped by their strides, which must be contiguous (the gradient of
+    one part of a concatenation is a strided view of the whole's)."""
+    return _ContiguousGrad.apply(x)
+
+
 def extract(root: torch.nn.Module, nodes: Sequence[fx.Node], inputs: Sequence[fx.Node],
             outputs: Sequence[fx.Node] | fx.Node | tuple, name: str = "subgraph",
-            contiguous_outputs: bool = False) -> fx.GraphModule:
+            contiguous_outputs: bool = False, contiguous_input_grads: bool = False
+            ) -> fx.GraphModule:
     """A GraphModule computing ``outputs`` from ``inputs`` with copies of ``nodes``.
 
     ``outputs`` is a node, or a (nested) tuple of nodes returned as is. Attributes the
     nodes read are taken from ``root`` under the same names. With ``contiguous_outputs``
-    every returned tensor is made contiguous (point-to-point sends need it).
+    every returned tensor is made contiguous, with ``contiguous_input_grads`` every
+    tensor input's gradient (point-to-point sends and receives need both).
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -49,6 +70,12 @@ def extract(root: torch.nn.Module, nodes: Sequence[fx.Node], inputs: Sequence[fx
         ph = graph.placeholder(inp.name)
         ph.meta = dict(inp.meta)
         env[inp] = ph
+    if contiguous_input_grads:
+        for inp in inputs:
+            v = inp.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                env[inp] = graph.call_function(contiguous_grad, (env[inp],))
+                env[inp].meta = {"val": v}  # in no block: it belongs to the boundary
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:

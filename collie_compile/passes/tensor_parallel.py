@@ -474,7 +474,7 @@ def _fix_shapes(gm: fx.GraphModule, tp: int, rank: int, heads: tuple[int, int, i
                     try:
                         env[n] = n.target(*val(n.args), **val(n.kwargs))
                     except Exception:
-                        if not (_take_share(gm, n, env, shrunk, tp, rank, heads[0], group)
+                        if not (_take_share(gm, n, env, shrunk, tp, rank, heads[:2], group)
                                 or _shard_feature_weight(gm, n, env, shrunk, tp, heads,
                                                          shards, taken)):
                             raise
@@ -605,17 +605,20 @@ def _on_heads_only(gm: fx.GraphModule, consumers: set[fx.Node], sharded: set[str
 
 
 def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
-                rank: int, num_heads: int, group: dist.ProcessGroup) -> bool:
+                rank: int, heads: tuple[int, int], group: dist.ProcessGroup) -> bool:
     """Where ``n`` meets a sharded tensor with a replicated one that is whole on a dim
     where the sharded one has this rank's share, read this rank's share of the
     replicated one: on the last dim (features), the contiguous slice a column linear
     gives the rank (Gemma-4's per-layer inputs gating a sharded projection); on another
-    dim holding all ``num_heads`` heads, the rank's block of heads (ALiBi's per-head
-    bias added to sharded attention scores, also merged with the batch as [b*h]). A
+    dim holding all query or key/value ``heads``, the rank's block of heads (ALiBi's
+    per-head bias added to sharded attention scores, also merged with the batch as
+    [b*h]; prefix tuning's virtual keys concatenated with the rank's keys). A
     replicated input computed from trainable weights (Doge's dynamic mask, per-head
-    learned scalars) first passes a CopyToTP: each rank's gradient of it covers its
-    share only, and is summed over tp there. Returns whether it rewrote an input."""
-    tensors = [a for a in n.args if isinstance(a, fx.Node)
+    learned scalars, a prefix) first passes a CopyToTP: each rank's gradient of it
+    covers its share only, and is summed over tp there. Returns whether it rewrote an
+    input."""
+    inputs = [a for arg in n.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    tensors = [a for a in inputs if isinstance(a, fx.Node)
                and isinstance(env.get(a), torch.Tensor)]
     # each sharded input beside its shape before sharding: a dim it shares with a
     # replicated input must be one that shrank, not one of equal size by chance (BLOOM
@@ -636,9 +639,10 @@ def _take_share(gm: fx.GraphModule, n: fx.Node, env: dict, shrunk: set, tp: int,
                                     and old[-k] == size for t, old in sharded):
                 continue
             d = v.dim() - k
+            num_heads = next((h for h in heads if size % h == 0 and h % tp == 0), None)
             if k == 1:  # features: one contiguous slice per rank
                 split, at, width, merged = None, d, size // tp, None
-            elif size % num_heads == 0 and num_heads % tp == 0:
+            elif num_heads is not None:
                 # [outer * heads] (outer = 1, or a batch merged before the heads, BLOOM's
                 # [b*h, 1, s] ALiBi): view the heads apart, take this rank's, merge back
                 outer, shape = size // num_heads, list(v.shape)

@@ -278,7 +278,8 @@ def run_case(case: Case, workdir: Path) -> Result:
     fields = case.layout["lora"] if isinstance(case.layout.get("lora"), dict) else {}
     # P-tuning cannot start from a saved adapter (peft saves its prompts, not its
     # encoder): the run draws the encoder itself, and the reference the same
-    fresh = _lora_config(**dict(fields)) if fields.get("peft_type") == "P_TUNING" else None
+    fresh = (_lora_config(**dict(fields)) if fields.get("peft_type") == "P_TUNING"
+             or fields.get("prefix_projection") else None)
     pins = {k: v for k, v in case.layout.items() if k != "lora"}
     problem = ""
     if dist.get_rank() == 0:

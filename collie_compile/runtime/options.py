@@ -85,13 +85,8 @@ def lora_config(config: object | None, rank: int | None, alpha: float | None,
                       lora_dropout=dropout)
 
 
-# peft methods built as passes, by peft_type, and those refused with the reason
+# peft methods built as passes, by peft_type
 PEFT_METHODS = ("LORA", "ADALORA", "IA3", *PROMPT_METHODS)
-PEFT_REFUSED = {
-    "PREFIX_TUNING": "prefix tuning feeds virtual keys and values to every attention as a "
-                     "KV cache, which a captured training graph has no input for; use "
-                     "prompt tuning or LoRA",
-}
 
 
 def check_peft(config: object, fresh: bool) -> object:
@@ -99,8 +94,6 @@ def check_peft(config: object, fresh: bool) -> object:
     names why. ``fresh``: its adapters start from peft's init here (not from a saved
     adapter), so only inits this project draws itself are allowed."""
     kind = str(getattr(getattr(config, "peft_type", None), "value", config.__class__.__name__))
-    if kind in PEFT_REFUSED:
-        raise CollieError(f"{kind}: {PEFT_REFUSED[kind]}")
     if kind not in PEFT_METHODS:
         raise CollieError(f"peft method {kind} is not supported; the methods are "
                           f"{', '.join(PEFT_METHODS)} (LoRA with use_dora, use_rslora)")

@@ -32,8 +32,12 @@ from collie_compile.layout import vocab_parallel
 from collie_compile.models.attention import fused_gqa
 from collie_compile.models.probe import attention_heads
 from collie_compile.models.prompts import (
+    PrefixedModel,
     PromptedModel,
+    is_prefix,
+    is_prompt_method,
     make_encoder,
+    refuse_prefix_past_positions,
     refuse_prompt_with,
     train_prompts_only,
     virtual_tokens,
@@ -267,17 +271,23 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     pos = torch.zeros_like(ids) if position_ids else None
 
     aux = router_loss(model)  # refused before any capture where it cannot be computed
-    v = virtual_tokens(lora)
+    v, prompted = virtual_tokens(lora), is_prompt_method(lora)
     target = model
-    if v:
+    if prompted:
         refuse_prompt_with(aux, position_ids)
+        if is_prefix(lora):
+            refuse_prefix_past_positions(lora, cfg, plan.seq_len)
         encoder = make_encoder(lora, model, lora_init)
         prompts = {k: t.detach().clone() for k, t in encoder.state_dict().items()}
-        target = PromptedModel(model, encoder.to("meta") if on_meta else encoder, v)
+        encoder = encoder.to("meta") if on_meta else encoder
+        target = (PrefixedModel(model, encoder, lora) if is_prefix(lora)
+                  else PromptedModel(model, encoder, v))
     ep = apply_pass("capture", lambda: capture_static(target, ids, pos))
     ag = annotate(ep, target)
     gm = router_outputs(drop_guards(ag.gm))
-    if v:
+    if on_meta:
+        empty_constants_off_meta(gm)
+    if prompted:
         gm = train_prompts_only(gm, prompts)
     layout = named_pass("tensor_parallel", lambda: tp_layout(ag, cfg, c.tp, bool(tied)))
     gm = apply_pass("tensor_parallel", lambda: tensor_parallel(
@@ -285,7 +295,7 @@ def build_rank_program(model: torch.nn.Module, plan: Plan, weights: str | Path |
     ep_group, edp_group = expert_groups(mesh, c.dp, c.ep)
     coords.ep = coords.dp % c.ep
     gm = apply_pass("expert_parallel", lambda: expert_parallel(gm, ep_group, coords.ep, c.ep))
-    if v:
+    if prompted:
         pass  # the prompt module was captured with the model
     elif lora is not None and lora.peft_type.value == "IA3":
         refuse_what_peft_cannot_adapt(model, lora)
@@ -458,6 +468,14 @@ def head_layout(cfg: object) -> tuple[int, int, int]:
     the family calls them; multi-query models have one key/value head)."""
     heads, kv = attention_heads(cfg)
     return heads, kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def empty_constants_off_meta(gm: fx.GraphModule) -> None:
+    """Put on the CPU the empty tensors a capture on the meta device made constants of
+    (a KV cache's initial keys, ``torch.tensor([])``), which hold no value to read."""
+    for name, t in list(vars(gm).items()):
+        if isinstance(t, torch.Tensor) and t.is_meta and t.numel() == 0:
+            setattr(gm, name, torch.empty(t.shape, dtype=t.dtype))
 
 
 def materialize_buffers(model: torch.nn.Module) -> None:
