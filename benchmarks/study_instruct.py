@@ -42,6 +42,11 @@ METHODS = {  # method -> peft config fields (None: the whole model trains)
     "DoRA": {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_dora": True,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                 "up_proj", "down_proj"]},
+    # ranks 12 -> 8 per adapter, cut between steps 25 and 200 (total_step: the run's)
+    "AdaLoRA": {"peft_type": "ADALORA", "init_r": 12, "target_r": 8, "lora_alpha": 16,
+                "tinit": 25, "tfinal": 50, "deltaT": 10,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                   "up_proj", "down_proj"]},
     "IA3": {"peft_type": "IA3"},
     "prompt tuning": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                       "num_virtual_tokens": 8},
@@ -162,7 +167,7 @@ def fine_tune(base: Path, records: list[dict], optimizer: str, method: str, seed
     peft = None
     if fields is not None:
         (out.parent / f"{method}.json").write_text(json.dumps(fields))
-        peft = read_peft_config(out.parent / f"{method}.json")
+        peft = read_peft_config(out.parent / f"{method}.json", steps=STEPS)
     lr = LR[optimizer] * (ADAPTER_LR if fields else 1.0)
     pm = parallelize(model, seq_len=SEQ, global_batch_size=BATCH, optimizer=optimizer,
                      lr=lr, dp=1, tp=1, pp=1, peft=peft)
@@ -244,7 +249,7 @@ def main(out: str | None = None, data: str | None = None, model: str | None = No
         enc = _encoder(base)
         base_acc, base_loss = score(base, base, "full", held, enc)
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        refused: dict[str, str] = {}
+        refused: dict[tuple[str, str], str] = {}  # (method, optimizer) -> why
         for method in METHODS:
             for optimizer in OPTIMIZERS:
                 for seed in seeds:
@@ -252,12 +257,10 @@ def main(out: str | None = None, data: str | None = None, model: str | None = No
                     try:
                         fine_tune(base, tune, optimizer, method, seed, run, enc)
                     except CollieError as e:  # a refusal: reported, the grid goes on
-                        refused[method] = str(e).splitlines()[0]
+                        refused[(method, optimizer)] = str(e).splitlines()[0]
                         break
                     results.setdefault((method, optimizer), []).append(
                         score(base, run, method, held, enc))
-                if method in refused:
-                    break
     rows = []
     for (method, optimizer), runs in results.items():
         accs, losses = [a for a, _ in runs], [x for _, x in runs]
@@ -274,10 +277,10 @@ def main(out: str | None = None, data: str | None = None, model: str | None = No
     rep.add(_reading(results, base_acc))
     if refused:
         rep.add("Refused, with the reason:\n\n" + "\n".join(
-            f"- {m}: {why}" for m, why in refused.items()))
+            f"- {m} with {o}: {why}" for (m, o), why in refused.items()))
 
     def draw(ax: object) -> None:
-        methods = [m for m in METHODS if m not in refused]
+        methods = [m for m in METHODS if any(k[0] == m for k in results)]
         for k, optimizer in enumerate(OPTIMIZERS):
             accs = [[a for a, _ in results.get((m, optimizer), [(0, 0)])] for m in methods]
             ax.bar([i + (k - 1.5) * 0.2 for i in range(len(methods))],

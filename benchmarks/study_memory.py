@@ -148,8 +148,8 @@ def _reading(fits: dict, minimum: dict) -> str:
 
 
 # The small-scale check: these methods measured in one process against their estimate
-VALIDATION = ("AdamW", "Lion inside backward", "LOMO", "LoRA", "DoRA", "IA3",
-              "Prompt tuning", "P-tuning")
+VALIDATION = ("AdamW", "Lion inside backward", "LOMO", "LoRA", "DoRA", "AdaLoRA", "IA3",
+              "Prompt tuning", "P-tuning", "Prefix tuning")
 SMALL, SMALL_SEQ, SMALL_BATCH = "small-llama", 256, 2
 
 

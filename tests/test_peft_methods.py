@@ -231,3 +231,51 @@ def test_prompt_methods_refuse_what_they_cannot_do_exactly() -> None:
         refuse_prompt_with(None, True)
     with pytest.raises(CollieError, match="load-balancing"):
         refuse_prompt_with(object(), False)
+
+
+def test_dora_with_dropout_trains_as_peft_on_the_same_masks(group, tmp_path: Path) -> None:
+    """DoRA's base part with dropout is W of the dropped-out input, a second product:
+    with the same random state before each step (the masks drawn in the same order) the
+    adapters equal peft's training; with other states they do not (dropout acts)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from collie_compile import parallelize
+
+    _model("llama").save_pretrained(tmp_path / "base")
+
+    def base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+
+    start = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                              use_dora=True,
+                                              target_modules=["q_proj", "o_proj", "down_proj"]))
+    _random_adapters(start)
+    start.save_pretrained(tmp_path / "start")
+    data = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))
+            for i in range(3)]
+
+    def ours(seed: int) -> dict[str, torch.Tensor]:
+        pm = parallelize(base(), gpus=1, seq_len=16, global_batch_size=4, lr=1e-2,
+                         lora_adapter=tmp_path / "start", optimizer="adamw")
+        for i, b in enumerate(data):
+            torch.manual_seed(seed + i)
+            pm.train_step({"input_ids": b})
+        pm.save_pretrained(tmp_path / f"ours{seed}")
+        return load_file(tmp_path / f"ours{seed}" / "adapter_model.safetensors")
+
+    ref = PeftModel.from_pretrained(base(), tmp_path / "start", is_trainable=True)
+    ref.train()
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    for i, b in enumerate(data):
+        torch.manual_seed(100 + i)
+        opt.zero_grad()
+        ref(input_ids=b, labels=b).loss.backward()
+        opt.step()
+    ref.save_pretrained(tmp_path / "ref")
+    want = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    same, other = ours(100), ours(200)
+    assert set(same) == set(want) and any("magnitude" in k for k in want)
+    for k, v in want.items():
+        torch.testing.assert_close(same[k], v, rtol=1e-5, atol=1e-7, msg=k)
+    assert max(float((other[k] - v).norm() / v.norm()) for k, v in want.items()) > 1e-3

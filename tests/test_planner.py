@@ -260,6 +260,27 @@ def test_a_given_plan_must_train_what_it_priced():
         lora_config(None, None, None, ["q_proj"], 0.0)
 
 
+def test_a_plan_file_records_and_checks_what_adapters_add(tmp_path):
+    """DoRA's activations and a prompt's virtual tokens are priced, written to the plan
+    file, read back, and a run with other adapters than priced is refused."""
+    from collie_compile.planner.result import Plan
+    from collie_compile.runtime.resolve import _check_plan_adapters
+
+    p = plan("tiny-llama", gpus=1, seq_len=48, global_batch_size=4, lora_rank=1,
+             lora_targets=[], virtual_tokens=16)
+    p.save(tmp_path / "prompt.json")
+    back = Plan.load(tmp_path / "prompt.json")
+    assert (back.virtual_tokens, back.lora_dora) == (16, False)
+    _check_plan_adapters(back, 16, False)
+    with pytest.raises(CollieError, match="priced for 16 virtual tokens, and this run has 0"):
+        _check_plan_adapters(back, 0, False)
+    dora = plan("tiny-llama", gpus=1, seq_len=64, global_batch_size=4, lora_rank=4,
+                lora_dora=True)
+    assert Plan.from_json(dora.to_json()).lora_dora
+    with pytest.raises(CollieError, match="0 virtual tokens and DoRA, and this run has 0;"):
+        _check_plan_adapters(dora, 0, False)
+
+
 @pytest.mark.slow
 def test_interleaved_ranks_hold_what_their_stage_was_priced_for():
     """Interleaved, rank k's chunks take stage k's block count and recompute modes (the

@@ -128,6 +128,10 @@ class Plan:
     # what binds the plan to a model, beside its name (a path names different models in
     # different folders); 0: a plan file written before it was recorded
     num_params: int = 0
+    # what the adapters add, priced: a prompt method's positions before each sequence,
+    # DoRA's activations
+    virtual_tokens: int = 0
+    lora_dora: bool = False
 
     @property
     def update_in_backward(self) -> bool:

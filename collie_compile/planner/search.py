@@ -385,7 +385,8 @@ def plan(model: str, gpus: int, gpu: str | GPUSpec = "a100-80gb", gpus_per_node:
                 dtype=dtype, lora_rank=lora_rank, solver=solver_name,
                 lora_targets=None if lora_rank is None else canonical_lora_targets(lora_targets),
                 usable_memory_bytes=int(capacity), max_grad_norm=max_grad_norm,
-                clip_mode=clip_mode, num_params=prof.num_params)
+                clip_mode=clip_mode, num_params=prof.num_params,
+                virtual_tokens=virtual_tokens, lora_dora=lora_dora)
     update_flags = dict(update_in_backward=update_in_backward, max_grad_norm=max_grad_norm,
                         clip_mode=clip_mode)
     notes = [] if solver else ["no ILP solver available: solved by exhaustive enumeration"]

@@ -76,6 +76,7 @@ def resolve_plan(plan: str | Plan | Path, cfg: object, name: str, world: int,
                           {**pins, "update_in_backward": update_in_backward,
                            "gpu": get_gpu(gpu).name if gpu else None})
         _check_plan_lora(p, lora_rank, lora_targets)
+        _check_plan_adapters(p, virtual_tokens(lora), bool(getattr(lora, "use_dora", False)))
     c = p.chosen
     layers = int(cfg.num_hidden_layers)
     if c is None or len(c.recompute) != layers:
@@ -116,6 +117,17 @@ def _check_given_plan(p: Plan, optimizer: str | None, dtype: str, seq_len: int |
             + ", ".join(f"{k}={asked[k]!r} (plan: {planned[k]!r})" for k in differ)
             + "; pass the plan's values to run it as priced, or re-plan with yours: "
             + "collie-compile plan ... " + " ".join(f"{flag(k)} {asked[k]}" for k in differ))
+
+
+def _check_plan_adapters(p: Plan, virtual: int, dora: bool) -> None:
+    """The adapters' own additions the plan priced: a prompt method's virtual tokens
+    lengthen what the model runs, DoRA keeps more for backward."""
+    if (p.virtual_tokens, p.lora_dora) == (virtual, dora):
+        return
+    raise CollieError(f"the plan was priced for {p.virtual_tokens} virtual tokens"
+                      f"{' and DoRA' if p.lora_dora else ''}, and this run has {virtual}"
+                      f"{' and DoRA' if dora else ''}; plan this run's adapters: "
+                      "plan='auto' (train --plan auto)")
 
 
 def _check_plan_lora(p: Plan, rank: int | None, targets: str | list[str] | None) -> None:
