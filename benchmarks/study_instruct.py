@@ -191,6 +191,10 @@ def score(base: Path, out: Path, method: str, held: list[dict], enc: object
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+        if METHODS[method]["peft_type"] == "ADALORA":
+            # peft's AdaLoRA model computes no loss outside training (it looks for its
+            # trainable adapter); merged, the same weights run as a plain model
+            model = model.merge_and_unload()
     model.eval()
     hits = 0
     with torch.no_grad():
