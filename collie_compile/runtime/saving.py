@@ -26,6 +26,7 @@ from collie_compile.passes.lora import (
     Adapter,
     expert_delta,
     is_adapter,
+    is_svd,
     scaling_of,
     svd_scaling,
 )
@@ -103,8 +104,9 @@ def save_pretrained(prog: RankProgram, lora: object | None, directory: str | Pat
         tmp = folders.begin(directory, kind)
         if kind == "adapter":
             adapters = {ADAPTER_PREFIX + k: v for k, v in weights.items() if is_adapter(k)}
-            for e_name, keep in (getattr(lora, "rank_pattern", None) or {}).items():
-                adapters.update(ranks_kept(adapters, ADAPTER_PREFIX + e_name, keep))
+            if is_svd(lora):  # AdaLoRA's pattern: the ranks kept (LoRA's: ranks by module)
+                for e_name, keep in (lora.rank_pattern or {}).items():
+                    adapters.update(ranks_kept(adapters, ADAPTER_PREFIX + e_name, keep))
             if is_prompt_method(lora):  # peft saves the prompts alone, unprefixed
                 adapters = {"prompt_embeddings": saved_prompts(weights, lora)}
             save_file({k: v.contiguous() for k, v in adapters.items()},
