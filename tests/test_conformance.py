@@ -36,8 +36,9 @@ whole of it), chosen so each mechanism is hit once:
   under pp2 and dp2·ZeRO-3, and with expert parallelism (ep2, ep2·ZeRO-3, ep2·pp2,
   dp4·ep2·ZeRO-3 where two ranks hold each expert, LoRA at ep2 and tp2·ep2 with the
   routers and experts banks adapted as peft's target_parameters), tp2 (the MoE sublayer
-  replicated over tp) and tp2·ep2; gpt-oss's tp refused (its attention sinks), ZeRO-1 with
-  ep refused (its states would mix experts); the routers' load-balancing loss
+  replicated over tp) and tp2·ep2; gpt-oss at tp2 (its attention sinks, one per head,
+  joined to the split logits: each rank takes its heads'), ZeRO-1 with ep refused (its
+  states would mix experts); the routers' load-balancing loss
   (``output_router_logits``) per micro-batch, across pipeline stages and under tp·ep.
 """
 
@@ -224,8 +225,6 @@ REFUSED = {"gpt_bigcode-tp2": ("fuses projections that tp would split differentl
                                "dp, pp and ZeRO work"),
            "tied-tp2-pp2-inside": ("tied embedding and LM head on different stages",
                                    "use pp=1 or update after backward"),
-           # attention sinks, one per head, joined to the split logits whole
-           "gpt_oss-tp2": ("fails on the local shapes", "dp, pp and ZeRO work"),
            "mixtral-ep2-zero1": ("hold different experts", "use zero 0, 2 or 3")}
 
 

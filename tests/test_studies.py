@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from benchmarks import study_instruct, study_memory, study_throughput
-from collie_compile.errors import CollieError
 
 
 def test_memory_study_prices_methods_as_the_runtime_plans_them() -> None:
@@ -18,8 +17,10 @@ def test_memory_study_prices_methods_as_the_runtime_plans_them() -> None:
     assert lora["lora_rank"] == 8 and sorted(lora["lora_targets"]) == ["q_proj", "v_proj"]
     prompt = study_memory._plan_args("Prompt tuning", "llama-7b")
     assert prompt["virtual_tokens"] == 20
-    with pytest.raises(CollieError, match="PREFIX_TUNING"):
-        study_memory._plan_args("Prefix tuning", "llama-7b")
+    prefix = study_memory._plan_args("Prefix tuning", "llama-7b")  # the sequence as is
+    assert (prefix["virtual_tokens"], prefix["lora_targets"]) == (0, [])
+    ada = study_memory._plan_args("AdaLoRA", "llama-7b")  # its initial rank
+    assert ada["lora_rank"] == 12 and sorted(ada["lora_targets"]) == ["q_proj", "v_proj"]
     full = study_memory.fewest("llama-7b", "a100-80gb", study_memory._plan_args("AdamW",
                                                                                  "llama-7b"))
     frozen = study_memory.fewest("llama-7b", "a100-80gb", lora)
