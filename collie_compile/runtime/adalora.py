@@ -70,7 +70,9 @@ class AdaLoraSteps:
                        for k in "AEB"}
         c = program.coords
         self._counts = c.tp == 0 and c.dp == 0  # one rank per stage speaks for it
-        n = torch.tensor(float(len(self.prefixes) if self._counts else 0))
+        # collectives on the rank's device (NCCL reduces no host tensor)
+        n = torch.tensor(float(len(self.prefixes) if self._counts else 0),
+                         device=program.device)
         dist.all_reduce(n)
         self.adapters = int(n)  # over the whole model
         self.init_budget = self.adapters * int(config.init_r)
@@ -207,13 +209,14 @@ class AdaLoraSteps:
                          for k in "AEB"}
                 pa, pb = self.params[f"{prefix}.lora_A"], self.params[f"{prefix}.lora_B"]
                 rows = score["A"].sum(1, keepdim=True)  # A's rows: mean over its inputs
-                width = torch.tensor(float(score["A"].shape[1]))
+                width = torch.tensor(float(score["A"].shape[1]), device=rows.device)
                 if self._tp_split(f"{prefix}.lora_A") == 1:
                     dist.all_reduce(rows, group=tp)
                     dist.all_reduce(width, group=tp)
                 a = _rows_whole(pa, rows) / width
                 cols = score["B"].sum(0)  # B's columns: mean over its outputs
-                height = torch.tensor(float(pb.shape[0]))  # whole over ZeRO-3's shards
+                # whole over ZeRO-3's shards
+                height = torch.tensor(float(pb.shape[0]), device=cols.device)
                 if hasattr(pb, "placements"):  # ZeRO-3 splits B's outputs over dp
                     dist.all_reduce(cols, group=dp)
                 if self._tp_split(f"{prefix}.lora_B") == 0:
