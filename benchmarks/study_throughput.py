@@ -11,17 +11,21 @@ them, so it must be the fastest of the three at every point: checked below.
 Then the same three measured on this machine (fidelity's harness: small-llama, CPU
 ranks, every plan built in one launch and stepped in turn), beside the cost model's
 times for them on a spec calibrated here, with the Spearman correlation of the two
-orders.
+orders. On one GPU (``benchmarks/gpu.sh``), where no plan splits the model, the plans
+measured are the micro-batch and recomputation choices of one GPU and the auto plan.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
+from collie_compile.cost.calibrate import calibrate
 from collie_compile.errors import CollieError
 from collie_compile.planner.search import plan
 
-from .fidelity import cpu_spec, measure, modeled, spearman
+from .fidelity import GPU_SHAPE, PLANS_1, cpu_spec, measure, modeled, spearman
 from .report import Report, table
 from .train_worker import SHAPE
 
@@ -80,14 +84,14 @@ def modeled_points() -> list[dict]:
     return points
 
 
-def _auto_pins(spec: object, nproc: int) -> dict:
+def _auto_pins(spec: object, nproc: int, shape: dict = SHAPE) -> dict:
     """The auto plan's layout on this machine, as pins the worker takes."""
-    c = plan(SHAPE_MODEL, gpus=nproc, gpu=spec, seq_len=SHAPE["seq"],
-             global_batch_size=SHAPE["global_batch"], optimizer="adamw", dtype="fp32",
+    c = plan(SHAPE_MODEL, gpus=nproc, gpu=spec, seq_len=shape["seq"],
+             global_batch_size=shape["global_batch"], optimizer="adamw", dtype="fp32",
              top_k=0).chosen
     modes = set(c.recompute)
-    return dict(dp=c.dp, tp=c.tp, pp=c.pp, zero=c.zero, micro_batch_size=c.micro_batch_size,
-                schedule=c.schedule,
+    split = dict(dp=c.dp, tp=c.tp, pp=c.pp, zero=c.zero) if nproc > 1 else {}  # 1: implied
+    return dict(**split, micro_batch_size=c.micro_batch_size, schedule=c.schedule,
                 recompute=modes.pop() if len(modes) == 1 else "selective")
 
 
@@ -166,18 +170,23 @@ def main(out: str | None = None, nproc: int = 2, steps: int = 6) -> None:
             "strategy wins depends on the network as much as on the card: run "
             "`collie-compile calibrate` on the cluster and plan with its spec.")
 
-    spec = cpu_spec(nproc)
-    plans = {**MEASURED, "auto plan": _auto_pins(spec, nproc)}
-    model_s = [modeled(spec, pins, nproc, SHAPE) for pins in plans.values()]
-    runs = measure(list(plans.values()), nproc, SHAPE, steps)
+    if torch.cuda.is_available():  # one GPU (benchmarks/gpu.sh): the plans it can run
+        nproc, shape, spec, where = 1, GPU_SHAPE, calibrate(), torch.cuda.get_device_name()
+        choices = {f"micro-batch {p['micro_batch_size']}, recompute {p['recompute']}": p
+                   for p in PLANS_1}
+    else:
+        shape, spec, where = SHAPE, cpu_spec(nproc), f"{nproc} ranks (one thread each)"
+        choices = MEASURED
+    plans = {**choices, "auto plan": _auto_pins(spec, nproc, shape)}
+    model_s = [modeled(spec, pins, nproc, shape) for pins in plans.values()]
+    runs = measure(list(plans.values()), nproc, shape, steps)
     measured = [r["step_s"] for r in runs]
     rho = spearman(model_s, measured)
-    tokens = SHAPE["seq"] * SHAPE["global_batch"]
+    tokens = shape["seq"] * shape["global_batch"]
     fastest = min(range(len(runs)), key=lambda i: measured[i])
     auto_s = measured[-1]
-    rep.add(f"## Measured on this machine: {SHAPE_MODEL}, fp32 AdamW, {nproc} ranks (one "
-            f"thread each), global batch {SHAPE['global_batch']} x {SHAPE['seq']}, "
-            f"{steps} steps each\n\n" + table(
+    rep.add(f"## Measured on this machine: {SHAPE_MODEL}, fp32 AdamW, {where}, global "
+            f"batch {shape['global_batch']} x {shape['seq']}, {steps} steps each\n\n" + table(
                 ["plan", "layout", "modeled s", "measured s", "measured TGS"],
                 [[name, r["layout"], f"{m:.4f}", f"{r['step_s']:.4f}",
                   f"{tokens / r['step_s'] / nproc:,.0f}"]
