@@ -96,25 +96,33 @@ def make_encoder(config: object, model: torch.nn.Module,
     return encoder
 
 
-class PromptedModel(torch.nn.Module):
-    """``model`` with ``encoder``'s virtual tokens before its input: the causal LM's
-    modules under their own names beside ``prompt_encoder`` (parameter names stay the
-    model's), forward ``input_ids -> logits`` of the real positions, shifted by one as
-    the module docstring says."""
+class _Wrapped(torch.nn.Module):
+    """``model``'s modules under their own names (parameter names stay the model's)
+    beside ``encoder`` at ``prompt_encoder``; the model itself kept to call."""
 
-    def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module, tokens: int) -> None:
+    def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module, method: str) -> None:
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
         if next(model.parameters(recurse=False), None) is not None:
             raise CollieError(f"{type(model).__name__} holds parameters outside its modules; "
-                              "prompt methods cannot wrap it")
+                              f"{method} cannot wrap it")
         self.add_module(ENCODER, encoder)
-        self.tokens, self.config = tokens, model.config
+        self.config = model.config
         object.__setattr__(self, "causal_lm", model)  # its modules are ours already
 
     def set_attn_implementation(self, impl: str) -> None:
         self.causal_lm.set_attn_implementation(impl)
+
+
+class PromptedModel(_Wrapped):
+    """``model`` with ``encoder``'s virtual tokens before its input: forward
+    ``input_ids -> logits`` of the real positions, shifted by one as the module docstring
+    says."""
+
+    def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module, tokens: int) -> None:
+        super().__init__(model, encoder, "prompt methods")
+        self.tokens = tokens
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         lm = self.causal_lm
@@ -126,33 +134,22 @@ class PromptedModel(torch.nn.Module):
         return out.logits[:, self.tokens - 1:-1]
 
 
-class PrefixedModel(torch.nn.Module):
+class PrefixedModel(_Wrapped):
     """``model`` with ``encoder``'s virtual keys and values before every attention's, as
     peft's prefix tuning hands them over (a KV cache of ``config.num_virtual_tokens``
-    positions): the causal LM's modules under their own names beside ``prompt_encoder``,
-    forward ``input_ids -> logits``."""
+    positions): forward ``input_ids -> logits``."""
 
     def __init__(self, model: torch.nn.Module, encoder: torch.nn.Module, config: object
                  ) -> None:
         from transformers import DynamicCache
 
-        super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        if next(model.parameters(recurse=False), None) is not None:
-            raise CollieError(f"{type(model).__name__} holds parameters outside its modules; "
-                              "prefix tuning cannot wrap it")
         layers = DynamicCache(config=model.config).layers
         if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             raise CollieError(f"prefix tuning on {model.config.model_type}: its cache holds "
                               "layers other than full attention (sliding windows), which "
                               "peft fills another way; use prompt tuning or LoRA")
-        self.add_module(ENCODER, encoder)
-        self.prefix, self.config = config, model.config
-        object.__setattr__(self, "causal_lm", model)  # its modules are ours already
-
-    def set_attn_implementation(self, impl: str) -> None:
-        self.causal_lm.set_attn_implementation(impl)
+        super().__init__(model, encoder, "prefix tuning")
+        self.prefix = config
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache

@@ -274,8 +274,8 @@ def lora(gm: fx.GraphModule, config: object, tp: int = 1,
         if svd:  # E scales A's rows: its gradient sums over the slices tp splits
             if shard is not None:
                 partial[f"{prefix}.lora_E"] = everyone
-            _insert_svd_branch(gm, lin, x, prefix, scaling, divisor,
-                               float(config.lora_dropout))
+            _insert_branch(gm, lin, x, a_name, b_name, scaling, float(config.lora_dropout),
+                           values=f"{prefix}.lora_E", divisor=divisor)
         elif dora:
             row_group = tp_group if shard is not None and shard.dim != out_dim else None
             m_name = _add_magnitude(gm, prefix, w_name, out_dim, scaling, (init or {}),
@@ -511,10 +511,13 @@ def _linear_reading(n: fx.Node
 
 def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
                    b_name: str, scaling: float, dropout: float,
-                   cast: torch.dtype | None = None) -> None:
+                   cast: torch.dtype | None = None, values: str | None = None,
+                   divisor: float | None = None) -> None:
     """``lin + scaling * B(A(dropout(x)))`` for ``lin`` reading ``x`` (A and B cast to
     ``cast`` first where the linear casts its weight so); every user of ``lin`` (a tp
-    all-reduce included) reads the sum instead."""
+    all-reduce included) reads the sum instead. AdaLoRA's form, in peft's order of
+    operations: A scaled by the singular ``values`` E first, the branch divided by
+    ``divisor`` last."""
     g = gm.graph
     inp = x
     with g.inserting_before(lin.next):
@@ -525,34 +528,21 @@ def _insert_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, a_name: str,
         if cast is not None:
             a = g.call_function(aten.to.dtype, (a, cast))
             b = g.call_function(aten.to.dtype, (b, cast))
+        made = [x, a, b]
+        if values is not None:
+            e = g.get_attr(values)
+            a = g.call_function(aten.mul.Tensor, (a, e))
+            made += [e, a]
         h = g.call_function(aten.linear.default, (x, a))
         low = g.call_function(aten.linear.default, (h, b))
         y = g.call_function(aten.mul.Tensor, (low, scaling))
+        made += [h, low, y]
+        if divisor is not None:
+            y = g.call_function(aten.div.Tensor, (y, divisor))
+            made.append(y)
         out = g.call_function(aten.add.Tensor, (lin, y))
-    for n in (x, a, b, h, low, y, out):
+    for n in (*made, out):
         if isinstance(n, fx.Node) and n is not inp:
-            n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
-    out.meta["val"] = lin.meta.get("val")
-    lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
-
-
-def _insert_svd_branch(gm: fx.GraphModule, lin: fx.Node, x: fx.Node, prefix: str,
-                       scaling: float, divisor: float, dropout: float) -> None:
-    """``lin + (B((A·E)(x')))·scaling / divisor`` in peft's order of operations."""
-    g = gm.graph
-    inp = x
-    with g.inserting_before(lin.next):
-        if dropout:
-            x = g.call_function(aten.dropout.default, (x, dropout, True))
-        a, e, b = (g.get_attr(f"{prefix}.lora_{k}") for k in "AEB")
-        ae = g.call_function(aten.mul.Tensor, (a, e))
-        h = g.call_function(aten.linear.default, (x, ae))
-        low = g.call_function(aten.linear.default, (h, b))
-        y = g.call_function(aten.mul.Tensor, (low, scaling))
-        y = g.call_function(aten.div.Tensor, (y, divisor))
-        out = g.call_function(aten.add.Tensor, (lin, y))
-    for n in (x, a, e, b, ae, h, low, y, y.args[0], out):
-        if n is not inp:
             n.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     out.meta["val"] = lin.meta.get("val")
     lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)

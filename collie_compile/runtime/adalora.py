@@ -133,7 +133,7 @@ class AdaLoraSteps:
         if weight == 0:
             return 0.0
         coef = weight / (2 * self.adapters)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.program.device)
         tp = self.program.mesh.get_group("tp")
         for name, p in self.params.items():
             if name.endswith(".lora_E"):
@@ -146,13 +146,13 @@ class AdaLoraSteps:
             resid = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
             norm = torch.linalg.matrix_norm(resid)
             if self._counts:
-                total += float(norm)
-            if float(norm) == 0.0 or p.grad is None:
+                total += norm
+            if p.grad is None:
                 continue
-            g = resid / norm
+            # on the device, no sync per factor; a zero residual has a zero gradient
+            g = resid / norm.clamp_min(torch.finfo(norm.dtype).tiny)
             grad = 2 * (g @ whole if a else whole @ g)
             local_tensor(p.grad).add_(_own_rows(p, grad), alpha=coef)
-        total = total.to(self.program.device)
         dist.all_reduce(total)
         return weight * float(total) / (2 * self.adapters)
 

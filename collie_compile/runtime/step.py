@@ -240,6 +240,7 @@ class Stepper:
         if tokens == 0:
             return None
         fused, optimizer = self.updates.fused, self.updates.optimizer
+        orth = 0.0  # AdaLoRA's regulariser, part of the loss
         if fused is not None:  # updates happen inside backward
             total = fused.step(lambda: self._forward_backward(
                 inputs, targets, tokens, fused.loss_scale))
@@ -257,7 +258,7 @@ class Stepper:
             if self.adalora is not None:
                 self.adalora.allocate(self.step_count)
         self.step_count += 1
-        return self._global_loss(total) + (orth if fused is None else 0.0)
+        return self._global_loss(total) + orth
 
     def _forward_backward(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
                           tokens: int, loss_scale: float = 1.0) -> torch.Tensor:
